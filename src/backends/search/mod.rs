@@ -1,0 +1,208 @@
+//! The search index: bulk-indexed documents with an id, and structured queries
+//! (exact, fuzzy and full-text clauses on named fields, filters, top-k with scores).
+//!
+//! Production uses Elasticsearch; the embedded default is a `tantivy` index per
+//! index name under the data directory. Matching builds its person query from
+//! [`Query`], so the same query runs on either.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use embedded::EmbeddedSearch;
+
+/// Errors of the search index.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// The index has not been created.
+    #[error("search index `{0}` does not exist; create it first (ensure_index)")]
+    NoSuchIndex(String),
+    /// The index exists with a different field layout.
+    #[error("search index `{index}` exists with different fields than requested: {detail}")]
+    SchemaMismatch {
+        /// Index name.
+        index: String,
+        /// What differs.
+        detail: String,
+    },
+    /// A query or document names a field the index does not have, or has the wrong type.
+    #[error("search index `{index}`: {detail}")]
+    BadField {
+        /// Index name.
+        index: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The index name is not usable.
+    #[error("invalid index name `{0}`: use 1-100 characters of a-z, 0-9, `_` and `-`")]
+    InvalidName(String),
+    /// Reading or writing the index files failed.
+    #[error("search index I/O at {path}: {source}")]
+    Io {
+        /// File or directory involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The search engine reported an error.
+    #[error("search engine error: {0}")]
+    Engine(String),
+    /// The backend was configured but this build lacks its feature.
+    #[error("search backend `{backend}` is not available in this build: rebuild sift with `--features {feature}`")]
+    FeatureDisabled {
+        /// Configured backend.
+        backend: &'static str,
+        /// Cargo feature that provides it.
+        feature: &'static str,
+    },
+}
+
+/// How a field is indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldKind {
+    /// Matched as one exact token (ids, codes, zip, state, phonetic keys); usable in filters.
+    Keyword,
+    /// Tokenized and lower-cased for full-text `Match` and per-token `Fuzzy` clauses.
+    Text,
+    /// A signed 64-bit integer; usable in `Term` and `Range` clauses.
+    Integer,
+}
+
+/// One field of an index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldSpec {
+    /// Field name as it appears in documents and queries.
+    pub name: String,
+    /// How it is indexed.
+    pub kind: FieldKind,
+}
+
+/// The layout of an index: its name and fields. Documents may carry other
+/// fields; they are stored and returned but not searchable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSpec {
+    /// Index name.
+    pub name: String,
+    /// Searchable fields.
+    pub fields: Vec<FieldSpec>,
+}
+
+impl IndexSpec {
+    /// The kind of a field, if the index has it.
+    pub fn kind_of(&self, field: &str) -> Option<FieldKind> {
+        self.fields.iter().find(|f| f.name == field).map(|f| f.kind)
+    }
+}
+
+/// A document to index: its id and its fields as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchDoc {
+    /// Unique id; indexing the same id again replaces the document.
+    pub id: String,
+    /// Field values; strings for keyword/text, integers for integer fields.
+    pub source: Map<String, Value>,
+}
+
+/// What a bulk request did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BulkReport {
+    /// Documents written.
+    pub indexed: usize,
+    /// Documents rejected, with the reason for each (the rest of the batch is kept).
+    pub failed: Vec<(String, String)>,
+}
+
+/// One clause of a query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clause {
+    /// The field holds exactly this value (keyword or integer fields; text fields
+    /// match one lower-cased token).
+    Term {
+        /// Field name.
+        field: String,
+        /// Value as JSON (string or integer).
+        value: Value,
+        /// Score multiplier.
+        boost: f32,
+    },
+    /// The field holds a token within `max_edits` (0-2) edits of `value`.
+    Fuzzy {
+        /// Field name.
+        field: String,
+        /// Value, lower-cased for text fields.
+        value: String,
+        /// Levenshtein distance allowed, transpositions counting as one edit.
+        max_edits: u8,
+        /// Score multiplier.
+        boost: f32,
+    },
+    /// Full-text match: any of the tokens of `text` in a text field.
+    Match {
+        /// Field name.
+        field: String,
+        /// Text to tokenize.
+        text: String,
+        /// Score multiplier.
+        boost: f32,
+    },
+    /// Integer field between two bounds, both inclusive.
+    Range {
+        /// Field name.
+        field: String,
+        /// Lower bound, if any.
+        gte: Option<i64>,
+        /// Upper bound, if any.
+        lte: Option<i64>,
+    },
+}
+
+/// A structured query: documents must satisfy every `filter` (no score) and
+/// every `must`, and should satisfy at least `min_should_match` of `should`;
+/// the score sums the matching scored clauses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Query {
+    /// Required, scored.
+    pub must: Vec<Clause>,
+    /// Optional, scored.
+    pub should: Vec<Clause>,
+    /// Required, not scored.
+    pub filter: Vec<Clause>,
+    /// How many `should` clauses must match (0 = none needed unless there is no `must`).
+    pub min_should_match: usize,
+    /// How many hits to return, best first.
+    pub k: usize,
+}
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    /// Document id.
+    pub id: String,
+    /// Relevance score (engine-specific scale; only the order is comparable).
+    pub score: f32,
+    /// The stored document.
+    pub source: Map<String, Value>,
+}
+
+/// A search index backend.
+#[async_trait]
+pub trait SearchIndex: Send + Sync + 'static {
+    /// Creates the index if missing; an existing index must have the same fields.
+    async fn ensure_index(&self, spec: &IndexSpec) -> Result<(), SearchError>;
+    /// Indexes (inserts or replaces) documents; per-document failures are reported, not fatal.
+    async fn bulk(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError>;
+    /// Deletes a document; deleting a missing id is not an error.
+    async fn delete(&self, index: &str, id: &str) -> Result<(), SearchError>;
+    /// Makes everything written so far visible to searches.
+    async fn refresh(&self, index: &str) -> Result<(), SearchError>;
+    /// Fetches one document by id.
+    async fn get(&self, index: &str, id: &str) -> Result<Option<SearchDoc>, SearchError>;
+    /// Number of documents visible to searches.
+    async fn count(&self, index: &str) -> Result<u64, SearchError>;
+    /// Runs a query and returns the top `query.k` hits, best first.
+    async fn search(&self, index: &str, query: &Query) -> Result<Vec<Hit>, SearchError>;
+}

@@ -1,0 +1,858 @@
+//! One TOML file configures sift (`sift.toml`, or `--config` / `SIFT_CONFIG`).
+//! Every field has a default, so no file at all means: every backend embedded
+//! under `./sift-data`. Environment variables `SIFT__SECTION__KEY=value`
+//! override single fields (double underscores separate the path), and
+//! [`Loaded::origins`] records where each effective value came from so
+//! `sift config show` can explain it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables that override config fields.
+pub const ENV_PREFIX: &str = "SIFT__";
+
+/// Errors of loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for sift (unknown field, wrong type, ...).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// An environment override names no field or has a value of the wrong type.
+    #[error("invalid environment override {var}: {message}")]
+    Env {
+        /// The variable name.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid config value {field}: {message}")]
+    Value {
+        /// Dotted field path.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory that holds every embedded backend's files (log segments,
+    /// objects, table, search indexes). Created when missing.
+    pub data_dir: PathBuf,
+    /// The log: named, partitioned topics with consumer groups.
+    pub log: LogConfig,
+    /// The object store: raw archive, claim-checked bodies, models.
+    pub objects: ObjectsConfig,
+    /// The wide-column table (HBase model): documents, identities, handles.
+    pub table: TableConfig,
+    /// The search index: the consumer database for identity matching.
+    pub search: SearchConfig,
+    /// The cache: social handle to person id lookups.
+    pub cache: CacheConfig,
+    /// Logs and metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./sift-data"),
+            log: LogConfig::default(),
+            objects: ObjectsConfig::default(),
+            table: TableConfig::default(),
+            search: SearchConfig::default(),
+            cache: CacheConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+/// Which log implementation to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogBackend {
+    /// Segment files under `data_dir/log`.
+    #[default]
+    Embedded,
+    /// Apache Kafka (needs the `kafka` cargo feature).
+    Kafka,
+}
+
+/// The log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `embedded` or `kafka`.
+    pub backend: LogBackend,
+    /// Partitions given to topics sift creates on its own.
+    pub default_partitions: u32,
+    /// Settings of the embedded log.
+    pub embedded: EmbeddedLogConfig,
+    /// Settings of the Kafka client.
+    pub kafka: KafkaConfig,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            backend: LogBackend::Embedded,
+            default_partitions: 4,
+            embedded: EmbeddedLogConfig::default(),
+            kafka: KafkaConfig::default(),
+        }
+    }
+}
+
+/// When the embedded log forces written records to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Before every produce call returns: survives power loss, slowest.
+    Always,
+    /// Every `fsync_interval` in the background: a produce survives a killed
+    /// process at once and power loss after the interval.
+    #[default]
+    Interval,
+}
+
+/// The embedded log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedLogConfig {
+    /// `always` or `interval`.
+    pub fsync: FsyncPolicy,
+    /// How often the background flusher syncs with `fsync = "interval"`.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// A partition starts a new segment file once the current one reaches this size.
+    pub segment_bytes: u64,
+    /// Oldest segments of a partition are deleted while it holds more than this (0 = no limit).
+    pub retention_bytes: u64,
+    /// Segments whose newest record is older than this are deleted (0s = keep forever).
+    #[serde(with = "humantime_serde")]
+    pub retention_age: Duration,
+}
+
+impl Default for EmbeddedLogConfig {
+    fn default() -> Self {
+        EmbeddedLogConfig {
+            fsync: FsyncPolicy::Interval,
+            fsync_interval: Duration::from_millis(200),
+            segment_bytes: 128 * 1024 * 1024,
+            retention_bytes: 4 * 1024 * 1024 * 1024,
+            retention_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The Kafka client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// Client id reported to the brokers.
+    pub client_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "sift".into(),
+        }
+    }
+}
+
+/// Which object store to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectsBackend {
+    /// A directory under `data_dir/objects`.
+    #[default]
+    Embedded,
+    /// Amazon S3 or an S3-compatible store (needs the `s3` cargo feature).
+    S3,
+}
+
+/// The object store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectsConfig {
+    /// `embedded` or `s3`.
+    pub backend: ObjectsBackend,
+    /// Settings of the S3 client.
+    pub s3: S3Config,
+}
+
+impl Default for ObjectsConfig {
+    fn default() -> Self {
+        ObjectsConfig {
+            backend: ObjectsBackend::Embedded,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// The S3 client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Bucket holding every sift object.
+    pub bucket: String,
+    /// Region name.
+    pub region: String,
+    /// Endpoint URL of an S3-compatible store; empty = AWS's own endpoints.
+    pub endpoint: String,
+    /// Address buckets by path (`endpoint/bucket/key`), as most S3-compatible stores need.
+    pub path_style: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: "sift".into(),
+            region: "us-east-1".into(),
+            endpoint: String::new(),
+            path_style: false,
+        }
+    }
+}
+
+/// Which table implementation to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableBackend {
+    /// A `redb` database file at `data_dir/table.redb`.
+    #[default]
+    Embedded,
+    /// HBase through its Thrift gateway (needs the `hbase` cargo feature).
+    Hbase,
+}
+
+/// The wide-column table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableConfig {
+    /// `embedded` or `hbase`.
+    pub backend: TableBackend,
+    /// Settings of the HBase client.
+    pub hbase: HbaseConfig,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            backend: TableBackend::Embedded,
+            hbase: HbaseConfig::default(),
+        }
+    }
+}
+
+/// The HBase Thrift client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HbaseConfig {
+    /// Thrift gateway address, `host:port`.
+    pub address: String,
+    /// Connections kept open to the gateway.
+    pub pool_size: u32,
+}
+
+impl Default for HbaseConfig {
+    fn default() -> Self {
+        HbaseConfig {
+            address: "127.0.0.1:9090".into(),
+            pool_size: 8,
+        }
+    }
+}
+
+/// Which search index to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearchBackend {
+    /// `tantivy` indexes under `data_dir/search`.
+    #[default]
+    Embedded,
+    /// Elasticsearch (or a compatible server; needs the `elasticsearch` cargo feature).
+    Elasticsearch,
+}
+
+/// The search index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// `embedded` or `elasticsearch`.
+    pub backend: SearchBackend,
+    /// Settings of the Elasticsearch client.
+    pub elasticsearch: ElasticsearchConfig,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            backend: SearchBackend::Embedded,
+            elasticsearch: ElasticsearchConfig::default(),
+        }
+    }
+}
+
+/// The Elasticsearch client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticsearchConfig {
+    /// Base URL of the cluster.
+    pub url: String,
+}
+
+impl Default for ElasticsearchConfig {
+    fn default() -> Self {
+        ElasticsearchConfig {
+            url: "http://127.0.0.1:9200".into(),
+        }
+    }
+}
+
+/// Which cache to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheBackend {
+    /// In the process's memory (lost on exit; refilled from the table).
+    #[default]
+    Embedded,
+    /// Redis (needs the `redis` cargo feature).
+    Redis,
+}
+
+/// The cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// `embedded` or `redis`.
+    pub backend: CacheBackend,
+    /// Most entries the embedded cache keeps per namespace before evicting.
+    pub max_entries: u64,
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    pub redis_url: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            backend: CacheBackend::Embedded,
+            max_entries: 1_000_000,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+        }
+    }
+}
+
+/// Format of log lines on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logs and metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` or `json`. Verbosity comes from `RUST_LOG` (default `info`).
+    pub log_format: LogFormat,
+    /// Address daemons serve `/metrics` and `/healthz` on; empty = do not serve.
+    pub metrics_addr: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_format: LogFormat::Text,
+            metrics_addr: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks values the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.log.default_partitions == 0 {
+            return Err(ConfigError::Value {
+                field: "log.default_partitions",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.log.embedded.segment_bytes < 4096 {
+            return Err(ConfigError::Value {
+                field: "log.embedded.segment_bytes",
+                message: "must be at least 4096".into(),
+            });
+        }
+        if self.log.embedded.fsync_interval.is_zero() {
+            return Err(ConfigError::Value {
+                field: "log.embedded.fsync_interval",
+                message: "must be positive; use fsync = \"always\" to sync every write".into(),
+            });
+        }
+        if self.cache.max_entries == 0 {
+            return Err(ConfigError::Value {
+                field: "cache.max_entries",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where an effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Built-in default.
+    Default,
+    /// The config file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(p) => write!(f, "file {}", p.display()),
+            Origin::Env(v) => write!(f, "env {v}"),
+            Origin::Flag(n) => write!(f, "flag --{n}"),
+        }
+    }
+}
+
+/// The effective configuration and where each field came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: Config,
+    /// Dotted field path (e.g. `log.embedded.fsync`) to origin, for every leaf field.
+    pub origins: BTreeMap<String, Origin>,
+    /// The effective configuration as a TOML tree, in field order.
+    pub tree: toml::Table,
+}
+
+/// How to load the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Config file; `None` looks for `./sift.toml` and uses defaults if absent.
+    pub file: Option<PathBuf>,
+    /// Whether `file` was asked for explicitly (then a missing file is an error).
+    pub file_required: bool,
+    /// Environment variables to consider (normally `std::env::vars()`).
+    pub env: Vec<(String, String)>,
+    /// `--data-dir`, which beats the file and the environment.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Sources {
+    /// Sources as the CLI sees them: `--config`/`SIFT_CONFIG`, the process environment, `--data-dir`.
+    pub fn from_cli(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Self {
+        Sources {
+            file_required: config.is_some(),
+            file: config,
+            env: std::env::vars().collect(),
+            data_dir,
+        }
+    }
+}
+
+/// Loads defaults, then the file, then environment overrides, then flags.
+pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let mut tree = to_tree(&Config::default());
+    let mut origins = BTreeMap::new();
+    collect_leaves(&tree, "", &mut |path| {
+        origins.insert(path, Origin::Default);
+    });
+
+    let path = sources
+        .file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("sift.toml"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => merge_file(&mut tree, &mut origins, &path, &text)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !sources.file_required => {}
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    }
+
+    let mut env: Vec<&(String, String)> = sources
+        .env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    env.sort();
+    for (var, value) in env {
+        apply_env(&mut tree, &mut origins, var, value)?;
+    }
+
+    if let Some(dir) = &sources.data_dir {
+        tree.insert(
+            "data_dir".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
+        origins.insert("data_dir".into(), Origin::Flag("data-dir"));
+    }
+
+    let config: Config =
+        toml::Value::Table(tree.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Env {
+                var: "(merged)".into(),
+                message: e.message().to_string(),
+            })?;
+    config.validate()?;
+    Ok(Loaded {
+        config,
+        origins,
+        tree,
+    })
+}
+
+fn to_tree(config: &Config) -> toml::Table {
+    match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => {
+            unreachable!("Config serializes to a TOML table: all its fields are tables or scalars")
+        }
+    }
+}
+
+fn collect_leaves(table: &toml::Table, prefix: &str, f: &mut dyn FnMut(String)) {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => collect_leaves(t, &path, f),
+            _ => f(path),
+        }
+    }
+}
+
+fn merge_file(
+    tree: &mut toml::Table,
+    origins: &mut BTreeMap<String, Origin>,
+    path: &Path,
+    text: &str,
+) -> Result<(), ConfigError> {
+    // Parsing straight into Config first gives errors with line and column,
+    // and rejects unknown fields and wrong types.
+    toml::from_str::<Config>(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let file: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    fn merge(
+        dst: &mut toml::Table,
+        src: toml::Table,
+        prefix: &str,
+        origins: &mut BTreeMap<String, Origin>,
+        path: &Path,
+    ) {
+        for (k, v) in src {
+            let p = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match (dst.get_mut(&k), v) {
+                (Some(toml::Value::Table(d)), toml::Value::Table(s)) => {
+                    merge(d, s, &p, origins, path)
+                }
+                (_, v) => {
+                    origins.insert(p, Origin::File(path.to_path_buf()));
+                    dst.insert(k, v);
+                }
+            }
+        }
+    }
+    merge(tree, file, "", origins, path);
+    Ok(())
+}
+
+fn apply_env(
+    tree: &mut toml::Table,
+    origins: &mut BTreeMap<String, Origin>,
+    var: &str,
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    };
+    let rest = &var[ENV_PREFIX.len()..];
+    let parts: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if parts.iter().any(String::is_empty) {
+        return Err(err("empty path segment; use SIFT__SECTION__KEY".into()));
+    }
+    let path = parts.join(".");
+    let (last, parents) = parts
+        .split_last()
+        .expect("split of a non-empty string has one part");
+    let mut table = &mut *tree;
+    for p in parents {
+        table = match table.get_mut(p) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(err(format!("no config section `{p}` in `{path}`"))),
+        };
+    }
+    let value = match table.get(last) {
+        None => return Err(err(format!("no config field `{path}`"))),
+        Some(toml::Value::Table(_)) => {
+            return Err(err(format!(
+                "`{path}` is a section; name one of its fields"
+            )))
+        }
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| err(format!("`{path}` takes an integer, got `{raw}`")))?,
+        ),
+        Some(toml::Value::Float(_)) => toml::Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| err(format!("`{path}` takes a number, got `{raw}`")))?,
+        ),
+        Some(toml::Value::Boolean(_)) => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+            "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+            _ => return Err(err(format!("`{path}` takes true or false, got `{raw}`"))),
+        },
+        Some(_) => {
+            let wrapped = format!("v = {raw}");
+            let parsed: toml::Table = toml::from_str(&wrapped)
+                .map_err(|e| err(format!("`{path}`: not a TOML value: {}", e.message())))?;
+            parsed
+                .get("v")
+                .cloned()
+                .expect("the table parsed from `v = ...` has key v")
+        }
+    };
+    // Check the type against Config so a bad value names its variable.
+    let mut probe = tree.clone();
+    set_path(&mut probe, &parts, value.clone());
+    toml::Value::Table(probe)
+        .try_into::<Config>()
+        .map_err(|e| err(e.message().to_string()))?;
+    set_path(tree, &parts, value);
+    origins.insert(path, Origin::Env(var.to_string()));
+    Ok(())
+}
+
+fn set_path(tree: &mut toml::Table, parts: &[String], value: toml::Value) {
+    let (last, parents) = parts.split_last().expect("caller passes a non-empty path");
+    let mut table = tree;
+    for p in parents {
+        table = match table.get_mut(p) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return,
+        };
+    }
+    table.insert(last.clone(), value);
+}
+
+impl Loaded {
+    /// Renders the effective configuration as TOML, each value followed by its origin.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        render_table(&self.tree, "", &self.origins, &mut out);
+        out
+    }
+}
+
+fn render_table(
+    table: &toml::Table,
+    prefix: &str,
+    origins: &BTreeMap<String, Origin>,
+    out: &mut String,
+) {
+    let path_of = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    for (k, v) in table {
+        if !matches!(v, toml::Value::Table(_)) {
+            let path = path_of(k);
+            let line = format!("{k} = {v}");
+            let origin = origins.get(&path).cloned().unwrap_or(Origin::Default);
+            out.push_str(&format!("{line:<48} # {origin}\n"));
+        }
+    }
+    for (k, v) in table {
+        if let toml::Value::Table(t) = v {
+            let path = path_of(k);
+            out.push_str(&format!("\n[{path}]\n"));
+            render_table(t, &path, origins, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(env: &[(&str, &str)], file: Option<PathBuf>) -> Sources {
+        Sources {
+            file_required: file.is_some(),
+            file,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            data_dir: None,
+        }
+    }
+
+    #[test]
+    fn no_file_means_embedded_defaults() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = sources(&[], Some(dir.path().join("missing.toml")));
+        assert!(matches!(load(&s), Err(ConfigError::Read { .. })));
+        let s = Sources {
+            file: None,
+            ..sources(&[], None)
+        };
+        let loaded = load(&s)?;
+        assert_eq!(loaded.config, Config::default());
+        assert!(loaded.origins.values().all(|o| *o == Origin::Default));
+        Ok(())
+    }
+
+    #[test]
+    fn file_then_env_then_flag_with_origins() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("sift.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/tmp/x\"\n[log]\ndefault_partitions = 8\n[log.embedded]\nfsync = \"always\"\n",
+        )?;
+        let mut s = sources(
+            &[
+                ("SIFT__LOG__DEFAULT_PARTITIONS", "12"),
+                ("SIFT__LOG__EMBEDDED__FSYNC_INTERVAL", "50ms"),
+                ("SIFT__CACHE__BACKEND", "redis"),
+                ("SIFT_CONFIG", "ignored"),
+            ],
+            Some(file.clone()),
+        );
+        s.data_dir = Some(PathBuf::from("/tmp/flag"));
+        let loaded = load(&s)?;
+        let c = &loaded.config;
+        assert_eq!(c.log.default_partitions, 12);
+        assert_eq!(c.log.embedded.fsync, FsyncPolicy::Always);
+        assert_eq!(c.log.embedded.fsync_interval, Duration::from_millis(50));
+        assert_eq!(c.cache.backend, CacheBackend::Redis);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/flag"));
+        let o = &loaded.origins;
+        assert_eq!(o["log.embedded.fsync"], Origin::File(file));
+        assert_eq!(
+            o["log.default_partitions"],
+            Origin::Env("SIFT__LOG__DEFAULT_PARTITIONS".into())
+        );
+        assert_eq!(o["data_dir"], Origin::Flag("data-dir"));
+        assert_eq!(o["table.backend"], Origin::Default);
+        let shown = loaded.render();
+        assert!(shown.contains("fsync = \"always\""), "{shown}");
+        assert!(shown.contains("# env SIFT__CACHE__BACKEND"), "{shown}");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_rejected() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("sift.toml");
+        std::fs::write(&file, "[log]\npartitions = 3\n")?;
+        let err = load(&sources(&[], Some(file.clone())))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("unknown field `partitions`"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+
+        std::fs::write(&file, "")?;
+        for (var, val, needle) in [
+            ("SIFT__LOG__NOPE", "1", "no config field `log.nope`"),
+            ("SIFT__LOG", "1", "is a section"),
+            ("SIFT__LOG__DEFAULT_PARTITIONS", "many", "takes an integer"),
+            ("SIFT__LOG__BACKEND", "rabbit", "unknown variant"),
+            ("SIFT__LOG__DEFAULT_PARTITIONS", "0", "must be at least 1"),
+        ] {
+            let err = load(&sources(&[(var, val)], Some(file.clone())))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(needle), "{var}={val}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn example_file_documents_every_field() -> anyhow::Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sift.example.toml");
+        let text = std::fs::read_to_string(&path)?;
+        let parsed: Config = toml::from_str(&text)?;
+        parsed.validate()?;
+        let example: toml::Table = toml::from_str(&text)?;
+        let mut missing = Vec::new();
+        collect_leaves(&to_tree(&Config::default()), "", &mut |p| {
+            let mut t = &example;
+            let parts: Vec<&str> = p.split('.').collect();
+            let (last, parents) = parts.split_last().expect("non-empty path");
+            let mut found = true;
+            for part in parents {
+                match t.get(*part) {
+                    Some(toml::Value::Table(x)) => t = x,
+                    _ => {
+                        found = false;
+                        break;
+                    }
+                }
+            }
+            if !found || !t.contains_key(*last) {
+                missing.push(p);
+            }
+        });
+        assert!(missing.is_empty(), "sift.example.toml lacks {missing:?}");
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! sift: ingests documents from hundreds of websites, cleans them, classifies
+//! each into its most likely categories, stores the results for analysts to
+//! review, and links social-media profiles to people in a consumer database.
+//!
+//! Every storage role is a trait in [`backends`] with an embedded default, so
+//! the whole pipeline runs on one machine with no services; production points
+//! the same code at Kafka, S3, HBase, Elasticsearch and Redis.
+
+pub mod backends;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod metrics;
+pub mod run;
+pub mod sample;
+pub mod telemetry;
+
+pub use error::{Error, Result};

@@ -1,0 +1,534 @@
+//! The `sift` command line: one subcommand per daemon or tool.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use sift::backends::{self, log::Log, objects::PutMode, table::Scan};
+use sift::config::{self, Loaded, Sources};
+
+/// sift: ingest, clean, classify and review documents; link social profiles to people.
+#[derive(Parser)]
+#[command(version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    /// Config file (TOML). Without it, ./sift.toml is used if present, else built-in defaults.
+    #[arg(long, global = true, env = "SIFT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for every embedded backend's files (overrides `data_dir` in the config).
+    #[arg(long, global = true, env = "SIFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Push the bundled labeled sample through the log into the `documents` table and report.
+    Run(RunArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect and manage log topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Inspect the wide-column table.
+    #[command(subcommand)]
+    Table(TableCommand),
+    /// Inspect and manage the object store.
+    #[command(subcommand)]
+    Objects(ObjectsCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Use only the first N documents of the sample (0 = all 2,129).
+    #[arg(long, env = "SIFT_RUN_LIMIT", default_value_t = 0)]
+    limit: usize,
+    /// Print the summary as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration, each value with where it came from.
+    Show {
+        /// Print JSON (values and origins) instead of annotated TOML.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum From {
+    /// The earliest stored record.
+    Beginning,
+    /// Only records produced from now on.
+    End,
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// List topics with partitions and stored offsets.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a topic (no-op if it exists).
+    Create {
+        /// Topic name.
+        name: String,
+        /// Partitions (default: log.default_partitions).
+        #[arg(long, short)]
+        partitions: Option<u32>,
+    },
+    /// Print records of a topic as JSON lines.
+    Tail {
+        /// Topic name.
+        name: String,
+        /// Only this partition (default: all).
+        #[arg(long, short)]
+        partition: Option<u32>,
+        /// Where to start.
+        #[arg(
+            long,
+            value_enum,
+            default_value = "beginning",
+            conflicts_with = "offset"
+        )]
+        from: From,
+        /// Start at this offset in every partition read.
+        #[arg(long)]
+        offset: Option<u64>,
+        /// Stop after this many records (0 = no limit).
+        #[arg(long, short = 'n', default_value_t = 20)]
+        max: usize,
+        /// Keep waiting for new records.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TableCommand {
+    /// List tables and their column families.
+    List,
+    /// Print one row.
+    Get {
+        /// Table name.
+        table: String,
+        /// Row key.
+        row: String,
+        /// Only these column families.
+        #[arg(long = "family", short)]
+        families: Vec<String>,
+        /// Print whole values instead of the first 120 characters.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Print rows in key order.
+    Scan {
+        /// Table name.
+        table: String,
+        /// Only rows whose key starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// First row key (inclusive).
+        #[arg(long)]
+        start: Option<String>,
+        /// Row key to stop before.
+        #[arg(long)]
+        stop: Option<String>,
+        /// Only these column families.
+        #[arg(long = "family", short)]
+        families: Vec<String>,
+        /// At most this many rows (0 = all).
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Print whole values instead of the first 120 characters.
+        #[arg(long)]
+        full: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ObjectsCommand {
+    /// List objects under a prefix.
+    Ls {
+        /// Key prefix (default: everything).
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Write an object's body to stdout or a file.
+    Get {
+        /// Object key.
+        key: String,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Store a file as an object.
+    Put {
+        /// Object key.
+        key: String,
+        /// File to upload.
+        file: PathBuf,
+        /// Fail if the object exists.
+        #[arg(long)]
+        if_absent: bool,
+    },
+    /// Delete an object.
+    Rm {
+        /// Object key.
+        key: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let loaded = match config::load(&Sources::from_cli(cli.config.clone(), cli.data_dir.clone())) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    sift::telemetry::init(loaded.config.telemetry.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, loaded)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
+    let config = &loaded.config;
+    match command {
+        Command::Run(args) => run(config, args).await,
+        Command::Config(ConfigCommand::Show { json }) => {
+            if json {
+                let origins: serde_json::Map<String, serde_json::Value> = loaded
+                    .origins
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_string().into()))
+                    .collect();
+                let out = serde_json::json!({ "config": config, "origins": origins });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", loaded.render());
+            }
+            Ok(())
+        }
+        Command::Topics(cmd) => topics(config, cmd).await,
+        Command::Table(cmd) => table(config, cmd).await,
+        Command::Objects(cmd) => objects(config, cmd).await,
+    }
+}
+
+async fn run(config: &config::Config, args: RunArgs) -> anyhow::Result<()> {
+    let mut docs = sift::sample::bundled()?;
+    if args.limit > 0 {
+        docs.truncate(args.limit);
+    }
+    let log = backends::open_log(config)?;
+    let table = backends::open_table(config)?;
+    eprintln!(
+        "sift: pushing {} labeled documents through `sift.raw` into the `documents` table ({})",
+        docs.len(),
+        config.data_dir.display()
+    );
+    let s = sift::run::run_once(log, table, &docs, config.log.default_partitions).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("pass finished in {:.2} s", s.seconds);
+    println!(
+        "  produced to sift.raw     {:>8}  ({} partitions)",
+        s.produced, s.partitions
+    );
+    println!("  consumed by sift-store   {:>8}", s.consumed);
+    println!("  stored in documents      {:>8}", s.stored);
+    let dlq: u64 = s.dead_letters.values().sum();
+    println!(
+        "  dead letters             {:>8}  {:?}",
+        dlq, s.dead_letters
+    );
+    println!("  rows in documents        {:>8}", s.table_rows);
+    println!("inspect: sift topics list · sift table scan documents -n 3 · sift topics tail sift.raw -n 1");
+    Ok(())
+}
+
+fn text(b: &Bytes, full: bool) -> String {
+    let s = String::from_utf8_lossy(b);
+    if full || s.chars().count() <= 120 {
+        s.replace('\n', "\\n")
+    } else {
+        let cut: String = s.chars().take(120).collect();
+        format!("{}… ({} bytes)", cut.replace('\n', "\\n"), b.len())
+    }
+}
+
+async fn topics(config: &config::Config, cmd: TopicsCommand) -> anyhow::Result<()> {
+    let log = backends::open_log(config)?;
+    match cmd {
+        TopicsCommand::List { json } => {
+            let mut rows = Vec::new();
+            for t in log.list_topics().await? {
+                let marks = log.watermarks(&t.name).await?;
+                let stored: u64 = marks.iter().map(|w| w.high - w.low).sum();
+                let next: u64 = marks.iter().map(|w| w.high).sum();
+                rows.push(serde_json::json!({
+                    "name": t.name, "partitions": t.partitions, "stored": stored, "produced": next,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<32} {:>10} {:>12} {:>12}",
+                    "TOPIC", "PARTITIONS", "STORED", "PRODUCED"
+                );
+                for r in rows {
+                    println!(
+                        "{:<32} {:>10} {:>12} {:>12}",
+                        r["name"].as_str().unwrap_or_default(),
+                        r["partitions"],
+                        r["stored"],
+                        r["produced"]
+                    );
+                }
+            }
+            Ok(())
+        }
+        TopicsCommand::Create { name, partitions } => {
+            let n = partitions.unwrap_or(config.log.default_partitions);
+            if log.create_topic(&name, n).await? {
+                println!("created topic {name} with {n} partitions");
+            } else {
+                println!("topic {name} already exists");
+            }
+            Ok(())
+        }
+        TopicsCommand::Tail {
+            name,
+            partition,
+            from,
+            offset,
+            max,
+            follow,
+        } => tail(log.as_ref(), &name, partition, from, offset, max, follow).await,
+    }
+}
+
+async fn tail(
+    log: &dyn Log,
+    name: &str,
+    partition: Option<u32>,
+    from: From,
+    offset: Option<u64>,
+    max: usize,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let marks = log.watermarks(name).await?;
+    let mut positions: Vec<(u32, u64)> = marks
+        .iter()
+        .filter(|w| partition.is_none_or(|p| p == w.partition))
+        .map(|w| {
+            let start = match (offset, from) {
+                (Some(o), _) => o.max(w.low),
+                (None, From::Beginning) => w.low,
+                (None, From::End) => w.high,
+            };
+            (w.partition, start)
+        })
+        .collect();
+    if positions.is_empty() {
+        bail!("topic {name} has no partition {}", partition.unwrap_or(0));
+    }
+    let mut printed = 0usize;
+    let stdout = std::io::stdout();
+    loop {
+        let mut any = false;
+        for (p, pos) in positions.iter_mut() {
+            let want = if max == 0 {
+                1000
+            } else {
+                (max - printed).min(1000)
+            };
+            if want == 0 {
+                return Ok(());
+            }
+            let batch = log.fetch(name, *p, *pos, want).await?;
+            let mut out = stdout.lock();
+            for m in &batch {
+                let headers: serde_json::Map<String, serde_json::Value> = m
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into()))
+                    .collect();
+                let value = serde_json::from_slice::<serde_json::Value>(&m.value)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&m.value).into());
+                let line = serde_json::json!({
+                    "partition": m.partition, "offset": m.offset, "timestamp_ms": m.timestamp_ms,
+                    "key": m.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    "headers": headers, "value": value,
+                });
+                writeln!(out, "{line}")?;
+                *pos = m.offset + 1;
+                printed += 1;
+                any = true;
+            }
+        }
+        if max > 0 && printed >= max {
+            return Ok(());
+        }
+        if !any {
+            if !follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn table(config: &config::Config, cmd: TableCommand) -> anyhow::Result<()> {
+    let table = backends::open_table(config)?;
+    let print_row = |row: &sift::backends::table::Row, full: bool| {
+        println!("{}", String::from_utf8_lossy(&row.key));
+        for c in &row.cells {
+            println!(
+                "  {}:{} @{} = {}",
+                c.family,
+                String::from_utf8_lossy(&c.qualifier),
+                c.timestamp_ms,
+                text(&c.value, full)
+            );
+        }
+    };
+    match cmd {
+        TableCommand::List => {
+            for (name, families) in table.list_tables().await? {
+                println!("{name}  families: {}", families.join(", "));
+            }
+            Ok(())
+        }
+        TableCommand::Get {
+            table: name,
+            row,
+            families,
+            full,
+        } => {
+            let fams = (!families.is_empty()).then_some(families);
+            match table.get(&name, row.as_bytes(), fams.as_deref()).await? {
+                Some(r) => {
+                    print_row(&r, full);
+                    Ok(())
+                }
+                None => bail!("no row `{row}` in table {name}"),
+            }
+        }
+        TableCommand::Scan {
+            table: name,
+            prefix,
+            start,
+            stop,
+            families,
+            limit,
+            full,
+            json,
+        } => {
+            let scan = Scan {
+                start: start.map(Bytes::from),
+                stop: stop.map(Bytes::from),
+                prefix: prefix.map(Bytes::from),
+                families: (!families.is_empty()).then_some(families),
+                limit,
+            };
+            let rows = table.scan(&name, &scan).await?;
+            for r in &rows {
+                if json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    print_row(r, full);
+                }
+            }
+            if !json {
+                eprintln!("({} rows)", rows.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn objects(config: &config::Config, cmd: ObjectsCommand) -> anyhow::Result<()> {
+    let store = backends::open_objects(config)?;
+    match cmd {
+        ObjectsCommand::Ls { prefix } => {
+            let list = store.list(&prefix).await?;
+            for m in &list {
+                println!("{:>12}  {}  {}", m.size, m.etag, m.key);
+            }
+            eprintln!("({} objects)", list.len());
+            Ok(())
+        }
+        ObjectsCommand::Get { key, output } => {
+            let (_, mut reader) = store.get_stream(&key).await?;
+            match output {
+                Some(path) => {
+                    let mut f = tokio::fs::File::create(&path)
+                        .await
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    tokio::io::copy(&mut reader, &mut f).await?;
+                }
+                None => {
+                    let mut out = tokio::io::stdout();
+                    tokio::io::copy(&mut reader, &mut out).await?;
+                }
+            }
+            Ok(())
+        }
+        ObjectsCommand::Put {
+            key,
+            file,
+            if_absent,
+        } => {
+            let f = tokio::fs::File::open(&file)
+                .await
+                .with_context(|| format!("opening {}", file.display()))?;
+            let mode = if if_absent {
+                PutMode::IfAbsent
+            } else {
+                PutMode::Overwrite
+            };
+            let m = store.put_stream(&key, Box::new(f), mode).await?;
+            println!("stored {} ({} bytes, ETag {})", m.key, m.size, m.etag);
+            Ok(())
+        }
+        ObjectsCommand::Rm { key } => {
+            store.delete(&key).await?;
+            println!("deleted {key}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Every metric sift exports, in one place, and the small HTTP server each
+//! daemon runs for `/metrics` (Prometheus text format) and `/healthz`.
+//!
+//! Names follow `sift_<component>_<name>_<unit>`; counters get `_total` from
+//! the encoder. Labels are bounded (stage names, reasons), never ids.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// Label of per-stage counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// Pipeline stage.
+    pub stage: String,
+}
+
+/// Label of dead-letter counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why the record was rejected (a short fixed code).
+    pub reason: String,
+}
+
+/// sift's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Records appended to the embedded log.
+    pub log_produced_records: Counter,
+    /// Bytes (framed) appended to the embedded log.
+    pub log_produced_bytes: Counter,
+    /// Records delivered to embedded consumers.
+    pub log_consumed_records: Counter,
+    /// Torn tails cut off log segments during recovery.
+    pub log_torn_tails: Counter,
+    /// Bytes written to the embedded object store.
+    pub objects_written_bytes: Counter,
+    /// Cells written to the embedded table.
+    pub table_cells_written: Counter,
+    /// Documents through each pipeline stage.
+    pub documents: Family<StageLabel, Counter>,
+    /// Records sent to the dead-letter topic, by reason.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            log_produced_records: Counter::default(),
+            log_produced_bytes: Counter::default(),
+            log_consumed_records: Counter::default(),
+            log_torn_tails: Counter::default(),
+            objects_written_bytes: Counter::default(),
+            table_cells_written: Counter::default(),
+            documents: Family::default(),
+            dead_letters: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sift_log_produced_records",
+            "Records appended to the embedded log",
+            m.log_produced_records.clone(),
+        );
+        registry.register(
+            "sift_log_produced_bytes",
+            "Framed bytes appended to the embedded log",
+            m.log_produced_bytes.clone(),
+        );
+        registry.register(
+            "sift_log_consumed_records",
+            "Records delivered to embedded log consumers",
+            m.log_consumed_records.clone(),
+        );
+        registry.register(
+            "sift_log_torn_tails",
+            "Torn segment tails cut off during log recovery",
+            m.log_torn_tails.clone(),
+        );
+        registry.register(
+            "sift_objects_written_bytes",
+            "Bytes written to the embedded object store",
+            m.objects_written_bytes.clone(),
+        );
+        registry.register(
+            "sift_table_cells_written",
+            "Cells written to the embedded table",
+            m.table_cells_written.clone(),
+        );
+        registry.register(
+            "sift_pipeline_documents",
+            "Documents through each pipeline stage",
+            m.documents.clone(),
+        );
+        registry.register(
+            "sift_pipeline_dead_letters",
+            "Records sent to the dead-letter topic, by reason",
+            m.dead_letters.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts documents through a stage.
+    pub fn stage(&self, stage: &str, n: u64) {
+        self.documents
+            .get_or_create(&StageLabel {
+                stage: stage.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts a dead letter.
+    pub fn dead_letter(&self, reason: &str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Reports whether a daemon is healthy; `/healthz` answers 503 when it is not.
+pub type Health = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Starts serving `/metrics` and `/healthz` on `addr` in the background and
+/// returns the bound address (useful with port 0).
+pub async fn serve(addr: &str, health: Health) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(health_handler))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "The metrics server stopped.");
+        }
+    });
+    tracing::info!(addr = %bound, "Serving /metrics and /healthz.");
+    Ok(bound)
+}
+
+async fn metrics_handler() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        global().render(),
+    )
+}
+
+async fn health_handler(State(health): State<Health>) -> impl IntoResponse {
+    if health() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_health() -> anyhow::Result<()> {
+        global().stage("test", 3);
+        global().dead_letter("bad_json");
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let h = healthy.clone();
+        let addr = serve(
+            "127.0.0.1:0",
+            Arc::new(move || h.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+        .await?;
+        let body = http_get(addr, "/metrics").await?;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(
+            body.contains("sift_pipeline_documents_total{stage=\"test\"} 3"),
+            "{body}"
+        );
+        assert!(
+            body.contains("sift_pipeline_dead_letters_total{reason=\"bad_json\"} 1"),
+            "{body}"
+        );
+        assert!(body.contains("sift_log_produced_records_total"), "{body}");
+        assert!(http_get(addr, "/healthz")
+            .await?
+            .starts_with("HTTP/1.1 200"));
+        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(http_get(addr, "/healthz")
+            .await?
+            .starts_with("HTTP/1.1 503"));
+        Ok(())
+    }
+}

@@ -1,0 +1,282 @@
+//! The conformance suites on the embedded backends, and the properties only
+//! the embedded implementations have (recovery, retention, locking).
+
+mod conformance;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use sift::backends::cache::EmbeddedCache;
+use sift::backends::log::{EmbeddedLog, Log, LogError, Record};
+use sift::backends::objects::EmbeddedObjects;
+use sift::backends::search::EmbeddedSearch;
+use sift::backends::table::EmbeddedTable;
+use sift::config::{EmbeddedLogConfig, FsyncPolicy};
+
+fn log_opts() -> EmbeddedLogConfig {
+    EmbeddedLogConfig::default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_log_conformance() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Small segments so the suite crosses segment boundaries.
+    let opts = EmbeddedLogConfig {
+        segment_bytes: 64 * 1024,
+        ..log_opts()
+    };
+    conformance::log::check_log(Arc::new(EmbeddedLog::open(dir.path(), opts)?)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_log_conformance_fsync_always() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let opts = EmbeddedLogConfig {
+        fsync: FsyncPolicy::Always,
+        ..log_opts()
+    };
+    conformance::log::check_log(Arc::new(EmbeddedLog::open(dir.path(), opts)?)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_objects_conformance() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    conformance::objects::check_objects(Arc::new(EmbeddedObjects::open(dir.path())?)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_table_conformance() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    conformance::table::check_table(Arc::new(EmbeddedTable::open(&dir.path().join("t.redb"))?))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_search_conformance() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    conformance::search::check_search(&EmbeddedSearch::open(dir.path())?).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_cache_conformance() -> Result<()> {
+    conformance::cache::check_cache(&EmbeddedCache::new(100_000)).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_survives_reopen_and_cuts_torn_tail() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let opts = EmbeddedLogConfig {
+        segment_bytes: 4096,
+        ..log_opts()
+    };
+    {
+        let log = EmbeddedLog::open(dir.path(), opts.clone())?;
+        log.create_topic("t", 1).await?;
+        for chunk in (0..300).collect::<Vec<_>>().chunks(20) {
+            let records: Vec<Record> = chunk
+                .iter()
+                .map(|i| Record::new("k", format!("value-{i:05}")))
+                .collect();
+            log.produce("t", records).await?;
+        }
+        // A second open of the same directory is refused while this one lives.
+        ensure!(matches!(
+            EmbeddedLog::open(dir.path(), opts.clone()),
+            Err(LogError::Locked { .. })
+        ));
+    }
+    // Simulate a crash in the middle of a write: garbage after the last frame.
+    let pdir = dir.path().join("t").join("0");
+    let mut segs: Vec<_> = std::fs::read_dir(&pdir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segs.sort();
+    ensure!(
+        segs.len() > 1,
+        "the test needs several segments, got {}",
+        segs.len()
+    );
+    let active = segs.last().context("active segment")?;
+    let good_len = std::fs::metadata(active)?.len();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(active)?
+        .write_all(&[0, 0, 1, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3])?;
+
+    let log = EmbeddedLog::open(dir.path(), opts.clone())?;
+    ensure!(
+        std::fs::metadata(active)?.len() == good_len,
+        "torn tail was not cut"
+    );
+    let w = log.watermarks("t").await?;
+    ensure!(
+        w[0].low == 0 && w[0].high == 300,
+        "watermarks after recovery: {w:?}"
+    );
+    let p = log.produce("t", vec![Record::new("k", "after")]).await?;
+    ensure!(p[0].offset == 300, "offsets must continue after recovery");
+    let mut all = Vec::new();
+    let mut pos = 0;
+    while pos < 301 {
+        let b = log.fetch("t", 0, pos, 1000).await?;
+        ensure!(!b.is_empty());
+        pos = b.last().map_or(pos, |m| m.offset + 1);
+        all.extend(b);
+    }
+    for (i, m) in all.iter().enumerate().take(300) {
+        ensure!(m.offset == i as u64 && m.value == format!("value-{i:05}").as_bytes());
+    }
+    ensure!(all[300].value.as_ref() == b"after");
+
+    // A corrupt sealed segment is reported, not silently skipped.
+    drop(log);
+    let first = &segs[0];
+    let mut bytes = std::fs::read(first)?;
+    bytes[20] ^= 0xff;
+    std::fs::write(first, &bytes)?;
+    std::fs::remove_file(first.with_extension("idx"))?;
+    ensure!(matches!(
+        EmbeddedLog::open(dir.path(), opts),
+        Err(LogError::Corrupt { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_retention_by_size_and_age() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let opts = EmbeddedLogConfig {
+        segment_bytes: 8 * 1024,
+        retention_bytes: 32 * 1024,
+        ..log_opts()
+    };
+    let log = EmbeddedLog::open(dir.path(), opts)?;
+    log.create_topic("r", 1).await?;
+    let mut consumer = log.subscribe("slow", &["r"]).await?;
+    for _ in 0..20 {
+        let records: Vec<Record> = (0..20)
+            .map(|i| Record::new("k", vec![b'x'; 400 + i]))
+            .collect();
+        log.produce("r", records).await?;
+    }
+    log.enforce_retention();
+    let w = log.watermarks("r").await?[0];
+    ensure!(
+        w.high == 400 && w.low > 0,
+        "size retention removed nothing: {w:?}"
+    );
+    let on_disk: u64 = std::fs::read_dir(dir.path().join("r").join("0"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    ensure!(
+        on_disk <= 32 * 1024 + 8 * 1024 + 1024,
+        "{on_disk} bytes kept"
+    );
+    ensure!(matches!(
+        log.fetch("r", 0, 0, 1).await,
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    // A consumer whose position was deleted continues from the earliest stored.
+    let got = consumer.poll(1000, Duration::from_secs(2)).await?;
+    ensure!(
+        got.first().map(|m| m.offset) == Some(w.low),
+        "consumer did not resume at low watermark"
+    );
+    drop(consumer);
+    drop(log);
+
+    let dir2 = tempfile::tempdir()?;
+    let opts = EmbeddedLogConfig {
+        segment_bytes: 4 * 1024,
+        retention_age: Duration::from_millis(300),
+        ..log_opts()
+    };
+    let log = EmbeddedLog::open(dir2.path(), opts)?;
+    log.create_topic("a", 1).await?;
+    for _ in 0..5 {
+        log.produce(
+            "a",
+            (0..10).map(|_| Record::new("k", vec![b'y'; 500])).collect(),
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    log.produce("a", vec![Record::new("k", "fresh")]).await?;
+    log.enforce_retention();
+    let w = log.watermarks("a").await?[0];
+    ensure!(w.low > 0 && w.high == 51, "age retention: {w:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_reopen() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let log = EmbeddedLog::open(dir.path(), log_opts())?;
+        log.create_topic("c", 2).await?;
+        log.produce(
+            "c",
+            (0..10).map(|i| Record::new(format!("k{i}"), "v")).collect(),
+        )
+        .await?;
+        let mut c = log.subscribe("g", &["c"]).await?;
+        let got = c.poll(100, Duration::from_secs(2)).await?;
+        ensure!(got.len() == 10);
+        c.commit(&sift::backends::log::Commit::after(&got)).await?;
+    }
+    let log = EmbeddedLog::open(dir.path(), log_opts())?;
+    let committed = log.committed("g", "c").await?;
+    let total: u64 = committed.iter().map(|(_, o)| o.unwrap_or(0)).sum();
+    ensure!(total == 10, "committed offsets after reopen: {committed:?}");
+    let mut c = log.subscribe("g", &["c"]).await?;
+    ensure!(
+        c.poll(100, Duration::from_millis(300)).await?.is_empty(),
+        "redelivered committed records"
+    );
+    // Commits from a member that missed a rebalance are refused.
+    let mut other = log.subscribe("g", &["c"]).await?;
+    let _ = other.poll(1, Duration::from_millis(10)).await?;
+    let stale = c
+        .commit(&[sift::backends::log::Commit {
+            topic: "c".into(),
+            partition: 0,
+            next_offset: 0,
+        }])
+        .await;
+    ensure!(
+        matches!(stale, Err(LogError::NotAssigned { .. })),
+        "stale commit accepted: {stale:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_keys_spread_over_partitions() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = EmbeddedLog::open(dir.path(), log_opts())?;
+    log.create_topic("n", 4).await?;
+    let p = log
+        .produce(
+            "n",
+            (0..40)
+                .map(|_| Record {
+                    value: "v".into(),
+                    ..Record::default()
+                })
+                .collect(),
+        )
+        .await?;
+    let mut per = [0; 4];
+    for x in p {
+        per[x.partition as usize] += 1;
+    }
+    ensure!(per == [10, 10, 10, 10], "round-robin spread: {per:?}");
+    Ok(())
+}
