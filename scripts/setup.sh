@@ -3,7 +3,7 @@
 # Rust toolchain. Safe to run again: it only installs what is missing.
 set -euo pipefail
 
-need_min_rust="1.85"
+need_min_rust="1.89"
 
 missing_pkgs=()
 command -v cc >/dev/null 2>&1 || missing_pkgs+=(build-essential)

@@ -111,7 +111,7 @@ pub async fn run_once(
         ..Summary::default()
     };
 
-    let now = crate::envelope::now_ms();
+    let now = crate::now_ms();
     for chunk in docs.chunks(500) {
         let records: Vec<Record> = chunk
             .iter()

@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use serde_json::json;
 use sift::backends::cache::EmbeddedCache;
 use sift::backends::log::{EmbeddedLog, Log, LogError, Record};
 use sift::backends::objects::EmbeddedObjects;
-use sift::backends::search::EmbeddedSearch;
+use sift::backends::search::{
+    EmbeddedSearch, FieldKind, FieldSpec, IndexSpec, SearchDoc, SearchError, SearchIndex,
+};
 use sift::backends::table::EmbeddedTable;
 use sift::config::{EmbeddedLogConfig, FsyncPolicy};
 
@@ -56,14 +59,12 @@ async fn embedded_table_conformance() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_search_conformance() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    conformance::search::check_search(&EmbeddedSearch::open(dir.path())?).await;
-    Ok(())
+    conformance::search::check_search(&EmbeddedSearch::open(dir.path())?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_cache_conformance() -> Result<()> {
-    conformance::cache::check_cache(&EmbeddedCache::new(100_000)).await;
-    Ok(())
+    conformance::cache::check_cache(&EmbeddedCache::new(100_000)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,5 +279,111 @@ async fn null_keys_spread_over_partitions() -> Result<()> {
         per[x.partition as usize] += 1;
     }
     ensure!(per == [10, 10, 10, 10], "round-robin spread: {per:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_search_keeps_documents_across_reopen() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = IndexSpec {
+        name: "people".to_owned(),
+        fields: vec![
+            FieldSpec {
+                name: "name".to_owned(),
+                kind: FieldKind::Text,
+            },
+            FieldSpec {
+                name: "year".to_owned(),
+                kind: FieldKind::Integer,
+            },
+        ],
+    };
+    let doc = |id: &str, name: &str, year: i64| {
+        let source = json!({ "name": name, "year": year });
+        SearchDoc {
+            id: id.to_owned(),
+            source: source.as_object().cloned().unwrap_or_default(),
+        }
+    };
+    {
+        let search = EmbeddedSearch::open(dir.path())?;
+        search.ensure_index(&spec).await?;
+        let report = search
+            .bulk(
+                "people",
+                vec![
+                    doc("a", "Ada Lovelace", 1815),
+                    doc("b", "Alan Turing", 1912),
+                ],
+            )
+            .await?;
+        ensure!(report.indexed == 2, "{report:?}");
+        search.delete("people", "a").await?;
+        search
+            .bulk("people", vec![doc("c", "Grace Hopper", 1906)])
+            .await?;
+    }
+
+    // No refresh and no ensure_index: what bulk and delete returned from is on disk.
+    let search = EmbeddedSearch::open(dir.path())?;
+    ensure!(search.count("people").await? == 2, "count after reopen");
+    ensure!(search.get("people", "a").await?.is_none(), "a was deleted");
+    let turing = search.get("people", "b").await?.context("b kept")?;
+    ensure!(turing == doc("b", "Alan Turing", 1912), "{turing:?}");
+    search
+        .ensure_index(&spec)
+        .await
+        .context("the same spec after reopening")?;
+    let mut changed = spec.clone();
+    changed.fields[1].kind = FieldKind::Keyword;
+    ensure!(matches!(
+        search.ensure_index(&changed).await,
+        Err(SearchError::SchemaMismatch { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_search_breaks_ties_by_id() -> Result<()> {
+    use sift::backends::search::{Clause, Query};
+    let dir = tempfile::tempdir()?;
+    let search = EmbeddedSearch::open(dir.path())?;
+    let spec = IndexSpec {
+        name: "ties".to_owned(),
+        fields: vec![FieldSpec {
+            name: "tag".to_owned(),
+            kind: FieldKind::Keyword,
+        }],
+    };
+    search.ensure_index(&spec).await?;
+    // Written in descending id order, one segment per batch.
+    for batch in (0..5).rev() {
+        let docs = (0..4)
+            .rev()
+            .map(|j| SearchDoc {
+                id: format!("d{batch}{j}"),
+                source: json!({ "tag": "same" })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+            .collect();
+        search.bulk("ties", docs).await?;
+    }
+    let query = Query {
+        must: vec![Clause::Term {
+            field: "tag".to_owned(),
+            value: json!("same"),
+            boost: 1.0,
+        }],
+        k: 7,
+        ..Query::default()
+    };
+    let hits = search.search("ties", &query).await?;
+    let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
+    ensure!(
+        ids == ["d00", "d01", "d02", "d03", "d10", "d11", "d12"],
+        "{ids:?}"
+    );
     Ok(())
 }

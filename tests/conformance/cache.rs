@@ -1,37 +1,47 @@
-//! Conformance suite for [`Cache`]: the behaviour every cache backend must
-//! have, embedded (moka) and real (Redis) alike.
+//! Conformance suite of the `Cache` trait: the behaviour every cache backend
+//! must have, embedded (moka) and real (Redis) alike.
 //!
 //! Run it on a multi-thread tokio runtime (`#[tokio::test(flavor = "multi_thread")]`):
 //! the concurrency checks drive the cache from several OS threads at once, so
 //! that a replacement that is not atomic can actually be caught mid-way.
-//! Namespaces get a per-run suffix, so the suite can run again against a
-//! persistent server.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
+use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use sift::backends::cache::*;
 
-/// Runs every check against `c`.
-pub async fn check_cache(c: &dyn Cache) {
-    let suffix = unique_suffix();
-    let ns = |name: &str| format!("conf-{name}-{suffix}");
-    check_basics(c, &ns("basic")).await;
-    check_invalid(c, &ns("invalid")).await;
-    check_isolation(c, &ns("iso-a"), &ns("iso-b")).await;
-    check_large_value(c, &ns("large")).await;
-    check_replace(c, &ns("replace"), &ns("bystander")).await;
-    check_ttl(c, &ns("ttl"), &ns("ttl-replace")).await;
-    check_replace_is_atomic(c, &ns("atomic")).await;
-    check_concurrent_writers(c, &ns("writers")).await;
+use super::unique;
+
+/// Runs every check, then empties the namespaces it used.
+pub async fn check_cache(c: &dyn Cache) -> Result<()> {
+    let run = unique("conf");
+    let ns = |name: &str| format!("{run}-{name}");
+    basics(c, &ns("basic")).await.context("basics")?;
+    invalid(c, &ns("invalid")).await.context("invalid names")?;
+    isolation(c, &ns("iso-a"), &ns("iso-b"))
+        .await
+        .context("namespace isolation")?;
+    large_value(c, &ns("large")).await.context("large value")?;
+    replace(c, &ns("replace"), &ns("bystander"))
+        .await
+        .context("replace_namespace")?;
+    ttl(c, &ns("ttl"), &ns("ttl-replace"))
+        .await
+        .context("TTL expiry")?;
+    replace_is_atomic(c, &ns("atomic"))
+        .await
+        .context("replace_namespace under concurrent reads")?;
+    concurrent_writers(c, &ns("writers"))
+        .await
+        .context("concurrent writers")?;
 
     // Leave nothing behind on a persistent server.
-    let used = [
+    for name in [
         "basic",
-        "invalid",
         "iso-a",
         "iso-b",
         "large",
@@ -41,179 +51,156 @@ pub async fn check_cache(c: &dyn Cache) {
         "ttl-replace",
         "atomic",
         "writers",
-    ];
-    for name in used {
+    ] {
         c.replace_namespace(&ns(name), Vec::new(), None)
             .await
-            .expect("emptying a namespace");
+            .context("emptying a namespace")?;
     }
+    Ok(())
 }
 
-async fn check_basics(c: &dyn Cache, ns: &str) {
-    assert_eq!(get(c, ns, "missing").await, None, "a missing key is None");
-    set(c, ns, "a", "alpha").await;
-    set(c, ns, "b", "beta").await;
-    assert_eq!(get(c, ns, "a").await, Some(bytes("alpha")));
-    set(c, ns, "a", "alpha2").await;
-    assert_eq!(
-        get(c, ns, "a").await,
-        Some(bytes("alpha2")),
-        "set overwrites"
+async fn basics(c: &dyn Cache, ns: &str) -> Result<()> {
+    ensure!(
+        c.get(ns, "missing").await?.is_none(),
+        "a missing key is None"
     );
+    set(c, ns, "a", "alpha").await?;
+    set(c, ns, "b", "beta").await?;
+    expect(c, ns, "a", Some("alpha")).await?;
+    set(c, ns, "a", "alpha2").await?;
+    expect(c, ns, "a", Some("alpha2"))
+        .await
+        .context("set overwrites")?;
 
-    let keys = strings(&["b", "missing", "a"]);
-    let values = c.mget(ns, &keys).await.expect("mget");
-    assert_eq!(
-        values,
-        vec![Some(bytes("beta")), None, Some(bytes("alpha2"))],
-        "mget answers in the order asked"
+    let values = c.mget(ns, &strings(&["b", "missing", "a"])).await?;
+    ensure!(
+        values == [Some(bytes("beta")), None, Some(bytes("alpha2"))],
+        "mget answers in the order asked: {values:?}"
     );
-    assert_eq!(c.mget(ns, &[]).await.expect("empty mget"), Vec::new());
+    ensure!(c.mget(ns, &[]).await?.is_empty(), "an empty mget");
 
-    assert!(
-        c.delete(ns, "a").await.expect("delete"),
-        "deleting a present key"
-    );
-    assert!(
-        !c.delete(ns, "a").await.expect("delete again"),
-        "deleting an absent key"
-    );
-    assert_eq!(get(c, ns, "a").await, None);
-    assert_eq!(
-        get(c, ns, "b").await,
-        Some(bytes("beta")),
-        "other keys stay"
-    );
+    ensure!(c.delete(ns, "a").await?, "deleting a present key is true");
+    ensure!(!c.delete(ns, "a").await?, "deleting an absent key is false");
+    expect(c, ns, "a", None).await?;
+    expect(c, ns, "b", Some("beta"))
+        .await
+        .context("other keys stay")?;
+    Ok(())
 }
 
-async fn check_invalid(c: &dyn Cache, ns: &str) {
+async fn invalid(c: &dyn Cache, ns: &str) -> Result<()> {
     let err = c.get("", "k").await;
-    assert!(
+    ensure!(
         matches!(err, Err(CacheError::Invalid { .. })),
         "an empty namespace is invalid, got {err:?}"
     );
     let err = c.set(ns, "", bytes("v"), None).await;
-    assert!(
+    ensure!(
         matches!(err, Err(CacheError::Invalid { .. })),
         "an empty key is invalid, got {err:?}"
     );
+    Ok(())
 }
 
-async fn check_isolation(c: &dyn Cache, a: &str, b: &str) {
-    set(c, a, "k", "in a").await;
-    set(c, b, "k", "in b").await;
-    assert_eq!(get(c, a, "k").await, Some(bytes("in a")));
-    assert_eq!(get(c, b, "k").await, Some(bytes("in b")));
-    assert!(c.delete(a, "k").await.expect("delete"));
-    assert_eq!(get(c, a, "k").await, None);
-    assert_eq!(
-        get(c, b, "k").await,
-        Some(bytes("in b")),
-        "deleting in one namespace leaves the other alone"
-    );
+async fn isolation(c: &dyn Cache, a: &str, b: &str) -> Result<()> {
+    set(c, a, "k", "in a").await?;
+    set(c, b, "k", "in b").await?;
+    expect(c, a, "k", Some("in a")).await?;
+    expect(c, b, "k", Some("in b")).await?;
+    ensure!(c.delete(a, "k").await?);
+    expect(c, a, "k", None).await?;
+    expect(c, b, "k", Some("in b"))
+        .await
+        .context("deleting in one namespace leaves the other alone")?;
+    Ok(())
 }
 
-async fn check_large_value(c: &dyn Cache, ns: &str) {
+async fn large_value(c: &dyn Cache, ns: &str) -> Result<()> {
     let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
     let big = Bytes::from(big);
-    c.set(ns, "big", big.clone(), None).await.expect("set 1 MB");
-    assert_eq!(get(c, ns, "big").await, Some(big), "1 MB round-trips");
+    c.set(ns, "big", big.clone(), None).await?;
+    let got = c.get(ns, "big").await?.context("1 MB value missing")?;
+    ensure!(got == big, "1 MB value came back different");
+    Ok(())
 }
 
-async fn check_replace(c: &dyn Cache, ns: &str, bystander: &str) {
-    set(c, ns, "old1", "o1").await;
-    set(c, ns, "old2", "o2").await;
-    set(c, ns, "kept-name", "old value").await;
-    set(c, bystander, "old1", "bystander").await;
+async fn replace(c: &dyn Cache, ns: &str, bystander: &str) -> Result<()> {
+    set(c, ns, "old1", "o1").await?;
+    set(c, ns, "old2", "o2").await?;
+    set(c, ns, "kept-name", "old value").await?;
+    set(c, bystander, "old1", "bystander").await?;
     let entries = vec![
         ("new1".to_owned(), bytes("n1")),
         ("new2".to_owned(), bytes("n2")),
         ("kept-name".to_owned(), bytes("new value")),
     ];
-    c.replace_namespace(ns, entries, None)
-        .await
-        .expect("replace_namespace");
+    c.replace_namespace(ns, entries, None).await?;
     let values = c
         .mget(ns, &strings(&["old1", "old2", "new1", "new2", "kept-name"]))
-        .await
-        .expect("mget");
-    assert_eq!(
-        values,
-        vec![
-            None,
-            None,
-            Some(bytes("n1")),
-            Some(bytes("n2")),
-            Some(bytes("new value"))
-        ],
-        "old keys are gone, new ones are there"
-    );
-    assert_eq!(c.len(ns).await.expect("len"), 3);
-    assert_eq!(
-        get(c, bystander, "old1").await,
-        Some(bytes("bystander")),
-        "other namespaces are untouched"
-    );
-
-    c.replace_namespace(ns, Vec::new(), None)
-        .await
-        .expect("replace with nothing");
-    assert_eq!(
-        get(c, ns, "new1").await,
+        .await?;
+    let expected = [
         None,
-        "replacing with nothing empties"
+        None,
+        Some(bytes("n1")),
+        Some(bytes("n2")),
+        Some(bytes("new value")),
+    ];
+    ensure!(
+        values == expected,
+        "old keys are gone, new ones are there: {values:?}"
     );
-    assert_eq!(c.len(ns).await.expect("len"), 0);
+    let len = c.len(ns).await?;
+    ensure!(len == 3, "len after replacing with 3 entries is {len}");
+    expect(c, bystander, "old1", Some("bystander"))
+        .await
+        .context("other namespaces are untouched")?;
+
+    c.replace_namespace(ns, Vec::new(), None).await?;
+    expect(c, ns, "new1", None)
+        .await
+        .context("replacing with nothing empties")?;
+    let len = c.len(ns).await?;
+    ensure!(len == 0, "len of an emptied namespace is {len}");
+    Ok(())
 }
 
-async fn check_ttl(c: &dyn Cache, ns: &str, replaced: &str) {
+async fn ttl(c: &dyn Cache, ns: &str, replaced: &str) -> Result<()> {
     let ttl = Some(Duration::from_secs(1));
-    c.set(ns, "short", bytes("s"), ttl)
-        .await
-        .expect("set with ttl");
-    set(c, ns, "forever", "f").await;
-    c.set(ns, "renewed", bytes("r1"), ttl)
-        .await
-        .expect("set with ttl");
-    set(c, ns, "renewed", "r2").await;
+    c.set(ns, "short", bytes("s"), ttl).await?;
+    set(c, ns, "forever", "f").await?;
+    c.set(ns, "renewed", bytes("r1"), ttl).await?;
+    set(c, ns, "renewed", "r2").await?;
     let entries = vec![("gen".to_owned(), bytes("g"))];
-    c.replace_namespace(replaced, entries, ttl)
+    c.replace_namespace(replaced, entries, ttl).await?;
+    expect(c, ns, "short", Some("s"))
         .await
-        .expect("replace with ttl");
-    assert_eq!(
-        get(c, ns, "short").await,
-        Some(bytes("s")),
-        "alive before its TTL"
-    );
-    assert_eq!(get(c, replaced, "gen").await, Some(bytes("g")));
+        .context("alive before its TTL")?;
+    expect(c, replaced, "gen", Some("g")).await?;
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(get(c, ns, "short").await, None, "gone after its TTL");
-    assert!(
-        !c.delete(ns, "short").await.expect("delete expired"),
+    expect(c, ns, "short", None)
+        .await
+        .context("gone after its TTL")?;
+    ensure!(
+        !c.delete(ns, "short").await?,
         "an expired key is not present"
     );
-    assert_eq!(
-        get(c, ns, "forever").await,
-        Some(bytes("f")),
-        "no TTL, no expiry"
-    );
-    assert_eq!(
-        get(c, ns, "renewed").await,
-        Some(bytes("r2")),
-        "a set without TTL replaces the earlier TTL"
-    );
-    assert_eq!(
-        get(c, replaced, "gen").await,
-        None,
-        "replace_namespace applies its TTL"
-    );
+    expect(c, ns, "forever", Some("f"))
+        .await
+        .context("no TTL, no expiry")?;
+    expect(c, ns, "renewed", Some("r2"))
+        .await
+        .context("a set without TTL drops the earlier TTL")?;
+    expect(c, replaced, "gen", None)
+        .await
+        .context("replace_namespace applies its TTL")?;
+    Ok(())
 }
 
 /// A reader keeps reading every key of a namespace with one `mget` while a
 /// writer replaces the namespace generation after generation; every read must
-/// see exactly one generation, whole.
-async fn check_replace_is_atomic(c: &dyn Cache, ns: &str) {
+/// see exactly one generation, whole, and never an older one than before.
+async fn replace_is_atomic(c: &dyn Cache, ns: &str) -> Result<()> {
     const KEYS: usize = 32;
     const GENERATIONS: u64 = 200;
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key{i}")).collect();
@@ -222,81 +209,91 @@ async fn check_replace_is_atomic(c: &dyn Cache, ns: &str) {
             .map(|k| (k.clone(), Bytes::from(format!("{g}:{k}"))))
             .collect()
     };
-    c.replace_namespace(ns, generation(0), None)
-        .await
-        .expect("generation 0");
+    c.replace_namespace(ns, generation(0), None).await?;
 
     let done = AtomicBool::new(false);
     let reads = AtomicUsize::new(0);
     let writer = async {
-        // Set even if the writer panics, so the reader stops and the panic is reported.
+        // Set however the writer ends, so the reader always stops.
         let _stop = SetOnDrop(&done);
         for g in 1..=GENERATIONS {
-            c.replace_namespace(ns, generation(g), None)
-                .await
-                .expect("replace_namespace");
+            c.replace_namespace(ns, generation(g), None).await?;
         }
+        Ok(())
     };
     let reader = async {
         let mut last_seen = 0;
         loop {
             let finished = done.load(Ordering::SeqCst);
-            let values = c.mget(ns, &keys).await.expect("mget");
+            let values = c.mget(ns, &keys).await?;
             let mut seen = None;
             for (key, value) in keys.iter().zip(&values) {
-                let value = value.as_ref().unwrap_or_else(|| {
-                    panic!("{key} missing in the middle of a replacement: {values:?}")
-                });
-                let text = std::str::from_utf8(value).expect("utf-8 value");
-                let (g, k) = text.split_once(':').expect("generation-tagged value");
-                assert_eq!(k, key, "value under the wrong key");
-                let g: u64 = g.parse().expect("generation number");
-                match seen {
-                    None => seen = Some(g),
-                    Some(s) => assert_eq!(s, g, "one mget mixed generations: {values:?}"),
-                }
+                let value = value
+                    .as_ref()
+                    .with_context(|| format!("{key} missing during a replacement: {values:?}"))?;
+                let text = std::str::from_utf8(value)?;
+                let (g, k) = text.split_once(':').context("generation-tagged value")?;
+                ensure!(k == key, "{key} holds the value of {k}");
+                let g: u64 = g.parse()?;
+                ensure!(
+                    seen.is_none_or(|s| s == g),
+                    "one mget mixed generations: {values:?}"
+                );
+                seen = Some(g);
             }
             let g = seen.unwrap_or_default();
-            assert!(
+            ensure!(
                 g >= last_seen,
                 "generations went back from {last_seen} to {g}"
             );
             last_seen = g;
             reads.fetch_add(1, Ordering::Relaxed);
             if finished {
-                assert_eq!(last_seen, GENERATIONS, "the last generation stays");
-                break;
+                ensure!(
+                    last_seen == GENERATIONS,
+                    "the last generation stays, saw {last_seen}"
+                );
+                return Ok(());
             }
         }
     };
-    in_parallel(vec![Box::pin(writer), Box::pin(reader)]);
-    assert!(reads.load(Ordering::Relaxed) > 0);
+    in_parallel(vec![Box::pin(writer), Box::pin(reader)])?;
+    ensure!(reads.load(Ordering::Relaxed) > 0);
+    Ok(())
 }
 
-async fn check_concurrent_writers(c: &dyn Cache, ns: &str) {
+async fn concurrent_writers(c: &dyn Cache, ns: &str) -> Result<()> {
     const WRITERS: usize = 4;
     const PER_WRITER: usize = 50;
     let writer = |w: usize| async move {
         for i in 0..PER_WRITER {
             let key = format!("w{w}-{i}");
-            c.set(ns, &key, Bytes::from(key.clone()), None)
-                .await
-                .expect("concurrent set");
+            c.set(ns, &key, Bytes::from(key.clone()), None).await?;
         }
+        Ok(())
     };
     in_parallel(
         (0..WRITERS)
             .map(|w| Box::pin(writer(w)) as Task<'_>)
             .collect(),
-    );
+    )?;
     let keys: Vec<String> = (0..WRITERS)
         .flat_map(|w| (0..PER_WRITER).map(move |i| format!("w{w}-{i}")))
         .collect();
-    let values = c.mget(ns, &keys).await.expect("mget");
+    let values = c.mget(ns, &keys).await?;
     for (key, value) in keys.iter().zip(values) {
-        assert_eq!(value, Some(Bytes::from(key.clone())), "{key} was written");
+        ensure!(
+            value.as_deref() == Some(key.as_bytes()),
+            "{key} holds {value:?}"
+        );
     }
-    assert_eq!(c.len(ns).await.expect("len"), (WRITERS * PER_WRITER) as u64);
+    let len = c.len(ns).await?;
+    ensure!(
+        len == (WRITERS * PER_WRITER) as u64,
+        "len is {len}, expected {}",
+        WRITERS * PER_WRITER
+    );
+    Ok(())
 }
 
 /// Sets its flag when dropped.
@@ -308,11 +305,11 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
-type Task<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+type Task<'a> = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
 
-/// Runs each task on its own OS thread at the same time, and waits for all.
-/// A panic in a task is raised again here.
-fn in_parallel(tasks: Vec<Task<'_>>) {
+/// Runs each task on its own OS thread at the same time and waits for all;
+/// the first error (or panic) is passed on.
+fn in_parallel(tasks: Vec<Task<'_>>) -> Result<()> {
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         std::thread::scope(|scope| {
@@ -323,23 +320,32 @@ fn in_parallel(tasks: Vec<Task<'_>>) {
                     scope.spawn(move || handle.block_on(task))
                 })
                 .collect();
-            let panics: Vec<_> = threads
-                .into_iter()
-                .filter_map(|thread| thread.join().err())
-                .collect();
-            if let Some(panic) = panics.into_iter().next() {
-                std::panic::resume_unwind(panic);
+            let results: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+            for result in results {
+                match result {
+                    Ok(outcome) => outcome?,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             }
-        });
-    });
+            Ok(())
+        })
+    })
 }
 
-async fn get(c: &dyn Cache, ns: &str, key: &str) -> Option<Bytes> {
-    c.get(ns, key).await.expect("get")
+async fn set(c: &dyn Cache, ns: &str, key: &str, value: &str) -> Result<()> {
+    c.set(ns, key, bytes(value), None)
+        .await
+        .with_context(|| format!("set {ns}/{key}"))
 }
 
-async fn set(c: &dyn Cache, ns: &str, key: &str, value: &str) {
-    c.set(ns, key, bytes(value), None).await.expect("set");
+/// The value under `key` is `expected`.
+async fn expect(c: &dyn Cache, ns: &str, key: &str, expected: Option<&str>) -> Result<()> {
+    let got = c.get(ns, key).await?;
+    ensure!(
+        got.as_deref() == expected.map(str::as_bytes),
+        "{ns}/{key} holds {got:?}, expected {expected:?}"
+    );
+    Ok(())
 }
 
 fn bytes(s: &str) -> Bytes {
@@ -348,19 +354,4 @@ fn bytes(s: &str) -> Bytes {
 
 fn strings(keys: &[&str]) -> Vec<String> {
     keys.iter().map(|k| (*k).to_owned()).collect()
-}
-
-/// A suffix that differs between runs and between calls in one run.
-fn unique_suffix() -> String {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!(
-        "{}-{}-{}",
-        std::process::id(),
-        nanos % 1_000_000_000_000,
-        CALLS.fetch_add(1, Ordering::Relaxed)
-    )
 }

@@ -1,22 +1,24 @@
-//! Conformance suite for [`SearchIndex`]: the behaviour every search backend
-//! must have, embedded (tantivy) and real (Elasticsearch) alike.
+//! Conformance suite of the `SearchIndex` trait: the behaviour every search
+//! backend must have, embedded (tantivy) and real (Elasticsearch) alike.
 //!
-//! Scores are engine-specific, so only their order is checked. Index names get
-//! a per-run suffix, so the suite can run again against a persistent server.
+//! Scores are engine-specific, so only their order is checked.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
 use sift::backends::search::*;
 
-/// Runs every check against `s`.
-pub async fn check_search(s: &dyn SearchIndex) {
-    let suffix = unique_suffix();
-    check_index_lifecycle(s, &suffix).await;
-    check_documents_and_queries(s, &suffix).await;
-    check_concurrent_writers(s, &suffix).await;
+use super::unique;
+
+/// Runs every check.
+pub async fn check_search(s: &dyn SearchIndex) -> Result<()> {
+    index_lifecycle(s).await.context("index lifecycle")?;
+    documents_and_queries(s)
+        .await
+        .context("documents and queries")?;
+    concurrent_writers(s).await.context("concurrent writers")?;
+    Ok(())
 }
 
 /// A person as the suite indexes it; the model the expected answers come from.
@@ -32,19 +34,15 @@ struct Person {
 
 impl Person {
     fn source(&self) -> Map<String, Value> {
-        let value = json!({
-            "first": self.first,
-            "last": self.last,
-            "city": self.city,
-            "state": self.state,
-            "zip": self.zip,
-            "birth_year": self.birth_year,
-            "note": "not searchable, returned as stored",
-        });
-        match value {
-            Value::Object(map) => map,
-            _ => unreachable!("json! of an object literal is an object"),
-        }
+        let mut source = Map::new();
+        source.insert("first".into(), json!(self.first));
+        source.insert("last".into(), json!(self.last));
+        source.insert("city".into(), json!(self.city));
+        source.insert("state".into(), json!(self.state));
+        source.insert("zip".into(), json!(self.zip));
+        source.insert("birth_year".into(), json!(self.birth_year));
+        source.insert("note".into(), json!("not searchable, returned as stored"));
+        source
     }
 
     fn doc(&self, id: &str) -> SearchDoc {
@@ -83,7 +81,7 @@ fn person_spec(name: &str) -> IndexSpec {
     }
 }
 
-/// 200 generated people (`p000`..`p199`) plus a few with names that specific checks rely on.
+/// 200 generated people (`p000`..`p199`) plus two whose names specific checks rely on.
 fn people() -> Vec<(String, Person)> {
     const FIRST: [&str; 10] = [
         "James",
@@ -148,24 +146,23 @@ fn people() -> Vec<(String, Person)> {
     all
 }
 
-async fn check_index_lifecycle(s: &dyn SearchIndex, suffix: &str) {
-    let name = format!("sift-conf-life-{suffix}");
+async fn index_lifecycle(s: &dyn SearchIndex) -> Result<()> {
+    let name = unique("sift-conf-life");
     let spec = person_spec(&name);
-    s.ensure_index(&spec).await.expect("creating an index");
+    s.ensure_index(&spec).await.context("creating an index")?;
     s.ensure_index(&spec)
         .await
-        .expect("ensure_index is idempotent");
-
+        .context("ensure_index must be idempotent")?;
     let mut reordered = spec.clone();
     reordered.fields.reverse();
     s.ensure_index(&reordered)
         .await
-        .expect("field order does not matter");
+        .context("the order of fields must not matter")?;
 
     let mut different = spec.clone();
     different.fields[0].kind = FieldKind::Keyword;
     let err = s.ensure_index(&different).await;
-    assert!(
+    ensure!(
         matches!(err, Err(SearchError::SchemaMismatch { .. })),
         "changing a field's kind must be a SchemaMismatch, got {err:?}"
     );
@@ -175,29 +172,28 @@ async fn check_index_lifecycle(s: &dyn SearchIndex, suffix: &str) {
         kind: FieldKind::Keyword,
     });
     let err = s.ensure_index(&extra).await;
-    assert!(
+    ensure!(
         matches!(err, Err(SearchError::SchemaMismatch { .. })),
         "adding a field must be a SchemaMismatch, got {err:?}"
     );
 
     let err = s.ensure_index(&person_spec("Not A Valid Name!")).await;
-    assert!(
+    ensure!(
         matches!(err, Err(SearchError::InvalidName(_))),
         "an invalid name must be rejected, got {err:?}"
     );
-    let err = s.count(&format!("sift-conf-missing-{suffix}")).await;
-    assert!(
+    let err = s.count(&unique("sift-conf-missing")).await;
+    ensure!(
         matches!(err, Err(SearchError::NoSuchIndex(_))),
         "a missing index must be NoSuchIndex, got {err:?}"
     );
+    Ok(())
 }
 
-async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
-    let name = format!("sift-conf-people-{suffix}");
+async fn documents_and_queries(s: &dyn SearchIndex) -> Result<()> {
+    let name = unique("sift-conf-people");
     let index = name.as_str();
-    s.ensure_index(&person_spec(index))
-        .await
-        .expect("creating the people index");
+    s.ensure_index(&person_spec(index)).await?;
 
     // Bulk: good documents are indexed, badly typed ones are reported.
     let mut model: HashMap<String, Person> = people().into_iter().collect();
@@ -217,68 +213,68 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
         id: "bad-city".to_owned(),
         source: bad_city,
     });
-    let report = s.bulk(index, docs).await.expect("bulk indexing");
-    assert_eq!(report.indexed, model.len(), "documents indexed: {report:?}");
-    let failed: BTreeSet<&str> = report.failed.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(
-        failed,
-        BTreeSet::from(["bad-city", "bad-year"]),
-        "badly typed documents are reported: {report:?}"
+    let report = s.bulk(index, docs).await.context("bulk indexing")?;
+    ensure!(
+        report.indexed == model.len(),
+        "{} documents should be indexed: {report:?}",
+        model.len()
     );
-    assert!(
+    let failed: BTreeSet<&str> = report.failed.iter().map(|(id, _)| id.as_str()).collect();
+    ensure!(
+        failed == BTreeSet::from(["bad-city", "bad-year"]),
+        "the badly typed documents, and only they, are reported: {report:?}"
+    );
+    ensure!(
         report.failed.iter().all(|(_, reason)| !reason.is_empty()),
         "each failure says why: {report:?}"
     );
-    s.refresh(index).await.expect("refresh");
-    assert_eq!(count(s, index).await, model.len() as u64);
+    s.refresh(index).await?;
+    expect_count(s, index, model.len()).await?;
 
     // Get by id returns the source as sent, extra fields included.
-    let got = s
-        .get(index, "p007")
-        .await
-        .expect("get")
-        .expect("p007 exists");
-    assert_eq!(got.id, "p007");
-    assert_eq!(got.source, model["p007"].source());
-    assert_eq!(s.get(index, "no-such-id").await.expect("get missing"), None);
-    assert_eq!(
-        s.get(index, "bad-year").await.expect("get failed doc"),
-        None
+    let got = s.get(index, "p007").await?.context("p007 must exist")?;
+    ensure!(got.id == "p007", "get returned {got:?}");
+    ensure!(
+        got.source == model["p007"].source(),
+        "get returns the source as sent: {got:?}"
+    );
+    ensure!(s.get(index, "no-such-id").await?.is_none());
+    ensure!(
+        s.get(index, "bad-year").await?.is_none(),
+        "a rejected document is not stored"
     );
 
     // Indexing an id again replaces the document.
     let mut moved = model["p007"].clone();
     moved.city = "Newtown".to_owned();
-    let report = s
-        .bulk(index, vec![moved.doc("p007")])
-        .await
-        .expect("re-indexing p007");
-    assert_eq!(report.indexed, 1);
+    let report = s.bulk(index, vec![moved.doc("p007")]).await?;
+    ensure!(report.indexed == 1, "re-indexing p007: {report:?}");
     model.insert("p007".to_owned(), moved);
-    s.refresh(index).await.expect("refresh");
-    assert_eq!(
-        count(s, index).await,
-        model.len() as u64,
-        "upsert keeps the count"
-    );
-    let got = s
-        .get(index, "p007")
+    s.refresh(index).await?;
+    expect_count(s, index, model.len())
         .await
-        .expect("get")
-        .expect("p007 exists");
-    assert_eq!(got.source["city"], json!("Newtown"));
-    let newtown = search(s, index, query(vec![term("city", json!("newtown"))], 10)).await;
-    assert_eq!(ids(&newtown), vec!["p007"], "the new value is searchable");
+        .context("an upsert keeps the count")?;
+    let got = s.get(index, "p007").await?.context("p007 must exist")?;
+    ensure!(
+        got.source["city"] == json!("Newtown"),
+        "get returns the new value: {got:?}"
+    );
+    let newtown = search(s, index, query(vec![term("city", json!("newtown"))], 10)).await?;
+    ensure!(
+        ids(&newtown) == ["p007"],
+        "the new value is searchable: {:?}",
+        ids(&newtown)
+    );
 
     // Delete.
-    s.delete(index, "p008").await.expect("delete");
+    s.delete(index, "p008").await?;
     s.delete(index, "never-existed")
         .await
-        .expect("deleting a missing id is not an error");
+        .context("deleting a missing id is not an error")?;
     model.remove("p008");
-    s.refresh(index).await.expect("refresh");
-    assert_eq!(s.get(index, "p008").await.expect("get deleted"), None);
-    assert_eq!(count(s, index).await, model.len() as u64);
+    s.refresh(index).await?;
+    ensure!(s.get(index, "p008").await?.is_none(), "p008 was deleted");
+    expect_count(s, index, model.len()).await?;
 
     let all = model.len();
     let expect = |pred: &dyn Fn(&Person) -> bool| -> BTreeSet<String> {
@@ -290,17 +286,17 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
     };
 
     // Exact terms: keyword values are case-sensitive; integers match exactly.
-    let il = search(s, index, query(vec![term("state", json!("IL"))], all)).await;
-    assert_eq!(id_set(&il), expect(&|p| p.state == "IL"));
-    let lower = search(s, index, query(vec![term("state", json!("il"))], all)).await;
-    assert!(
+    let il = search(s, index, query(vec![term("state", json!("IL"))], all)).await?;
+    same_ids(&il, &expect(&|p| p.state == "IL")).context("term on a keyword")?;
+    let lower = search(s, index, query(vec![term("state", json!("il"))], all)).await?;
+    ensure!(
         lower.is_empty(),
         "keyword terms are exact: {:?}",
         ids(&lower)
     );
-    let year = search(s, index, query(vec![term("birth_year", json!(1975))], all)).await;
-    assert_eq!(id_set(&year), expect(&|p| p.birth_year == 1975));
-    assert!(!year.is_empty());
+    let year = search(s, index, query(vec![term("birth_year", json!(1975))], all)).await?;
+    ensure!(!year.is_empty());
+    same_ids(&year, &expect(&|p| p.birth_year == 1975)).context("term on an integer")?;
 
     // Fuzzy: one substitution, one transposition, and not three edits.
     let fuzzy = |value: &str, max_edits: u8| {
@@ -314,20 +310,20 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
             all,
         )
     };
-    let typo = search(s, index, fuzzy("fitzgerold", 1)).await;
-    assert!(
+    let typo = search(s, index, fuzzy("fitzgerold", 1)).await?;
+    ensure!(
         ids(&typo).contains(&"fz1"),
-        "one edit away: {:?}",
+        "one edit away must match: {:?}",
         ids(&typo)
     );
-    let swapped = search(s, index, fuzzy("fitzgreald", 1)).await;
-    assert!(
+    let swapped = search(s, index, fuzzy("fitzgreald", 1)).await?;
+    ensure!(
         ids(&swapped).contains(&"fz1"),
         "a transposition is one edit: {:?}",
         ids(&swapped)
     );
-    let far = search(s, index, fuzzy("fatzgaralt", 2)).await;
-    assert!(
+    let far = search(s, index, fuzzy("fatzgaralt", 2)).await?;
+    ensure!(
         !ids(&far).contains(&"fz1"),
         "three edits away must not match with max_edits 2: {:?}",
         ids(&far)
@@ -335,43 +331,43 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
 
     // Full-text match: any token, case-insensitive.
     let text = "SPRINGFIELD heights";
-    let matched = search(s, index, query(vec![match_text("city", text)], all)).await;
-    assert_eq!(id_set(&matched), expect(&|p| p.city_matches(text)));
-    assert_eq!(
-        matched.first().map(|h| h.id.as_str()),
-        Some("top1"),
-        "the only city with both tokens ranks first"
+    let matched = search(s, index, query(vec![match_text("city", text)], all)).await?;
+    same_ids(&matched, &expect(&|p| p.city_matches(text))).context("match")?;
+    ensure!(
+        matched.first().map(|h| h.id.as_str()) == Some("top1"),
+        "the only city with both tokens ranks first: {:?}",
+        ids(&matched)
     );
 
     // A filter restricts the hits and leaves the order of the rest alone.
     let base = query(vec![match_text("city", "springfield")], all);
-    let unfiltered = search(s, index, base.clone()).await;
+    let unfiltered = search(s, index, base.clone()).await?;
     let mut filtered_query = base;
     filtered_query.filter = vec![term("state", json!("IL"))];
-    let filtered = search(s, index, filtered_query).await;
+    let filtered = search(s, index, filtered_query).await?;
     let expected: Vec<&str> = unfiltered
         .iter()
         .filter(|h| model[&h.id].state == "IL")
         .map(|h| h.id.as_str())
         .collect();
-    assert!(
+    ensure!(
         !expected.is_empty() && expected.len() < unfiltered.len(),
         "the filter must keep some hits and drop others: {:?}",
         ids(&unfiltered)
     );
-    assert_eq!(
-        ids(&filtered),
-        expected,
-        "filter keeps the unfiltered order"
+    ensure!(
+        ids(&filtered) == expected,
+        "a filter keeps the unfiltered order: got {:?}, expected {expected:?}",
+        ids(&filtered)
     );
-    // A filter alone matches without needing a scored clause.
+    // A filter alone matches without a scored clause.
     let only_filter = Query {
         filter: vec![term("state", json!("TX"))],
         k: all,
         ..Query::default()
     };
-    let tx = search(s, index, only_filter).await;
-    assert_eq!(id_set(&tx), expect(&|p| p.state == "TX"));
+    let tx = search(s, index, only_filter).await?;
+    same_ids(&tx, &expect(&|p| p.state == "TX")).context("filter only")?;
 
     // Ranges are inclusive at both ends; either end may be open.
     let range = |gte, lte| Clause::Range {
@@ -379,16 +375,18 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
         gte,
         lte,
     };
-    let eighties = search(s, index, query(vec![range(Some(1980), Some(1989))], all)).await;
-    assert_eq!(
-        id_set(&eighties),
-        expect(&|p| (1980..=1989).contains(&p.birth_year))
-    );
-    let late = search(s, index, query(vec![range(Some(2000), None)], all)).await;
-    assert_eq!(id_set(&late), expect(&|p| p.birth_year >= 2000));
-    let early = search(s, index, query(vec![range(None, Some(1945))], all)).await;
-    assert_eq!(id_set(&early), expect(&|p| p.birth_year <= 1945));
-    assert!(!late.is_empty() && !early.is_empty());
+    let eighties = search(s, index, query(vec![range(Some(1980), Some(1989))], all)).await?;
+    same_ids(
+        &eighties,
+        &expect(&|p| (1980..=1989).contains(&p.birth_year)),
+    )
+    .context("closed range")?;
+    let late = search(s, index, query(vec![range(Some(2000), None)], all)).await?;
+    ensure!(!late.is_empty());
+    same_ids(&late, &expect(&|p| p.birth_year >= 2000)).context("range without upper bound")?;
+    let early = search(s, index, query(vec![range(None, Some(1945))], all)).await?;
+    ensure!(!early.is_empty());
+    same_ids(&early, &expect(&|p| p.birth_year <= 1945)).context("range without lower bound")?;
 
     // min_should_match.
     let should = vec![
@@ -396,67 +394,64 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
         term("zip", json!("62701")),
         match_text("city", "springfield"),
     ];
+    let matching = |p: &Person| {
+        usize::from(p.state == "IL")
+            + usize::from(p.zip == "62701")
+            + usize::from(p.city_matches("springfield"))
+    };
     let two_of_three = Query {
         should: should.clone(),
         min_should_match: 2,
         k: all,
         ..Query::default()
     };
-    let hits = search(s, index, two_of_three).await;
-    let matches_count = |p: &Person| {
-        usize::from(p.state == "IL")
-            + usize::from(p.zip == "62701")
-            + usize::from(p.city_matches("springfield"))
-    };
-    assert_eq!(id_set(&hits), expect(&|p| matches_count(p) >= 2));
+    let hits = search(s, index, two_of_three).await?;
+    same_ids(&hits, &expect(&|p| matching(p) >= 2)).context("min_should_match 2")?;
     let any = Query {
         should,
         k: all,
         ..Query::default()
     };
-    let hits = search(s, index, any).await;
-    assert_eq!(
-        id_set(&hits),
-        expect(&|p| matches_count(p) >= 1),
-        "with only should clauses, one must match"
-    );
+    let hits = search(s, index, any).await?;
+    same_ids(&hits, &expect(&|p| matching(p) >= 1))
+        .context("with only should clauses, one must match")?;
 
     // Top-k: k is respected, scores descend, more matching clauses rank higher.
-    let clauses = vec![
-        term("first", json!("zelda")),
-        term("state", json!("IL")),
-        term("zip", json!("62701")),
-    ];
     let matched_clauses = |p: &Person| {
         usize::from(p.first == "Zelda")
             + usize::from(p.state == "IL")
             + usize::from(p.zip == "62701")
     };
-    let top = search(
-        s,
-        index,
-        Query {
-            should: clauses,
-            k: 10,
-            ..Query::default()
-        },
-    )
-    .await;
-    assert_eq!(top.len(), 10, "k limits the hits");
-    assert_eq!(
-        top[0].id, "top1",
-        "the doc matching every clause ranks first"
-    );
-    assert_descending(&top);
-    let counts: Vec<usize> = top.iter().map(|h| matched_clauses(&model[&h.id])).collect();
-    assert!(
-        counts.windows(2).all(|w| w[0] >= w[1]),
-        "docs matching more should clauses rank above those matching fewer: {counts:?} for {:?}",
+    let ranked = Query {
+        should: vec![
+            term("first", json!("zelda")),
+            term("state", json!("IL")),
+            term("zip", json!("62701")),
+        ],
+        k: 10,
+        ..Query::default()
+    };
+    let top = search(s, index, ranked).await?;
+    ensure!(top.len() == 10, "k limits the hits: {:?}", ids(&top));
+    ensure!(
+        top[0].id == "top1",
+        "the doc matching every clause ranks first: {:?}",
         ids(&top)
     );
-    assert!(counts.contains(&2) && counts.contains(&1), "{counts:?}");
-    let three = search(s, index, query(vec![term("state", json!("IL"))], 3)).await;
-    assert_eq!(three.len(), 3);
+    ensure!(
+        top.windows(2).all(|w| w[0].score >= w[1].score),
+        "scores descend: {:?}",
+        top.iter().map(|h| (&h.id, h.score)).collect::<Vec<_>>()
+    );
+    let counts: Vec<usize> = top.iter().map(|h| matched_clauses(&model[&h.id])).collect();
+    ensure!(
+        counts.windows(2).all(|w| w[0] >= w[1]) && counts.contains(&2) && counts.contains(&1),
+        "docs matching more should clauses rank above those matching fewer: \
+         {counts:?} for {:?}",
+        ids(&top)
+    );
+    let three = search(s, index, query(vec![term("state", json!("IL"))], 3)).await?;
+    ensure!(three.len() == 3, "k = 3 gave {:?}", ids(&three));
 
     // Boost: a boosted clause outranks an unboosted one.
     let boosted = Query {
@@ -471,74 +466,82 @@ async fn check_documents_and_queries(s: &dyn SearchIndex, suffix: &str) {
         k: all,
         ..Query::default()
     };
-    let hits = search(s, index, boosted).await;
+    let hits = search(s, index, boosted).await?;
     let states: Vec<&str> = hits.iter().map(|h| model[&h.id].state.as_str()).collect();
-    let first_il = states.iter().position(|s| *s == "IL").expect("IL hits");
-    assert!(
-        states[..first_il].iter().all(|s| *s == "TX")
+    let first_il = states.iter().position(|s| *s == "IL").context("IL hits")?;
+    ensure!(
+        first_il > 0
+            && states[..first_il].iter().all(|s| *s == "TX")
             && states[first_il..].iter().all(|s| *s == "IL"),
         "boosted TX hits come before IL hits: {states:?}"
     );
 
     // Hits carry the stored source.
-    let hit = &search(s, index, query(vec![term("zip", json!("43017"))], 1)).await[0];
-    assert_eq!(hit.id, "fz1");
-    assert_eq!(hit.source, model["fz1"].source());
+    let hits = search(s, index, query(vec![term("zip", json!("43017"))], 1)).await?;
+    let Some(hit) = hits.first() else {
+        bail!("zip 43017 found nothing");
+    };
+    ensure!(
+        hit.id == "fz1" && hit.source == model["fz1"].source(),
+        "hit {hit:?}"
+    );
 
     // Queries on unknown fields or with wrong types are refused.
+    let wrong_kind = Clause::Range {
+        field: "state".to_owned(),
+        gte: Some(1),
+        lte: None,
+    };
     for bad in [
         query(vec![term("no_such_field", json!("x"))], 10),
         query(vec![term("birth_year", json!("nineteen"))], 10),
-        query(
-            vec![Clause::Range {
-                field: "state".to_owned(),
-                gte: Some(1),
-                lte: None,
-            }],
-            10,
-        ),
+        query(vec![wrong_kind], 10),
     ] {
         let err = s.search(index, &bad).await;
-        assert!(
+        ensure!(
             matches!(err, Err(SearchError::BadField { .. })),
             "{bad:?} must be BadField, got {err:?}"
         );
     }
+    Ok(())
 }
 
-async fn check_concurrent_writers(s: &dyn SearchIndex, suffix: &str) {
-    let name = format!("sift-conf-conc-{suffix}");
+async fn concurrent_writers(s: &dyn SearchIndex) -> Result<()> {
+    const WRITERS: usize = 4;
+    const BATCHES: usize = 5;
+    const PER_BATCH: usize = 10;
+    let name = unique("sift-conf-conc");
     let index = name.as_str();
-    s.ensure_index(&person_spec(index))
-        .await
-        .expect("creating the concurrency index");
+    s.ensure_index(&person_spec(index)).await?;
     let template = people()[0].1.clone();
     let writer = |w: usize| {
         let template = template.clone();
         async move {
-            for batch in 0..5 {
-                let docs = (0..10)
+            for batch in 0..BATCHES {
+                let docs = (0..PER_BATCH)
                     .map(|j| template.doc(&format!("w{w}-{batch}-{j}")))
                     .collect();
-                let report = s.bulk(index, docs).await.expect("concurrent bulk");
-                assert_eq!(report.indexed, 10, "{report:?}");
+                let report = s.bulk(index, docs).await?;
+                ensure!(report.indexed == PER_BATCH, "{report:?}");
             }
+            Ok(())
         }
     };
-    tokio::join!(writer(0), writer(1), writer(2), writer(3));
-    s.refresh(index).await.expect("refresh");
-    assert_eq!(count(s, index).await, 4 * 5 * 10);
-    for w in 0..4 {
-        for batch in 0..5 {
-            for j in 0..10 {
+    let results = tokio::join!(writer(0), writer(1), writer(2), writer(3));
+    for result in [results.0, results.1, results.2, results.3] {
+        result?;
+    }
+    s.refresh(index).await?;
+    expect_count(s, index, WRITERS * BATCHES * PER_BATCH).await?;
+    for w in 0..WRITERS {
+        for batch in 0..BATCHES {
+            for j in 0..PER_BATCH {
                 let id = format!("w{w}-{batch}-{j}");
-                assert!(
-                    s.get(index, &id).await.expect("get").is_some(),
-                    "{id} is present"
-                );
+                ensure!(s.get(index, &id).await?.is_some(), "{id} is missing");
             }
         }
     }
+    Ok(())
 }
 
 fn term(field: &str, value: Value) -> Clause {
@@ -565,45 +568,34 @@ fn query(must: Vec<Clause>, k: usize) -> Query {
     }
 }
 
-async fn search(s: &dyn SearchIndex, index: &str, q: Query) -> Vec<Hit> {
+async fn search(s: &dyn SearchIndex, index: &str, q: Query) -> Result<Vec<Hit>> {
     s.search(index, &q)
         .await
-        .unwrap_or_else(|e| panic!("search {q:?} failed: {e}"))
+        .with_context(|| format!("search {q:?}"))
 }
 
-async fn count(s: &dyn SearchIndex, index: &str) -> u64 {
-    s.count(index).await.expect("count")
+async fn expect_count(s: &dyn SearchIndex, index: &str, expected: usize) -> Result<()> {
+    let count = s.count(index).await?;
+    ensure!(
+        count == expected as u64,
+        "count is {count}, expected {expected}"
+    );
+    Ok(())
 }
 
 fn ids(hits: &[Hit]) -> Vec<&str> {
     hits.iter().map(|h| h.id.as_str()).collect()
 }
 
-fn id_set(hits: &[Hit]) -> BTreeSet<String> {
-    let set: BTreeSet<String> = hits.iter().map(|h| h.id.clone()).collect();
-    assert_eq!(set.len(), hits.len(), "no id is returned twice");
-    set
-}
-
-fn assert_descending(hits: &[Hit]) {
-    assert!(
-        hits.windows(2).all(|w| w[0].score >= w[1].score),
-        "scores descend: {:?}",
-        hits.iter().map(|h| (&h.id, h.score)).collect::<Vec<_>>()
+/// The hits are exactly `expected`, each once.
+fn same_ids(hits: &[Hit], expected: &BTreeSet<String>) -> Result<()> {
+    let got: BTreeSet<String> = hits.iter().map(|h| h.id.clone()).collect();
+    ensure!(got.len() == hits.len(), "an id came twice: {:?}", ids(hits));
+    let missing: Vec<_> = expected.difference(&got).collect();
+    let extra: Vec<_> = got.difference(expected).collect();
+    ensure!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, unexpected {extra:?}"
     );
-}
-
-/// A suffix that differs between runs and between calls in one run.
-fn unique_suffix() -> String {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!(
-        "{}-{}-{}",
-        std::process::id(),
-        nanos % 1_000_000_000_000,
-        CALLS.fetch_add(1, Ordering::Relaxed)
-    )
+    Ok(())
 }

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
@@ -93,12 +93,6 @@ struct Group {
     assignments: HashMap<u64, Vec<TopicPartition>>,
     /// Committed next offsets; loaded from disk on first use.
     offsets: Option<BTreeMap<TopicPartition, u64>>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -289,7 +283,7 @@ impl Inner {
 
     fn enforce_retention(&self) {
         let topics: Vec<Arc<Topic>> = self.topics.read().values().cloned().collect();
-        let now = now_ms();
+        let now = crate::now_ms();
         let max_age = self.opts.retention_age.as_millis() as i64;
         for t in topics {
             for p in &t.partitions {
@@ -338,7 +332,7 @@ impl Inner {
                 .map_err(|e| LogError::io(&seg.path, e))?;
             sync_dir(&pdir)?;
         }
-        let meta = serde_json::json!({ "partitions": partitions, "created_ms": now_ms() });
+        let meta = serde_json::json!({ "partitions": partitions, "created_ms": crate::now_ms() });
         let meta_path = tmp.join(TOPIC_META);
         std::fs::write(&meta_path, meta.to_string())
             .and_then(|()| File::open(&meta_path)?.sync_all())
@@ -378,7 +372,7 @@ impl Inner {
             };
             records.len()
         ];
-        let ts = now_ms();
+        let ts = crate::now_ms();
         let mut buf = Vec::new();
         let mut bytes = 0u64;
         for (p, batch) in by_partition.iter().enumerate() {

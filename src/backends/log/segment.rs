@@ -247,7 +247,7 @@ impl Segment {
             let body_len =
                 u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
             let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-            if body_len < FIXED_BODY || body_len > 64 * super::MAX_RECORD_BYTES {
+            if !(FIXED_BODY..=64 * super::MAX_RECORD_BYTES).contains(&body_len) {
                 return Ok(Some((pos, format!("impossible frame length {body_len}"))));
             }
             body.resize(body_len, 0);

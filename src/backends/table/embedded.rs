@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes};
@@ -72,12 +71,6 @@ impl EmbeddedTable {
             }),
         })
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn encode_row(cells: &[Cell]) -> Vec<u8> {
@@ -224,7 +217,7 @@ impl Inner {
                 }
             }
         }
-        let now = now_ms();
+        let now = crate::now_ms();
         let txn = self.db.begin_write().map_err(storage)?;
         {
             let mut t = txn.open_table(data_def(table)).map_err(storage)?;
