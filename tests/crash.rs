@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
-use sift::backends::log::{EmbeddedLog, Log, Record};
+use sift::backends::log::{EmbeddedLog, Log, LogError, Record};
 use sift::backends::table::{EmbeddedTable, RowPut, Scan, Table};
 use sift::config::EmbeddedLogConfig;
 
@@ -43,7 +43,17 @@ fn seq_of(value: &[u8]) -> Option<u64> {
 }
 
 async fn open(dir: &Path) -> Result<(EmbeddedLog, EmbeddedTable)> {
-    let log = EmbeddedLog::open(&dir.join("log"), opts())?;
+    // The previous owner's lock goes with its last handle, which the log's
+    // background flusher may hold for the length of one sync: wait that out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        match EmbeddedLog::open(&dir.join("log"), opts()) {
+            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => break other?,
+        }
+    };
     let table = EmbeddedTable::open(&dir.join("table.redb"))?;
     log.create_topic(TOPIC, 2).await?;
     table.ensure_table(TABLE, &["d"]).await?;

@@ -169,7 +169,11 @@ impl Segment {
             .write(true)
             .open(&path)
             .map_err(|e| LogError::io(&path, e))?;
-        Ok(Segment {
+        Ok(Segment::empty(base, path, file))
+    }
+
+    fn empty(base: u64, path: PathBuf, file: File) -> Segment {
+        Segment {
             base,
             path,
             file: Arc::new(file),
@@ -178,7 +182,7 @@ impl Segment {
             max_ts: i64::MIN,
             index: Vec::new(),
             last_indexed: 0,
-        })
+        }
     }
 
     /// Opens a segment: a sealed one from its index file when that is intact,
@@ -191,16 +195,7 @@ impl Segment {
             .open(path)
             .map_err(|e| LogError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| LogError::io(path, e))?.len();
-        let mut seg = Segment {
-            base,
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-            len: 0,
-            next: base,
-            max_ts: i64::MIN,
-            index: Vec::new(),
-            last_indexed: 0,
-        };
+        let mut seg = Segment::empty(base, path.to_path_buf(), file);
         if !active && seg.load_index(file_len) {
             return Ok(seg);
         }

@@ -660,6 +660,7 @@ fn add_value(
 
 fn validate_name(name: &str) -> Result<(), SearchError> {
     let valid = (1..=100).contains(&name.len())
+        && !name.starts_with(['_', '-'])
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');

@@ -36,7 +36,7 @@ pub enum SearchError {
         detail: String,
     },
     /// The index name is not usable.
-    #[error("invalid index name `{0}`: use 1-100 characters of a-z, 0-9, `_` and `-`")]
+    #[error("invalid index name `{0}`: use 1-100 characters of a-z, 0-9, `_` and `-`, not starting with `_` or `-`")]
     InvalidName(String),
     /// Reading or writing the index files failed.
     #[error("search index I/O at {path}: {source}")]
@@ -171,9 +171,10 @@ pub struct Query {
     pub should: Vec<Clause>,
     /// Required, not scored.
     pub filter: Vec<Clause>,
-    /// How many `should` clauses must match (0 = none needed unless there is no `must`).
+    /// How many `should` clauses must match. 0 follows Elasticsearch: one is
+    /// needed when the query has no `must` and no `filter`, none otherwise.
     pub min_should_match: usize,
-    /// How many hits to return, best first.
+    /// How many hits to return, best first (0 returns none).
     pub k: usize,
 }
 
