@@ -173,6 +173,9 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Client id reported to the brokers.
     pub client_id: String,
+    /// Extra librdkafka settings passed through as they are, for both producer
+    /// and consumers (e.g. `security.protocol`, `sasl.mechanism`).
+    pub properties: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -180,6 +183,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             client_id: "sift".into(),
+            properties: BTreeMap::new(),
         }
     }
 }
@@ -226,6 +230,8 @@ pub struct S3Config {
     pub endpoint: String,
     /// Address buckets by path (`endpoint/bucket/key`), as most S3-compatible stores need.
     pub path_style: bool,
+    /// Create the bucket at startup when it does not exist (needs the permission to).
+    pub create_bucket: bool,
 }
 
 impl Default for S3Config {
@@ -235,6 +241,7 @@ impl Default for S3Config {
             region: "us-east-1".into(),
             endpoint: String::new(),
             path_style: false,
+            create_bucket: false,
         }
     }
 }
@@ -277,6 +284,9 @@ pub struct HbaseConfig {
     pub address: String,
     /// Connections kept open to the gateway.
     pub pool_size: u32,
+    /// Connect, read and write timeout of one gateway call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for HbaseConfig {
@@ -284,6 +294,7 @@ impl Default for HbaseConfig {
         HbaseConfig {
             address: "127.0.0.1:9090".into(),
             pool_size: 8,
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -324,12 +335,23 @@ impl Default for SearchConfig {
 pub struct ElasticsearchConfig {
     /// Base URL of the cluster.
     pub url: String,
+    /// User for HTTP basic authentication; empty = none.
+    pub username: String,
+    /// Password for HTTP basic authentication (better set from the environment:
+    /// `SIFT__SEARCH__ELASTICSEARCH__PASSWORD`).
+    pub password: String,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for ElasticsearchConfig {
     fn default() -> Self {
         ElasticsearchConfig {
             url: "http://127.0.0.1:9200".into(),
+            username: String::new(),
+            password: String::new(),
+            timeout: Duration::from_secs(60),
         }
     }
 }
@@ -689,12 +711,37 @@ fn set_path(tree: &mut toml::Table, parts: &[String], value: toml::Value) {
 }
 
 impl Loaded {
-    /// Renders the effective configuration as TOML, each value followed by its origin.
+    /// Renders the effective configuration as TOML, each value followed by its
+    /// origin, with secrets redacted.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        render_table(&self.tree, "", &self.origins, &mut out);
+        render_table(&self.redacted(), "", &self.origins, &mut out);
         out
     }
+
+    /// The effective configuration with every non-empty secret (a field whose
+    /// name mentions a password, secret or token) replaced, for display.
+    pub fn redacted(&self) -> toml::Table {
+        fn walk(table: &mut toml::Table) {
+            for (k, v) in table.iter_mut() {
+                match v {
+                    toml::Value::Table(t) => walk(t),
+                    toml::Value::String(s) if !s.is_empty() && is_secret(k) => {
+                        *s = "<redacted>".into();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut tree = self.tree.clone();
+        walk(&mut tree);
+        tree
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "token"].iter().any(|w| k.contains(w))
 }
 
 fn render_table(

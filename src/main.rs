@@ -232,7 +232,7 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.to_string().into()))
                     .collect();
-                let out = serde_json::json!({ "config": config, "origins": origins });
+                let out = serde_json::json!({ "config": loaded.redacted(), "origins": origins });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print!("{}", loaded.render());
@@ -250,8 +250,8 @@ async fn run(config: &config::Config, args: RunArgs) -> anyhow::Result<()> {
     if args.limit > 0 {
         docs.truncate(args.limit);
     }
-    let log = backends::open_log(config)?;
-    let table = backends::open_table(config)?;
+    let log = backends::open_log(config).await?;
+    let table = backends::open_table(config).await?;
     eprintln!(
         "sift: pushing {} labeled documents through `sift.raw` into the `documents` table ({})",
         docs.len(),
@@ -290,7 +290,7 @@ fn text(b: &Bytes, full: bool) -> String {
 }
 
 async fn topics(config: &config::Config, cmd: TopicsCommand) -> anyhow::Result<()> {
-    let log = backends::open_log(config)?;
+    let log = backends::open_log(config).await?;
     match cmd {
         TopicsCommand::List { json } => {
             let mut rows = Vec::new();
@@ -413,7 +413,7 @@ async fn tail(
 }
 
 async fn table(config: &config::Config, cmd: TableCommand) -> anyhow::Result<()> {
-    let table = backends::open_table(config)?;
+    let table = backends::open_table(config).await?;
     let print_row = |row: &sift::backends::table::Row, full: bool| {
         println!("{}", String::from_utf8_lossy(&row.key));
         for c in &row.cells {
@@ -482,7 +482,7 @@ async fn table(config: &config::Config, cmd: TableCommand) -> anyhow::Result<()>
 }
 
 async fn objects(config: &config::Config, cmd: ObjectsCommand) -> anyhow::Result<()> {
-    let store = backends::open_objects(config)?;
+    let store = backends::open_objects(config).await?;
     match cmd {
         ObjectsCommand::Ls { prefix } => {
             let list = store.list(&prefix).await?;

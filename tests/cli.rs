@@ -111,8 +111,13 @@ fn config_show_names_origins_and_rejects_typos() -> Result<()> {
         .env_remove("SIFT_CONFIG")
         .env_remove("SIFT_DATA_DIR")
         .env("SIFT__LOG__DEFAULT_PARTITIONS", "9")
+        .env("SIFT__SEARCH__ELASTICSEARCH__PASSWORD", "hunter2-secret")
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !text.contains("hunter2-secret") && text.contains("password = \"<redacted>\""),
+        "secrets must be redacted: {text}"
+    );
     ensure!(
         out.status.success(),
         "{}",

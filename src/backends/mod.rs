@@ -22,12 +22,17 @@ pub use search::SearchIndex;
 pub use table::Table;
 
 /// Opens the configured log.
-pub fn open_log(config: &Config) -> Result<Arc<dyn Log>, log::LogError> {
+pub async fn open_log(config: &Config) -> Result<Arc<dyn Log>, log::LogError> {
     match config.log.backend {
         LogBackend::Embedded => Ok(Arc::new(log::EmbeddedLog::open(
             &config.data_dir.join("log"),
             config.log.embedded.clone(),
         )?)),
+        #[cfg(feature = "kafka")]
+        LogBackend::Kafka => Ok(Arc::new(
+            log::kafka::KafkaLog::connect(&config.log.kafka).await?,
+        )),
+        #[cfg(not(feature = "kafka"))]
         LogBackend::Kafka => Err(log::LogError::FeatureDisabled {
             backend: "kafka",
             feature: "kafka",
@@ -36,11 +41,16 @@ pub fn open_log(config: &Config) -> Result<Arc<dyn Log>, log::LogError> {
 }
 
 /// Opens the configured object store.
-pub fn open_objects(config: &Config) -> Result<Arc<dyn ObjectStore>, objects::ObjectError> {
+pub async fn open_objects(config: &Config) -> Result<Arc<dyn ObjectStore>, objects::ObjectError> {
     match config.objects.backend {
         ObjectsBackend::Embedded => Ok(Arc::new(objects::EmbeddedObjects::open(
             &config.data_dir.join("objects"),
         )?)),
+        #[cfg(feature = "s3")]
+        ObjectsBackend::S3 => Ok(Arc::new(
+            objects::s3::S3Objects::connect(&config.objects.s3).await?,
+        )),
+        #[cfg(not(feature = "s3"))]
         ObjectsBackend::S3 => Err(objects::ObjectError::FeatureDisabled {
             backend: "s3",
             feature: "s3",
@@ -49,11 +59,16 @@ pub fn open_objects(config: &Config) -> Result<Arc<dyn ObjectStore>, objects::Ob
 }
 
 /// Opens the configured table store.
-pub fn open_table(config: &Config) -> Result<Arc<dyn Table>, table::TableError> {
+pub async fn open_table(config: &Config) -> Result<Arc<dyn Table>, table::TableError> {
     match config.table.backend {
         TableBackend::Embedded => Ok(Arc::new(table::EmbeddedTable::open(
             &config.data_dir.join("table.redb"),
         )?)),
+        #[cfg(feature = "hbase")]
+        TableBackend::Hbase => Ok(Arc::new(
+            table::hbase::HbaseTable::connect(&config.table.hbase).await?,
+        )),
+        #[cfg(not(feature = "hbase"))]
         TableBackend::Hbase => Err(table::TableError::FeatureDisabled {
             backend: "hbase",
             feature: "hbase",
@@ -62,11 +77,17 @@ pub fn open_table(config: &Config) -> Result<Arc<dyn Table>, table::TableError> 
 }
 
 /// Opens the configured search index.
-pub fn open_search(config: &Config) -> Result<Arc<dyn SearchIndex>, search::SearchError> {
+pub async fn open_search(config: &Config) -> Result<Arc<dyn SearchIndex>, search::SearchError> {
     match config.search.backend {
         SearchBackend::Embedded => Ok(Arc::new(search::EmbeddedSearch::open(
             &config.data_dir.join("search"),
         )?)),
+        #[cfg(feature = "elasticsearch")]
+        SearchBackend::Elasticsearch => Ok(Arc::new(
+            search::elasticsearch::ElasticsearchIndex::connect(&config.search.elasticsearch)
+                .await?,
+        )),
+        #[cfg(not(feature = "elasticsearch"))]
         SearchBackend::Elasticsearch => Err(search::SearchError::FeatureDisabled {
             backend: "elasticsearch",
             feature: "elasticsearch",
@@ -75,11 +96,16 @@ pub fn open_search(config: &Config) -> Result<Arc<dyn SearchIndex>, search::Sear
 }
 
 /// Opens the configured cache.
-pub fn open_cache(config: &Config) -> Result<Arc<dyn Cache>, cache::CacheError> {
+pub async fn open_cache(config: &Config) -> Result<Arc<dyn Cache>, cache::CacheError> {
     match config.cache.backend {
         CacheBackend::Embedded => Ok(Arc::new(cache::EmbeddedCache::new(
             config.cache.max_entries,
         ))),
+        #[cfg(feature = "redis")]
+        CacheBackend::Redis => Ok(Arc::new(
+            cache::redis::RedisCache::connect(&config.cache.redis_url).await?,
+        )),
+        #[cfg(not(feature = "redis"))]
         CacheBackend::Redis => Err(cache::CacheError::FeatureDisabled {
             backend: "redis",
             feature: "redis",

@@ -5,6 +5,8 @@
 //! Production uses Redis; the embedded default lives in the process.
 
 pub mod embedded;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::time::Duration;
 

@@ -7,6 +7,8 @@
 //! group assignment and rebalance, committed offsets, retention).
 
 pub mod embedded;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod segment;
 
 use std::time::Duration;

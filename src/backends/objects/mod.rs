@@ -7,6 +7,8 @@
 //! Production uses S3; the embedded default is a directory.
 
 pub mod embedded;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use async_trait::async_trait;
 use bytes::Bytes;

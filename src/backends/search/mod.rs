@@ -6,6 +6,8 @@
 //! [`Query`], so the same query runs on either.
 
 pub mod embedded;
+#[cfg(feature = "elasticsearch")]
+pub mod elasticsearch;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

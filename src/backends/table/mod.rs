@@ -7,6 +7,8 @@
 //! `redb` database file.
 
 pub mod embedded;
+#[cfg(feature = "hbase")]
+pub mod hbase;
 
 use async_trait::async_trait;
 use bytes::Bytes;
