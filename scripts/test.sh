@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The test command: set up, then formatting, lints, and every test of the
-# workspace (unit, conformance suites, crash test) on the embedded backends.
+# workspace: unit tests, the conformance suites and the crash test on the
+# embedded backends, and the same conformance suites plus a fault test per
+# backend against real Kafka, S3 (moto), HBase, OpenSearch and Redis, which
+# scripts/services.sh installs and starts on loopback and stops at the end,
+# also when a step fails.
+#
+# SIFT_TEST_EMBEDDED_ONLY=1 skips the services and the real-backend tests
+# (they then print that they were skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +21,19 @@ step() {
 
 step setup scripts/setup.sh
 step fmt cargo fmt --all --check
+# The default build is what `sift run` uses: embedded only, no services.
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
-step test cargo test --workspace --locked
+if [ "${SIFT_TEST_EMBEDDED_ONLY:-}" = 1 ]; then
+  step test cargo test --workspace --locked
+  exit 0
+fi
+step clippy-full cargo clippy --workspace --all-targets --locked --features full -- -D warnings
+# Build the tests before the services start, so the JVMs and the compiler do
+# not fight over the cores.
+step build-tests cargo test --workspace --locked --features full --no-run
+trap 'scripts/services.sh down || true' EXIT
+step services scripts/services.sh up
+eval "$(scripts/services.sh env)"
+export SIFT_TEST_REQUIRE_SERVICES=1
+step services-status scripts/services.sh status
+step test cargo test --workspace --locked --features full

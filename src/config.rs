@@ -280,8 +280,12 @@ impl Default for TableConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HbaseConfig {
-    /// Thrift gateway address, `host:port`.
+    /// Thrift1 gateway address, `host:port`: every read and write.
     pub address: String,
+    /// Thrift2 gateway address, `host:port`, used only to add a column family
+    /// to an existing table (Thrift1 cannot alter a table); empty = none, and
+    /// such a change is left to the HBase shell.
+    pub admin_address: String,
     /// Connections kept open to the gateway.
     pub pool_size: u32,
     /// Connect, read and write timeout of one gateway call.
@@ -293,6 +297,7 @@ impl Default for HbaseConfig {
     fn default() -> Self {
         HbaseConfig {
             address: "127.0.0.1:9090".into(),
+            admin_address: "127.0.0.1:9091".into(),
             pool_size: 8,
             timeout: Duration::from_secs(30),
         }
@@ -741,7 +746,9 @@ impl Loaded {
 
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "token"].iter().any(|w| k.contains(w))
+    ["password", "secret", "token"]
+        .iter()
+        .any(|w| k.contains(w))
 }
 
 fn render_table(

@@ -209,7 +209,7 @@ impl Cache for EmbeddedCache {
     }
 }
 
-fn validate_namespace(namespace: &str) -> Result<(), CacheError> {
+pub(super) fn validate_namespace(namespace: &str) -> Result<(), CacheError> {
     let invalid = |reason| CacheError::Invalid {
         what: "namespace",
         value: namespace.to_owned(),
@@ -230,7 +230,7 @@ fn validate_namespace(namespace: &str) -> Result<(), CacheError> {
     Ok(())
 }
 
-fn validate_key(key: &str) -> Result<(), CacheError> {
+pub(super) fn validate_key(key: &str) -> Result<(), CacheError> {
     let invalid = |reason| CacheError::Invalid {
         what: "key",
         value: key.chars().take(64).collect(),

@@ -5,9 +5,9 @@
 //! index name under the data directory. Matching builds its person query from
 //! [`Query`], so the same query runs on either.
 
-pub mod embedded;
 #[cfg(feature = "elasticsearch")]
 pub mod elasticsearch;
+pub mod embedded;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
