@@ -315,7 +315,11 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), LogError> {
     }
 }
 
-/// The partition a key hashes to (CRC-32 of the key, like librdkafka's `consistent` partitioner).
+/// The embedded log's partition for a key: CRC-32 of the key modulo the
+/// partition count, stable across runs and versions. The Kafka backend leaves
+/// this to the producer (murmur2, as the Java client does), so the same key may
+/// land in a different partition number there; each backend is consistent with
+/// itself, which is all ordering per key needs.
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     crc32fast::hash(key) % partitions.max(1)
 }
