@@ -24,7 +24,7 @@ step fmt cargo fmt --all --check
 # The default build is what `sift run` uses: embedded only, no services.
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 if [ "${SIFT_TEST_EMBEDDED_ONLY:-}" = 1 ]; then
-  step test cargo test --workspace --locked
+  step test cargo test --workspace --locked --no-fail-fast
   exit 0
 fi
 step clippy-full cargo clippy --workspace --all-targets --locked --features full -- -D warnings
@@ -36,4 +36,4 @@ step services scripts/services.sh up
 eval "$(scripts/services.sh env)"
 export SIFT_TEST_REQUIRE_SERVICES=1
 step services-status scripts/services.sh status
-step test cargo test --workspace --locked --features full
+step test cargo test --workspace --locked --features full --no-fail-fast
