@@ -69,6 +69,12 @@ pub struct Config {
     pub search: SearchConfig,
     /// The cache: social handle to person id lookups.
     pub cache: CacheConfig,
+    /// `sift ingest`: fetching, extraction, first filters.
+    pub ingest: IngestConfig,
+    /// `sift clean`: normalization, language, near-duplicates.
+    pub clean: CleanConfig,
+    /// `sift archive`: the raw topic as compressed JSON lines in the object store.
+    pub archive: ArchiveConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -82,6 +88,9 @@ impl Default for Config {
             table: TableConfig::default(),
             search: SearchConfig::default(),
             cache: CacheConfig::default(),
+            ingest: IngestConfig::default(),
+            clean: CleanConfig::default(),
+            archive: ArchiveConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -403,6 +412,143 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// `sift ingest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// The sources file (TOML); `--sources` wins.
+    pub sources: PathBuf,
+    /// Fetches in flight at once, over all hosts.
+    pub max_concurrency: u32,
+    /// Fetches in flight at once per host.
+    pub per_host_concurrency: u32,
+    /// Requests per second per host, unless a source sets its own `rate_limit`.
+    pub per_host_rate: f64,
+    /// Timeout of one request (connect, headers and body).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Tries of one URL on a timeout, connection error, 429 or 5xx (1 = no retry).
+    pub max_attempts: u32,
+    /// First retry delay; doubled each try, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Redirects followed before a URL is given up as a loop.
+    pub max_redirects: u32,
+    /// User-Agent sent with every request and matched against robots.txt.
+    pub user_agent: String,
+    /// Largest body fetched, unless a source sets `max_bytes`; a larger one goes to the dead-letter topic.
+    pub max_document_bytes: u64,
+    /// A text longer than this is written to the object store and the message
+    /// carries its URI (claim check), so no message exceeds the log's 1 MB.
+    pub claim_check_bytes: u64,
+    /// An identical text (by content hash) seen within this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// How long a fetched robots.txt is trusted.
+    #[serde(with = "humantime_serde")]
+    pub robots_ttl: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            sources: PathBuf::from("sources.toml"),
+            max_concurrency: 64,
+            per_host_concurrency: 2,
+            per_host_rate: 2.0,
+            timeout: Duration::from_secs(30),
+            max_attempts: 4,
+            retry_backoff: Duration::from_millis(500),
+            max_redirects: 5,
+            user_agent: concat!("sift/", env!("CARGO_PKG_VERSION")).into(),
+            max_document_bytes: 50 * 1024 * 1024,
+            claim_check_bytes: 900 * 1024,
+            dedupe_window: Duration::from_secs(7 * 24 * 3600),
+            robots_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `sift clean`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CleanConfig {
+    /// Consumer group on `sift.raw`; instances with the same group share the partitions.
+    pub group: String,
+    /// Records taken from the log per batch.
+    pub batch_size: u32,
+    /// A text shorter than this after normalization (in characters) is dropped to the dead-letter topic.
+    pub min_chars: u32,
+    /// Two texts of one source whose 64-bit SimHashes differ in at most this
+    /// many bits are near-duplicates; the later one is dropped. 0 = off.
+    pub near_duplicate_bits: u32,
+    /// SimHashes remembered per source for the near-duplicate check.
+    pub near_duplicate_window: u32,
+    /// Languages kept (ISO 639-3 codes such as `eng`); empty = all.
+    pub languages: Vec<String>,
+}
+
+impl Default for CleanConfig {
+    fn default() -> Self {
+        CleanConfig {
+            group: "sift-clean".into(),
+            batch_size: 500,
+            min_chars: 20,
+            near_duplicate_bits: 3,
+            near_duplicate_window: 10_000,
+            languages: Vec::new(),
+        }
+    }
+}
+
+/// Server-side encryption of archive objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encryption {
+    /// None asked for (the bucket's default applies).
+    #[default]
+    None,
+    /// SSE-S3 (`AES256`).
+    SseS3,
+    /// SSE-KMS with `kms_key_id`.
+    SseKms,
+}
+
+/// `sift archive`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Consumer group on `sift.raw`.
+    pub group: String,
+    /// Key prefix of the archive in the object store.
+    pub prefix: String,
+    /// A part is uploaded once its uncompressed JSON lines reach this size.
+    pub flush_bytes: u64,
+    /// ... or once its oldest record has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_age: Duration,
+    /// zstd level of the parts (1 fast … 19 small).
+    pub zstd_level: i32,
+    /// Server-side encryption: `none`, `sse_s3` or `sse_kms`.
+    pub encryption: Encryption,
+    /// KMS key id or ARN for `sse_kms`.
+    pub kms_key_id: String,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            group: "sift-archive".into(),
+            prefix: "raw".into(),
+            flush_bytes: 64 * 1024 * 1024,
+            flush_age: Duration::from_secs(300),
+            zstd_level: 3,
+            encryption: Encryption::None,
+            kms_key_id: String::new(),
+        }
+    }
 }
 
 /// Logs and metrics.

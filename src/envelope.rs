@@ -17,8 +17,12 @@ pub mod headers {
     pub const CONTENT_TYPE: &str = "sift-content-type";
     /// Envelope schema version.
     pub const SCHEMA: &str = "sift-schema";
-    /// Why a record went to the dead-letter topic.
+    /// Why a record went to the dead-letter topic (`code: detail`).
     pub const REASON: &str = "sift-reason";
+    /// The stage that sent a record to the dead-letter topic.
+    pub const STAGE: &str = "sift-stage";
+    /// URL of the document a dead letter is about.
+    pub const URL: &str = "sift-url";
 }
 
 /// Topic names.
@@ -27,6 +31,23 @@ pub mod topics {
     pub const RAW: &str = "sift.raw";
     /// Rejected records with their reason.
     pub const DLQ: &str = "sift.dlq";
+    /// Normalized, language-tagged, de-duplicated documents.
+    pub const CLEAN: &str = "sift.clean";
+}
+
+/// Prefix of the object-store keys holding claim-checked texts.
+pub const CLAIM_PREFIX: &str = "claims/";
+
+/// The `body_uri` of a text stored under `key` in sift's configured object
+/// store (`objects:claims/…`). The scheme names the store by role, not by
+/// backend, so envelopes stay valid when the store moves.
+pub fn claim_uri(key: &str) -> String {
+    format!("objects:{key}")
+}
+
+/// The object key a `body_uri` points at, if it is a claim check.
+pub fn claim_key(uri: &str) -> Option<&str> {
+    uri.strip_prefix("objects:").filter(|k| !k.is_empty())
 }
 
 /// A document travelling through the pipeline.

@@ -27,6 +27,9 @@ pub enum Error {
     /// The cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// `sift ingest` could not start (sources file, HTTP client).
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
     /// A file or socket operation outside any backend failed.
     #[error("{context}: {source}")]
     Io {

@@ -6,10 +6,15 @@
 //! the whole pipeline runs on one machine with no services; production points
 //! the same code at Kafka, S3, HBase, Elasticsearch and Redis.
 
+pub mod archive;
 pub mod backends;
+pub mod clean;
 pub mod config;
+pub mod daemon;
+pub mod dlq;
 pub mod envelope;
 pub mod error;
+pub mod ingest;
 pub mod metrics;
 pub mod run;
 pub mod sample;

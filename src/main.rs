@@ -41,6 +41,14 @@ enum Command {
     /// Inspect and manage the object store.
     #[command(subcommand)]
     Objects(ObjectsCommand),
+    /// Fetch every source in the sources file, extract text, and produce documents to `sift.raw`.
+    Ingest(sift::ingest::IngestArgs),
+    /// Normalize, language-tag and de-duplicate `sift.raw` into `sift.clean`.
+    Clean(sift::clean::CleanArgs),
+    /// Archive `sift.raw` to the object store as zstd JSON lines by date and source.
+    Archive(sift::archive::ArchiveArgs),
+    /// Print the title and text the ingest extractor gets from HTML, PDF or text files.
+    Extract(sift::ingest::extract::ExtractArgs),
 }
 
 #[derive(Args)]
@@ -242,6 +250,10 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         Command::Topics(cmd) => topics(config, cmd).await,
         Command::Table(cmd) => table(config, cmd).await,
         Command::Objects(cmd) => objects(config, cmd).await,
+        Command::Ingest(args) => Ok(sift::ingest::main(config, args).await?),
+        Command::Clean(args) => Ok(sift::clean::main(config, args).await?),
+        Command::Archive(args) => Ok(sift::archive::main(config, args).await?),
+        Command::Extract(args) => Ok(sift::ingest::extract::main(args)?),
     }
 }
 

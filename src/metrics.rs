@@ -11,6 +11,8 @@ use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::ge
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Label of per-stage counters.
@@ -24,6 +26,22 @@ pub struct StageLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     /// Why the record was rejected (a short fixed code).
+    pub reason: String,
+}
+
+/// Label of fetch counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// What came of a fetch (`ok`, `not_modified`, `robots`, `error`, ...).
+    pub outcome: String,
+}
+
+/// Label of documents a stage dropped on purpose (not errors).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabel {
+    /// Pipeline stage.
+    pub stage: String,
+    /// Why (`duplicate`, `near_duplicate`, `filtered`, ...).
     pub reason: String,
 }
 
@@ -46,6 +64,18 @@ pub struct Metrics {
     pub documents: Family<StageLabel, Counter>,
     /// Records sent to the dead-letter topic, by reason.
     pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Documents a stage dropped on purpose, by stage and reason.
+    pub dropped: Family<DropLabel, Counter>,
+    /// HTTP fetches by outcome.
+    pub fetches: Family<OutcomeLabel, Counter>,
+    /// Body bytes fetched.
+    pub fetched_bytes: Counter,
+    /// Records between a consumer group's position and the end of its topic.
+    pub consumer_lag: Family<StageLabel, Gauge>,
+    /// Uncompressed bytes of each uploaded archive part.
+    pub archive_part_bytes: Histogram,
+    /// Records in each uploaded archive part.
+    pub archive_part_records: Histogram,
 }
 
 impl Metrics {
@@ -60,6 +90,12 @@ impl Metrics {
             table_cells_written: Counter::default(),
             documents: Family::default(),
             dead_letters: Family::default(),
+            dropped: Family::default(),
+            fetches: Family::default(),
+            fetched_bytes: Counter::default(),
+            consumer_lag: Family::default(),
+            archive_part_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
+            archive_part_records: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
             registry: Registry::default(),
         };
         registry.register(
@@ -102,7 +138,65 @@ impl Metrics {
             "Records sent to the dead-letter topic, by reason",
             m.dead_letters.clone(),
         );
+        registry.register(
+            "sift_pipeline_dropped",
+            "Documents a stage dropped on purpose, by stage and reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "sift_ingest_fetches",
+            "HTTP fetches by outcome",
+            m.fetches.clone(),
+        );
+        registry.register(
+            "sift_ingest_fetched_bytes",
+            "Body bytes fetched",
+            m.fetched_bytes.clone(),
+        );
+        registry.register(
+            "sift_consumer_lag_records",
+            "Records between a stage's consumer position and the end of its topic",
+            m.consumer_lag.clone(),
+        );
+        registry.register(
+            "sift_archive_part_bytes",
+            "Uncompressed bytes of each uploaded archive part",
+            m.archive_part_bytes.clone(),
+        );
+        registry.register(
+            "sift_archive_part_records",
+            "Records in each uploaded archive part",
+            m.archive_part_records.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a document a stage dropped on purpose.
+    pub fn drop(&self, stage: &str, reason: &str) {
+        self.dropped
+            .get_or_create(&DropLabel {
+                stage: stage.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a fetch outcome.
+    pub fn fetch(&self, outcome: &str) {
+        self.fetches
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets a stage's consumer lag.
+    pub fn lag(&self, stage: &str, records: i64) {
+        self.consumer_lag
+            .get_or_create(&StageLabel {
+                stage: stage.to_string(),
+            })
+            .set(records);
     }
 
     /// Counts documents through a stage.

@@ -3,7 +3,8 @@
 //! `scripts/services.sh up s3`): the object store conformance suite, a server
 //! stop and restart in the middle of a run, and what only S3 has (multipart
 //! uploads, aborted on failure and conditional on completion; list
-//! pagination; ETags passed through verbatim).
+//! pagination; ETags passed through verbatim; server-side encryption, and
+//! `sift archive` writing encrypted parts).
 //!
 //! Each test works in a bucket of its own, created by the client. The fault
 //! test stops the shared server, so every test here holds `LOCK`.
@@ -19,7 +20,7 @@ use std::task::{Context as TaskContext, Poll};
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use sift::backends::objects::s3::S3Objects;
-use sift::backends::objects::{ObjectError, ObjectStore, PutMode};
+use sift::backends::objects::{Encryption, ObjectError, ObjectStore, PutMode, PutOptions};
 use sift::config::S3Config;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
@@ -345,5 +346,173 @@ async fn s3_missing_bucket_is_explained() -> Result<()> {
         msg.contains("does not exist") && msg.contains("create_bucket"),
         "{msg}"
     );
+    Ok(())
+}
+
+/// SSE-S3 and SSE-KMS asked for on put, streamed put and multipart upload
+/// are what head and get report afterwards. moto accepts any KMS key id
+/// without a KMS key behind it (AWS would need the key to exist and the
+/// caller to be allowed to use it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_server_side_encryption() -> Result<()> {
+    let Some(addr) = service_addr("SIFT_TEST_S3") else {
+        return Ok(());
+    };
+    let _guard = LOCK.lock().await;
+    let (store, _) = connect(&addr).await?;
+    ensure!(store.supports_encryption());
+    let kms = Encryption::SseKms {
+        key_id: Some("arn:aws:kms:us-east-1:123456789012:key/sift-test".into()),
+    };
+    let sse_s3 = PutOptions {
+        encryption: Some(Encryption::SseS3),
+    };
+    let sse_kms = PutOptions {
+        encryption: Some(kms.clone()),
+    };
+
+    let put = store
+        .put_with(
+            "enc/s3",
+            Bytes::from_static(b"secret"),
+            PutMode::Overwrite,
+            &sse_s3,
+        )
+        .await?;
+    ensure!(put.encryption == Some(Encryption::SseS3), "put: {put:?}");
+    let head = store.head("enc/s3").await?.context("head")?;
+    ensure!(head.encryption == Some(Encryption::SseS3), "head: {head:?}");
+    let (got, body) = store.get("enc/s3").await?;
+    ensure!(got.encryption == Some(Encryption::SseS3) && body.as_ref() == b"secret");
+
+    let put = store
+        .put_with(
+            "enc/kms",
+            Bytes::from_static(b"secret"),
+            PutMode::IfAbsent,
+            &sse_kms,
+        )
+        .await?;
+    ensure!(put.encryption.as_ref() == Some(&kms), "put: {put:?}");
+    let head = store.head("enc/kms").await?.context("head")?;
+    ensure!(head.encryption.as_ref() == Some(&kms), "head: {head:?}");
+    let (got, _) = store.get_stream("enc/kms").await?;
+    ensure!(got.encryption.as_ref() == Some(&kms), "get: {got:?}");
+
+    // A streamed put of three parts: encryption is set on the multipart upload.
+    let len = 20_000_000u64;
+    let body = Box::new(Generated {
+        pos: 0,
+        len,
+        fail_at: None,
+    });
+    let put = store
+        .put_stream_with("enc/big", body, PutMode::Overwrite, &sse_kms)
+        .await?;
+    ensure!(put.etag.trim_matches('"').ends_with("-3"), "{put:?}");
+    ensure!(
+        put.encryption.as_ref() == Some(&kms),
+        "multipart put: {put:?}"
+    );
+    let head = store.head("enc/big").await?.context("head")?;
+    ensure!(
+        head.encryption.as_ref() == Some(&kms) && head.size == len,
+        "head: {head:?}"
+    );
+
+    // A small streamed put goes as one PutObject, with the same headers.
+    let small = Box::new(Generated {
+        pos: 0,
+        len: 1000,
+        fail_at: None,
+    });
+    store
+        .put_stream_with("enc/small", small, PutMode::Overwrite, &sse_s3)
+        .await?;
+    let head = store.head("enc/small").await?.context("head")?;
+    ensure!(head.encryption == Some(Encryption::SseS3), "head: {head:?}");
+
+    for m in store.list("").await? {
+        store.delete(&m.key).await?;
+    }
+    Ok(())
+}
+
+/// `sift archive` on the embedded log and S3 with `encryption = "sse_kms"`:
+/// every part is stored with SSE-KMS under the configured key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_archive_parts_are_encrypted() -> Result<()> {
+    use sift::backends::log::{EmbeddedLog, Log, Record};
+    use sift::envelope::{document_id, topics, Envelope, SCHEMA_VERSION};
+
+    let Some(addr) = service_addr("SIFT_TEST_S3") else {
+        return Ok(());
+    };
+    let _guard = LOCK.lock().await;
+    let (store, _) = connect(&addr).await?;
+    let dir = tempfile::tempdir()?;
+    let log = Arc::new(EmbeddedLog::open(
+        &dir.path().join("log"),
+        Default::default(),
+    )?);
+    log.create_topic(topics::RAW, 2).await?;
+    let records = (0..40)
+        .map(|n| {
+            let url = format!("https://example.org/{n}");
+            let env = Envelope {
+                v: SCHEMA_VERSION,
+                id: document_id("src", &url),
+                source: ["src", "other src"][n % 2].into(),
+                url,
+                fetched_at_ms: 1_709_251_200_000 + n as i64 * 3_600_000,
+                content_type: "text/plain".into(),
+                title: String::new(),
+                text: Some(format!("text {n}")),
+                body_uri: None,
+                metadata: Default::default(),
+            };
+            Ok(Record::new(env.id.clone(), serde_json::to_vec(&env)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    log.produce(topics::RAW, records).await?;
+
+    let mut config = sift::config::Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    config.objects.backend = sift::config::ObjectsBackend::S3;
+    config.archive.encryption = sift::config::Encryption::SseKms;
+    config.archive.kms_key_id = "alias/sift-archive".into();
+    let summary = sift::archive::run(
+        log.clone(),
+        Arc::new(store.clone()),
+        &config,
+        sift::archive::Until::caught_up(),
+    )
+    .await?;
+    ensure!(summary.records == 40, "{summary:?}");
+    let parts = store.list("raw/").await?;
+    ensure!(parts.len() as u64 == summary.parts && !parts.is_empty());
+    let mut lines = 0;
+    for p in &parts {
+        ensure!(p.key.contains("/source=src/") || p.key.contains("/source=other%20src/"));
+        let head = store.head(&p.key).await?.context("head")?;
+        ensure!(
+            head.encryption
+                == Some(Encryption::SseKms {
+                    key_id: Some("alias/sift-archive".into())
+                }),
+            "{head:?}"
+        );
+        let (_, body) = store.get(&p.key).await?;
+        lines += zstd::decode_all(&body[..])?
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+    }
+    ensure!(lines == 40);
+    for m in store.list("").await? {
+        store.delete(&m.key).await?;
+    }
     Ok(())
 }

@@ -4,6 +4,9 @@
 //! puts check and rename under a lock file, so they are safe across processes.
 //! The ETag is derived from the file's inode, size and modification time,
 //! which change with every rename.
+//!
+//! It cannot encrypt at rest: puts that ask for encryption are refused (the
+//! trait's default `put_with`), never written in the clear.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
@@ -51,6 +54,7 @@ fn meta_of(key: &str, m: &std::fs::Metadata) -> ObjectMeta {
             m.mtime_nsec()
         ),
         modified_ms,
+        encryption: None,
     }
 }
 

@@ -4,6 +4,12 @@
 //! an ETag make compare-and-swap possible, which is how a model's `LATEST`
 //! pointer moves safely.
 //!
+//! A put may also ask the store to encrypt the object at rest
+//! ([`PutOptions::encryption`], S3's SSE-S3 and SSE-KMS). A store that cannot
+//! encrypt refuses such a put with [`ObjectError::Unsupported`] rather than
+//! writing the object in the clear, and says so up front through
+//! [`ObjectStore::supports_encryption`], so a daemon can fail at startup.
+//!
 //! Production uses S3; the embedded default is a directory.
 
 pub mod embedded;
@@ -58,6 +64,15 @@ pub enum ObjectError {
         /// Cargo feature that provides it.
         feature: &'static str,
     },
+    /// A put asked for something this store cannot do (encryption at rest on
+    /// the embedded store); nothing was written.
+    #[error("cannot write `{key}`: {reason}")]
+    Unsupported {
+        /// Key.
+        key: String,
+        /// What was asked and what to do instead.
+        reason: String,
+    },
 }
 
 /// What a put requires of the current object.
@@ -72,6 +87,45 @@ pub enum PutMode {
     IfMatch(String),
 }
 
+/// Server-side encryption of an object at rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Encryption {
+    /// Keys held by the store itself (S3's SSE-S3, `AES256`).
+    SseS3,
+    /// Keys held in a key management service (S3's SSE-KMS, `aws:kms`).
+    SseKms {
+        /// KMS key id or ARN; None = the account's default key for the store
+        /// (`aws/s3`). Stores report it where they know it.
+        key_id: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Encryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Encryption::SseS3 => f.write_str("SSE-S3 (AES256)"),
+            Encryption::SseKms { key_id: None } => f.write_str("SSE-KMS (default key)"),
+            Encryption::SseKms { key_id: Some(k) } => write!(f, "SSE-KMS (key {k})"),
+        }
+    }
+}
+
+/// How a put stores an object, beyond its body and write condition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// Encrypt the object at rest. A store that cannot refuses the put
+    /// ([`ObjectError::Unsupported`]) instead of storing it unencrypted.
+    pub encryption: Option<Encryption>,
+}
+
+impl PutOptions {
+    /// Options that ask for nothing beyond a plain put.
+    pub fn is_plain(&self) -> bool {
+        self.encryption.is_none()
+    }
+}
+
 /// An object's metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ObjectMeta {
@@ -83,6 +137,12 @@ pub struct ObjectMeta {
     pub etag: String,
     /// Last write, milliseconds since the Unix epoch.
     pub modified_ms: i64,
+    /// How the store says the object is encrypted at rest, where it says so
+    /// (S3 on put, get and head; not in listings). None from stores that do
+    /// not encrypt. S3 encrypts every new object with SSE-S3 unless told
+    /// otherwise, so plain puts there report SSE-S3 too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
 
 /// A streamed object body.
@@ -110,6 +170,52 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;
     /// Deletes an object; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+
+    /// Whether this store can honour [`PutOptions::encryption`]. Callers that
+    /// are configured to encrypt check it at startup, so a misconfiguration
+    /// stops a daemon before it consumes anything.
+    fn supports_encryption(&self) -> bool {
+        false
+    }
+
+    /// [`put`](Self::put) with options. The default serves plain options and
+    /// refuses any it cannot honour; stores that can encrypt override it.
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        mode: PutMode,
+        options: &PutOptions,
+    ) -> Result<ObjectMeta, ObjectError> {
+        refuse_unsupported(key, options)?;
+        self.put(key, body, mode).await
+    }
+
+    /// [`put_stream`](Self::put_stream) with options; see [`put_with`](Self::put_with).
+    async fn put_stream_with(
+        &self,
+        key: &str,
+        body: ObjectReader,
+        mode: PutMode,
+        options: &PutOptions,
+    ) -> Result<ObjectMeta, ObjectError> {
+        refuse_unsupported(key, options)?;
+        self.put_stream(key, body, mode).await
+    }
+}
+
+/// The error of a store without encryption at rest asked for it.
+fn refuse_unsupported(key: &str, options: &PutOptions) -> Result<(), ObjectError> {
+    match &options.encryption {
+        None => Ok(()),
+        Some(e) => Err(ObjectError::Unsupported {
+            key: key.to_string(),
+            reason: format!(
+                "{e} was asked for, but this object store cannot encrypt objects at rest; \
+                 use the S3 object store, or do not ask for encryption"
+            ),
+        }),
+    }
 }
 
 /// Checks a key: non-empty, at most 1024 bytes, relative, no empty, `.` or `..` segments.

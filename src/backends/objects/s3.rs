@@ -12,6 +12,13 @@
 //! memory stays at a few parts whatever the body's size; the write condition
 //! is checked when the upload completes, and an upload that fails is aborted.
 //!
+//! Server-side encryption ([`PutOptions::encryption`]) is S3's own: SSE-S3
+//! sends `x-amz-server-side-encryption: AES256`, SSE-KMS sends `aws:kms` and,
+//! when a key is named, `x-amz-server-side-encryption-aws-kms-key-id`, on
+//! `PutObject` and on `CreateMultipartUpload` (parts inherit it; only SSE-C,
+//! which sift does not use, needs headers on each part). What S3 answers
+//! about an object's encryption is reported in [`ObjectMeta::encryption`].
+//!
 //! Credentials come from the standard AWS chain (environment, profile, web
 //! identity, instance metadata); transient failures are retried by the SDK.
 
@@ -24,13 +31,14 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::{
     BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
+    ServerSideEncryption,
 };
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
-use super::{validate_key, ObjectError, ObjectMeta, ObjectReader, PutMode};
+use super::{validate_key, Encryption, ObjectError, ObjectMeta, ObjectReader, PutMode, PutOptions};
 use crate::config::S3Config;
 
 /// Size of each part of a multipart upload, and the threshold below which a
@@ -281,12 +289,19 @@ impl S3Objects {
             .send()
             .await
             .map_err(|e| self.write_failure("CompleteMultipartUpload", key, mode, e))?;
-        self.written(key, size, out.e_tag())
+        let encryption = encryption_of(out.server_side_encryption(), out.ssekms_key_id());
+        self.written(key, size, out.e_tag(), encryption)
     }
 
     /// Metadata of an object just written. S3 does not return the write time,
     /// so it is this machine's clock; `head` gives S3's.
-    fn written(&self, key: &str, size: u64, etag: Option<&str>) -> Result<ObjectMeta, ObjectError> {
+    fn written(
+        &self,
+        key: &str,
+        size: u64,
+        etag: Option<&str>,
+        encryption: Option<Encryption>,
+    ) -> Result<ObjectMeta, ObjectError> {
         let etag = etag.ok_or_else(|| {
             ObjectError::Backend(format!(
                 "S3 write of `{key}` in {} returned no ETag; the store is not S3-compatible \
@@ -303,6 +318,7 @@ impl S3Objects {
             size,
             etag: etag.to_string(),
             modified_ms,
+            encryption,
         })
     }
 }
@@ -310,13 +326,40 @@ impl S3Objects {
 #[async_trait]
 impl super::ObjectStore for S3Objects {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<ObjectMeta, ObjectError> {
+        self.put_with(key, body, mode, &PutOptions::default()).await
+    }
+
+    async fn put_stream(
+        &self,
+        key: &str,
+        body: ObjectReader,
+        mode: PutMode,
+    ) -> Result<ObjectMeta, ObjectError> {
+        self.put_stream_with(key, body, mode, &PutOptions::default())
+            .await
+    }
+
+    fn supports_encryption(&self) -> bool {
+        true
+    }
+
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        mode: PutMode,
+        options: &PutOptions,
+    ) -> Result<ObjectMeta, ObjectError> {
         validate_key(key)?;
         let size = body.len() as u64;
+        let (sse, kms_key) = sse_headers(options);
         let put = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
             .body(ByteStream::from(body));
         let put = match &mode {
             PutMode::Overwrite => put,
@@ -327,25 +370,30 @@ impl super::ObjectStore for S3Objects {
             .send()
             .await
             .map_err(|e| self.write_failure("PutObject", key, &mode, e))?;
-        self.written(key, size, out.e_tag())
+        let encryption = encryption_of(out.server_side_encryption(), out.ssekms_key_id());
+        self.written(key, size, out.e_tag(), encryption)
     }
 
-    async fn put_stream(
+    async fn put_stream_with(
         &self,
         key: &str,
         mut body: ObjectReader,
         mode: PutMode,
+        options: &PutOptions,
     ) -> Result<ObjectMeta, ObjectError> {
         validate_key(key)?;
         let first = read_part(&mut body, key).await?;
         if first.len() < PART_SIZE {
-            return self.put(key, first, mode).await;
+            return self.put_with(key, first, mode, options).await;
         }
+        let (sse, kms_key) = sse_headers(options);
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
             .send()
             .await
             .map_err(|e| self.failure("CreateMultipartUpload", key, e))?;
@@ -391,7 +439,9 @@ impl super::ObjectStore for S3Objects {
             .send()
             .await
             .map_err(|e| self.read_failure("GetObject", key, e))?;
-        let meta = meta_of(key, out.content_length(), out.e_tag(), out.last_modified());
+        let meta = meta_of(key, out.content_length(), out.e_tag(), out.last_modified()).encrypted(
+            encryption_of(out.server_side_encryption(), out.ssekms_key_id()),
+        );
         let body = out.body.collect().await.map_err(|e| {
             ObjectError::Backend(format!(
                 "S3 GetObject of `{key}` in {}: reading the body failed: {}",
@@ -412,7 +462,9 @@ impl super::ObjectStore for S3Objects {
             .send()
             .await
             .map_err(|e| self.read_failure("GetObject", key, e))?;
-        let meta = meta_of(key, out.content_length(), out.e_tag(), out.last_modified());
+        let meta = meta_of(key, out.content_length(), out.e_tag(), out.last_modified()).encrypted(
+            encryption_of(out.server_side_encryption(), out.ssekms_key_id()),
+        );
         Ok((meta, Box::new(out.body.into_async_read())))
     }
 
@@ -426,12 +478,11 @@ impl super::ObjectStore for S3Objects {
             .send()
             .await
         {
-            Ok(out) => Ok(Some(meta_of(
-                key,
-                out.content_length(),
-                out.e_tag(),
-                out.last_modified(),
-            ))),
+            Ok(out) => Ok(Some(
+                meta_of(key, out.content_length(), out.e_tag(), out.last_modified()).encrypted(
+                    encryption_of(out.server_side_encryption(), out.ssekms_key_id()),
+                ),
+            )),
             // A HEAD response has no body, so a missing bucket cannot be told
             // apart from a missing key here; `connect` checked the bucket.
             Err(e) if status(&e) == Some(404) => Ok(None),
@@ -499,6 +550,36 @@ fn meta_of(
         size: size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
         etag: etag.unwrap_or_default().to_string(),
         modified_ms: modified.and_then(|m| m.to_millis().ok()).unwrap_or(0),
+        encryption: None,
+    }
+}
+
+impl ObjectMeta {
+    fn encrypted(self, encryption: Option<Encryption>) -> Self {
+        ObjectMeta { encryption, ..self }
+    }
+}
+
+/// The SSE headers of a put: `x-amz-server-side-encryption` and the KMS key id.
+fn sse_headers(options: &PutOptions) -> (Option<ServerSideEncryption>, Option<String>) {
+    match &options.encryption {
+        None => (None, None),
+        Some(Encryption::SseS3) => (Some(ServerSideEncryption::Aes256), None),
+        Some(Encryption::SseKms { key_id }) => (Some(ServerSideEncryption::AwsKms), key_id.clone()),
+    }
+}
+
+/// What S3 says about an object's encryption at rest.
+fn encryption_of(sse: Option<&ServerSideEncryption>, kms_key: Option<&str>) -> Option<Encryption> {
+    match sse? {
+        ServerSideEncryption::Aes256 => Some(Encryption::SseS3),
+        ServerSideEncryption::AwsKms | ServerSideEncryption::AwsKmsDsse => {
+            Some(Encryption::SseKms {
+                key_id: kms_key.map(str::to_string),
+            })
+        }
+        // A mode newer than this client knows; reported as unknown.
+        _ => None,
     }
 }
 

@@ -1,0 +1,392 @@
+//! What a partition holds between flushes, and how a flush turns it into
+//! compressed parts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::keys::{GroupKey, Layout};
+use crate::envelope::{Envelope, SCHEMA_VERSION};
+
+/// What became of one `sift.raw` record.
+#[derive(Debug)]
+pub(crate) enum Parsed {
+    /// A valid envelope: its group and its JSON line (without the newline).
+    Line(GroupKey, Bytes),
+    /// Not archivable: the dead-letter reason code and what went wrong.
+    Dead(&'static str, String),
+}
+
+/// Just the version of something that may be an envelope of another schema.
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: Option<u32>,
+}
+
+/// Reads a record value as an envelope.
+pub(crate) fn parse(value: &Bytes, layout: &Layout) -> Parsed {
+    let env = match serde_json::from_slice::<Envelope>(value) {
+        Ok(env) => env,
+        Err(e) => {
+            // Another schema version may have other fields: report the version,
+            // not the fields, when the value says which version it is.
+            return match serde_json::from_slice::<VersionOnly>(value) {
+                Ok(VersionOnly { v: Some(v) }) if v != SCHEMA_VERSION => Parsed::Dead(
+                    "schema_version",
+                    format!("envelope version {v} is not {SCHEMA_VERSION}"),
+                ),
+                _ => Parsed::Dead("bad_json", format!("not an envelope: {e}")),
+            };
+        }
+    };
+    if env.v != SCHEMA_VERSION {
+        return Parsed::Dead(
+            "schema_version",
+            format!("envelope version {} is not {SCHEMA_VERSION}", env.v),
+        );
+    }
+    let group = GroupKey::of(env.fetched_at_ms, &env.source);
+    if !layout.fits(&group) {
+        return Parsed::Dead(
+            "bad_source",
+            format!(
+                "source tag of {} bytes makes object keys longer than 1024 bytes",
+                env.source.len()
+            ),
+        );
+    }
+    // A JSON line must be one line: a producer that pretty-printed the
+    // envelope gets it re-encoded compactly; everything else is kept byte for byte.
+    if value.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return match serde_json::to_vec(&env) {
+            Ok(compact) => Parsed::Line(group, Bytes::from(compact)),
+            Err(e) => Parsed::Dead("bad_json", format!("envelope cannot be re-encoded: {e}")),
+        };
+    }
+    Parsed::Line(group, value.clone())
+}
+
+/// One buffered line.
+#[derive(Debug)]
+struct Line {
+    offset: u64,
+    group: u32,
+    bytes: Bytes,
+}
+
+/// The records of one log partition consumed since its last commit.
+///
+/// Dead letters are not held, only counted in the offset range: they are
+/// acknowledged by `sift.dlq` before they enter, so the commit that covers
+/// the buffer may cover them too.
+#[derive(Debug, Default)]
+pub(crate) struct PartitionBuffer {
+    lines: Vec<Line>,
+    groups: Vec<GroupKey>,
+    index: HashMap<GroupKey, u32>,
+    /// Uncompressed bytes of the lines, newlines included.
+    bytes: u64,
+    /// Offset of the first record (archivable or not) since the last commit.
+    start: Option<u64>,
+    /// Offset after the last record seen: the commit that covers the buffer.
+    next: Option<u64>,
+    /// When the first record since the last commit arrived.
+    since: Option<Instant>,
+}
+
+/// One (date, source) group of a flushed buffer: the lines of one part.
+#[derive(Debug)]
+pub(crate) struct Group {
+    /// Date and source.
+    pub key: GroupKey,
+    /// Offset of its first record: the part's name.
+    pub first: u64,
+    /// Its lines in offset order, without newlines.
+    pub lines: Vec<Bytes>,
+    /// Uncompressed size, newlines included.
+    pub bytes: u64,
+}
+
+/// A buffer taken for flushing.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// Groups in (date, source) order.
+    pub groups: Vec<Group>,
+    /// Offset to commit once every group is uploaded.
+    pub commit: u64,
+}
+
+impl PartitionBuffer {
+    /// Takes a record; records arrive in offset order.
+    pub fn accept(&mut self, offset: u64, parsed: Parsed, now: Instant) {
+        if self.start.is_none() {
+            self.start = Some(offset);
+            self.since = Some(now);
+        }
+        self.next = Some(offset + 1);
+        if let Parsed::Line(key, bytes) = parsed {
+            let group = match self.index.get(&key) {
+                Some(g) => *g,
+                None => {
+                    let g = self.groups.len() as u32;
+                    self.groups.push(key.clone());
+                    self.index.insert(key, g);
+                    g
+                }
+            };
+            self.bytes += bytes.len() as u64 + 1;
+            self.lines.push(Line {
+                offset,
+                group,
+                bytes,
+            });
+        }
+    }
+
+    /// Offset after the last record seen, if any.
+    pub fn next(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// Offset of the first record since the last commit, if any is pending.
+    pub fn start(&self) -> Option<u64> {
+        self.start
+    }
+
+    /// When the oldest pending record arrived.
+    pub fn since(&self) -> Option<Instant> {
+        self.since
+    }
+
+    /// Uncompressed bytes buffered.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Lines buffered.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// The consumer went back to `offset` (it re-reads from the committed
+    /// offset after a rebalance): forget what will be delivered again.
+    pub fn rewind(&mut self, offset: u64) {
+        self.lines.retain(|l| l.offset < offset);
+        self.recount();
+        if self.start.is_some_and(|s| s >= offset) {
+            self.start = None;
+            self.since = None;
+        }
+        self.next = Some(offset);
+    }
+
+    /// Another member of the group committed up to `offset` (archiving what
+    /// lies before it): forget that part.
+    pub fn forget_before(&mut self, offset: u64) {
+        self.lines.retain(|l| l.offset >= offset);
+        self.recount();
+        match (self.start, self.next) {
+            (Some(start), Some(next)) if next > offset => self.start = Some(start.max(offset)),
+            _ => {
+                self.start = None;
+                self.since = None;
+            }
+        }
+    }
+
+    fn recount(&mut self) {
+        self.bytes = self.lines.iter().map(|l| l.bytes.len() as u64 + 1).sum();
+    }
+
+    /// Empties the buffer into its groups; None when nothing is pending.
+    pub fn take(&mut self) -> Option<Batch> {
+        self.start?;
+        let commit = self.next?;
+        let groups = std::mem::take(&mut self.groups);
+        self.index.clear();
+        let mut by_group: BTreeMap<&GroupKey, Group> = BTreeMap::new();
+        for line in std::mem::take(&mut self.lines) {
+            let key = &groups[line.group as usize];
+            let g = by_group.entry(key).or_insert_with(|| Group {
+                key: key.clone(),
+                first: line.offset,
+                lines: Vec::new(),
+                bytes: 0,
+            });
+            g.bytes += line.bytes.len() as u64 + 1;
+            g.lines.push(line.bytes);
+        }
+        self.bytes = 0;
+        self.start = None;
+        self.since = None;
+        Some(Batch {
+            groups: by_group.into_values().collect(),
+            commit,
+        })
+    }
+}
+
+/// Compresses a group's lines into one zstd frame (with its content size and
+/// a checksum), newline after each line.
+pub(crate) fn compress(group: &Group, level: i32) -> std::io::Result<Vec<u8>> {
+    let mut encoder =
+        zstd::stream::Encoder::new(Vec::with_capacity(group.bytes as usize / 4 + 64), level)?;
+    encoder.include_checksum(true)?;
+    encoder.set_pledged_src_size(Some(group.bytes))?;
+    for line in &group.lines {
+        encoder.write_all(line)?;
+        encoder.write_all(b"\n")?;
+    }
+    encoder.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(source: &str, at_ms: i64) -> Envelope {
+        Envelope {
+            v: SCHEMA_VERSION,
+            id: crate::envelope::document_id(source, "u"),
+            source: source.into(),
+            url: "u".into(),
+            fetched_at_ms: at_ms,
+            content_type: "text/plain".into(),
+            title: "t".into(),
+            text: Some("a\nb".into()),
+            body_uri: None,
+            metadata: Default::default(),
+        }
+    }
+
+    fn layout() -> Layout {
+        Layout::new("raw").expect("a valid prefix")
+    }
+
+    #[test]
+    fn parses_and_rejects() {
+        let env = envelope("s", 0);
+        let compact = Bytes::from(serde_json::to_vec(&env).expect("serializable"));
+        match parse(&compact, &layout()) {
+            Parsed::Line(g, b) => {
+                assert_eq!(g, GroupKey::of(0, "s"));
+                assert_eq!(b, compact);
+            }
+            other => panic!("{other:?}"),
+        }
+        let pretty = Bytes::from(serde_json::to_vec_pretty(&env).expect("serializable"));
+        match parse(&pretty, &layout()) {
+            Parsed::Line(_, b) => assert_eq!(b, compact),
+            other => panic!("{other:?}"),
+        }
+        let dead = |v: &[u8]| match parse(&Bytes::copy_from_slice(v), &layout()) {
+            Parsed::Dead(code, _) => code,
+            Parsed::Line(..) => "archived",
+        };
+        assert_eq!(dead(b"{not json"), "bad_json");
+        assert_eq!(dead(b"{\"v\":1}"), "bad_json");
+        assert_eq!(dead(b"{\"v\":2,\"other\":true}"), "schema_version");
+        let mut v2 = env.clone();
+        v2.v = 2;
+        assert_eq!(
+            dead(&serde_json::to_vec(&v2).expect("serializable")),
+            "schema_version"
+        );
+        let long = envelope(&"x".repeat(2000), 0);
+        assert_eq!(
+            dead(&serde_json::to_vec(&long).expect("serializable")),
+            "bad_source"
+        );
+    }
+
+    #[test]
+    fn groups_by_date_and_source_in_offset_order() {
+        let now = Instant::now();
+        let mut b = PartitionBuffer::default();
+        let line = |s: &str, day: i64| {
+            Parsed::Line(
+                GroupKey::of(day * 86_400_000, s),
+                Bytes::from(format!("{s}{day}")),
+            )
+        };
+        b.accept(10, line("b", 0), now);
+        b.accept(11, Parsed::Dead("bad_json", String::new()), now);
+        b.accept(12, line("a", 1), now);
+        b.accept(13, line("b", 0), now);
+        b.accept(14, line("a", 0), now);
+        assert_eq!(b.len(), 4);
+        assert_eq!(b.bytes(), 4 * 3);
+        let batch = b.take().expect("pending");
+        assert_eq!(batch.commit, 15);
+        let got: Vec<(String, String, u64, usize)> = batch
+            .groups
+            .iter()
+            .map(|g| {
+                (
+                    g.key.dt.clone(),
+                    g.key.source.clone(),
+                    g.first,
+                    g.lines.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("1970-01-01".into(), "a".into(), 14, 1),
+                ("1970-01-01".into(), "b".into(), 10, 2),
+                ("1970-01-02".into(), "a".into(), 12, 1),
+            ]
+        );
+        assert!(b.take().is_none());
+        assert_eq!(b.next(), Some(15));
+
+        // Only dead letters: nothing to upload, but still a commit.
+        b.accept(15, Parsed::Dead("bad_json", String::new()), now);
+        let batch = b.take().expect("pending");
+        assert!(batch.groups.is_empty() && batch.commit == 16);
+    }
+
+    #[test]
+    fn rewinds_and_forgets() {
+        let now = Instant::now();
+        let mut b = PartitionBuffer::default();
+        for o in 0..10 {
+            b.accept(
+                o,
+                Parsed::Line(GroupKey::of(0, "s"), Bytes::from_static(b"x")),
+                now,
+            );
+        }
+        b.rewind(4);
+        assert_eq!((b.len(), b.start(), b.next()), (4, Some(0), Some(4)));
+        b.forget_before(2);
+        assert_eq!((b.len(), b.start(), b.next()), (2, Some(2), Some(4)));
+        let batch = b.take().expect("pending");
+        assert_eq!((batch.groups[0].first, batch.commit), (2, 4));
+        b.accept(
+            4,
+            Parsed::Line(GroupKey::of(0, "s"), Bytes::from_static(b"x")),
+            now,
+        );
+        b.forget_before(9);
+        assert_eq!((b.len(), b.start()), (0, None));
+        assert!(b.take().is_none());
+    }
+
+    #[test]
+    fn compresses_to_lines() -> std::io::Result<()> {
+        let g = Group {
+            key: GroupKey::of(0, "s"),
+            first: 0,
+            lines: vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{}")],
+            bytes: 11,
+        };
+        let z = compress(&g, 3)?;
+        assert_eq!(zstd::decode_all(&z[..])?, b"{\"a\":1}\n{}\n");
+        Ok(())
+    }
+}

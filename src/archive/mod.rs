@@ -1,0 +1,828 @@
+//! `sift archive`: every envelope on `sift.raw`, as zstd-compressed JSON
+//! lines in the object store, laid out the way Spark, Athena and Trino read
+//! Hive-style partitions:
+//!
+//! ```text
+//! <prefix>/dt=YYYY-MM-DD/source=<TAG>/part-<P>-<OFFSET>.jsonl.zst
+//! ```
+//!
+//! - `dt` is the UTC date of the envelope's `fetched_at_ms`, so where a record
+//!   lands never depends on when it is archived;
+//! - `TAG` is the source tag made key-safe: ASCII letters, digits, `-`, `_`
+//!   and `.` stay, every other byte of its UTF-8 becomes `%XX` (`%` itself
+//!   too, so the mapping reverses), an empty tag is `__HIVE_DEFAULT_PARTITION__`
+//!   ([`keys::source_segment`]);
+//! - `P` is the log partition, `OFFSET` (20 digits) the log offset of the
+//!   part's first record.
+//!
+//! Each line is a record's envelope exactly as produced (re-encoded compactly
+//! only if a producer spread it over several lines). A record that is not an
+//! envelope goes to `sift.dlq` instead (`bad_json`, `schema_version`, or
+//! `bad_source` for a tag too long to fit in an object key) and is committed
+//! once `sift.dlq` has it.
+//!
+//! # Batches
+//!
+//! The daemon is a member of consumer group `archive.group` on `sift.raw`.
+//! Each partition buffers what it consumes and is flushed when its lines
+//! reach `archive.flush_bytes`, when its oldest record has waited
+//! `archive.flush_age`, and on shutdown. A flush groups the partition's
+//! buffer by (date, source), compresses each group into one part (zstd at
+//! `archive.zstd_level`, a few groups at a time, so memory holds the buffer
+//! plus a few compressed parts, not a second copy of the buffer: about
+//! `flush_bytes` per assigned partition in all), uploads
+//! every part (overwriting), and only then commits the partition's offset past
+//! the buffer. A partition therefore has at most one batch whose parts may be
+//! uploaded but not committed.
+//!
+//! # Why a crash neither loses nor duplicates a record
+//!
+//! Say the process dies while flushing batch `[s, e)` of partition `P`, `s`
+//! being the committed offset: some of the batch's parts are uploaded, the
+//! commit is not. The part of a group `G` (a date and a source) was named by
+//! `g`, the first record of `G` at or after `s`, and held `G`'s records in
+//! `[s, e)`.
+//!
+//! The restarted consumer resumes at `s` and cuts new batches wherever its
+//! buffers fill. Record `g` falls into exactly one new batch `[b, b')` with
+//! `s ≤ b ≤ g`. That batch holds no record of `G` before `g`, because there is
+//! none in `[s, g)`; so `g` is again the first record of `G` in its batch, and
+//! the new part has the old part's name and replaces it, whatever either
+//! holds. Nothing in this needs `G` to appear in the first new batch: a group
+//! that the old batch held but the new run meets only in a later batch is
+//! overwritten when that batch flushes. Further crashes change nothing: a
+//! later restart resumes at a commit `c ≥ s`; if `c ≤ g` the same reasoning
+//! holds from `c`, and if `c > g` the batch holding `g` was committed, so its
+//! upload, which came first, already replaced the old part.
+//!
+//! Once the consumer has caught up, the committed batches tile the partition's
+//! offsets without overlap, every record is in the one part of its batch and
+//! group, and every part left from an abandoned batch has been replaced by a
+//! part of the same name. So no record is lost or duplicated, whatever the new
+//! flush boundaries are. The one gap is retention: if record `g` is deleted
+//! from the log before the restart reads it, the old part is never replaced,
+//! and its records that the log still holds are archived a second time.
+//!
+//! Rebalances: a partition taken from this member loses its buffer (the new
+//! owner re-reads from the committed offset), a consumer sent back to the
+//! committed offset forgets what it will re-read, and a flush first drops
+//! whatever another member has committed meanwhile. Two members can still
+//! write the same part name if one is expelled mid-flush (Kafka revokes a
+//! partition in its owner's poll before reassigning it, so this needs a flush
+//! longer than `max.poll.interval.ms`).
+//!
+//! # Encryption
+//!
+//! `archive.encryption` asks the object store for SSE-S3 or SSE-KMS on every
+//! part. The embedded store cannot encrypt, and `sift archive` refuses to
+//! start with that combination rather than write the archive in the clear.
+
+pub mod keys;
+
+mod buffer;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Watermarks};
+use crate::backends::objects::{self, ObjectStore, PutMode, PutOptions};
+use crate::config::{Config, ConfigError, Encryption};
+use crate::dlq::{self, DeadLetter};
+use crate::envelope::topics;
+use buffer::{Group, Parsed, PartitionBuffer};
+use keys::Layout;
+
+/// Stage name in metrics, logs and dead letters.
+pub const STAGE: &str = "archive";
+
+/// Records asked of one poll.
+const POLL_RECORDS: usize = 1000;
+/// Longest wait of one poll, so age flushes, lag and stop requests are timely.
+const POLL_WAIT: Duration = Duration::from_millis(500);
+/// Parts compressed and uploaded at the same time within one flush.
+const PARTS_IN_FLIGHT: usize = 4;
+/// How often consumer lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+/// `/healthz` fails when the loop has not moved for this long.
+const STALL: Duration = Duration::from_secs(600);
+
+/// `sift archive` flags.
+#[derive(Debug, clap::Args)]
+pub struct ArchiveArgs {
+    /// Exit once the consumer group has archived everything `sift.raw` held at
+    /// the start (flushing what it holds), instead of running as a daemon.
+    #[arg(long, env = "SIFT_ARCHIVE_ONCE")]
+    pub once: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ArchiveSummary {
+    /// Records written into uploaded parts (a record re-read after a crash
+    /// counts again; its part replaced the earlier one).
+    pub records: u64,
+    /// Parts uploaded.
+    pub parts: u64,
+    /// Uncompressed bytes of the uploaded parts.
+    pub bytes_in: u64,
+    /// Compressed bytes uploaded.
+    pub bytes_out: u64,
+    /// Records sent to `sift.dlq`, by reason.
+    pub dead_letters: BTreeMap<String, u64>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// When [`run`] returns.
+pub struct Until {
+    caught_up: bool,
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Until {
+    /// Once the group has archived everything `sift.raw` held at the start
+    /// (`--once`): everything is flushed and committed at the end.
+    pub fn caught_up() -> Self {
+        Until {
+            caught_up: true,
+            stop: None,
+        }
+    }
+
+    /// When `stop` resolves (SIGINT/SIGTERM for the daemon): what is buffered
+    /// is flushed and committed, then it returns.
+    pub fn stopped_by(stop: impl Future<Output = ()> + Send + 'static) -> Self {
+        Until {
+            caught_up: false,
+            stop: Some(Box::pin(stop)),
+        }
+    }
+
+    /// Also stops (flushing first) when `stop` resolves earlier.
+    pub fn or_stopped_by(self, stop: impl Future<Output = ()> + Send + 'static) -> Self {
+        Until {
+            stop: Some(Box::pin(stop)),
+            ..self
+        }
+    }
+}
+
+/// Where a run is, for progress bars and `/healthz`; clones share it.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<ProgressState>);
+
+#[derive(Default)]
+struct ProgressState {
+    beat_ms: AtomicI64,
+    failed: AtomicBool,
+    target: AtomicU64,
+    consumed: AtomicU64,
+}
+
+impl Progress {
+    /// Records to consume before [`Until::caught_up`] is met (0 otherwise).
+    pub fn target(&self) -> u64 {
+        self.0.target.load(Ordering::Relaxed)
+    }
+
+    /// Records of that target consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.0.consumed.load(Ordering::Relaxed).min(self.target())
+    }
+
+    /// True while the run has not failed and has moved within `stall`.
+    pub fn healthy(&self, stall: Duration) -> bool {
+        let beat = self.0.beat_ms.load(Ordering::Relaxed);
+        !self.0.failed.load(Ordering::Relaxed)
+            && (beat == 0 || crate::now_ms() - beat <= stall.as_millis() as i64)
+    }
+
+    fn beat(&self) {
+        self.0.beat_ms.store(crate::now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// The archive settings, checked against the object store.
+#[derive(Debug, Clone)]
+struct Settings {
+    group: String,
+    layout: Layout,
+    flush_bytes: u64,
+    flush_age: Duration,
+    zstd_level: i32,
+    put: PutOptions,
+}
+
+impl Settings {
+    fn new(config: &Config, store: &dyn ObjectStore) -> crate::Result<Self> {
+        let a = &config.archive;
+        let invalid = |field: &'static str, message: String| {
+            crate::Error::Config(ConfigError::Value { field, message })
+        };
+        let layout = Layout::new(&a.prefix).map_err(|e| {
+            invalid(
+                "archive.prefix",
+                format!("`{}` cannot start an object key: {e}", a.prefix),
+            )
+        })?;
+        let levels = zstd::compression_level_range();
+        if !levels.contains(&a.zstd_level) {
+            return Err(invalid(
+                "archive.zstd_level",
+                format!(
+                    "{} is outside zstd's levels {}..={}",
+                    a.zstd_level,
+                    levels.start(),
+                    levels.end()
+                ),
+            ));
+        }
+        let encryption = match a.encryption {
+            Encryption::None => None,
+            Encryption::SseS3 => Some(objects::Encryption::SseS3),
+            Encryption::SseKms => Some(objects::Encryption::SseKms {
+                key_id: (!a.kms_key_id.is_empty()).then(|| a.kms_key_id.clone()),
+            }),
+        };
+        if a.encryption != Encryption::SseKms && !a.kms_key_id.is_empty() {
+            tracing::warn!(
+                kms_key_id = %a.kms_key_id,
+                "archive.kms_key_id is set but archive.encryption is not \"sse_kms\"; the key is not used."
+            );
+        }
+        if let Some(e) = &encryption {
+            if !store.supports_encryption() {
+                let backend = serde_json::to_value(config.objects.backend)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                return Err(invalid(
+                    "archive.encryption",
+                    format!(
+                        "{e} asks the object store to encrypt the archive at rest, but the \
+                         {backend} object store (objects.backend = \"{backend}\") cannot encrypt; \
+                         set archive.encryption = \"none\", or archive to S3 \
+                         (objects.backend = \"s3\")"
+                    ),
+                ));
+            }
+        }
+        Ok(Settings {
+            group: a.group.clone(),
+            layout,
+            flush_bytes: a.flush_bytes,
+            flush_age: a.flush_age,
+            zstd_level: a.zstd_level,
+            put: PutOptions { encryption },
+        })
+    }
+}
+
+/// Checks the archive settings against the object store, as `run` does
+/// first: a bad prefix or level, or encryption the store cannot do, fails here.
+pub fn check(config: &Config, store: &dyn ObjectStore) -> crate::Result<()> {
+    Settings::new(config, store).map(|_| ())
+}
+
+/// Runs `sift archive`.
+pub async fn main(config: &Config, args: ArchiveArgs) -> crate::Result<()> {
+    // The settings first: a misconfiguration fails before the log is touched.
+    let store = crate::backends::open_objects(config).await?;
+    check(config, store.as_ref())?;
+    let log = crate::backends::open_log(config).await?;
+    let progress = Progress::default();
+    let health = progress.clone();
+    crate::daemon::serve_metrics(config, Arc::new(move || health.healthy(STALL))).await?;
+
+    let stop = crate::daemon::shutdown_signal();
+    let until = if args.once {
+        Until::caught_up().or_stopped_by(stop)
+    } else {
+        Until::stopped_by(stop)
+    };
+    let bar = args.once.then(|| progress_bar(progress.clone()));
+    let summary = run_with(log, store, config, until, progress).await;
+    if let Some((bar, ticker)) = bar {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
+    let s = summary?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&s)
+            .map_err(|e| crate::Error::Invalid(format!("cannot encode the summary: {e}")))?;
+        println!("{json}");
+        return Ok(());
+    }
+    let dead: u64 = s.dead_letters.values().sum();
+    println!("archive pass finished in {:.2} s", s.seconds);
+    println!("  records archived   {:>12}", s.records);
+    println!("  parts uploaded     {:>12}", s.parts);
+    println!(
+        "  bytes in           {:>12}  (uncompressed JSON lines)",
+        s.bytes_in
+    );
+    println!("  bytes out          {:>12}  (zstd)", s.bytes_out);
+    println!("  dead letters       {:>12}  {:?}", dead, s.dead_letters);
+    Ok(())
+}
+
+/// A progress bar on stderr fed from `progress`, and the task that feeds it.
+fn progress_bar(progress: Progress) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "archiving sift.raw {bar:30} {pos}/{len} records {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    let shown = bar.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            shown.set_length(progress.target());
+            shown.set_position(progress.consumed());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, ticker)
+}
+
+/// Archives `sift.raw` until `until`; the library entry of `sift archive`.
+pub async fn run(
+    log: Arc<dyn Log>,
+    store: Arc<dyn ObjectStore>,
+    config: &Config,
+    until: Until,
+) -> crate::Result<ArchiveSummary> {
+    run_with(log, store, config, until, Progress::default()).await
+}
+
+/// [`run`], reporting where it is through `progress`.
+pub async fn run_with(
+    log: Arc<dyn Log>,
+    store: Arc<dyn ObjectStore>,
+    config: &Config,
+    until: Until,
+    progress: Progress,
+) -> crate::Result<ArchiveSummary> {
+    let watch = progress.clone();
+    let result = archive(log, store, config, until, progress).await;
+    if result.is_err() {
+        watch.0.failed.store(true, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn archive(
+    log: Arc<dyn Log>,
+    store: Arc<dyn ObjectStore>,
+    config: &Config,
+    until: Until,
+    progress: Progress,
+) -> crate::Result<ArchiveSummary> {
+    let started = Instant::now();
+    let settings = Arc::new(Settings::new(config, store.as_ref())?);
+    log.create_topic(topics::RAW, config.log.default_partitions)
+        .await?;
+    log.create_topic(topics::DLQ, 1).await?;
+    let targets = if until.caught_up {
+        let marks = log.watermarks(topics::RAW).await?;
+        let committed = log.committed(&settings.group, topics::RAW).await?;
+        let target: u64 = marks
+            .iter()
+            .map(|w| w.high.saturating_sub(position(w, &committed)))
+            .sum();
+        progress.0.target.store(target, Ordering::Relaxed);
+        Some(marks)
+    } else {
+        None
+    };
+    let consumer = log.subscribe(&settings.group, &[topics::RAW]).await?;
+    tracing::info!(
+        group = %settings.group,
+        prefix = %settings.layout.prefix(),
+        flush_bytes = settings.flush_bytes,
+        flush_age = ?settings.flush_age,
+        encryption = ?settings.put.encryption,
+        "Archiving sift.raw."
+    );
+    let mut a = Archiver {
+        log,
+        store,
+        settings,
+        consumer,
+        buffers: BTreeMap::new(),
+        summary: ArchiveSummary::default(),
+        progress,
+        last_lag: None,
+        caught_up_once: false,
+    };
+    let mut stop = until
+        .stop
+        .unwrap_or_else(|| Box::pin(std::future::pending()));
+    // With nothing to catch up on, there is nothing to poll for.
+    let mut done = targets.is_some() && a.progress.target() == 0;
+    while !done {
+        a.progress.beat();
+        let wait = a.next_age_flush().map_or(POLL_WAIT, |at| {
+            at.saturating_duration_since(Instant::now()).min(POLL_WAIT)
+        });
+        let polled = tokio::select! {
+            _ = &mut stop => None,
+            batch = a.consumer.poll(POLL_RECORDS, wait) => Some(batch?),
+        };
+        let Some(batch) = polled else {
+            tracing::info!("Stopping: flushing what is buffered.");
+            a.flush_all().await?;
+            break;
+        };
+        a.drop_revoked();
+        let empty = batch.is_empty();
+        if let Some(targets) = &targets {
+            a.count_progress(&batch, targets);
+        }
+        a.ingest(batch).await?;
+        a.flush_aged().await?;
+        a.report_lag().await?;
+        if let Some(targets) = &targets {
+            done = (empty || a.reached(targets)) && a.caught_up(targets).await?;
+        }
+    }
+    a.consumer.close().await?;
+    let mut summary = a.summary;
+    summary.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        records = summary.records,
+        parts = summary.parts,
+        bytes_in = summary.bytes_in,
+        bytes_out = summary.bytes_out,
+        "Archive stopped."
+    );
+    Ok(summary)
+}
+
+/// Where the group stands on a partition: its commit, or the earliest stored offset.
+fn position(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> u64 {
+    committed
+        .iter()
+        .find(|(p, _)| *p == w.partition)
+        .and_then(|(_, c)| *c)
+        .unwrap_or(w.low)
+        .max(w.low)
+}
+
+/// One run's state.
+struct Archiver {
+    log: Arc<dyn Log>,
+    store: Arc<dyn ObjectStore>,
+    settings: Arc<Settings>,
+    consumer: Box<dyn Consumer>,
+    buffers: BTreeMap<u32, PartitionBuffer>,
+    summary: ArchiveSummary,
+    progress: Progress,
+    last_lag: Option<Instant>,
+    caught_up_once: bool,
+}
+
+/// What one uploaded part held.
+struct PartStats {
+    records: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Archiver {
+    /// When the oldest buffered record of any partition reaches `flush_age`.
+    fn next_age_flush(&self) -> Option<Instant> {
+        self.buffers
+            .values()
+            .filter_map(PartitionBuffer::since)
+            .min()
+            .and_then(|t| t.checked_add(self.settings.flush_age))
+    }
+
+    /// Forgets buffers of partitions no longer assigned to this member: their
+    /// new owner reads them again from the committed offset.
+    fn drop_revoked(&mut self) {
+        let assigned: BTreeSet<u32> = self
+            .consumer
+            .assignment()
+            .into_iter()
+            .filter(|tp| tp.topic == topics::RAW)
+            .map(|tp| tp.partition)
+            .collect();
+        self.buffers.retain(|p, b| {
+            let keep = assigned.contains(p);
+            if !keep && b.start().is_some() {
+                tracing::info!(
+                    partition = p,
+                    records = b.len(),
+                    "Partition reassigned: its new owner archives the buffered records."
+                );
+            }
+            keep
+        });
+    }
+
+    fn count_progress(&self, batch: &[Message], targets: &[Watermarks]) {
+        let below = batch
+            .iter()
+            .filter(|m| {
+                targets
+                    .iter()
+                    .any(|w| w.partition == m.partition && m.offset < w.high)
+            })
+            .count() as u64;
+        self.progress.0.consumed.fetch_add(below, Ordering::Relaxed);
+    }
+
+    /// Buffers a polled batch: dead letters first (acknowledged before any
+    /// commit can cover them), then every record in order, flushing a
+    /// partition as soon as it reaches `flush_bytes`.
+    async fn ingest(&mut self, batch: Vec<Message>) -> crate::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut parsed = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        for m in &batch {
+            let p = buffer::parse(&m.value, &self.settings.layout);
+            if let Parsed::Dead(reason, detail) = &p {
+                dead.push(DeadLetter::of_message(STAGE, reason, detail.clone(), m));
+                *self
+                    .summary
+                    .dead_letters
+                    .entry(reason.to_string())
+                    .or_default() += 1;
+            }
+            parsed.push(p);
+        }
+        dlq::send(self.log.as_ref(), &dead).await?;
+        let now = Instant::now();
+        for (m, p) in batch.iter().zip(parsed) {
+            let buf = self.buffers.entry(m.partition).or_default();
+            if buf.next().is_some_and(|next| m.offset < next) {
+                tracing::debug!(
+                    partition = m.partition,
+                    offset = m.offset,
+                    "The consumer went back to the committed offset; re-reading from there."
+                );
+                buf.rewind(m.offset);
+            }
+            buf.accept(m.offset, p, now);
+            if buf.bytes() >= self.settings.flush_bytes {
+                self.flush(&[m.partition]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_aged(&mut self) -> crate::Result<()> {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| {
+                b.since()
+                    .and_then(|t| t.checked_add(self.settings.flush_age))
+                    .is_some_and(|due| due <= now)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        self.flush(&due).await
+    }
+
+    async fn flush_all(&mut self) -> crate::Result<()> {
+        let pending: Vec<u32> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| b.start().is_some())
+            .map(|(p, _)| *p)
+            .collect();
+        self.flush(&pending).await
+    }
+
+    /// Flushes partitions: uploads each one's parts, then commits it.
+    async fn flush(&mut self, partitions: &[u32]) -> crate::Result<()> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let committed = self
+            .log
+            .committed(&self.settings.group, topics::RAW)
+            .await?;
+        for &p in partitions {
+            let Some(buf) = self.buffers.get_mut(&p) else {
+                continue;
+            };
+            // Another member may have archived and committed part of this
+            // range since (a rebalance); keep only what lies beyond its commit.
+            let theirs = committed
+                .iter()
+                .find(|(q, _)| *q == p)
+                .and_then(|(_, c)| *c);
+            if let (Some(c), Some(start)) = (theirs, buf.start()) {
+                if c > start {
+                    tracing::info!(
+                        partition = p,
+                        committed = c,
+                        from = start,
+                        "Another member archived part of this buffer; keeping only the rest."
+                    );
+                    buf.forget_before(c);
+                }
+            }
+            let Some(batch) = buf.take() else {
+                continue;
+            };
+            let records: usize = batch.groups.iter().map(|g| g.lines.len()).sum();
+            let parts = batch.groups.len();
+            let stats =
+                upload_all(&self.store, &self.settings, &self.progress, p, batch.groups).await?;
+            let metrics = crate::metrics::global();
+            for s in &stats {
+                self.summary.records += s.records;
+                self.summary.parts += 1;
+                self.summary.bytes_in += s.bytes_in;
+                self.summary.bytes_out += s.bytes_out;
+                metrics.archive_part_bytes.observe(s.bytes_in as f64);
+                metrics.archive_part_records.observe(s.records as f64);
+                metrics.stage(STAGE, s.records);
+            }
+            let commit = Commit {
+                topic: topics::RAW.to_string(),
+                partition: p,
+                next_offset: batch.commit,
+            };
+            match self.consumer.commit(&[commit]).await {
+                Ok(()) => {}
+                // The parts are uploaded; the new owner re-reads from the
+                // committed offset and writes the same parts again.
+                Err(LogError::NotAssigned { .. }) => {
+                    tracing::info!(
+                        partition = p,
+                        "Partition reassigned during a flush; its new owner re-archives the batch."
+                    );
+                    self.buffers.remove(&p);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(
+                partition = p,
+                parts,
+                records,
+                committed = batch.commit,
+                "Flushed archive parts."
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether this member has read every assigned partition up to its target.
+    fn reached(&self, targets: &[Watermarks]) -> bool {
+        self.consumer
+            .assignment()
+            .iter()
+            .filter(|tp| tp.topic == topics::RAW)
+            .all(|tp| {
+                let next = self
+                    .buffers
+                    .get(&tp.partition)
+                    .and_then(PartitionBuffer::next)
+                    .unwrap_or(0);
+                targets
+                    .iter()
+                    .find(|w| w.partition == tp.partition)
+                    .is_none_or(|w| next >= w.high)
+            })
+    }
+
+    /// Flushes everything and says whether the group has committed every target.
+    async fn caught_up(&mut self, targets: &[Watermarks]) -> crate::Result<bool> {
+        self.flush_all().await?;
+        let committed = self
+            .log
+            .committed(&self.settings.group, topics::RAW)
+            .await?;
+        Ok(targets.iter().all(|w| position(w, &committed) >= w.high))
+    }
+
+    /// Publishes the consumer lag: records between where the group stands
+    /// (this member's reading position where it knows it) and the log's end.
+    async fn report_lag(&mut self) -> crate::Result<()> {
+        if self.last_lag.is_some_and(|t| t.elapsed() < LAG_EVERY) {
+            return Ok(());
+        }
+        self.last_lag = Some(Instant::now());
+        let marks = self.log.watermarks(topics::RAW).await?;
+        let committed = self
+            .log
+            .committed(&self.settings.group, topics::RAW)
+            .await?;
+        let lag: u64 = marks
+            .iter()
+            .map(|w| {
+                let read = self
+                    .buffers
+                    .get(&w.partition)
+                    .and_then(PartitionBuffer::next)
+                    .unwrap_or(0);
+                w.high.saturating_sub(position(w, &committed).max(read))
+            })
+            .sum();
+        crate::metrics::global().lag(STAGE, i64::try_from(lag).unwrap_or(i64::MAX));
+        if lag == 0 && !self.caught_up_once {
+            self.caught_up_once = true;
+            tracing::info!("Caught up with sift.raw; archiving new records as they arrive.");
+        }
+        Ok(())
+    }
+}
+
+/// Uploads a batch's parts, a few at a time. After a failure no new upload
+/// starts, and the error is returned only once those in flight are done,
+/// so nothing of the batch is still being written when the flush fails.
+async fn upload_all(
+    store: &Arc<dyn ObjectStore>,
+    settings: &Arc<Settings>,
+    progress: &Progress,
+    partition: u32,
+    groups: Vec<Group>,
+) -> crate::Result<Vec<PartStats>> {
+    let failed = AtomicBool::new(false);
+    let results: Vec<crate::Result<Option<PartStats>>> =
+        futures::stream::iter(groups.into_iter().map(|g| {
+            let failed = &failed;
+            async move {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                let done = upload(
+                    store.clone(),
+                    settings.clone(),
+                    progress.clone(),
+                    partition,
+                    g,
+                )
+                .await;
+                if done.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                done.map(Some)
+            }
+        }))
+        .buffer_unordered(PARTS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut stats = Vec::with_capacity(results.len());
+    for r in results {
+        stats.extend(r?);
+    }
+    Ok(stats)
+}
+
+/// Compresses one group (on a blocking thread) and uploads it as its part.
+async fn upload(
+    store: Arc<dyn ObjectStore>,
+    settings: Arc<Settings>,
+    progress: Progress,
+    partition: u32,
+    group: Group,
+) -> crate::Result<PartStats> {
+    let key = settings.layout.part_key(&group.key, partition, group.first);
+    let level = settings.zstd_level;
+    let records = group.lines.len() as u64;
+    let bytes_in = group.bytes;
+    let body = tokio::task::spawn_blocking(move || buffer::compress(&group, level))
+        .await
+        .map_err(|e| crate::Error::io("compressing an archive part", std::io::Error::other(e)))?
+        .map_err(|e| crate::Error::io(format!("compressing archive part {key}"), e))?;
+    let bytes_out = body.len() as u64;
+    store
+        .put_with(&key, Bytes::from(body), PutMode::Overwrite, &settings.put)
+        .await?;
+    progress.beat();
+    tracing::debug!(
+        key,
+        records,
+        bytes_in,
+        bytes_out,
+        "Uploaded an archive part."
+    );
+    Ok(PartStats {
+        records,
+        bytes_in,
+        bytes_out,
+    })
+}

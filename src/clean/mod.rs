@@ -1,0 +1,1115 @@
+//! `sift clean`: `sift.raw` → normalize, language, near-duplicates → `sift.clean`.
+//!
+//! Every instance is a member of the consumer group `clean.group` on
+//! `sift.raw`, so more instances share more partitions. Each raw record goes
+//! through, in order:
+//!
+//! 1. parsing: not an envelope → dead letter `bad_json`; an envelope of
+//!    another schema version → `schema_version`;
+//! 2. the claim check, for a body stored aside (`body_uri`): a URI that is
+//!    not a claim check → `bad_claim`; no such object → `claim_missing`;
+//! 3. normalization of title and text ([`normalize`]); a text shorter than
+//!    `clean.min_chars` characters (an empty one included) → `too_short`;
+//! 4. language identification ([`language`]): `lang` and `lang_confidence`
+//!    go into the metadata; a language outside a non-empty `clean.languages`
+//!    is dropped (a policy, counted as a drop, not a dead letter);
+//! 5. near-duplicates ([`simhash`]): a text whose SimHash is within
+//!    `clean.near_duplicate_bits` of one of the last
+//!    `clean.near_duplicate_window` documents kept from the same source is
+//!    dropped. A document with the same id does not count: a re-fetched page
+//!    that changed a little is an update, and replaces its entry. The SimHash
+//!    goes into the metadata (`simhash`, 16 hex digits).
+//!
+//! The window lives in this process's memory, per instance (about 120 bytes
+//! per remembered document: 1.2 MB per source with the default window).
+//! After a restart or a rebalance it starts empty, and instances do not see
+//! each other's documents, so a near-duplicate may then pass. What is
+//! produced stays idempotent all the same: `sift.clean` is keyed by document
+//! id, so a redelivered record yields the same key again.
+//!
+//! The cleaned envelope goes to `sift.clean` keyed by document id; a text
+//! longer than `ingest.claim_check_bytes` is written to the object store
+//! under `claims/<id>/clean-<hash>.txt` (content-addressed, so rewriting it
+//! is harmless) and the envelope carries its `body_uri` instead.
+//!
+//! Offsets are committed only once the batch's records are in `sift.clean`
+//! and its dead letters in `sift.dlq`: at-least-once. Backend errors are
+//! logged and retried with backoff; no single record stops the daemon.
+//! Parsing and cleaning run on the rayon pool, and the next batch is cleaned
+//! while the previous one is being sent, so both kinds of work overlap.
+//!
+//! [`run`] is the library entry point (tests, `sift run`); [`main`] wires
+//! the configured backends, `/metrics` and `/healthz`, and the signals.
+
+pub mod language;
+pub mod normalize;
+pub mod simhash;
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::backends::log::{
+    Commit, Consumer, Log, LogError, Message, Record, Watermarks, MAX_RECORD_BYTES,
+};
+use crate::backends::objects::{self, ObjectError, ObjectStore, PutMode};
+use crate::config::Config;
+use crate::dlq::{self, DeadLetter};
+use crate::envelope::{self, headers, topics, Envelope, CLAIM_PREFIX, SCHEMA_VERSION};
+use crate::metrics::Health;
+
+use self::simhash::NearDuplicates;
+
+/// The stage name in metrics and dead letters.
+pub const STAGE: &str = "clean";
+
+/// Why a record went to the dead-letter topic (the `reason` label).
+pub mod reasons {
+    /// Not a JSON envelope.
+    pub const BAD_JSON: &str = "bad_json";
+    /// An envelope of another schema version.
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    /// A `body_uri` that is not a claim check of sift's object store, or whose object is not UTF-8.
+    pub const BAD_CLAIM: &str = "bad_claim";
+    /// A claim check whose object does not exist.
+    pub const CLAIM_MISSING: &str = "claim_missing";
+    /// A text shorter than `clean.min_chars` after normalization.
+    pub const TOO_SHORT: &str = "too_short";
+    /// A cleaned envelope larger than a log record may be (a huge title or metadata).
+    pub const TOO_LARGE: &str = "too_large";
+    /// A document id that cannot be part of an object key.
+    pub const BAD_ID: &str = "bad_id";
+    /// Cleaning the record failed unexpectedly (a bug; the record is kept for replay).
+    pub const INTERNAL: &str = "internal";
+}
+
+/// Why a document was dropped on purpose (the `reason` label of drops).
+pub mod drops {
+    /// Its language is not in `clean.languages`.
+    pub const LANGUAGE: &str = "language";
+    /// A near-duplicate of a recent document of the same source.
+    pub const NEAR_DUPLICATE: &str = "near_duplicate";
+}
+
+/// Metadata keys `sift clean` sets.
+pub mod meta {
+    /// ISO 639-3 code of the text's language (`und` when it cannot be told).
+    pub const LANG: &str = "lang";
+    /// Confidence of `lang`, 0 to 1.
+    pub const LANG_CONFIDENCE: &str = "lang_confidence";
+    /// SimHash of the text, 16 hex digits.
+    pub const SIMHASH: &str = "simhash";
+}
+
+/// `sift clean` flags.
+#[derive(Debug, clap::Args)]
+pub struct CleanArgs {
+    /// Exit once the consumer group has caught up with the end of `sift.raw` as it was at start.
+    #[arg(long, env = "SIFT_CLEAN_ONCE")]
+    pub once: bool,
+    /// Print the summary as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a run did. Counts are of this process's work; records redelivered
+/// after a crash or rebalance count again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CleanSummary {
+    /// Records consumed from `sift.raw` and fully handled (their batch committed or committable).
+    pub consumed: u64,
+    /// Documents produced to `sift.clean`.
+    pub produced: u64,
+    /// Of those, texts written to the object store (claim checks).
+    pub claim_checked: u64,
+    /// Records sent to `sift.dlq`, by reason.
+    pub dead_letters: BTreeMap<String, u64>,
+    /// Documents dropped on purpose, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Records consumed per second.
+    pub docs_per_second: f64,
+}
+
+/// When [`run`] returns.
+pub struct Until {
+    caught_up: bool,
+    shutdown: Option<BoxFuture<'static, ()>>,
+}
+
+impl Until {
+    /// Once the group has committed everything `sift.raw` held when the run started.
+    pub fn caught_up() -> Self {
+        Until {
+            caught_up: true,
+            shutdown: None,
+        }
+    }
+
+    /// When `signal` resolves (the batch in hand is finished and committed first).
+    pub fn shutdown(signal: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Until {
+            caught_up: false,
+            shutdown: Some(signal.boxed()),
+        }
+    }
+
+    /// Also when `signal` resolves.
+    pub fn or_shutdown(
+        self,
+        signal: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        Until {
+            shutdown: Some(signal.boxed()),
+            ..self
+        }
+    }
+}
+
+/// Backend failures in a row; `/healthz` reports unhealthy from [`UNHEALTHY_AFTER`] on.
+static FAILURES: AtomicU32 = AtomicU32::new(0);
+/// Failures in a row after which the stage is reported unhealthy.
+const UNHEALTHY_AFTER: u32 = 5;
+
+/// `/healthz` of `sift clean`: unhealthy while backend calls keep failing.
+pub fn health() -> Health {
+    Arc::new(|| FAILURES.load(Ordering::Relaxed) < UNHEALTHY_AFTER)
+}
+
+/// Runs `sift clean`.
+pub async fn main(config: &Config, args: CleanArgs) -> crate::Result<()> {
+    let log = crate::backends::open_log(config).await?;
+    let objects = crate::backends::open_objects(config).await?;
+    crate::daemon::serve_metrics(config, health()).await?;
+    let until = if args.once {
+        Until::caught_up().or_shutdown(crate::daemon::shutdown_signal())
+    } else {
+        Until::shutdown(crate::daemon::shutdown_signal())
+    };
+    let s = run(log, objects, config, until).await?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&s)
+            .map_err(|e| crate::Error::Invalid(format!("cannot print the summary: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "clean finished in {:.2} s ({:.0} docs/s)",
+        s.seconds, s.docs_per_second
+    );
+    println!("  consumed from sift.raw   {:>8}", s.consumed);
+    println!(
+        "  produced to sift.clean   {:>8}  ({} claim-checked)",
+        s.produced, s.claim_checked
+    );
+    println!(
+        "  dead letters             {:>8}  {:?}",
+        s.dead_letters.values().sum::<u64>(),
+        s.dead_letters
+    );
+    println!(
+        "  dropped                  {:>8}  {:?}",
+        s.dropped.values().sum::<u64>(),
+        s.dropped
+    );
+    Ok(())
+}
+
+/// How often progress is logged on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often the consumer lag is measured (every batch when running until caught up).
+const LAG_EVERY: Duration = Duration::from_secs(2);
+/// How long a poll waits for records when no batch is waiting to be sent.
+const POLL_WAIT: Duration = Duration::from_millis(500);
+/// Claim checks fetched at once.
+const CLAIM_FETCHES: usize = 8;
+/// Largest envelope sent, leaving room for the log's own framing.
+const RECORD_LIMIT: usize = MAX_RECORD_BYTES - 4096;
+
+/// Consumes `sift.raw` in group `clean.group` and produces `sift.clean`
+/// until `until`; creates `sift.raw`, `sift.clean` and `sift.dlq` if missing.
+pub async fn run(
+    log: Arc<dyn Log>,
+    objects: Arc<dyn ObjectStore>,
+    config: &Config,
+    until: Until,
+) -> crate::Result<CleanSummary> {
+    let started = Instant::now();
+    let settings = Arc::new(Settings::new(config)?);
+    log.create_topic(topics::RAW, config.log.default_partitions)
+        .await?;
+    log.create_topic(topics::CLEAN, config.log.default_partitions)
+        .await?;
+    log.create_topic(topics::DLQ, 1).await?;
+    let targets = if until.caught_up {
+        Some(log.watermarks(topics::RAW).await?)
+    } else {
+        None
+    };
+    let (stop, watcher) = Stop::new(until.shutdown);
+    let consumer = log.subscribe(&settings.group, &[topics::RAW]).await?;
+    tracing::info!(
+        group = %settings.group,
+        from = topics::RAW,
+        to = topics::CLEAN,
+        caught_up = until.caught_up,
+        "Cleaning."
+    );
+    let sender = Sender { log, objects, stop };
+    let mut near = NearDuplicates::new(
+        config.clean.near_duplicate_bits,
+        config.clean.near_duplicate_window as usize,
+    );
+    let mut summary = CleanSummary::default();
+    let result = consume(
+        consumer,
+        sender,
+        settings,
+        &mut near,
+        &mut summary,
+        targets.as_deref(),
+        started,
+    )
+    .await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.docs_per_second = summary.consumed as f64 / summary.seconds.max(1e-9);
+    result?;
+    tracing::info!(
+        consumed = summary.consumed,
+        produced = summary.produced,
+        dead_letters = summary.dead_letters.values().sum::<u64>(),
+        dropped = summary.dropped.values().sum::<u64>(),
+        seconds = summary.seconds,
+        "Stopped cleaning."
+    );
+    Ok(summary)
+}
+
+/// `clean` settings, checked.
+struct Settings {
+    group: String,
+    batch_size: usize,
+    min_chars: usize,
+    /// Empty = every language.
+    languages: Vec<String>,
+    claim_check_bytes: usize,
+}
+
+impl Settings {
+    fn new(config: &Config) -> crate::Result<Self> {
+        let c = &config.clean;
+        if c.batch_size == 0 {
+            return Err(crate::Error::Invalid(
+                "invalid config value clean.batch_size: must be at least 1".into(),
+            ));
+        }
+        if let Some(bad) = c.languages.iter().find(|l| !language::is_known(l)) {
+            return Err(crate::Error::Invalid(format!(
+                "invalid config value clean.languages: `{bad}` is not an ISO 639-3 code \
+                 sift can detect; use codes such as \"eng\", \"deu\", \"fra\" (or \"und\" \
+                 for texts whose language cannot be told)"
+            )));
+        }
+        Ok(Settings {
+            group: c.group.clone(),
+            batch_size: c.batch_size as usize,
+            min_chars: c.min_chars as usize,
+            languages: c.languages.clone(),
+            claim_check_bytes: usize::try_from(config.ingest.claim_check_bytes)
+                .unwrap_or(usize::MAX),
+        })
+    }
+}
+
+/// Resolves once shutdown was asked for; never when it cannot be.
+#[derive(Clone)]
+struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    fn new(signal: Option<BoxFuture<'static, ()>>) -> (Self, Option<tokio::task::JoinHandle<()>>) {
+        let (tx, rx) = watch::channel(false);
+        let watcher = signal.map(|f| {
+            tokio::spawn(async move {
+                f.await;
+                let _ = tx.send(true);
+            })
+        });
+        (Stop(rx), watcher)
+    }
+
+    fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    async fn wait(&mut self) {
+        if self.0.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Exponential backoff between retries of a failed backend call.
+struct Backoff {
+    delay: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Backoff {
+            delay: Self::FIRST,
+            attempt: 0,
+        }
+    }
+
+    /// Logs the failure and waits; false if shutdown was asked for meanwhile.
+    async fn wait<E: std::fmt::Display>(&mut self, stop: &mut Stop, what: &str, error: &E) -> bool {
+        self.attempt += 1;
+        FAILURES.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %error,
+            attempt = self.attempt,
+            retry_in = ?self.delay,
+            "Could not {what}; retrying."
+        );
+        let slept = tokio::select! {
+            _ = tokio::time::sleep(self.delay) => true,
+            _ = stop.wait() => false,
+        };
+        self.delay = (self.delay * 2).min(Self::MAX);
+        slept
+    }
+}
+
+/// Why a record is rejected.
+struct Rejection {
+    reason: &'static str,
+    detail: String,
+}
+
+impl Rejection {
+    fn new(reason: &'static str, detail: String) -> Self {
+        Rejection { reason, detail }
+    }
+}
+
+/// What became of one raw record.
+enum Verdict {
+    /// Cleaned, for `sift.clean` (unless it is a near-duplicate).
+    Clean(Box<Cleaned>),
+    /// For `sift.dlq`.
+    Dead(Rejection),
+    /// Dropped on purpose.
+    Dropped(Rejection),
+}
+
+/// A cleaned document ready to send.
+struct Cleaned {
+    id: String,
+    source: String,
+    simhash: u64,
+    record: Record,
+    /// Object to write before the record is sent: key and text.
+    claim: Option<(String, Bytes)>,
+}
+
+/// The only field read from a record that is not a current envelope.
+#[derive(Deserialize)]
+struct Versioned {
+    v: u32,
+}
+
+/// Parses a raw record's envelope.
+fn parse(value: &[u8]) -> Result<Envelope, Rejection> {
+    match serde_json::from_slice::<Envelope>(value) {
+        Ok(env) if env.v == SCHEMA_VERSION => Ok(env),
+        Ok(env) => Err(schema_rejection(env.v)),
+        Err(e) => match serde_json::from_slice::<Versioned>(value) {
+            Ok(v) if v.v != SCHEMA_VERSION => Err(schema_rejection(v.v)),
+            _ => Err(Rejection::new(
+                reasons::BAD_JSON,
+                format!("not a JSON envelope: {e}"),
+            )),
+        },
+    }
+}
+
+fn schema_rejection(v: u32) -> Rejection {
+    Rejection::new(
+        reasons::SCHEMA_VERSION,
+        format!("envelope schema version {v}; this sift reads version {SCHEMA_VERSION}"),
+    )
+}
+
+/// Size of a record as the log counts it, roughly (the limit leaves room for framing).
+fn record_size(r: &Record) -> usize {
+    r.key.as_ref().map_or(0, |k| k.len())
+        + r.value.len()
+        + r.headers
+            .iter()
+            .map(|(n, v)| 6 + n.len() + v.len())
+            .sum::<usize>()
+}
+
+/// Normalizes, tags and hashes one envelope whose text is in hand.
+fn clean(mut env: Envelope, s: &Settings) -> Verdict {
+    let raw = env.text.take().unwrap_or_default();
+    let text = normalize::text(&raw);
+    drop(raw);
+    if text.chars < s.min_chars {
+        return Verdict::Dead(Rejection::new(
+            reasons::TOO_SHORT,
+            format!(
+                "the text has {} characters after normalization; clean.min_chars is {}",
+                text.chars, s.min_chars
+            ),
+        ));
+    }
+    let lang = language::detect(&text.text);
+    if !s.languages.is_empty() && !s.languages.iter().any(|l| l == lang.code) {
+        return Verdict::Dropped(Rejection::new(
+            drops::LANGUAGE,
+            format!(
+                "language `{}` (confidence {}) is not in clean.languages",
+                lang.code, lang.confidence
+            ),
+        ));
+    }
+    let simhash = simhash::simhash(&text.text);
+    env.title = normalize::title(&env.title);
+    env.metadata
+        .insert(meta::LANG.into(), serde_json::Value::from(lang.code));
+    env.metadata.insert(
+        meta::LANG_CONFIDENCE.into(),
+        serde_json::Value::from(lang.confidence),
+    );
+    env.metadata.insert(
+        meta::SIMHASH.into(),
+        serde_json::Value::from(format!("{simhash:016x}")),
+    );
+    let claim = if text.text.len() > s.claim_check_bytes {
+        let key = format!(
+            "{CLAIM_PREFIX}{}/clean-{:032x}.txt",
+            env.id,
+            xxh3_128(text.text.as_bytes())
+        );
+        if let Err(e) = objects::validate_key(&key) {
+            return Verdict::Dead(Rejection::new(
+                reasons::BAD_ID,
+                format!("the text needs a claim check but the document id cannot be part of an object key: {e}"),
+            ));
+        }
+        env.text = None;
+        env.body_uri = Some(envelope::claim_uri(&key));
+        Some((key, Bytes::from(text.text)))
+    } else {
+        env.text = Some(text.text);
+        env.body_uri = None;
+        None
+    };
+    // Sized for the text plus the fields around it, so it is written without regrowing.
+    let mut value = Vec::with_capacity(
+        env.text.as_ref().map_or(0, String::len) + env.title.len() + env.url.len() + 1024,
+    );
+    if let Err(e) = serde_json::to_writer(&mut value, &env) {
+        return Verdict::Dead(Rejection::new(
+            reasons::BAD_JSON,
+            format!("the cleaned envelope cannot be written as JSON: {e}"),
+        ));
+    }
+    let record = Record::new(env.id.clone(), value)
+        .header(headers::SOURCE, env.source.clone())
+        .header(headers::CONTENT_TYPE, env.content_type.clone())
+        .header(headers::SCHEMA, SCHEMA_VERSION.to_string());
+    let size = record_size(&record);
+    if size > RECORD_LIMIT {
+        return Verdict::Dead(Rejection::new(
+            reasons::TOO_LARGE,
+            format!("the cleaned envelope is {size} bytes even with its text claim-checked; a log record holds at most {RECORD_LIMIT}"),
+        ));
+    }
+    Verdict::Clean(Box::new(Cleaned {
+        id: env.id,
+        source: env.source,
+        simhash,
+        record,
+        claim,
+    }))
+}
+
+/// [`clean`], with a panic turned into a dead letter rather than a dead daemon.
+fn clean_guarded(env: Envelope, s: &Settings) -> Verdict {
+    std::panic::catch_unwind(AssertUnwindSafe(|| clean(env, s))).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Verdict::Dead(Rejection::new(
+            reasons::INTERNAL,
+            format!("cleaning panicked: {what}"),
+        ))
+    })
+}
+
+/// Runs `f` over `items` on the rayon pool, off the async runtime.
+async fn parallel<T, R>(
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Send + Sync + 'static,
+) -> crate::Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || items.into_par_iter().map(f).collect())
+        .await
+        .map_err(|e| crate::Error::Invalid(format!("a clean worker failed: {e}")))
+}
+
+/// Sends what a batch yielded.
+#[derive(Clone)]
+struct Sender {
+    log: Arc<dyn Log>,
+    objects: Arc<dyn ObjectStore>,
+    stop: Stop,
+}
+
+/// A batch cleaned and decided, waiting to be sent and committed.
+struct Prepared {
+    commits: Vec<Commit>,
+    consumed: u64,
+    clean: Vec<Cleaned>,
+    dead: Vec<DeadLetter>,
+    dropped: Vec<&'static str>,
+}
+
+/// What a poll came to.
+enum Polled {
+    Batch(Prepared),
+    Empty,
+    /// Shutdown was asked for while claim checks could not be read.
+    Stopped,
+    Failed(LogError),
+}
+
+/// The consuming loop. While one batch is sent and committed the next is
+/// polled and cleaned, so the cores stay busy; batches are still sent and
+/// committed one after the other, in order.
+async fn consume(
+    mut consumer: Box<dyn Consumer>,
+    sender: Sender,
+    settings: Arc<Settings>,
+    near: &mut NearDuplicates,
+    summary: &mut CleanSummary,
+    targets: Option<&[Watermarks]>,
+    started: Instant,
+) -> crate::Result<()> {
+    let metrics = crate::metrics::global();
+    let mut stop = sender.stop.clone();
+    let mut last_lag: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    let mut lag = 0u64;
+    let mut poll_backoff = Backoff::new();
+    let mut pending: Option<Prepared> = None;
+    loop {
+        if stop.is_set() {
+            break;
+        }
+        if targets.is_some() || last_lag.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+            match standing(sender.log.as_ref(), &settings.group, targets).await {
+                Ok((l, done)) => {
+                    lag = l;
+                    metrics.lag(STAGE, i64::try_from(l).unwrap_or(i64::MAX));
+                    last_lag = Some(Instant::now());
+                    if done {
+                        break;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Could not measure the consumer lag."),
+            }
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            progress(summary, lag, started);
+        }
+        // With a batch to send, take only what is there already.
+        let wait = if pending.is_some() {
+            Duration::ZERO
+        } else {
+            POLL_WAIT
+        };
+        let (sent, polled) = tokio::join!(
+            async {
+                match &pending {
+                    Some(p) => sender.send(p).await,
+                    None => true,
+                }
+            },
+            async {
+                let polled: crate::Result<Polled> = match consumer
+                    .poll(settings.batch_size, wait)
+                    .await
+                {
+                    Ok(batch) if batch.is_empty() => Ok(Polled::Empty),
+                    Ok(batch) => Ok(
+                        prepare(batch, &settings, &sender.objects, &sender.stop, near)
+                            .await?
+                            .map_or(Polled::Stopped, Polled::Batch),
+                    ),
+                    Err(e) => Ok(Polled::Failed(e)),
+                };
+                polled
+            }
+        );
+        if let Some(p) = pending.take() {
+            if !sent || !commit(consumer.as_mut(), &p.commits, &settings.group, &mut stop).await {
+                return Ok(());
+            }
+            account(summary, &p);
+        }
+        match polled? {
+            Polled::Batch(p) => {
+                poll_backoff = Backoff::new();
+                pending = Some(p);
+            }
+            Polled::Empty => poll_backoff = Backoff::new(),
+            Polled::Stopped => break,
+            Polled::Failed(e) => {
+                if !poll_backoff.wait(&mut stop, "poll sift.raw", &e).await {
+                    break;
+                }
+            }
+        }
+    }
+    // Finish the batch in hand.
+    if let Some(p) = pending.take() {
+        if !sender.send(&p).await
+            || !commit(consumer.as_mut(), &p.commits, &settings.group, &mut stop).await
+        {
+            return Ok(());
+        }
+        account(summary, &p);
+    }
+    consumer.close().await?;
+    Ok(())
+}
+
+fn progress(s: &CleanSummary, lag: u64, started: Instant) {
+    tracing::info!(
+        consumed = s.consumed,
+        produced = s.produced,
+        dead_letters = s.dead_letters.values().sum::<u64>(),
+        dropped = s.dropped.values().sum::<u64>(),
+        lag,
+        docs_per_second = (s.consumed as f64 / started.elapsed().as_secs_f64().max(1e-9)).round(),
+        "Cleaning."
+    );
+}
+
+/// Counts a sent and committed batch.
+fn account(summary: &mut CleanSummary, p: &Prepared) {
+    let metrics = crate::metrics::global();
+    metrics.stage(STAGE, p.clean.len() as u64);
+    summary.consumed += p.consumed;
+    summary.produced += p.clean.len() as u64;
+    summary.claim_checked += p.clean.iter().filter(|c| c.claim.is_some()).count() as u64;
+    for d in &p.dead {
+        *summary
+            .dead_letters
+            .entry(d.reason.to_string())
+            .or_default() += 1;
+    }
+    for reason in &p.dropped {
+        metrics.drop(STAGE, reason);
+        *summary.dropped.entry(reason.to_string()).or_default() += 1;
+    }
+    FAILURES.store(0, Ordering::Relaxed);
+}
+
+/// Commits a sent batch; false if shutdown was asked for while the log failed.
+async fn commit(
+    consumer: &mut dyn Consumer,
+    commits: &[Commit],
+    group: &str,
+    stop: &mut Stop,
+) -> bool {
+    let mut backoff = Backoff::new();
+    loop {
+        match consumer.commit(commits).await {
+            Ok(()) => return true,
+            // The batch is in sift.clean; the partition's new owner gets it
+            // again and produces the same keys.
+            Err(LogError::NotAssigned { .. }) => {
+                tracing::info!(
+                    group,
+                    "The group rebalanced before the batch was committed; its records will be delivered again."
+                );
+                return true;
+            }
+            Err(e) => {
+                if !backoff.wait(stop, "commit offsets", &e).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Parses, resolves claim checks, cleans (on the rayon pool) and applies
+/// the near-duplicate check in batch order; None if shutdown was asked for
+/// while claim checks could not be read.
+async fn prepare(
+    batch: Vec<Message>,
+    settings: &Arc<Settings>,
+    objects: &Arc<dyn ObjectStore>,
+    stop: &Stop,
+    near: &mut NearDuplicates,
+) -> crate::Result<Option<Prepared>> {
+    let values: Vec<Bytes> = batch.iter().map(|m| m.value.clone()).collect();
+    let mut parsed = parallel(values, |v| parse(&v)).await?;
+    if !resolve_claims(&mut parsed, objects, stop).await {
+        return Ok(None);
+    }
+    let s = settings.clone();
+    let verdicts = parallel(parsed, move |p| match p {
+        Ok(env) => clean_guarded(env, &s),
+        Err(r) => Verdict::Dead(r),
+    })
+    .await?;
+    let mut p = Prepared {
+        commits: Commit::after(&batch),
+        consumed: batch.len() as u64,
+        clean: Vec::with_capacity(verdicts.len()),
+        dead: Vec::new(),
+        dropped: Vec::new(),
+    };
+    for (m, v) in batch.iter().zip(verdicts) {
+        match v {
+            Verdict::Clean(c) => match near.check(&c.source, &c.id, c.simhash) {
+                None => p.clean.push(*c),
+                Some(hit) => {
+                    tracing::debug!(
+                        id = %c.id,
+                        source = %c.source,
+                        simhash = format_args!("{:016x}", c.simhash),
+                        near = format_args!("{:016x}", hit.simhash),
+                        distance = hit.distance,
+                        "Dropped a near-duplicate."
+                    );
+                    p.dropped.push(drops::NEAR_DUPLICATE);
+                }
+            },
+            Verdict::Dropped(r) => {
+                tracing::debug!(partition = m.partition, offset = m.offset, detail = %r.detail, "Dropped a document.");
+                p.dropped.push(r.reason);
+            }
+            Verdict::Dead(r) => p.dead.push(dead_letter(m, r)),
+        }
+    }
+    Ok(Some(p))
+}
+
+/// Fetches the texts of claim-checked envelopes; false if stopped first.
+async fn resolve_claims(
+    parsed: &mut [Result<Envelope, Rejection>],
+    objects: &Arc<dyn ObjectStore>,
+    stop: &Stop,
+) -> bool {
+    let wanted: Vec<(usize, String)> = parsed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Ok(env) if env.text.is_none() => env.body_uri.clone().map(|u| (i, u)),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return true;
+    }
+    let fetched: Vec<(usize, Option<Result<String, Rejection>>)> = futures::stream::iter(wanted)
+        .map(|(i, uri)| {
+            let objects = objects.clone();
+            let mut stop = stop.clone();
+            async move { (i, fetch_claim(objects.as_ref(), &uri, &mut stop).await) }
+        })
+        .buffer_unordered(CLAIM_FETCHES)
+        .collect()
+        .await;
+    for (i, f) in fetched {
+        match f {
+            None => return false,
+            Some(Ok(text)) => {
+                if let Ok(env) = &mut parsed[i] {
+                    env.text = Some(text);
+                }
+            }
+            Some(Err(r)) => parsed[i] = Err(r),
+        }
+    }
+    true
+}
+
+impl Sender {
+    /// Writes claim checks, then the records and dead letters; true once all
+    /// are acknowledged, false if shutdown was asked for while a backend failed.
+    async fn send(&self, p: &Prepared) -> bool {
+        let mut stop = self.stop.clone();
+        for c in &p.clean {
+            let Some((key, text)) = &c.claim else {
+                continue;
+            };
+            let mut backoff = Backoff::new();
+            loop {
+                match self
+                    .objects
+                    .put(key, text.clone(), PutMode::Overwrite)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) => {
+                        if !backoff.wait(&mut stop, "write a claim check", &e).await {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        let records: Vec<Record> = p.clean.iter().map(|c| c.record.clone()).collect();
+        let mut stop_clean = self.stop.clone();
+        let mut stop_dlq = self.stop.clone();
+        let produce = async {
+            let mut backoff = Backoff::new();
+            while !records.is_empty() {
+                match self.log.produce(topics::CLEAN, records.clone()).await {
+                    Ok(_) => return true,
+                    Err(e) => {
+                        if !backoff
+                            .wait(&mut stop_clean, "produce to sift.clean", &e)
+                            .await
+                        {
+                            return false;
+                        }
+                    }
+                }
+            }
+            true
+        };
+        let dead = async {
+            let mut backoff = Backoff::new();
+            while !p.dead.is_empty() {
+                match dlq::send(self.log.as_ref(), &p.dead).await {
+                    Ok(()) => return true,
+                    Err(e) => {
+                        if !backoff
+                            .wait(&mut stop_dlq, "send dead letters to sift.dlq", &e)
+                            .await
+                        {
+                            return false;
+                        }
+                    }
+                }
+            }
+            true
+        };
+        let (a, b) = tokio::join!(produce, dead);
+        a && b
+    }
+}
+
+/// A dead letter about `m`. One whose original would not fit in a log
+/// record describes it instead of copying it (it stays in `sift.raw`).
+fn dead_letter(m: &Message, r: Rejection) -> DeadLetter {
+    let detail = format!("{} ({} {}@{})", r.detail, m.topic, m.partition, m.offset);
+    let mut d = DeadLetter::of_message(STAGE, r.reason, detail, m);
+    let size = m.key.as_ref().map_or(0, |k| k.len())
+        + m.value.len()
+        + m.headers
+            .iter()
+            .map(|(n, v)| 6 + n.len() + v.len())
+            .sum::<usize>()
+        + d.detail.len()
+        + 256;
+    if size > RECORD_LIMIT {
+        d.original = None;
+        d.detail
+            .push_str("; the original record is too large to copy here");
+    }
+    d
+}
+
+/// Fetches a claim-checked text; None if shutdown was asked for while the store failed.
+async fn fetch_claim(
+    objects: &dyn ObjectStore,
+    uri: &str,
+    stop: &mut Stop,
+) -> Option<Result<String, Rejection>> {
+    let Some(key) = envelope::claim_key(uri).filter(|k| objects::validate_key(k).is_ok()) else {
+        return Some(Err(Rejection::new(
+            reasons::BAD_CLAIM,
+            format!(
+                "body_uri `{uri}` is not a claim check of sift's object store (objects:claims/...)"
+            ),
+        )));
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match objects.get(key).await {
+            Ok((_, body)) => {
+                return Some(String::from_utf8(body.to_vec()).map_err(|e| {
+                    Rejection::new(
+                        reasons::BAD_CLAIM,
+                        format!("claim check `{uri}` is not UTF-8 text: {e}"),
+                    )
+                }))
+            }
+            Err(ObjectError::NotFound(_)) => {
+                return Some(Err(Rejection::new(
+                    reasons::CLAIM_MISSING,
+                    format!("claim check `{uri}` has no object in the object store"),
+                )))
+            }
+            Err(e @ ObjectError::InvalidKey { .. }) => {
+                return Some(Err(Rejection::new(
+                    reasons::BAD_CLAIM,
+                    format!("claim check `{uri}`: {e}"),
+                )))
+            }
+            Err(e) => {
+                if !backoff.wait(stop, "read a claim check", &e).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// The group's lag on `sift.raw`, and whether it has committed up to `targets`.
+async fn standing(
+    log: &dyn Log,
+    group: &str,
+    targets: Option<&[Watermarks]>,
+) -> Result<(u64, bool), LogError> {
+    let marks = log.watermarks(topics::RAW).await?;
+    let committed = log.committed(group, topics::RAW).await?;
+    let at = |partition: u32, low: u64| {
+        committed
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .and_then(|(_, c)| *c)
+            .unwrap_or(low)
+            .max(low)
+    };
+    let lag = marks
+        .iter()
+        .map(|w| w.high.saturating_sub(at(w.partition, w.low)))
+        .sum();
+    let done = targets.is_some_and(|t| t.iter().all(|w| at(w.partition, w.low) >= w.high));
+    Ok((lag, done))
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            group: "g".into(),
+            batch_size: 10,
+            min_chars: 20,
+            languages: vec!["eng".into()],
+            claim_check_bytes: 200,
+        }
+    }
+
+    fn envelope(text: &str) -> Envelope {
+        Envelope {
+            v: SCHEMA_VERSION,
+            id: "0123456789abcdef0123456789abcdef".into(),
+            source: "test".into(),
+            url: "https://example.com/a".into(),
+            fetched_at_ms: 1,
+            content_type: "text/html".into(),
+            title: " A\u{0}  ﬁne title ".into(),
+            text: Some(text.into()),
+            body_uri: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn clean_parse_rejections() {
+        let reason = |v: &[u8]| parse(v).err().map(|r| r.reason);
+        assert_eq!(reason(b"{not json"), Some(reasons::BAD_JSON));
+        assert_eq!(reason(b"{\"v\": 1}"), Some(reasons::BAD_JSON));
+        assert_eq!(
+            reason(b"{\"v\": 7, \"other\": true}"),
+            Some(reasons::SCHEMA_VERSION)
+        );
+        let mut env = envelope("x");
+        env.v = 2;
+        let bytes = serde_json::to_vec(&env).unwrap_or_default();
+        assert_eq!(reason(&bytes), Some(reasons::SCHEMA_VERSION));
+        let ok = serde_json::to_vec(&envelope("x")).unwrap_or_default();
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn clean_one_envelope() -> anyhow::Result<()> {
+        let s = settings();
+        let text =
+            "The committee will publish its annual report on the state of the railways next week.";
+        let Verdict::Clean(c) = clean(envelope(&format!("  {text}\u{7} ")), &s) else {
+            anyhow::bail!("not cleaned");
+        };
+        assert!(c.claim.is_none());
+        let env: Envelope = serde_json::from_slice(&c.record.value)?;
+        assert_eq!(env.text.as_deref(), Some(text));
+        assert_eq!(env.title, "A fine title");
+        assert_eq!(env.metadata[meta::LANG], "eng");
+        assert_eq!(
+            env.metadata[meta::SIMHASH],
+            format!("{:016x}", simhash::simhash(text))
+        );
+        assert_eq!(c.record.key.as_deref(), Some(env.id.as_bytes()));
+
+        // Longer than claim_check_bytes: the text goes aside.
+        let long = format!("{text} ").repeat(5);
+        let Verdict::Clean(c) = clean(envelope(&long), &s) else {
+            anyhow::bail!("not cleaned");
+        };
+        let (key, body) = c.claim.as_ref().context("claim")?;
+        assert!(key.starts_with("claims/0123456789abcdef0123456789abcdef/clean-"));
+        assert_eq!(body.as_ref(), long.trim().as_bytes());
+        let env: Envelope = serde_json::from_slice(&c.record.value)?;
+        assert_eq!(env.text, None);
+        assert_eq!(env.body_uri, Some(envelope::claim_uri(key)));
+
+        assert!(
+            matches!(clean(envelope(" short "), &s), Verdict::Dead(r) if r.reason == reasons::TOO_SHORT)
+        );
+        let fr = "Le comité publiera la semaine prochaine son rapport annuel sur l'état des chemins de fer.";
+        assert!(
+            matches!(clean(envelope(fr), &s), Verdict::Dropped(r) if r.reason == drops::LANGUAGE)
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,824 @@
+//! `sift ingest`: sources → fetch → extract → first filters → `sift.raw`.
+//!
+//! Each visit of a source finds its pages (the URL list, a sitemap's
+//! `<loc>`s, a feed's item links, a directory's files, an object-store
+//! prefix), keeps those its include/exclude patterns allow, and fetches them
+//! concurrently through the polite [`fetch::Fetcher`]. A body is extracted
+//! (the same code as `sift extract`), filtered (content type, minimum length),
+//! de-duplicated by content hash within `ingest.dedupe_window`, wrapped in the
+//! versioned envelope and produced to `sift.raw`, keyed by document id. A text
+//! over `ingest.claim_check_bytes` goes to the object store and the message
+//! carries its URI instead. Whatever fails goes to `sift.dlq` with its reason,
+//! source and URL; one bad page or host never stops the daemon.
+//!
+//! What the next visit needs is kept durably in the table `ingest_state`
+//! (family `s`): per URL the `ETag`/`Last-Modified` validators (or a file's
+//! mtime and size, an object's ETag) for a conditional fetch, and per content
+//! hash when it was last produced. Both are written only after the produce is
+//! acknowledged, so a crash can make a page be produced twice (same id, same
+//! row downstream) but never lost.
+
+pub mod discover;
+pub mod extract;
+pub mod fetch;
+pub mod sources;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde::Serialize;
+use url::Url;
+
+use crate::backends::log::{Log, Record};
+use crate::backends::objects::{ObjectStore, PutMode};
+use crate::backends::table::{RowPut, Table};
+use crate::config::{Config, IngestConfig};
+use crate::dlq::DeadLetter;
+use crate::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
+use fetch::{Fetched, Fetcher};
+use sources::{Source, SourceKind};
+
+/// The table that remembers validators and content hashes.
+pub const STATE_TABLE: &str = "ingest_state";
+const STATE_FAMILY: &str = "s";
+/// Largest title kept (characters); a longer one is cut.
+const MAX_TITLE_CHARS: usize = 1000;
+/// The log's limit on one message; an envelope is never larger.
+const MAX_MESSAGE_BYTES: usize = 1_000_000;
+/// Envelopes produced per call to the log.
+const PRODUCE_BATCH: usize = 256;
+/// Sitemap indexes are followed this deep.
+const MAX_SITEMAP_DEPTH: u32 = 3;
+
+/// `sift ingest` flags.
+#[derive(Debug, clap::Args)]
+pub struct IngestArgs {
+    /// The sources file (default `ingest.sources` of the config, `sources.toml`).
+    #[arg(long, env = "SIFT_SOURCES")]
+    pub sources: Option<PathBuf>,
+    /// One pass over every source, then exit with a summary.
+    #[arg(long, env = "SIFT_INGEST_ONCE")]
+    pub once: bool,
+    /// Print the `--once` summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct IngestSummary {
+    /// Sources visited.
+    pub sources: u64,
+    /// Page URLs found (after include/exclude).
+    pub discovered: u64,
+    /// Bodies fetched or read.
+    pub fetched: u64,
+    /// Pages that had not changed (304, same mtime/ETag).
+    pub not_modified: u64,
+    /// Documents produced to `sift.raw`.
+    pub produced: u64,
+    /// Of those, documents whose text went to the object store.
+    pub claim_checked: u64,
+    /// Body bytes fetched or read.
+    pub bytes: u64,
+    /// Documents dropped on purpose, by reason (`duplicate`, `url_pattern`, ...).
+    pub dropped: BTreeMap<String, u64>,
+    /// Dead letters, by reason.
+    pub dead_letters: BTreeMap<String, u64>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+impl IngestSummary {
+    fn add(&mut self, o: &IngestSummary) {
+        self.sources += o.sources;
+        self.discovered += o.discovered;
+        self.fetched += o.fetched;
+        self.not_modified += o.not_modified;
+        self.produced += o.produced;
+        self.claim_checked += o.claim_checked;
+        self.bytes += o.bytes;
+        for (k, v) in &o.dropped {
+            *self.dropped.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.dead_letters {
+            *self.dead_letters.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// Why `sift ingest` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The sources file is bad.
+    #[error(transparent)]
+    Sources(#[from] sources::SourcesError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+}
+
+/// A page to fetch or read, and what to attach to it.
+#[derive(Debug, Clone)]
+struct Target {
+    /// What is fetched: an http(s) URL, `file:///…`, or `objects:KEY`.
+    url: String,
+    /// Metadata from discovery (feed title, published).
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// What came of one target.
+enum Outcome {
+    /// A document ready to produce, and the state to record once it is.
+    Document {
+        envelope: Box<Envelope>,
+        state: RowPut,
+        hash: String,
+        claim_checked: bool,
+        bytes: u64,
+    },
+    /// Unchanged since last time.
+    NotModified,
+    /// Dropped on purpose.
+    Dropped { reason: &'static str, bytes: u64 },
+    /// Failed.
+    Dead(DeadLetter),
+}
+
+/// The ingest stage: sources in, envelopes out.
+pub struct Ingest {
+    log: Arc<dyn Log>,
+    objects: Arc<dyn ObjectStore>,
+    table: Arc<dyn Table>,
+    fetcher: Fetcher,
+    config: IngestConfig,
+}
+
+impl Ingest {
+    /// Prepares the topics and the state table.
+    pub async fn new(
+        log: Arc<dyn Log>,
+        objects: Arc<dyn ObjectStore>,
+        table: Arc<dyn Table>,
+        config: &Config,
+    ) -> crate::Result<Self> {
+        log.create_topic(topics::RAW, config.log.default_partitions)
+            .await?;
+        log.create_topic(topics::DLQ, 1).await?;
+        table.ensure_table(STATE_TABLE, &[STATE_FAMILY]).await?;
+        let fetcher = Fetcher::new(&config.ingest).map_err(IngestError::from)?;
+        Ok(Ingest {
+            log,
+            objects,
+            table,
+            fetcher,
+            config: config.ingest.clone(),
+        })
+    }
+
+    /// Visits every source once, concurrently; returns what happened.
+    pub async fn pass(&self, sources: &[Source]) -> crate::Result<IngestSummary> {
+        let started = Instant::now();
+        let progress = indicatif::ProgressBar::new(sources.len() as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "ingest {bar:30} {pos}/{len} sources · {msg} · {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let total = Mutex::new(IngestSummary::default());
+        let mut visits = futures::stream::iter(sources.iter())
+            .map(|s| self.visit(s))
+            .buffer_unordered(16);
+        while let Some(r) = visits.next().await {
+            let s = r?;
+            let mut t = total.lock();
+            t.add(&s);
+            progress.inc(1);
+            progress.set_message(format!(
+                "{} produced, {} unchanged",
+                t.produced, t.not_modified
+            ));
+        }
+        progress.finish_and_clear();
+        let mut total = total.into_inner();
+        total.seconds = started.elapsed().as_secs_f64();
+        Ok(total)
+    }
+
+    /// One visit of one source. Errors returned are the log's or table's
+    /// (the pipeline cannot go on); anything about the source itself becomes
+    /// dead letters.
+    async fn visit(&self, source: &Source) -> crate::Result<IngestSummary> {
+        let mut summary = IngestSummary {
+            sources: 1,
+            ..Default::default()
+        };
+        let mut dead = Vec::new();
+        let targets = self.discover(source, &mut dead).await?;
+        let mut seen = HashSet::new();
+        let mut wanted = Vec::new();
+        for t in targets {
+            if !seen.insert(t.url.clone()) {
+                continue;
+            }
+            if !source.wants(&t.url) {
+                *summary.dropped.entry("url_pattern".into()).or_default() += 1;
+                crate::metrics::global().drop("ingest", "url_pattern");
+                continue;
+            }
+            wanted.push(t);
+        }
+        summary.discovered = wanted.len() as u64;
+        let hashes_this_pass = Mutex::new(HashSet::new());
+        let mut outcomes = futures::stream::iter(wanted)
+            .map(|t| self.ingest_one(source, t, &hashes_this_pass))
+            .buffer_unordered(self.config.max_concurrency.max(1) as usize);
+        let mut ready: Vec<(Box<Envelope>, RowPut, String)> = Vec::new();
+        while let Some(o) = outcomes.next().await {
+            match o? {
+                Outcome::Document {
+                    envelope,
+                    state,
+                    hash,
+                    claim_checked,
+                    bytes,
+                } => {
+                    summary.fetched += 1;
+                    summary.bytes += bytes;
+                    summary.claim_checked += u64::from(claim_checked);
+                    ready.push((envelope, state, hash));
+                    if ready.len() >= PRODUCE_BATCH {
+                        summary.produced += self.produce(std::mem::take(&mut ready)).await?;
+                    }
+                }
+                Outcome::NotModified => summary.not_modified += 1,
+                Outcome::Dropped { reason, bytes } => {
+                    summary.fetched += 1;
+                    summary.bytes += bytes;
+                    *summary.dropped.entry(reason.into()).or_default() += 1;
+                    crate::metrics::global().drop("ingest", reason);
+                }
+                Outcome::Dead(d) => dead.push(d),
+            }
+        }
+        drop(outcomes);
+        summary.produced += self.produce(ready).await?;
+        for d in &dead {
+            *summary.dead_letters.entry(d.reason.into()).or_default() += 1;
+        }
+        crate::dlq::send(self.log.as_ref(), &dead).await?;
+        Ok(summary)
+    }
+
+    /// Produces envelopes, then records their validators and hashes.
+    async fn produce(&self, ready: Vec<(Box<Envelope>, RowPut, String)>) -> crate::Result<u64> {
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        let mut records = Vec::with_capacity(ready.len());
+        let mut state = Vec::with_capacity(ready.len() * 2);
+        let now = crate::now_ms().to_string();
+        for (env, row, hash) in ready {
+            let value = serde_json::to_vec(&*env)
+                .map_err(|e| crate::Error::Invalid(format!("cannot serialize an envelope: {e}")))?;
+            records.push(Record {
+                key: Some(Bytes::from(env.id.clone())),
+                value: Bytes::from(value),
+                headers: vec![
+                    (headers::SOURCE.into(), Bytes::from(env.source.clone())),
+                    (
+                        headers::CONTENT_TYPE.into(),
+                        Bytes::from(env.content_type.clone()),
+                    ),
+                    (
+                        headers::SCHEMA.into(),
+                        Bytes::from(SCHEMA_VERSION.to_string()),
+                    ),
+                    (headers::URL.into(), Bytes::from(env.url.clone())),
+                ],
+            });
+            state.push(row);
+            state.push(
+                RowPut::new(format!("h/{hash}"))
+                    .cell(STATE_FAMILY, "at", now.clone())
+                    .cell(STATE_FAMILY, "id", env.id.clone()),
+            );
+        }
+        let n = records.len() as u64;
+        self.log.produce(topics::RAW, records).await?;
+        self.table.put(STATE_TABLE, state).await?;
+        crate::metrics::global().stage("ingest", n);
+        Ok(n)
+    }
+
+    /// The pages of a source. A sitemap or feed that cannot be fetched or
+    /// parsed becomes a dead letter; the rest of the source goes on.
+    async fn discover(
+        &self,
+        source: &Source,
+        dead: &mut Vec<DeadLetter>,
+    ) -> crate::Result<Vec<Target>> {
+        let mut out = Vec::new();
+        let letter = |reason: &'static str, url: &str, detail: String| DeadLetter {
+            stage: "ingest",
+            reason,
+            detail,
+            source: Some(source.tag.clone()),
+            url: Some(url.to_string()),
+            original: None,
+        };
+        match source.kind {
+            SourceKind::Pages => out.extend(source.urls.iter().map(|u| Target {
+                url: u.to_string(),
+                extra: BTreeMap::new(),
+            })),
+            SourceKind::Sitemap => {
+                let mut queue: Vec<(Url, u32)> =
+                    source.urls.iter().map(|u| (u.clone(), 0)).collect();
+                let mut visited = HashSet::new();
+                while let Some((url, depth)) = queue.pop() {
+                    if !visited.insert(url.clone()) || out.len() >= source.max_urls as usize {
+                        continue;
+                    }
+                    let body = match self.fetch_listing(source, &url).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            dead.push(letter(e.reason(), url.as_str(), format!("sitemap: {e}")));
+                            continue;
+                        }
+                    };
+                    match discover::sitemap(&body) {
+                        Ok(map) => {
+                            for p in map.pages {
+                                match url.join(&p) {
+                                    Ok(u) => out.push(Target {
+                                        url: u.to_string(),
+                                        extra: BTreeMap::new(),
+                                    }),
+                                    Err(e) => dead.push(letter(
+                                        "bad_url",
+                                        &p,
+                                        format!("in sitemap {url}: {e}"),
+                                    )),
+                                }
+                            }
+                            if depth < MAX_SITEMAP_DEPTH {
+                                queue.extend(
+                                    map.sitemaps
+                                        .iter()
+                                        .filter_map(|s| url.join(s).ok())
+                                        .map(|u| (u, depth + 1)),
+                                );
+                            }
+                        }
+                        Err(e) => dead.push(letter("bad_sitemap", url.as_str(), e.to_string())),
+                    }
+                }
+                out.truncate(source.max_urls as usize);
+            }
+            SourceKind::Rss | SourceKind::Atom => {
+                for url in &source.urls {
+                    let body = match self.fetch_listing(source, url).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            dead.push(letter(e.reason(), url.as_str(), format!("feed: {e}")));
+                            continue;
+                        }
+                    };
+                    match discover::feed(&body) {
+                        Ok(items) => {
+                            for item in items.into_iter().take(source.max_urls as usize) {
+                                let Ok(u) = url.join(&item.url) else {
+                                    dead.push(letter(
+                                        "bad_url",
+                                        &item.url,
+                                        format!("in feed {url}"),
+                                    ));
+                                    continue;
+                                };
+                                let mut extra = BTreeMap::new();
+                                if let Some(t) = item.title {
+                                    extra.insert("feed_title".into(), t.into());
+                                }
+                                if let Some(p) = item.published {
+                                    extra.insert("published".into(), p.into());
+                                }
+                                out.push(Target {
+                                    url: u.to_string(),
+                                    extra,
+                                });
+                            }
+                        }
+                        Err(e) => dead.push(letter("bad_feed", url.as_str(), e.to_string())),
+                    }
+                }
+            }
+            SourceKind::Dir => {
+                let dir = source.path.clone().unwrap_or_default();
+                let listed = tokio::task::spawn_blocking(move || discover::files(&dir))
+                    .await
+                    .map_err(|e| crate::Error::Invalid(format!("a directory walk failed: {e}")))?;
+                match listed {
+                    Ok(files) => {
+                        for f in files {
+                            match Url::from_file_path(&f) {
+                                Ok(u) => out.push(Target {
+                                    url: u.to_string(),
+                                    extra: BTreeMap::new(),
+                                }),
+                                Err(()) => dead.push(letter(
+                                    "bad_url",
+                                    &f.display().to_string(),
+                                    "not an absolute path".into(),
+                                )),
+                            }
+                        }
+                    }
+                    Err(e) => dead.push(letter(
+                        "dir",
+                        &source
+                            .path
+                            .clone()
+                            .unwrap_or_default()
+                            .display()
+                            .to_string(),
+                        e.to_string(),
+                    )),
+                }
+            }
+            SourceKind::Prefix => {
+                let prefix = source.prefix.clone().unwrap_or_default();
+                for meta in self.objects.list(&prefix).await? {
+                    out.push(Target {
+                        url: envelope::claim_uri(&meta.key),
+                        extra: BTreeMap::new(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A sitemap or feed body (never conditional: its list is needed every visit).
+    async fn fetch_listing(&self, source: &Source, url: &Url) -> Result<Bytes, fetch::FetchError> {
+        let req = fetch::Request {
+            max_bytes: self.max_bytes(source),
+            rate: source.rate_limit,
+            ..Default::default()
+        };
+        match self.fetcher.fetch(url, &req).await? {
+            Fetched::Body(p) => Ok(p.body),
+            Fetched::NotModified => Err(fetch::FetchError::Status {
+                status: 304,
+                attempts: 1,
+            }),
+        }
+    }
+
+    fn max_bytes(&self, source: &Source) -> u64 {
+        source.max_bytes.unwrap_or(self.config.max_document_bytes)
+    }
+
+    /// Fetches (or reads), extracts, filters and wraps one target.
+    async fn ingest_one(
+        &self,
+        source: &Source,
+        target: Target,
+        hashes_this_pass: &Mutex<HashSet<String>>,
+    ) -> crate::Result<Outcome> {
+        let dead = |reason: &'static str, detail: String| {
+            Ok(Outcome::Dead(DeadLetter {
+                stage: "ingest",
+                reason,
+                detail,
+                source: Some(source.tag.clone()),
+                url: Some(target.url.clone()),
+                original: None,
+            }))
+        };
+        let state_key = format!("u/{}", target.url);
+        let previous = self
+            .table
+            .get(STATE_TABLE, state_key.as_bytes(), None)
+            .await?;
+        let prev = |q: &str| {
+            previous
+                .as_ref()
+                .and_then(|r| r.get(STATE_FAMILY, q.as_bytes()))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let limit = self.max_bytes(source);
+        // Body, content type header, final URL, validators.
+        let (body, content_type, final_url, etag, last_modified) = if let Some(key) =
+            envelope::claim_key(&target.url)
+        {
+            match self.objects.head(key).await? {
+                None => return dead("not_found", format!("object `{key}` is gone")),
+                Some(m) if prev("etag").as_deref() == Some(m.etag.as_str()) => {
+                    crate::metrics::global().fetch("not_modified");
+                    return Ok(Outcome::NotModified);
+                }
+                Some(m) if m.size > limit => {
+                    return dead(
+                        "too_large",
+                        format!("{} bytes is more than max_bytes {limit}", m.size),
+                    )
+                }
+                Some(_) => {}
+            }
+            let (meta, body) = match self.objects.get(key).await {
+                Ok(x) => x,
+                Err(crate::backends::objects::ObjectError::NotFound { .. }) => {
+                    return dead("not_found", format!("object `{key}` is gone"))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            (body, None, target.url.clone(), Some(meta.etag), None)
+        } else if target.url.starts_with("file:") {
+            let path = Url::parse(&target.url)
+                .ok()
+                .and_then(|u| u.to_file_path().ok())
+                .unwrap_or_default();
+            let meta = match tokio::fs::metadata(&path).await {
+                Ok(m) => m,
+                Err(e) => return dead("not_found", format!("cannot read {}: {e}", path.display())),
+            };
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let stamp = format!("{mtime}-{}", meta.len());
+            if prev("etag").as_deref() == Some(stamp.as_str()) {
+                crate::metrics::global().fetch("not_modified");
+                return Ok(Outcome::NotModified);
+            }
+            if meta.len() > limit {
+                return dead(
+                    "too_large",
+                    format!("{} bytes is more than max_bytes {limit}", meta.len()),
+                );
+            }
+            match tokio::fs::read(&path).await {
+                Ok(b) => (Bytes::from(b), None, target.url.clone(), Some(stamp), None),
+                Err(e) => return dead("read", format!("cannot read {}: {e}", path.display())),
+            }
+        } else {
+            let url = match Url::parse(&target.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => u,
+                Ok(u) => return dead("bad_url", format!("scheme `{}` is not fetched", u.scheme())),
+                Err(e) => return dead("bad_url", e.to_string()),
+            };
+            let req = fetch::Request {
+                etag: prev("etag"),
+                last_modified: prev("last_modified"),
+                max_bytes: limit,
+                rate: source.rate_limit,
+            };
+            match self.fetcher.fetch(&url, &req).await {
+                Ok(Fetched::NotModified) => {
+                    crate::metrics::global().fetch("not_modified");
+                    return Ok(Outcome::NotModified);
+                }
+                Ok(Fetched::Body(p)) => (
+                    p.body,
+                    p.content_type,
+                    canonical(&p.final_url),
+                    p.etag,
+                    p.last_modified,
+                ),
+                Err(e) => {
+                    crate::metrics::global().fetch(e.reason());
+                    return dead(e.reason(), e.to_string());
+                }
+            }
+        };
+        crate::metrics::global().fetch("ok");
+        let bytes = body.len() as u64;
+        let name = final_url.clone();
+        let extracted = tokio::task::spawn_blocking(move || {
+            extract::extract(&body, content_type.as_deref(), &name)
+        })
+        .await
+        .map_err(|e| crate::Error::Invalid(format!("an extraction thread failed: {e}")))?;
+        let doc = match extracted {
+            Ok(d) => d,
+            Err(e) => return dead(e.reason(), e.to_string()),
+        };
+        if !source.content_types.is_empty()
+            && !source.content_types.iter().any(|c| c == doc.content_type)
+        {
+            return Ok(Outcome::Dropped {
+                reason: "content_type",
+                bytes,
+            });
+        }
+        if (doc.text.chars().count() as u64) < u64::from(source.min_text_chars) {
+            return Ok(Outcome::Dropped {
+                reason: "too_short",
+                bytes,
+            });
+        }
+        let hash = blake3::hash(doc.text.as_bytes()).to_hex().to_string();
+        // Validators are recorded even for a duplicate, so the next visit
+        // can skip the download.
+        let state = RowPut::new(state_key.clone())
+            .cell(STATE_FAMILY, "etag", etag.clone().unwrap_or_default())
+            .cell(
+                STATE_FAMILY,
+                "last_modified",
+                last_modified.clone().unwrap_or_default(),
+            )
+            .cell(STATE_FAMILY, "hash", hash.clone())
+            .cell(STATE_FAMILY, "at", crate::now_ms().to_string());
+        if !hashes_this_pass.lock().insert(hash.clone()) || self.seen_recently(&hash).await? {
+            self.table.put(STATE_TABLE, vec![state]).await?;
+            return Ok(Outcome::Dropped {
+                reason: "duplicate",
+                bytes,
+            });
+        }
+        let id = envelope::document_id(&source.tag, &final_url);
+        let mut metadata = source.metadata.clone();
+        metadata.extend(target.extra);
+        metadata.insert("content_hash".into(), hash[..32].into());
+        if final_url != target.url {
+            metadata.insert("requested_url".into(), target.url.clone().into());
+        }
+        let title: String = doc.title.chars().take(MAX_TITLE_CHARS).collect();
+        let (text, body_uri, claim_checked) =
+            if doc.text.len() as u64 > self.config.claim_check_bytes {
+                let key = format!("{}{id}/{}.txt", envelope::CLAIM_PREFIX, &hash[..16]);
+                self.objects
+                    .put(&key, Bytes::from(doc.text), PutMode::Overwrite)
+                    .await?;
+                (None, Some(envelope::claim_uri(&key)), true)
+            } else {
+                (Some(doc.text), None, false)
+            };
+        let envelope = Envelope {
+            v: SCHEMA_VERSION,
+            id,
+            source: source.tag.clone(),
+            url: final_url,
+            fetched_at_ms: crate::now_ms(),
+            content_type: doc.content_type.to_string(),
+            title,
+            text,
+            body_uri,
+            metadata,
+        };
+        let size = serde_json::to_vec(&envelope).map_or(usize::MAX, |v| v.len());
+        if size > MAX_MESSAGE_BYTES {
+            return dead(
+                "too_large",
+                format!("the envelope is {size} bytes even with its text claim-checked (metadata or title too large)"),
+            );
+        }
+        Ok(Outcome::Document {
+            envelope: Box::new(envelope),
+            state,
+            hash,
+            claim_checked,
+            bytes,
+        })
+    }
+
+    /// Whether a text with this hash was produced within the dedupe window.
+    async fn seen_recently(&self, hash: &str) -> crate::Result<bool> {
+        let row = self
+            .table
+            .get(STATE_TABLE, format!("h/{hash}").as_bytes(), None)
+            .await?;
+        let at = row
+            .as_ref()
+            .and_then(|r| r.get(STATE_FAMILY, b"at"))
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok());
+        let window = i64::try_from(self.config.dedupe_window.as_millis()).unwrap_or(i64::MAX);
+        Ok(at.is_some_and(|at| crate::now_ms().saturating_sub(at) <= window))
+    }
+}
+
+/// The canonical form of a fetched URL: no fragment (the `url` crate already
+/// lower-cases the scheme and host and drops default ports).
+fn canonical(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// Runs `sift ingest`: one pass with `--once`, else a daemon that visits each
+/// source again every `poll_interval` until SIGINT/SIGTERM.
+pub async fn main(config: &Config, args: IngestArgs) -> crate::Result<()> {
+    let path = args
+        .sources
+        .unwrap_or_else(|| config.ingest.sources.clone());
+    let sources = sources::load(&path).map_err(IngestError::from)?;
+    let log = crate::backends::open_log(config).await?;
+    let objects = crate::backends::open_objects(config).await?;
+    let table = crate::backends::open_table(config).await?;
+    let ingest = Ingest::new(log, objects, table, config).await?;
+    tracing::info!(sources = sources.len(), file = %path.display(), "Loaded the sources.");
+    if args.once {
+        let s = ingest.pass(&sources).await?;
+        print_summary(&s, args.json);
+        return Ok(());
+    }
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let health = ready.clone();
+    crate::daemon::serve_metrics(
+        config,
+        Arc::new(move || health.load(std::sync::atomic::Ordering::Relaxed)),
+    )
+    .await?;
+    let mut due: Vec<Instant> = vec![Instant::now(); sources.len()];
+    let shutdown = crate::daemon::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let now = Instant::now();
+        let batch: Vec<Source> = sources
+            .iter()
+            .zip(&due)
+            .filter(|(_, d)| **d <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        if !batch.is_empty() {
+            let pass = ingest.pass(&batch);
+            tokio::select! {
+                r = pass => {
+                    match r {
+                        Ok(s) => tracing::info!(sources = s.sources, produced = s.produced, unchanged = s.not_modified, dead_letters = s.dead_letters.values().sum::<u64>(), seconds = s.seconds, "Visited sources."),
+                        Err(e) => {
+                            // The log or table failed: retry these sources shortly.
+                            tracing::error!(error = %e, "A pass failed; retrying in 30 s.");
+                            for (s, d) in sources.iter().zip(due.iter_mut()) {
+                                if batch.iter().any(|b| b.tag == s.tag) {
+                                    *d = Instant::now() + Duration::from_secs(30);
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                }
+                _ = &mut shutdown => return Ok(()),
+            }
+            let now = Instant::now();
+            for (s, d) in sources.iter().zip(due.iter_mut()) {
+                if batch.iter().any(|b| b.tag == s.tag) {
+                    *d = now + s.poll_interval;
+                }
+            }
+        }
+        let next = due
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+fn print_summary(s: &IngestSummary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+        return;
+    }
+    println!("sources visited     {}", s.sources);
+    println!("pages found         {}", s.discovered);
+    println!(
+        "fetched             {} ({:.1} MB)",
+        s.fetched,
+        s.bytes as f64 / 1e6
+    );
+    println!("unchanged           {}", s.not_modified);
+    println!(
+        "produced to {}  {} ({} claim-checked)",
+        topics::RAW,
+        s.produced,
+        s.claim_checked
+    );
+    for (k, v) in &s.dropped {
+        println!(
+            "dropped ({k}){:>w$}",
+            v,
+            w = 20usize.saturating_sub(k.len() + 10)
+        );
+    }
+    for (k, v) in &s.dead_letters {
+        println!("dead letters ({k})  {v}");
+    }
+    println!(
+        "took                {:.1} s ({:.0} documents/s)",
+        s.seconds,
+        s.produced as f64 / s.seconds.max(1e-9)
+    );
+}
