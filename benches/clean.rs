@@ -7,7 +7,9 @@
 //! has caught up. It prints documents/s and MB/s of the whole loop (poll,
 //! parse, normalize, language, SimHash, produce, commit), and single-thread
 //! costs of each step to show where the time goes. `SIFT_BENCH_DOCS` changes
-//! the number of documents. The target is 20,000 documents/s on 2 cores.
+//! the number of documents; `SIFT_BENCH_LANGUAGE_DETECTOR=broad` times the
+//! loop with the broad (whatlang) detector instead of the default fast one.
+//! The target is 20,000 documents/s on 2 cores.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +20,8 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use sift::backends::log::{EmbeddedLog, Log, Record};
 use sift::backends::objects::EmbeddedObjects;
-use sift::clean::{self, language, normalize, simhash, Until};
+use sift::clean::language::LanguageDetector;
+use sift::clean::{self, normalize, simhash, Until};
 use sift::config::{Config, EmbeddedLogConfig};
 use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
 
@@ -124,9 +127,14 @@ fn per_doc_costs(envs: &[Envelope]) {
             std::hint::black_box(normalize::text(t));
         }
     });
-    time("language (whatlang)", &mut || {
+    time("language (fast, whichlang)", &mut || {
         for t in &normalized {
-            std::hint::black_box(language::detect(t));
+            std::hint::black_box(LanguageDetector::Fast.detect(t));
+        }
+    });
+    time("language (broad, whatlang)", &mut || {
+        for t in &normalized {
+            std::hint::black_box(LanguageDetector::Broad.detect(t));
         }
     });
     time("simhash", &mut || {
@@ -157,6 +165,14 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
+    let detector: LanguageDetector = match std::env::var("SIFT_BENCH_LANGUAGE_DETECTOR") {
+        Ok(name) => {
+            serde_json::from_value(serde_json::Value::String(name.clone())).with_context(|| {
+                format!("SIFT_BENCH_LANGUAGE_DETECTOR={name}: expected \"fast\" or \"broad\"")
+            })?
+        }
+        Err(_) => LanguageDetector::default(),
+    };
     let corpus = corpus()?;
     let envs = envelopes(&corpus, n);
     let bytes: usize = envs
@@ -186,6 +202,7 @@ fn main() -> Result<()> {
             data_dir: dir.path().to_path_buf(),
             ..Config::default()
         };
+        config.clean.language_detector = detector;
         log.create_topic(topics::RAW, config.log.default_partitions)
             .await?;
         let t = Instant::now();
@@ -229,7 +246,10 @@ fn main() -> Result<()> {
             }
             best = best.max(s.docs_per_second);
         }
-        println!("sift clean (library loop, embedded log): {best:.0} documents/s (target 20000)");
+        println!(
+            "sift clean (library loop, embedded log, {} language detector): {best:.0} documents/s (target 20000)",
+            detector.name()
+        );
         anyhow::Ok(())
     })
 }

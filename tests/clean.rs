@@ -13,6 +13,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use sift::backends::log::{EmbeddedLog, Log, LogError, Message, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
+use sift::clean::language::LanguageDetector;
 use sift::clean::{self, CleanSummary, Until};
 use sift::config::{Config, EmbeddedLogConfig, TelemetryConfig};
 use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
@@ -208,10 +209,8 @@ async fn cleans_every_kind_of_record() -> Result<()> {
         assert_eq!(header(m, headers::CONTENT_TYPE), "text/html");
         assert_eq!(header(m, headers::SCHEMA), SCHEMA_VERSION.to_string());
         assert_eq!(env.metadata["lang"], "eng", "{env:?}");
-        let confidence = env.metadata["lang_confidence"]
-            .as_f64()
-            .context("lang_confidence is a number")?;
-        assert!((0.0..=1.0).contains(&confidence));
+        // The default (fast) detector gives no confidence.
+        assert!(!env.metadata.contains_key("lang_confidence"), "{env:?}");
         by_id.entry(env.id.clone()).or_default().push(env);
     }
     let one = |e: &Envelope| -> Result<Envelope> {
@@ -329,6 +328,69 @@ async fn rejects_unknown_languages_in_config() -> Result<()> {
         err.contains("clean.languages") && err.contains("`en`"),
         "{err}"
     );
+    // The message lists what the configured detector returns.
+    assert!(
+        err.contains("fast") && err.contains("deu, eng, fra"),
+        "{err}"
+    );
+
+    // A language only the broad detector tells.
+    cfg.clean.languages = vec!["pol".into()];
+    let err = clean::run(
+        open_log(dir.path())?,
+        open_objects(dir.path())?,
+        &cfg,
+        Until::caught_up(),
+    )
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("`pol`") && err.contains("broad"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broad_language_detector() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = config(dir.path());
+    cfg.clean.language_detector = LanguageDetector::Broad;
+    // Polish is beyond the fast detector's 16 languages.
+    cfg.clean.languages = vec!["pol".into(), "eng".into()];
+    let log = open_log(dir.path())?;
+    let objects = open_objects(dir.path())?;
+    log.create_topic(topics::RAW, 1).await?;
+    let polish_text = "Rada miejska zebrała się we wtorek wieczorem, aby omówić nowy budżet \
+        bibliotek publicznych, naprawy dróg i letni festiwal.";
+    let polish = envelope("test", "/pl", "Rada", Some(polish_text));
+    let english = envelope("test", "/en", "Council", Some(NEWS));
+    let german = envelope(
+        "test",
+        "/de",
+        "Rat",
+        Some("Der Stadtrat hat sich am Dienstagabend getroffen, um über den neuen Haushalt der öffentlichen Bibliotheken zu sprechen."),
+    );
+    log.produce(
+        topics::RAW,
+        vec![record(&polish)?, record(&english)?, record(&german)?],
+    )
+    .await?;
+
+    let s = clean::run(log.clone(), objects.clone(), &cfg, Until::caught_up()).await?;
+    assert_eq!(s.consumed, 3, "{s:?}");
+    assert_eq!(s.produced, 2, "{s:?}");
+    assert_eq!(s.dropped, counts(&[("language", 1)]));
+    let mut langs = BTreeMap::new();
+    for m in read_all(log.as_ref(), topics::CLEAN).await? {
+        let env: Envelope = serde_json::from_slice(&m.value)?;
+        let confidence = env.metadata["lang_confidence"]
+            .as_f64()
+            .context("lang_confidence is a number")?;
+        assert!((0.0..=1.0).contains(&confidence), "{env:?}");
+        langs.insert(env.url.clone(), env.metadata["lang"].clone());
+    }
+    assert_eq!(langs[&polish.url], "pol", "{langs:?}");
+    assert_eq!(langs[&english.url], "eng", "{langs:?}");
     Ok(())
 }
 
@@ -428,7 +490,7 @@ async fn shutdown_finishes_and_commits() -> Result<()> {
     let daemon = {
         let (log, objects, cfg) = (log.clone(), objects.clone(), cfg.clone());
         tokio::spawn(async move {
-            let until = Until::shutdown(async {
+            let until = Until::stopped_by(async {
                 let _ = rx.await;
             });
             clean::run(log, objects, &cfg, until).await

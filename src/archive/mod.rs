@@ -82,8 +82,6 @@ pub mod keys;
 mod buffer;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,39 +143,7 @@ pub struct ArchiveSummary {
     pub seconds: f64,
 }
 
-/// When [`run`] returns.
-pub struct Until {
-    caught_up: bool,
-    stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-}
-
-impl Until {
-    /// Once the group has archived everything `sift.raw` held at the start
-    /// (`--once`): everything is flushed and committed at the end.
-    pub fn caught_up() -> Self {
-        Until {
-            caught_up: true,
-            stop: None,
-        }
-    }
-
-    /// When `stop` resolves (SIGINT/SIGTERM for the daemon): what is buffered
-    /// is flushed and committed, then it returns.
-    pub fn stopped_by(stop: impl Future<Output = ()> + Send + 'static) -> Self {
-        Until {
-            caught_up: false,
-            stop: Some(Box::pin(stop)),
-        }
-    }
-
-    /// Also stops (flushing first) when `stop` resolves earlier.
-    pub fn or_stopped_by(self, stop: impl Future<Output = ()> + Send + 'static) -> Self {
-        Until {
-            stop: Some(Box::pin(stop)),
-            ..self
-        }
-    }
-}
+pub use crate::daemon::Until;
 
 /// Where a run is, for progress bars and `/healthz`; clones share it.
 #[derive(Clone, Default)]

@@ -10,8 +10,10 @@
 //!    not a claim check → `bad_claim`; no such object → `claim_missing`;
 //! 3. normalization of title and text ([`normalize`]); a text shorter than
 //!    `clean.min_chars` characters (an empty one included) → `too_short`;
-//! 4. language identification ([`language`]): `lang` and `lang_confidence`
-//!    go into the metadata; a language outside a non-empty `clean.languages`
+//! 4. language identification ([`language`], with the detector of
+//!    `clean.language_detector`): `lang` goes into the metadata, and
+//!    `lang_confidence` too with the `broad` detector (the default `fast` one
+//!    gives no confidence); a language outside a non-empty `clean.languages`
 //!    is dropped (a policy, counted as a drop, not a dead letter);
 //! 5. near-duplicates ([`simhash`]): a text whose SimHash is within
 //!    `clean.near_duplicate_bits` of one of the last
@@ -53,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -68,6 +70,7 @@ use crate::dlq::{self, DeadLetter};
 use crate::envelope::{self, headers, topics, Envelope, CLAIM_PREFIX, SCHEMA_VERSION};
 use crate::metrics::Health;
 
+use self::language::LanguageDetector;
 use self::simhash::NearDuplicates;
 
 /// The stage name in metrics and dead letters.
@@ -105,7 +108,7 @@ pub mod drops {
 pub mod meta {
     /// ISO 639-3 code of the text's language (`und` when it cannot be told).
     pub const LANG: &str = "lang";
-    /// Confidence of `lang`, 0 to 1.
+    /// Confidence of `lang`, 0 to 1; only with `clean.language_detector = "broad"`.
     pub const LANG_CONFIDENCE: &str = "lang_confidence";
     /// SimHash of the text, 16 hex digits.
     pub const SIMHASH: &str = "simhash";
@@ -142,40 +145,7 @@ pub struct CleanSummary {
     pub docs_per_second: f64,
 }
 
-/// When [`run`] returns.
-pub struct Until {
-    caught_up: bool,
-    shutdown: Option<BoxFuture<'static, ()>>,
-}
-
-impl Until {
-    /// Once the group has committed everything `sift.raw` held when the run started.
-    pub fn caught_up() -> Self {
-        Until {
-            caught_up: true,
-            shutdown: None,
-        }
-    }
-
-    /// When `signal` resolves (the batch in hand is finished and committed first).
-    pub fn shutdown(signal: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
-        Until {
-            caught_up: false,
-            shutdown: Some(signal.boxed()),
-        }
-    }
-
-    /// Also when `signal` resolves.
-    pub fn or_shutdown(
-        self,
-        signal: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> Self {
-        Until {
-            shutdown: Some(signal.boxed()),
-            ..self
-        }
-    }
-}
+pub use crate::daemon::Until;
 
 /// Backend failures in a row; `/healthz` reports unhealthy from [`UNHEALTHY_AFTER`] on.
 static FAILURES: AtomicU32 = AtomicU32::new(0);
@@ -193,9 +163,9 @@ pub async fn main(config: &Config, args: CleanArgs) -> crate::Result<()> {
     let objects = crate::backends::open_objects(config).await?;
     crate::daemon::serve_metrics(config, health()).await?;
     let until = if args.once {
-        Until::caught_up().or_shutdown(crate::daemon::shutdown_signal())
+        Until::caught_up().or_stopped_by(crate::daemon::shutdown_signal())
     } else {
-        Until::shutdown(crate::daemon::shutdown_signal())
+        Until::stopped_by(crate::daemon::shutdown_signal())
     };
     let s = run(log, objects, config, until).await?;
     if args.json {
@@ -257,7 +227,7 @@ pub async fn run(
     } else {
         None
     };
-    let (stop, watcher) = Stop::new(until.shutdown);
+    let (stop, watcher) = Stop::new(until.stop);
     let consumer = log.subscribe(&settings.group, &[topics::RAW]).await?;
     tracing::info!(
         group = %settings.group,
@@ -306,6 +276,7 @@ struct Settings {
     min_chars: usize,
     /// Empty = every language.
     languages: Vec<String>,
+    detector: LanguageDetector,
     claim_check_bytes: usize,
 }
 
@@ -317,11 +288,20 @@ impl Settings {
                 "invalid config value clean.batch_size: must be at least 1".into(),
             ));
         }
-        if let Some(bad) = c.languages.iter().find(|l| !language::is_known(l)) {
+        let detector = c.language_detector;
+        if let Some(bad) = c.languages.iter().find(|l| !detector.is_known(l)) {
+            let more = match detector {
+                LanguageDetector::Fast => {
+                    "; clean.language_detector = \"broad\" tells 70 languages"
+                }
+                LanguageDetector::Broad => "",
+            };
             return Err(crate::Error::Invalid(format!(
                 "invalid config value clean.languages: `{bad}` is not an ISO 639-3 code \
-                 sift can detect; use codes such as \"eng\", \"deu\", \"fra\" (or \"und\" \
-                 for texts whose language cannot be told)"
+                 the {} language detector can return; it returns {} (\"und\" for texts \
+                 whose language cannot be told){more}",
+                detector.name(),
+                detector.codes().join(", "),
             )));
         }
         Ok(Settings {
@@ -329,6 +309,7 @@ impl Settings {
             batch_size: c.batch_size as usize,
             min_chars: c.min_chars as usize,
             languages: c.languages.clone(),
+            detector,
             claim_check_bytes: usize::try_from(config.ingest.claim_check_bytes)
                 .unwrap_or(usize::MAX),
         })
@@ -482,13 +463,17 @@ fn clean(mut env: Envelope, s: &Settings) -> Verdict {
             ),
         ));
     }
-    let lang = language::detect(&text.text);
+    let lang = s.detector.detect(&text.text);
     if !s.languages.is_empty() && !s.languages.iter().any(|l| l == lang.code) {
+        let confidence = lang
+            .confidence
+            .map(|c| format!(" (confidence {c})"))
+            .unwrap_or_default();
         return Verdict::Dropped(Rejection::new(
             drops::LANGUAGE,
             format!(
-                "language `{}` (confidence {}) is not in clean.languages",
-                lang.code, lang.confidence
+                "language `{}`{confidence} is not in clean.languages",
+                lang.code
             ),
         ));
     }
@@ -496,10 +481,18 @@ fn clean(mut env: Envelope, s: &Settings) -> Verdict {
     env.title = normalize::title(&env.title);
     env.metadata
         .insert(meta::LANG.into(), serde_json::Value::from(lang.code));
-    env.metadata.insert(
-        meta::LANG_CONFIDENCE.into(),
-        serde_json::Value::from(lang.confidence),
-    );
+    match lang.confidence {
+        Some(confidence) => {
+            env.metadata.insert(
+                meta::LANG_CONFIDENCE.into(),
+                serde_json::Value::from(confidence),
+            );
+        }
+        // Whatever the raw record carried would pass for this detector's.
+        None => {
+            env.metadata.remove(meta::LANG_CONFIDENCE);
+        }
+    }
     env.metadata.insert(
         meta::SIMHASH.into(),
         serde_json::Value::from(format!("{simhash:016x}")),
@@ -1036,6 +1029,7 @@ mod tests {
             batch_size: 10,
             min_chars: 20,
             languages: vec!["eng".into()],
+            detector: LanguageDetector::Fast,
             claim_check_bytes: 200,
         }
     }
@@ -1085,6 +1079,7 @@ mod tests {
         assert_eq!(env.text.as_deref(), Some(text));
         assert_eq!(env.title, "A fine title");
         assert_eq!(env.metadata[meta::LANG], "eng");
+        assert!(!env.metadata.contains_key(meta::LANG_CONFIDENCE));
         assert_eq!(
             env.metadata[meta::SIMHASH],
             format!("{:016x}", simhash::simhash(text))
@@ -1110,6 +1105,21 @@ mod tests {
         assert!(
             matches!(clean(envelope(fr), &s), Verdict::Dropped(r) if r.reason == drops::LANGUAGE)
         );
+
+        // The broad detector adds its confidence.
+        let broad = Settings {
+            detector: LanguageDetector::Broad,
+            ..settings()
+        };
+        let Verdict::Clean(c) = clean(envelope(text), &broad) else {
+            anyhow::bail!("not cleaned");
+        };
+        let env: Envelope = serde_json::from_slice(&c.record.value)?;
+        assert_eq!(env.metadata[meta::LANG], "eng");
+        let confidence = env.metadata[meta::LANG_CONFIDENCE]
+            .as_f64()
+            .context("a number")?;
+        assert!((0.0..=1.0).contains(&confidence), "{confidence}");
         Ok(())
     }
 }
