@@ -14,7 +14,7 @@
 //! The head and the n-gram branch have no BERT counterpart and keep their
 //! fresh initialisation. Typical use in the training crate:
 //!
-//! ```ignore
+//! ```text
 //! let config = sift_models::bert::config_from_bert(&config_json, num_labels, 256)?;
 //! let bert = candle_core::safetensors::load("model.safetensors", &device)?;
 //! let weights = sift_models::bert::convert(bert, &config)?;
