@@ -8,6 +8,10 @@
 //! `sift-index.json`, so a later `ensure_index` can tell whether the caller
 //! still means the same layout.
 
+use super::{
+    compare_fields, describe_fields, expected_value, json_type, kind_name, validate_fields,
+    validate_name,
+};
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::fs;
@@ -33,8 +37,7 @@ use tantivy::{
 };
 
 use super::{
-    BulkReport, Clause, FieldKind, FieldSpec, Hit, IndexSpec, Query, SearchDoc, SearchError,
-    SearchIndex,
+    BulkReport, Clause, FieldKind, Hit, IndexSpec, Query, SearchDoc, SearchError, SearchIndex,
 };
 
 /// File, next to the tantivy files, that records the [`IndexSpec`] an index was created with.
@@ -49,8 +52,6 @@ const WRITER_HEAP_BYTES: usize = 50_000_000;
 const MAX_ID_BYTES: usize = 512;
 /// Longest accepted keyword value, as in Elasticsearch (Lucene's term limit).
 const MAX_KEYWORD_BYTES: usize = 32_766;
-/// Longest accepted field name.
-const MAX_FIELD_NAME_CHARS: usize = 256;
 
 /// A search index kept in local `tantivy` indexes, one per index name.
 ///
@@ -655,105 +656,6 @@ fn add_value(
             json_type(other),
             expected_value(kind)
         )),
-    }
-}
-
-fn validate_name(name: &str) -> Result<(), SearchError> {
-    let valid = (1..=100).contains(&name.len())
-        && !name.starts_with(['_', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if valid {
-        Ok(())
-    } else {
-        Err(SearchError::InvalidName(name.to_owned()))
-    }
-}
-
-fn validate_fields(spec: &IndexSpec) -> Result<(), SearchError> {
-    let bad = |detail: String| SearchError::BadField {
-        index: spec.name.clone(),
-        detail,
-    };
-    let mut seen = std::collections::HashSet::new();
-    for field in &spec.fields {
-        let name = field.name.as_str();
-        if name.is_empty() || name.chars().count() > MAX_FIELD_NAME_CHARS {
-            return Err(bad(format!(
-                "field name `{name}` must have 1 to {MAX_FIELD_NAME_CHARS} characters"
-            )));
-        }
-        if name == ID_FIELD || name == SOURCE_FIELD {
-            return Err(bad(format!(
-                "field name `{name}` is reserved; rename the field"
-            )));
-        }
-        if name.starts_with('-') {
-            return Err(bad(format!("field name `{name}` must not start with `-`")));
-        }
-        if !seen.insert(name) {
-            return Err(bad(format!("field `{name}` is listed twice")));
-        }
-    }
-    Ok(())
-}
-
-/// `Ok` when both specs have the same fields (in any order), else `SchemaMismatch`.
-fn compare_fields(existing: &IndexSpec, requested: &IndexSpec) -> Result<(), SearchError> {
-    let sorted = |spec: &IndexSpec| {
-        let mut fields = spec.fields.clone();
-        fields.sort_by(|a, b| a.name.cmp(&b.name));
-        fields
-    };
-    let (have, want) = (sorted(existing), sorted(requested));
-    if have == want {
-        return Ok(());
-    }
-    Err(SearchError::SchemaMismatch {
-        index: requested.name.clone(),
-        detail: format!(
-            "it has {}, the request has {}; use another index name or delete the index",
-            describe_fields(&have),
-            describe_fields(&want)
-        ),
-    })
-}
-
-fn describe_fields(fields: &[FieldSpec]) -> String {
-    if fields.is_empty() {
-        return "no searchable fields".to_owned();
-    }
-    let parts: Vec<String> = fields
-        .iter()
-        .map(|f| format!("{} ({})", f.name, kind_name(f.kind)))
-        .collect();
-    parts.join(", ")
-}
-
-fn kind_name(kind: FieldKind) -> &'static str {
-    match kind {
-        FieldKind::Keyword => "keyword",
-        FieldKind::Text => "text",
-        FieldKind::Integer => "integer",
-    }
-}
-
-fn expected_value(kind: FieldKind) -> &'static str {
-    match kind {
-        FieldKind::Keyword | FieldKind::Text => "a string or an array of strings",
-        FieldKind::Integer => "an integer or an array of integers",
-    }
-}
-
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -209,3 +209,112 @@ pub trait SearchIndex: Send + Sync + 'static {
     /// Runs a query and returns the top `query.k` hits, best first.
     async fn search(&self, index: &str, query: &Query) -> Result<Vec<Hit>, SearchError>;
 }
+
+// Rules and messages shared by the embedded and Elasticsearch indexes, so a
+// spec or document valid on one backend is valid on the other.
+
+/// Longest field name (characters).
+const MAX_FIELD_NAME_CHARS: usize = 256;
+
+/// Index names both backends accept: 1 to 100 of `a-z 0-9 _ -`, not
+/// starting with `_` or `-`.
+fn validate_name(name: &str) -> Result<(), SearchError> {
+    let valid = (1..=100).contains(&name.len())
+        && !name.starts_with(['_', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(SearchError::InvalidName(name.to_owned()))
+    }
+}
+
+/// Field names both backends accept: 1 to 256 characters, not `_id` or
+/// `_source`, not starting with `-`, each listed once.
+fn validate_fields(spec: &IndexSpec) -> Result<(), SearchError> {
+    let bad = |detail: String| SearchError::BadField {
+        index: spec.name.clone(),
+        detail,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for field in &spec.fields {
+        let name = field.name.as_str();
+        if name.is_empty() || name.chars().count() > MAX_FIELD_NAME_CHARS {
+            return Err(bad(format!(
+                "field name `{name}` must have 1 to {MAX_FIELD_NAME_CHARS} characters"
+            )));
+        }
+        if name == "_id" || name == "_source" {
+            return Err(bad(format!(
+                "field name `{name}` is reserved; rename the field"
+            )));
+        }
+        if name.starts_with('-') {
+            return Err(bad(format!("field name `{name}` must not start with `-`")));
+        }
+        if !seen.insert(name) {
+            return Err(bad(format!("field `{name}` is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+/// `Ok` when both specs have the same fields (in any order), else `SchemaMismatch`.
+fn compare_fields(existing: &IndexSpec, requested: &IndexSpec) -> Result<(), SearchError> {
+    let sorted = |spec: &IndexSpec| {
+        let mut fields = spec.fields.clone();
+        fields.sort_by(|a, b| a.name.cmp(&b.name));
+        fields
+    };
+    let (have, want) = (sorted(existing), sorted(requested));
+    if have == want {
+        return Ok(());
+    }
+    Err(SearchError::SchemaMismatch {
+        index: requested.name.clone(),
+        detail: format!(
+            "it has {}, the request has {}; use another index name or delete the index",
+            describe_fields(&have),
+            describe_fields(&want)
+        ),
+    })
+}
+
+fn describe_fields(fields: &[FieldSpec]) -> String {
+    if fields.is_empty() {
+        return "no searchable fields".to_owned();
+    }
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|f| format!("{} ({})", f.name, kind_name(f.kind)))
+        .collect();
+    parts.join(", ")
+}
+
+fn kind_name(kind: FieldKind) -> &'static str {
+    match kind {
+        FieldKind::Keyword => "keyword",
+        FieldKind::Text => "text",
+        FieldKind::Integer => "integer",
+    }
+}
+
+fn expected_value(kind: FieldKind) -> &'static str {
+    match kind {
+        FieldKind::Keyword | FieldKind::Text => "a string or an array of strings",
+        FieldKind::Integer => "an integer or an array of integers",
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
