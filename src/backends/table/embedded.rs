@@ -144,18 +144,6 @@ fn keep_families(cells: Vec<Cell>, families: Option<&[String]>) -> Vec<Cell> {
     }
 }
 
-/// The smallest key greater than every key starting with `prefix`, if any.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 impl Inner {
     fn check_table(&self, table: &str) -> Result<Vec<String>, TableError> {
         self.families
@@ -280,24 +268,9 @@ impl Inner {
 
     fn scan(&self, table: &str, scan: &Scan) -> Result<Vec<Row>, TableError> {
         self.check_table(table)?;
-        let mut lower: Vec<u8> = scan.start.as_deref().unwrap_or_default().to_vec();
-        let mut upper: Option<Vec<u8>> = scan.stop.as_ref().map(|s| s.to_vec());
-        if let Some(p) = &scan.prefix {
-            if p.as_ref() > lower.as_slice() {
-                lower = p.to_vec();
-            }
-            if let Some(end) = prefix_end(p) {
-                upper = Some(match upper {
-                    Some(u) if u < end => u,
-                    _ => end,
-                });
-            }
-        }
-        if let Some(u) = &upper {
-            if *u <= lower {
-                return Ok(Vec::new());
-            }
-        }
+        let Some((lower, upper)) = super::scan_range(scan) else {
+            return Ok(Vec::new());
+        };
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(data_def(table)).map_err(storage)?;
         let range = (

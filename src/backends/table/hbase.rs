@@ -353,39 +353,6 @@ fn to_row(r: TRowResult) -> Result<Row, TableError> {
     })
 }
 
-/// The smallest key greater than every key starting with `prefix`, if any.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
-/// The key range `[lower, upper)` a scan covers, or None when it is empty.
-fn scan_range(scan: &Scan) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
-    let mut lower: Vec<u8> = scan.start.as_deref().unwrap_or_default().to_vec();
-    let mut upper: Option<Vec<u8>> = scan.stop.as_ref().map(|s| s.to_vec());
-    if let Some(p) = &scan.prefix {
-        if p.as_ref() > lower.as_slice() {
-            lower = p.to_vec();
-        }
-        if let Some(end) = prefix_end(p) {
-            upper = Some(match upper {
-                Some(u) if u < end => u,
-                _ => end,
-            });
-        }
-    }
-    match &upper {
-        Some(u) if *u <= lower => None,
-        _ => Some((lower, upper)),
-    }
-}
-
 fn invalid_qualifier() -> TableError {
     TableError::Invalid {
         what: "column qualifier",
@@ -929,7 +896,7 @@ impl super::Table for HbaseTable {
 
     async fn scan(&self, table: &str, scan: &Scan) -> Result<Vec<Row>, TableError> {
         let families = self.known_families(table, scan.families.as_deref()).await?;
-        let Some((lower, upper)) = scan_range(scan) else {
+        let Some((lower, upper)) = super::scan_range(scan) else {
             return Ok(Vec::new());
         };
         if families.as_ref().is_some_and(Vec::is_empty) {
@@ -1103,17 +1070,23 @@ mod tests {
             ..Scan::default()
         };
         assert_eq!(
-            scan_range(&s(None, None, Some("doc-"))),
+            super::super::scan_range(&s(None, None, Some("doc-"))),
             Some((b"doc-".to_vec(), Some(b"doc.".to_vec())))
         );
         assert_eq!(
-            scan_range(&s(Some("doc-095"), None, Some("doc-"))),
+            super::super::scan_range(&s(Some("doc-095"), None, Some("doc-"))),
             Some((b"doc-095".to_vec(), Some(b"doc.".to_vec())))
         );
-        assert_eq!(scan_range(&s(Some("z"), Some("a"), None)), None);
-        assert_eq!(scan_range(&s(None, None, None)), Some((Vec::new(), None)));
-        assert_eq!(prefix_end(b"a\xff\xff"), Some(b"b".to_vec()));
-        assert_eq!(prefix_end(b"\xff"), None);
+        assert_eq!(
+            super::super::scan_range(&s(Some("z"), Some("a"), None)),
+            None
+        );
+        assert_eq!(
+            super::super::scan_range(&s(None, None, None)),
+            Some((Vec::new(), None))
+        );
+        assert_eq!(super::super::prefix_end(b"a\xff\xff"), Some(b"b".to_vec()));
+        assert_eq!(super::super::prefix_end(b"\xff"), None);
     }
 
     #[test]

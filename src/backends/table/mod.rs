@@ -236,3 +236,36 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), TableError> {
         })
     }
 }
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The key range `[lower, upper)` a scan covers, or None when it is empty.
+pub(crate) fn scan_range(scan: &Scan) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let mut lower: Vec<u8> = scan.start.as_deref().unwrap_or_default().to_vec();
+    let mut upper: Option<Vec<u8>> = scan.stop.as_ref().map(|s| s.to_vec());
+    if let Some(p) = &scan.prefix {
+        if p.as_ref() > lower.as_slice() {
+            lower = p.to_vec();
+        }
+        if let Some(end) = prefix_end(p) {
+            upper = Some(match upper {
+                Some(u) if u < end => u,
+                _ => end,
+            });
+        }
+    }
+    match &upper {
+        Some(u) if *u <= lower => None,
+        _ => Some((lower, upper)),
+    }
+}
