@@ -75,6 +75,8 @@ pub struct Config {
     pub clean: CleanConfig,
     /// `sift archive`: the raw topic as compressed JSON lines in the object store.
     pub archive: ArchiveConfig,
+    /// `sift train` and the model registry.
+    pub train: TrainConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -91,6 +93,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             clean: CleanConfig::default(),
             archive: ArchiveConfig::default(),
+            train: TrainConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -521,6 +524,43 @@ pub enum Encryption {
     SseS3,
     /// SSE-KMS with `kms_key_id`.
     SseKms,
+}
+
+/// `sift train` and the model registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Datasets read when `--data` is not given: file paths, or `objects:KEY`
+    /// for JSON lines in the object store (`.gz` and `.zst` are decompressed).
+    /// Empty = the labeled sample bundled with sift.
+    pub data: Vec<String>,
+    /// Model size: `tiny` (CPU) or `base` (GPU).
+    pub preset: String,
+    /// Key prefix of the model registry in the object store.
+    pub prefix: String,
+    /// Figure the champion/challenger gate compares: `hit_at_5`, `p_at_1`
+    /// or `recall_at_5`.
+    pub gate_metric: String,
+    /// Share of documents (by a hash of their id) held out for validation, percent.
+    pub validation_percent: u8,
+    /// Seed of the weights, the batch order and dropout.
+    pub seed: u64,
+    /// Add the analysts' decisions (family `r` of the `documents` table) to the training data.
+    pub feedback: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: Vec::new(),
+            preset: "tiny".into(),
+            prefix: "models".into(),
+            gate_metric: "hit_at_5".into(),
+            validation_percent: 10,
+            seed: 42,
+            feedback: true,
+        }
+    }
 }
 
 /// `sift archive`.

@@ -8,10 +8,12 @@
 
 pub mod archive;
 pub mod backends;
+pub mod classify;
 pub mod clean;
 pub mod config;
 pub mod daemon;
 pub mod dlq;
+pub mod documents;
 pub mod envelope;
 pub mod error;
 pub mod ingest;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod run;
 pub mod sample;
 pub mod telemetry;
+pub mod train;
 
 pub use error::{Error, Result};
 

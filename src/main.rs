@@ -11,6 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sift::backends::{self, log::Log, objects::PutMode, table::Scan};
 use sift::config::{self, Loaded, Sources};
 
+// candle allocates a fresh buffer for every tensor operation; glibc's
+// allocator hands large ones back to the kernel and faults them in again on
+// the next step, which halved training speed. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// sift: ingest, clean, classify and review documents; link social profiles to people.
 #[derive(Parser)]
 #[command(version, propagate_version = true, max_term_width = 100)]
@@ -49,6 +55,13 @@ enum Command {
     Archive(sift::archive::ArchiveArgs),
     /// Print the title and text the ingest extractor gets from HTML, PDF or text files.
     Extract(sift::ingest::extract::ExtractArgs),
+    /// Train the category model, publish it to the registry, and promote it if it beats LATEST.
+    Train(sift::train::TrainArgs),
+    /// List, inspect, promote and roll back models in the registry.
+    #[command(subcommand)]
+    Models(sift::train::models::ModelsCommand),
+    /// Print the top categories of files or of JSON lines on stdin.
+    Classify(sift::classify::ClassifyArgs),
 }
 
 #[derive(Args)]
@@ -254,6 +267,9 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         Command::Clean(args) => Ok(sift::clean::main(config, args).await?),
         Command::Archive(args) => Ok(sift::archive::main(config, args).await?),
         Command::Extract(args) => Ok(sift::ingest::extract::main(args)?),
+        Command::Train(args) => Ok(sift::train::main(config, args).await?),
+        Command::Models(command) => Ok(sift::train::models::main(config, command).await?),
+        Command::Classify(args) => Ok(sift::classify::main(config, args).await?),
     }
 }
 

@@ -76,6 +76,12 @@ pub struct Metrics {
     pub archive_part_bytes: Histogram,
     /// Records in each uploaded archive part.
     pub archive_part_records: Histogram,
+    /// Training runs by outcome (`promoted`, `kept`, `failed`).
+    pub train_runs: Family<OutcomeLabel, Counter>,
+    /// Validation hit@5 of the last trained model, per mille.
+    pub train_last_hit_at_5: Gauge,
+    /// Unix time (s) the last training run finished.
+    pub train_last_finished: Gauge,
 }
 
 impl Metrics {
@@ -96,6 +102,9 @@ impl Metrics {
             consumer_lag: Family::default(),
             archive_part_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
             archive_part_records: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
+            train_runs: Family::default(),
+            train_last_hit_at_5: Gauge::default(),
+            train_last_finished: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -167,6 +176,21 @@ impl Metrics {
             "sift_archive_part_records",
             "Records in each uploaded archive part",
             m.archive_part_records.clone(),
+        );
+        registry.register(
+            "sift_train_runs",
+            "Training runs by outcome (promoted, kept, failed)",
+            m.train_runs.clone(),
+        );
+        registry.register(
+            "sift_train_last_hit_at_5_permille",
+            "Validation hit@5 of the last trained model, per mille",
+            m.train_last_hit_at_5.clone(),
+        );
+        registry.register(
+            "sift_train_last_finished_seconds",
+            "Unix time the last training run finished",
+            m.train_last_finished.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -167,3 +167,57 @@ fn config_show_names_origins_and_rejects_typos() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every subcommand's `--help` works: clap checks a command's arguments
+/// (unique names, valid defaults) only when that command is built.
+#[test]
+fn every_subcommand_has_help() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ok, top, err) = sift(dir.path(), &["--help"])?;
+    ensure!(ok, "{err}");
+    let mut commands: Vec<Vec<String>> = Vec::new();
+    let names = |help: &str| -> Vec<String> {
+        help.split("Commands:")
+            .nth(1)
+            .unwrap_or_default()
+            .split("Options:")
+            .next()
+            .unwrap_or_default()
+            .lines()
+            // Command lines are indented two spaces; wrapped descriptions more.
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| *w != "help")
+            .map(str::to_owned)
+            .collect()
+    };
+    for name in names(&top) {
+        commands.push(vec![name]);
+    }
+    let mut i = 0;
+    while i < commands.len() {
+        let mut args: Vec<&str> = commands[i].iter().map(String::as_str).collect();
+        args.push("--help");
+        let (ok, out, err) = sift(dir.path(), &args)?;
+        ensure!(ok && out.contains("Usage:"), "{args:?}: {err}");
+        let parent = commands[i].clone();
+        for sub in names(&out) {
+            let mut path = parent.clone();
+            path.push(sub);
+            commands.push(path);
+        }
+        i += 1;
+    }
+    for expected in [
+        vec!["train"],
+        vec!["classify"],
+        vec!["models", "promote"],
+        vec!["models", "rollback"],
+    ] {
+        ensure!(
+            commands.iter().any(|c| c == &expected),
+            "{expected:?} not found in {commands:?}"
+        );
+    }
+    Ok(())
+}

@@ -214,6 +214,7 @@ pub fn config_from_bert(
         pooling: Pooling::Mean,
         norm: Norm::Post,
         norm_eps: bert.layer_norm_eps,
+        output: crate::Output::Sigmoid,
         ngrams: None,
     };
     config.validate()?;

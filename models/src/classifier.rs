@@ -16,8 +16,12 @@
 //! head.{weight,bias}                           [num_labels, hidden + dim], [num_labels]
 //! ```
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 
 use crate::config::{ModelConfig, Norm, Pooling};
 use crate::ops::{softmax_last_dim, LayerNorm};
@@ -44,11 +48,41 @@ fn embedding(rows: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Emb
     Ok(Embedding::new(weight, dim))
 }
 
-fn dropout(xs: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(xs, p)
-    } else {
-        Ok(xs.clone())
+/// Dropout whose masks come from one seeded generator shared by every module
+/// of a model, so training on the CPU is reproducible (candle's own CPU
+/// generator cannot be seeded). On other devices the mask is drawn there, by
+/// candle, seeded through `Device::set_seed`, to avoid copying it over.
+#[derive(Debug, Clone)]
+struct Dropout {
+    p: f32,
+    rng: Arc<Mutex<StdRng>>,
+}
+
+impl Dropout {
+    fn forward(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train || self.p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        if !xs.device().is_cpu() {
+            return candle_nn::ops::dropout(xs, self.p);
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        // Compare raw u32 draws against a threshold: cheaper than floats.
+        let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            (0..xs.elem_count())
+                .map(|_| {
+                    if rng.next_u32() < threshold {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
     }
 }
 
@@ -98,11 +132,11 @@ struct SelfAttention {
     output: Linear,
     heads: usize,
     head_dim: usize,
-    dropout: f32,
+    dropout: Dropout,
 }
 
 impl SelfAttention {
-    fn new(config: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(config: &ModelConfig, dropout: &Dropout, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = config.hidden;
         Ok(Self {
             query: linear(h, h, vb.pp("query"))?,
@@ -111,7 +145,7 @@ impl SelfAttention {
             output: linear(h, h, vb.pp("output"))?,
             heads: config.heads,
             head_dim: h / config.heads,
-            dropout: config.dropout,
+            dropout: dropout.clone(),
         })
     }
 
@@ -129,7 +163,7 @@ impl SelfAttention {
         let v = split(self.value.forward(xs)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask_bias)?;
-        let probs = dropout(&softmax_last_dim(&scores)?, self.dropout, train)?;
+        let probs = self.dropout.forward(&softmax_last_dim(&scores)?, train)?;
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -166,13 +200,13 @@ struct EncoderLayer {
     ff: FeedForward,
     ff_norm: LayerNorm,
     norm: Norm,
-    dropout: f32,
+    dropout: Dropout,
 }
 
 impl EncoderLayer {
-    fn new(config: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(config: &ModelConfig, dropout: &Dropout, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            attention: SelfAttention::new(config, vb.pp("attention"))?,
+            attention: SelfAttention::new(config, dropout, vb.pp("attention"))?,
             attention_norm: LayerNorm::load(
                 config.hidden,
                 config.norm_eps,
@@ -181,28 +215,26 @@ impl EncoderLayer {
             ff: FeedForward::new(config, vb.pp("ff"))?,
             ff_norm: LayerNorm::load(config.hidden, config.norm_eps, vb.pp("ff_norm"))?,
             norm: config.norm,
-            dropout: config.dropout,
+            dropout: dropout.clone(),
         })
     }
 
     fn forward(&self, xs: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let p = self.dropout;
+        let dropout = |x: &Tensor| self.dropout.forward(x, train);
         match self.norm {
             Norm::Pre => {
                 let attended =
                     self.attention
                         .forward(&self.attention_norm.forward(xs)?, mask_bias, train)?;
-                let xs = (xs + dropout(&attended, p, train)?)?;
+                let xs = (xs + dropout(&attended)?)?;
                 let fed = self.ff.forward(&self.ff_norm.forward(&xs)?)?;
-                &xs + dropout(&fed, p, train)?
+                &xs + dropout(&fed)?
             }
             Norm::Post => {
                 let attended = self.attention.forward(xs, mask_bias, train)?;
-                let xs = self
-                    .attention_norm
-                    .forward(&(xs + dropout(&attended, p, train)?)?)?;
+                let xs = self.attention_norm.forward(&(xs + dropout(&attended)?)?)?;
                 let fed = self.ff.forward(&xs)?;
-                self.ff_norm.forward(&(&xs + dropout(&fed, p, train)?)?)
+                self.ff_norm.forward(&(&xs + dropout(&fed)?)?)
             }
         }
     }
@@ -223,6 +255,7 @@ pub struct Classifier {
     final_norm: Option<LayerNorm>,
     ngrams: Option<Embedding>,
     head: Linear,
+    dropout: Dropout,
 }
 
 impl Classifier {
@@ -242,8 +275,12 @@ impl Classifier {
             )?),
             Norm::Pre => None,
         };
+        let dropout = Dropout {
+            p: config.dropout,
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(0))),
+        };
         let layers = (0..config.layers)
-            .map(|i| EncoderLayer::new(config, vb.pp("layers").pp(i)))
+            .map(|i| EncoderLayer::new(config, &dropout, vb.pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_norm = match config.norm {
             Norm::Pre => Some(LayerNorm::load(
@@ -267,7 +304,16 @@ impl Classifier {
             final_norm,
             ngrams,
             head,
+            dropout,
         })
+    }
+
+    /// Restarts the dropout masks' generator from `seed` (it starts at 0).
+    /// On the CPU the same seed, weights and batches give the same training
+    /// run, bit for bit.
+    pub fn seed_dropout(&self, seed: u64) {
+        let mut rng = self.dropout.rng.lock().unwrap_or_else(|e| e.into_inner());
+        *rng = StdRng::seed_from_u64(seed);
     }
 
     /// Builds the model from saved weights (`VarMap::save` output) by
@@ -305,6 +351,47 @@ impl Classifier {
         ngrams: Option<&NgramBatch>,
         train: bool,
     ) -> Result<Tensor> {
+        let bag = match (&self.ngrams, ngrams) {
+            (Some(table), Some(batch)) => {
+                let b = input_ids.dim(0)?;
+                if batch.ids.dim(0)? != b {
+                    return Err(Error::Input(format!(
+                        "n-gram batch has {} documents, input_ids has {b}",
+                        batch.ids.dim(0)?
+                    )));
+                }
+                Some(masked_mean(
+                    &table.forward(&batch.ids)?,
+                    &batch.mask.to_dtype(DType::F32)?,
+                )?)
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::Input(
+                    "this model has an n-gram branch; pass the documents' n-gram bucket ids".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Input(
+                    "n-gram ids were given but this model has no n-gram branch; pass None".into(),
+                ))
+            }
+        };
+        self.forward_with_bag(input_ids, attention_mask, bag.as_ref(), train)
+    }
+
+    /// [`forward`](Self::forward) with the n-gram branch's output given
+    /// directly: `bag` `[B, dim]`, each row the mean of the document's bucket
+    /// embeddings (zeros for none). Training keeps the n-gram table on the
+    /// host and updates only the rows a batch touches, which is far cheaper
+    /// than a dense gradient over the whole table.
+    pub fn forward_with_bag(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        bag: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if attention_mask.dims() != [b, t] {
             return Err(Error::Input(format!(
@@ -318,7 +405,6 @@ impl Classifier {
                 self.config.max_len
             )));
         }
-        let p = self.config.dropout;
         let device = input_ids.device();
         let mask = attention_mask.to_dtype(DType::F32)?;
 
@@ -331,7 +417,7 @@ impl Classifier {
             Some(norm) => norm.forward(&xs)?,
             None => xs,
         };
-        let mut xs = dropout(&xs, p, train)?;
+        let mut xs = self.dropout.forward(&xs, train)?;
 
         // 0 for real keys, MASKED_SCORE for padding, shaped to broadcast over
         // heads and query positions.
@@ -350,33 +436,30 @@ impl Classifier {
             Pooling::Mean => masked_mean(&xs, &mask)?,
             Pooling::Cls => xs.narrow(1, 0, 1)?.squeeze(1)?,
         };
-        let features = match (&self.ngrams, ngrams) {
-            (Some(table), Some(batch)) => {
-                if batch.ids.dim(0)? != b {
+        let features = match (self.config.ngrams, bag) {
+            (Some(n), Some(bag)) => {
+                if bag.dims() != [b, n.dim] {
                     return Err(Error::Input(format!(
-                        "n-gram batch has {} documents, input_ids has {b}",
-                        batch.ids.dim(0)?
+                        "n-gram bag has shape {:?}; expected [{b}, {}]",
+                        bag.dims(),
+                        n.dim
                     )));
                 }
-                let bag = masked_mean(
-                    &table.forward(&batch.ids)?,
-                    &batch.mask.to_dtype(DType::F32)?,
-                )?;
                 Tensor::cat(&[&pooled, &bag.to_dtype(pooled.dtype())?], 1)?
             }
             (None, None) => pooled,
             (Some(_), None) => {
                 return Err(Error::Input(
-                    "this model has an n-gram branch; pass the documents' n-gram bucket ids".into(),
+                    "this model has an n-gram branch; pass the documents' n-gram bag".into(),
                 ))
             }
             (None, Some(_)) => {
                 return Err(Error::Input(
-                    "n-gram ids were given but this model has no n-gram branch; pass None".into(),
+                    "an n-gram bag was given but this model has no n-gram branch; pass None".into(),
                 ))
             }
         };
-        let features = dropout(&features, p, train)?;
+        let features = self.dropout.forward(&features, train)?;
         Ok(self.head.forward(&features)?)
     }
 }

@@ -57,6 +57,19 @@ pub enum Norm {
     Post,
 }
 
+/// How logits become per-label scores, which is also the loss trained with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// Independent sigmoids, trained with binary cross-entropy per label:
+    /// each score is that label's own probability.
+    #[default]
+    Sigmoid,
+    /// One softmax over all labels, trained with cross-entropy against the
+    /// normalised multi-hot target: scores sum to 1 across labels.
+    Softmax,
+}
+
 /// The fastText-style branch: a bag of hashed word uni/bi-gram buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +111,9 @@ pub struct ModelConfig {
     /// Layer-norm epsilon (BERT uses 1e-12).
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f64,
+    /// How logits become scores (and the loss the model was trained with).
+    #[serde(default)]
+    pub output: Output,
     /// Optional hashed n-gram branch; absent means the encoder alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ngrams: Option<NgramConfig>,
@@ -122,6 +138,7 @@ impl ModelConfig {
             pooling: Pooling::Mean,
             norm: Norm::Pre,
             norm_eps: default_norm_eps(),
+            output: Output::Sigmoid,
             ngrams: None,
         }
     }
@@ -140,6 +157,7 @@ impl ModelConfig {
             pooling: Pooling::Mean,
             norm: Norm::Pre,
             norm_eps: default_norm_eps(),
+            output: Output::Sigmoid,
             ngrams: None,
         }
     }

@@ -16,9 +16,10 @@
 //!   its CPU generator).
 //! - [`bert`]: start from a pretrained BERT/MiniLM encoder (post-norm).
 //!
-//! Dropout uses candle's random generator, which is seeded on CUDA
-//! (`Device::set_seed`) but not on CPU: training with dropout on CPU is not
-//! bit-reproducible; evaluation (`train = false`) always is.
+//! Dropout masks on the CPU come from a generator seeded through
+//! [`Classifier::seed_dropout`], so a CPU training run is reproducible bit
+//! for bit; on CUDA they come from candle's generator (`Device::set_seed`).
+//! Evaluation (`train = false`) is always deterministic.
 //!
 //! Training a model and loading saved weights:
 //!
@@ -52,7 +53,7 @@ mod init;
 pub mod ops;
 
 pub use classifier::{Classifier, NgramBatch};
-pub use config::{ConfigError, ModelConfig, NgramConfig, Norm, Pooling};
+pub use config::{ConfigError, ModelConfig, NgramConfig, Norm, Output, Pooling};
 pub use init::seeded_var_builder;
 
 /// What can go wrong building or running a model.

@@ -63,10 +63,65 @@ impl LayerNorm {
 /// `max(x, 0) - x·y + log(1 + exp(-|x|))`, which never overflows, unlike
 /// candle-nn's version that takes `log(sigmoid(x))`.
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    bce_elements(logits, targets)?.mean_all()
+}
+
+fn bce_elements(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_dtype(logits.dtype())?;
     let softplus = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    let loss = ((logits.relu()? - (logits * targets)?)? + softplus)?;
-    loss.mean_all()
+    (logits.relu()? - (logits * targets)?)? + softplus
+}
+
+/// Binary cross-entropy where each element counts with its `weight` (same
+/// shape): the sum of weighted losses over the sum of weights. A weight of
+/// 0 leaves a label out of a document's loss, which is how a rejection that
+/// says only "not these five" is trained without claiming anything about the
+/// other labels.
+pub fn weighted_bce_with_logits(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let weights = weights.to_dtype(logits.dtype())?;
+    let total = (bce_elements(logits, targets)? * &weights)?.sum_all()?;
+    let count = weights.sum_all()?.clamp(1e-6, f64::INFINITY)?;
+    total.div(&count)
+}
+
+/// Log-softmax over the last dimension, stable and differentiable.
+pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let shifted = xs.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&log_sum)
+}
+
+/// Cross-entropy of a softmax over labels against each row's multi-hot
+/// target normalised to sum to 1, averaged over rows whose `row_weight`
+/// (`[B]`) is 1; rows with no positive label must carry weight 0.
+pub fn soft_target_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    row_weight: &Tensor,
+) -> Result<Tensor> {
+    let targets = targets.to_dtype(logits.dtype())?;
+    let row_weight = row_weight.to_dtype(logits.dtype())?;
+    let mass = targets.sum_keepdim(D::Minus1)?.clamp(1e-6, f64::INFINITY)?;
+    let normalised = targets.broadcast_div(&mass)?;
+    let per_row = (normalised * log_softmax_last_dim(logits)?)?
+        .sum(D::Minus1)?
+        .neg()?;
+    let total = (per_row * &row_weight)?.sum_all()?;
+    let count = row_weight.sum_all()?.clamp(1e-6, f64::INFINITY)?;
+    total.div(&count)
+}
+
+/// Per-label scores from logits `[B, L]` for a model with this output.
+pub fn scores(logits: &Tensor, output: crate::Output) -> Result<Tensor> {
+    match output {
+        crate::Output::Sigmoid => candle_nn::ops::sigmoid(logits),
+        crate::Output::Softmax => softmax_last_dim(logits),
+    }
 }
 
 #[cfg(test)]
@@ -126,6 +181,40 @@ mod tests {
         let big = Tensor::new(&[[200.0f32, -200.0]], &device)?;
         let loss = bce_with_logits(&big, &Tensor::new(&[[0u8, 1]], &device)?)?;
         assert!((loss.to_scalar::<f32>()? - 200.0).abs() < 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn weighted_bce_counts_only_weighted_elements() -> Result<()> {
+        let device = Device::Cpu;
+        let logits = Tensor::new(&[[-3.0f32, 0.0, 2.5], [1.0, -0.5, 4.0]], &device)?;
+        let targets = Tensor::new(&[[0u8, 1, 1], [0, 0, 0]], &device)?;
+        let ones = Tensor::ones((2, 3), DType::F32, &device)?;
+        let all = weighted_bce_with_logits(&logits, &targets, &ones)?.to_scalar::<f32>()?;
+        let plain = bce_with_logits(&logits, &targets)?.to_scalar::<f32>()?;
+        assert!((all - plain).abs() < 1e-6);
+        // Only the second row's last label: softplus(4) = 4.01815.
+        let one = Tensor::new(&[[0f32, 0.0, 0.0], [0.0, 0.0, 1.0]], &device)?;
+        let only = weighted_bce_with_logits(&logits, &targets, &one)?.to_scalar::<f32>()?;
+        assert!((only - 4.018_149).abs() < 1e-4, "{only}");
+        Ok(())
+    }
+
+    #[test]
+    fn soft_target_cross_entropy_matches_a_hand_computation() -> Result<()> {
+        let device = Device::Cpu;
+        let logits = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.0, 0.0, 0.0]], &device)?;
+        let targets = Tensor::new(&[[1u8, 0, 1], [0, 0, 0]], &device)?;
+        let rows = Tensor::new(&[1f32, 0.0], &device)?;
+        let loss = soft_target_cross_entropy(&logits, &targets, &rows)?.to_scalar::<f32>()?;
+        let log_z = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln();
+        let expected = -0.5 * ((1.0 - log_z) + (3.0 - log_z));
+        assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+        let logs = log_softmax_last_dim(&logits)?
+            .exp()?
+            .sum(1)?
+            .to_vec1::<f32>()?;
+        assert!(logs.iter().all(|s| (s - 1.0).abs() < 1e-5));
         Ok(())
     }
 }

@@ -13,6 +13,10 @@ pub struct Example {
     pub ngrams: Vec<u32>,
     /// Label positions from [`Labels::indices`](crate::Labels::indices).
     pub labels: Vec<u32>,
+    /// Positions of labels known to be wrong ([`Document::rejected`](crate::Document::rejected)).
+    /// Only used when `labels` is empty: such an example trains only these
+    /// labels, towards 0.
+    pub rejected: Vec<u32>,
 }
 
 /// How large one batch may be.
@@ -73,6 +77,13 @@ pub struct Batch {
     pub ngrams: Vec<Vec<u32>>,
     /// `[docs, num_labels]` multi-hot targets.
     pub targets: Vec<f32>,
+    /// `[docs, num_labels]` loss weight of each target: 1 everywhere for a
+    /// document with labels; for one with only rejections, 1 on the rejected
+    /// labels and 0 elsewhere.
+    pub weights: Vec<f32>,
+    /// `[docs]` 1 for a document with at least one label, else 0 (a softmax
+    /// loss needs a positive label).
+    pub row_weights: Vec<f32>,
     /// Width of a target row.
     pub num_labels: usize,
 }
@@ -95,6 +106,8 @@ impl Batch {
         let mut ids = vec![0u32; docs * width];
         let mut mask = vec![0u8; docs * width];
         let mut targets = vec![0f32; docs * num_labels];
+        let mut weights = vec![1f32; docs * num_labels];
+        let mut row_weights = vec![1f32; docs];
         let mut ngrams = Vec::with_capacity(docs);
         for (row, &i) in indices.iter().enumerate() {
             let example = &examples[i];
@@ -103,6 +116,14 @@ impl Batch {
             mask[start..start + example.ids.len()].fill(1);
             for &label in &example.labels {
                 targets[row * num_labels + label as usize] = 1.0;
+            }
+            if example.labels.is_empty() {
+                row_weights[row] = 0.0;
+                let row_slice = &mut weights[row * num_labels..(row + 1) * num_labels];
+                row_slice.fill(0.0);
+                for &label in &example.rejected {
+                    row_slice[label as usize] = 1.0;
+                }
             }
             ngrams.push(example.ngrams.clone());
         }
@@ -114,6 +135,8 @@ impl Batch {
             mask,
             ngrams,
             targets,
+            weights,
+            row_weights,
             num_labels,
         }
     }
@@ -191,11 +214,19 @@ mod tests {
                 ids: vec![2, 10, 11, 3],
                 ngrams: vec![5, 6],
                 labels: vec![0, 2],
+                rejected: vec![],
             },
             Example {
                 ids: vec![2, 3],
                 ngrams: vec![],
                 labels: vec![1],
+                rejected: vec![],
+            },
+            Example {
+                ids: vec![2, 12, 3],
+                ngrams: vec![7],
+                labels: vec![],
+                rejected: vec![1, 2],
             },
         ];
         let batch = Batch::collate(&examples, &[1, 0], 3);
@@ -205,6 +236,14 @@ mod tests {
         assert_eq!(batch.targets, [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
         assert_eq!(batch.ngrams, [vec![], vec![5, 6]]);
         assert_eq!(batch.examples, [1, 0]);
+        assert!(batch.weights.iter().all(|&w| w == 1.0));
+        assert_eq!(batch.row_weights, [1.0, 1.0]);
+        // Only rejections: those labels count, towards 0; the row is out of
+        // a softmax loss.
+        let rejected = Batch::collate(&examples, &[2], 3);
+        assert_eq!(rejected.targets, [0.0, 0.0, 0.0]);
+        assert_eq!(rejected.weights, [0.0, 1.0, 1.0]);
+        assert_eq!(rejected.row_weights, [0.0]);
         let empty = Batch::collate(&[Example::default()], &[0], 1);
         assert_eq!((empty.width, empty.ids, empty.mask), (1, vec![0], vec![0]));
     }

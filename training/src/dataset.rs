@@ -41,6 +41,11 @@ pub struct Document {
     /// Human-assigned labels.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Labels known to be wrong for this document (an analyst rejected them),
+    /// without saying which are right. Trained as negatives for these labels
+    /// only.
+    #[serde(default)]
+    pub rejected: Vec<String>,
 }
 
 impl Document {
@@ -178,6 +183,7 @@ mod tests {
                 title: String::new(),
                 text: String::new(),
                 tags: Vec::new(),
+                rejected: Vec::new(),
             })
             .collect();
         let dataset = Dataset { documents };

@@ -3,11 +3,16 @@
 
 use std::path::Path;
 
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use std::collections::BTreeMap;
+
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder, TruncationParams};
+use tokenizers::{
+    Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+    TokenizerBuilder, TruncationParams,
+};
 
 /// Padding token; id 0, which the batches use for padding.
 pub const PAD: &str = "[PAD]";
@@ -68,7 +73,9 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     /// Trains on `texts` with up to `vocab_size` tokens (special tokens
-    /// included). `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]` get ids 0 to 3.
+    /// included). `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]` get ids 0 to 3. The
+    /// vocabulary is learned by [`crate::vocab`], so the same texts always
+    /// give the same tokenizer.
     pub fn train<I, S>(texts: I, vocab_size: usize, max_len: usize) -> Result<Self, TokenizerError>
     where
         I: Iterator<Item = S> + Send,
@@ -77,33 +84,50 @@ impl TextTokenizer {
         if max_len < 2 {
             return Err(TokenizerError::MaxLen(max_len));
         }
+        let normalizer = BertNormalizer::new(true, true, Some(true), true);
+        let mut word_counts: BTreeMap<String, u64> = BTreeMap::new();
+        for text in texts {
+            let mut pre = PreTokenizedString::from(text.as_ref());
+            pre.normalize(|s| normalizer.normalize(s))
+                .map_err(library("normalizing"))?;
+            BertPreTokenizer
+                .pre_tokenize(&mut pre)
+                .map_err(library("splitting words"))?;
+            for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                if let Some(count) = word_counts.get_mut(word) {
+                    *count += 1;
+                } else {
+                    word_counts.insert(word.to_owned(), 1);
+                }
+            }
+        }
         let specials = [PAD, UNK, CLS, SEP];
-        let mut trainer = WordPieceTrainer::builder()
-            .vocab_size(vocab_size)
-            .min_frequency(1)
-            .show_progress(false)
-            .special_tokens(
-                specials
-                    .iter()
-                    .map(|t| AddedToken::from(*t, true))
-                    .collect(),
+        let pieces = crate::vocab::learn(&word_counts, vocab_size.saturating_sub(specials.len()));
+        let vocab: ahash::AHashMap<String, u32> = specials
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(
+                pieces
+                    .into_iter()
+                    .filter(|p| !specials.contains(&p.as_str())),
             )
-            .build();
+            .enumerate()
+            .map(|(i, token)| (token, i as u32))
+            .collect();
         let model = WordPiece::builder()
+            .vocab(vocab)
             .unk_token(UNK.to_owned())
+            .continuing_subword_prefix(crate::vocab::CONTINUATION.to_owned())
             .build()
             .map_err(library("building the WordPiece model"))?;
-        let mut tokenizer = TokenizerBuilder::new()
+        let tokenizer = TokenizerBuilder::new()
             .with_model(model)
-            .with_normalizer(Some(BertNormalizer::new(true, true, Some(true), true)))
+            .with_normalizer(Some(normalizer))
             .with_pre_tokenizer(Some(BertPreTokenizer))
             .with_post_processor(None::<BertProcessing>)
             .with_decoder(None::<tokenizers::decoders::wordpiece::WordPiece>)
             .build()
             .map_err(library("building"))?;
-        tokenizer
-            .train(&mut trainer, texts)
-            .map_err(library("training"))?;
         let mut inner = Tokenizer::from(tokenizer);
         let processor = BertProcessing::new(
             (SEP.to_owned(), special_id(&inner, SEP, "<trained>")?),

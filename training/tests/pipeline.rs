@@ -32,6 +32,7 @@ fn batches_feed_the_classifier() -> anyhow::Result<()> {
                 ids: tokenizer.encode(text)?,
                 ngrams: hasher.hash(text),
                 labels: labels.indices(&d.tags),
+                rejected: labels.indices(&d.rejected),
             })
         })
         .collect::<anyhow::Result<_>>()?;

@@ -1,0 +1,52 @@
+//! Trains on a JSON-lines file and prints the figures: the quickest way to
+//! try hyper-parameters without the `sift` CLI.
+//!
+//! `cargo run --release -p sift-training --example train_jsonl -- DATA.jsonl OUT_DIR [EPOCHS] [LIMIT]`
+
+use sift_training::{train, Dataset, Preset, TrainOptions};
+
+// glibc's allocator returns candle's large per-op buffers to the kernel and
+// page-faults them back in on every step; mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let data = args
+        .get(1)
+        .map_or("../shared/data/debtags-dev.jsonl", String::as_str);
+    let out = args.get(2).map_or("/tmp/sift-train", String::as_str);
+    let mut options = TrainOptions::for_preset(Preset::Tiny);
+    if let Some(epochs) = args.get(3) {
+        options.max_epochs = epochs.parse()?;
+    }
+    let mut documents = Dataset::open(data)?.documents;
+    if let Some(limit) = args.get(4) {
+        documents.truncate(limit.parse()?);
+    }
+    if std::env::var("SIFT_NO_NGRAMS").is_ok() {
+        options.ngrams = None;
+    }
+    if std::env::var("SIFT_SOFTMAX").is_ok() {
+        options.output = sift_models::Output::Softmax;
+    }
+    if let Ok(scale) = std::env::var("SIFT_NGRAM_LR_SCALE") {
+        options.ngram_learning_rate_scale = scale.parse()?;
+    }
+    if let Ok(lr) = std::env::var("SIFT_LR") {
+        options.learning_rate = lr.parse()?;
+    }
+    options.progress = std::env::var("SIFT_PROGRESS").is_ok();
+    let trained = train(documents, Vec::new(), &options, std::path::Path::new(out))?;
+    let m = &trained.metrics;
+    println!(
+        "P@1 {:.4} hit@5 {:.4} recall@5 {:.4} tokens/s {:.0} wall {:.1}s best epoch {}",
+        m.validation.p_at_1,
+        m.validation.hit_at_5,
+        m.validation.recall_at_5,
+        m.tokens_per_second,
+        m.wall_seconds,
+        m.best_epoch
+    );
+    Ok(())
+}

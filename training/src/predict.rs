@@ -1,0 +1,290 @@
+//! A trained model loaded for scoring: what `sift classify`, the registry's
+//! gate and the inference daemon use.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sift_models::{ops, Classifier, ModelConfig, NgramBatch};
+
+use crate::metrics::{top_k, Evaluator, Metrics, TOP_K};
+use crate::train::files;
+use crate::{model_text, plan_batches, BatchLimits, Document, Labels, NgramHasher, TextTokenizer};
+
+/// What can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// A file of the model directory is missing or unreadable.
+    #[error("model file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The config, tokenizer or labels do not fit together.
+    #[error("model at {dir}: {reason}")]
+    Mismatch {
+        /// The model directory.
+        dir: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// Tokenizer or labels failed.
+    #[error(transparent)]
+    Prepare(#[from] crate::Error),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] sift_models::Error),
+    /// A tensor operation failed.
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// One label and its score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    /// Label name.
+    pub label: String,
+    /// Score in [0, 1] (a sigmoid, or a softmax share, per the model config).
+    pub score: f32,
+}
+
+/// A document's top labels, best first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// Highest scores first.
+    pub top: Vec<Scored>,
+}
+
+/// A text encoded for the model; cheap to build on a worker thread.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Encoded {
+    /// Token ids, truncated to the model's `max_len`.
+    pub ids: Vec<u32>,
+    /// N-gram bucket ids (empty when the model has no n-gram branch).
+    pub ngrams: Vec<u32>,
+}
+
+/// One batch's input positions and their top labels, row for row.
+type ScoredBatch = (Vec<usize>, Vec<Vec<(u32, f32)>>);
+
+/// A loaded model directory ([`files::ALL`]).
+#[derive(Debug)]
+pub struct Predictor {
+    model: Classifier,
+    tokenizer: TextTokenizer,
+    labels: Labels,
+    hasher: Option<NgramHasher>,
+    device: Device,
+}
+
+impl Predictor {
+    /// Loads `config.json`, `model.safetensors`, `tokenizer.json` and
+    /// `labels.json` from `dir` onto `device`, computing in `dtype` (f32 on
+    /// the CPU; bf16 or f16 on a GPU halves memory and time).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, PredictError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| PredictError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let mismatch = |reason: String| PredictError::Mismatch {
+            dir: dir.display().to_string(),
+            reason,
+        };
+        let config =
+            ModelConfig::from_json(&read(files::CONFIG)?).map_err(sift_models::Error::from)?;
+        let labels = Labels::load(dir.join(files::LABELS)).map_err(crate::Error::from)?;
+        if labels.len() != config.num_labels {
+            return Err(mismatch(format!(
+                "labels.json has {} labels but config.json says {}",
+                labels.len(),
+                config.num_labels
+            )));
+        }
+        let tokenizer = TextTokenizer::load(dir.join(files::TOKENIZER), config.max_len)
+            .map_err(crate::Error::from)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(mismatch(format!(
+                "tokenizer.json has {} tokens but the model embeds only {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        let weights = dir.join(files::MODEL);
+        if !weights.is_file() {
+            return Err(PredictError::Io {
+                path: weights.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let model = Classifier::load_safetensors(&config, &[weights], dtype, device)?;
+        let hasher = config
+            .ngrams
+            .map(|n| NgramHasher::new(u32::try_from(n.buckets).unwrap_or(u32::MAX)));
+        Ok(Self {
+            model,
+            tokenizer,
+            labels,
+            hasher,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// The labels, in output order.
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// Tokenizes and hashes one text (title and body joined as
+    /// [`Document::full_text`] does). Never fails on length: long texts are
+    /// cut ([`model_text`], then `max_len` tokens).
+    pub fn encode(&self, text: &str) -> Result<Encoded, PredictError> {
+        let text = model_text(text);
+        Ok(Encoded {
+            ids: self.tokenizer.encode(text).map_err(crate::Error::from)?,
+            ngrams: self
+                .hasher
+                .as_ref()
+                .map(|h| h.hash(text))
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Scores encoded texts in one forward pass (the caller picks the
+    /// batch); `k` best labels each, in input order.
+    pub fn predict_encoded(
+        &self,
+        batch: &[&Encoded],
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>, PredictError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let width = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
+        let mut ids = vec![0u32; batch.len() * width];
+        let mut mask = vec![0u8; batch.len() * width];
+        for (row, encoded) in batch.iter().enumerate() {
+            let start = row * width;
+            ids[start..start + encoded.ids.len()].copy_from_slice(&encoded.ids);
+            mask[start..start + encoded.ids.len()].fill(1);
+        }
+        let shape = (batch.len(), width);
+        let ids = Tensor::from_vec(ids, shape, &self.device)?;
+        let mask = Tensor::from_vec(mask, shape, &self.device)?;
+        let ngrams = match self.hasher {
+            Some(_) => {
+                let lists: Vec<Vec<u32>> = batch.iter().map(|e| e.ngrams.clone()).collect();
+                Some(NgramBatch::from_lists(&lists, &self.device)?)
+            }
+            None => None,
+        };
+        let logits = self.model.forward(&ids, &mask, ngrams.as_ref(), false)?;
+        let scores = ops::scores(&logits, self.config().output)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        Ok(scores.iter().map(|row| top_k(row, k)).collect())
+    }
+
+    /// Label names for positions from [`predict_encoded`](Self::predict_encoded).
+    pub fn name(&self, top: &[(u32, f32)]) -> Prediction {
+        Prediction {
+            top: top
+                .iter()
+                .map(|&(i, score)| Scored {
+                    label: self.labels.name(i as usize).unwrap_or_default().to_owned(),
+                    score,
+                })
+                .collect(),
+        }
+    }
+
+    /// The `k` best labels of each text, in input order; texts are batched
+    /// by length under `limits` to keep padding small.
+    pub fn predict(
+        &self,
+        texts: &[&str],
+        k: usize,
+        limits: BatchLimits,
+    ) -> Result<Vec<Prediction>, PredictError> {
+        let encoded = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = vec![Prediction { top: Vec::new() }; texts.len()];
+        for (indices, tops) in self.batched(&encoded, k, limits)? {
+            for (i, top) in indices.into_iter().zip(tops) {
+                out[i] = self.name(&top);
+            }
+        }
+        Ok(out)
+    }
+
+    fn batched(
+        &self,
+        encoded: &[Encoded],
+        k: usize,
+        limits: BatchLimits,
+    ) -> Result<Vec<ScoredBatch>, PredictError> {
+        let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
+        plan_batches(&lengths, limits, 0)
+            .into_iter()
+            .map(|indices| {
+                let batch: Vec<&Encoded> = indices.iter().map(|&i| &encoded[i]).collect();
+                let tops = self.predict_encoded(&batch, k)?;
+                Ok((indices, tops))
+            })
+            .collect()
+    }
+
+    /// Validation figures on `documents`, judged by label name, so models
+    /// with different label lists are compared on the same truth (a true
+    /// label this model does not know counts as missed).
+    pub fn evaluate(
+        &self,
+        documents: &[Document],
+        limits: BatchLimits,
+    ) -> Result<Metrics, PredictError> {
+        let documents: Vec<&Document> = documents.iter().filter(|d| !d.tags.is_empty()).collect();
+        let encoded = documents
+            .iter()
+            .map(|d| self.encode(&d.full_text()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut evaluator = Evaluator::new(self.labels.len());
+        for (indices, tops) in self.batched(&encoded, TOP_K, limits)? {
+            for (i, top) in indices.into_iter().zip(tops) {
+                let truth = truth_positions(&self.labels, &documents[i].tags);
+                evaluator.add(&top, &truth);
+            }
+        }
+        Ok(evaluator.finish(&self.labels))
+    }
+}
+
+/// Positions of `tags` in `labels`; tags the model does not know get
+/// distinct positions past its outputs, so they count as true but are never
+/// predicted.
+fn truth_positions(labels: &Labels, tags: &[String]) -> Vec<u32> {
+    let mut unknown = labels.len() as u32;
+    let mut out: Vec<u32> = tags
+        .iter()
+        .map(|t| match labels.index(t) {
+            Some(i) => i as u32,
+            None => {
+                unknown += 1;
+                unknown
+            }
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
