@@ -221,6 +221,61 @@ async fn trains_gates_promotes_rolls_back_and_classifies() -> Result<()> {
             .iter()
             .any(|l| Some(l.as_str()) == s["label"].as_str())));
     }
+
+    // Files through the ingest extractor (HTML, PDF), in argument order; a
+    // file that cannot be read gets an error line and a failing exit status.
+    let editor = docs
+        .iter()
+        .find(|d| d.tags.iter().any(|t| t == "use::editing"))
+        .context("an editor in the sample")?;
+    let html = dir.path().join("editor.html");
+    std::fs::write(
+        &html,
+        format!(
+            "<html><head><title>{}</title></head><body><p>{}</p></body></html>",
+            editor.title, editor.text
+        ),
+    )?;
+    let pdf = dir.path().join("editor.pdf");
+    std::fs::write(
+        &pdf,
+        sift::ingest::extract::pdf::build_pdf(&editor.title, std::slice::from_ref(&editor.text)),
+    )?;
+    let missing = dir.path().join("missing.pdf");
+    let out = Command::new(env!("CARGO_BIN_EXE_sift"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["classify", "--format", "json"])
+        .args([&html, &missing, &pdf])
+        .env("SIFT__TELEMETRY__METRICS_ADDR", "")
+        .output()?;
+    ensure!(
+        !out.status.success(),
+        "a missing file must fail the command"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(lines.len() == 3, "{lines:?}");
+    ensure!(lines[0]["id"] == html.display().to_string().as_str());
+    ensure!(lines[1]["error"].is_string() && lines[1]["top5"].is_null());
+    // The same text as HTML and as PDF scores the same labels.
+    let labels_of = |v: &serde_json::Value| -> Vec<String> {
+        v["top5"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["label"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    ensure!(labels_of(&lines[0]).len() == 5);
+    ensure!(
+        labels_of(&lines[0])[0] == labels_of(&lines[2])[0],
+        "{lines:?}"
+    );
     Ok(())
 }
 

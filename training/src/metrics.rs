@@ -8,10 +8,12 @@
 //! - **recall@5**: true labels among the top 5 divided by the number of true
 //!   labels, averaged over documents (a document with 8 true labels can reach
 //!   at most 5/8).
-//! - Per label: a label counts as *predicted* for a document when it is the
-//!   top 1, or among the top 5 with a score of at least 0.5. Precision,
-//!   recall and F1 follow from that; support is the number of documents that
-//!   truly carry the label.
+//! - Per label: a label counts as *predicted* for a document when it ranks
+//!   within the document's first `k` labels, `k` being the number of true
+//!   labels the document has (at most 5). This needs no score threshold, so
+//!   it means the same for sigmoid and softmax models. Precision, recall and
+//!   F1 follow from that; support is the number of documents that truly
+//!   carry the label.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,10 +21,6 @@ use crate::Labels;
 
 /// How many labels the model shows and is judged on.
 pub const TOP_K: usize = 5;
-
-/// Score from which a top-5 label other than the first counts as predicted
-/// in the per-label figures.
-pub const PREDICT_THRESHOLD: f32 = 0.5;
 
 /// One label's figures on a validation set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,8 +175,9 @@ impl Evaluator {
                 *s += 1;
             }
         }
-        for (rank, &(label, score)) in shown.iter().enumerate() {
-            if rank == 0 || score >= PREDICT_THRESHOLD {
+        let cut = truth.len().clamp(1, TOP_K);
+        for &(label, _) in shown.iter().take(cut) {
+            {
                 let l = label as usize;
                 if l < self.predicted.len() {
                     self.predicted[l] += 1;
@@ -267,13 +266,22 @@ mod tests {
         assert!((m.p_at_1 - 1.0 / 3.0).abs() < 1e-12);
         assert!((m.hit_at_5 - 2.0 / 3.0).abs() < 1e-12);
         assert!((m.recall_at_5 - (1.0 + 0.5 + 0.0) / 3.0).abs() < 1e-12);
-        // l1: predicted once (score 0.6 ≥ 0.5) and true there; support 2.
+        // Cuts: 2 labels for the first document, 4 for the second, 1 for the
+        // third. l1: predicted in the first (rank 2 of 2), true there;
+        // support 2 (the second document's l1 is not in its top 5).
         let l1 = &m.per_label[1];
         assert_eq!((l1.support, l1.predicted, l1.true_positives), (2, 1, 1));
         assert!((l1.precision - 1.0).abs() < 1e-12 && (l1.recall - 0.5).abs() < 1e-12);
-        // l2 predicted as top 1 once, wrongly.
-        assert_eq!(m.per_label[2].predicted, 1);
-        assert_eq!(m.per_label[2].f1, 0.0);
+        // l5: rank 4 in the second document, within its cut of 4, and true.
+        let l5 = &m.per_label[5];
+        assert_eq!((l5.support, l5.predicted, l5.true_positives), (2, 1, 1));
+        // l3: predicted in the first cut? No (rank 4 > 2); in the second (rank
+        // 2 ≤ 4) and the third (rank 1), both wrongly.
+        assert_eq!(
+            (m.per_label[3].predicted, m.per_label[3].true_positives),
+            (2, 0)
+        );
+        assert_eq!(m.per_label[3].f1, 0.0);
         assert!("hit@5".parse::<Metric>().is_ok() && "x".parse::<Metric>().is_err());
     }
 }

@@ -182,3 +182,130 @@ fn feedback_amends_and_extends_the_dataset() -> Result<()> {
     ensure!(trained.metrics.feedback_documents == 20);
     Ok(())
 }
+
+/// A BERT-layout checkpoint (Hugging Face names, post-norm) with a
+/// tokenizer, as the all-MiniLM-L6-v2 files are laid out, but tiny.
+fn write_bert_checkpoint(dir: &Path, texts: &[String]) -> Result<()> {
+    let tokenizer = sift_training::TextTokenizer::train(texts.iter(), 200, 64)?;
+    tokenizer.save(dir.join("tokenizer.json"))?;
+    let (vocab, hidden, ff, layers) = (tokenizer.vocab_size(), 32usize, 64usize, 2usize);
+    let device = Device::Cpu;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    // Word embeddings all 0.5: far from any random initialisation, so the
+    // test can tell they were loaded.
+    tensors.insert(
+        "embeddings.word_embeddings.weight".into(),
+        Tensor::full(0.5f32, (vocab, hidden), &device)?,
+    );
+    tensors.insert(
+        "embeddings.position_embeddings.weight".into(),
+        Tensor::zeros((512, hidden), DType::F32, &device)?,
+    );
+    tensors.insert(
+        "embeddings.token_type_embeddings.weight".into(),
+        Tensor::zeros((2, hidden), DType::F32, &device)?,
+    );
+    let norm = |tensors: &mut HashMap<String, Tensor>, prefix: &str| -> Result<()> {
+        tensors.insert(
+            format!("{prefix}.weight"),
+            Tensor::ones(hidden, DType::F32, &device)?,
+        );
+        tensors.insert(
+            format!("{prefix}.bias"),
+            Tensor::zeros(hidden, DType::F32, &device)?,
+        );
+        Ok(())
+    };
+    norm(&mut tensors, "embeddings.LayerNorm")?;
+    let dense = |tensors: &mut HashMap<String, Tensor>,
+                 prefix: String,
+                 out: usize,
+                 inp: usize,
+                 seed: f64|
+     -> Result<()> {
+        let weight = (Tensor::arange(0f32, (out * inp) as f32, &device)?
+            .reshape((out, inp))?
+            .affine(0.001, seed)?
+            .sin()?
+            * 0.05)?;
+        tensors.insert(format!("{prefix}.weight"), weight);
+        tensors.insert(
+            format!("{prefix}.bias"),
+            Tensor::zeros(out, DType::F32, &device)?,
+        );
+        Ok(())
+    };
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for (i, name) in ["query", "key", "value"].iter().enumerate() {
+            dense(
+                &mut tensors,
+                format!("{p}.attention.self.{name}"),
+                hidden,
+                hidden,
+                i as f64,
+            )?;
+        }
+        dense(
+            &mut tensors,
+            format!("{p}.attention.output.dense"),
+            hidden,
+            hidden,
+            3.0,
+        )?;
+        norm(&mut tensors, &format!("{p}.attention.output.LayerNorm"))?;
+        dense(
+            &mut tensors,
+            format!("{p}.intermediate.dense"),
+            ff,
+            hidden,
+            4.0,
+        )?;
+        dense(&mut tensors, format!("{p}.output.dense"), hidden, ff, 5.0)?;
+        norm(&mut tensors, &format!("{p}.output.LayerNorm"))?;
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": 2, "intermediate_size": ff, "max_position_embeddings": 512,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn starts_from_a_pretrained_bert_checkpoint() -> Result<()> {
+    let docs = corpus(120);
+    let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
+    let bert = tempfile::tempdir()?;
+    write_bert_checkpoint(bert.path(), &texts)?;
+    let mut o = options(1);
+    o.pretrained = Some(sift_training::Pretrained {
+        dir: bert.path().to_path_buf(),
+    });
+    o.learning_rate = 1e-4;
+    let out = tempfile::tempdir()?;
+    let trained = train(docs, Vec::new(), &o, out.path())?;
+    ensure!(trained.metrics.preset == "pretrained");
+    let config = sift_models::ModelConfig::from_json(&std::fs::read_to_string(
+        out.path().join(files::CONFIG),
+    )?)?;
+    ensure!(config.norm == sift_models::Norm::Post && config.hidden == 32 && config.layers == 2);
+    // The checkpoint's tokenizer is used as it is (same vocabulary).
+    let ours = sift_training::TextTokenizer::load(out.path().join(files::TOKENIZER), 32)?;
+    let theirs = sift_training::TextTokenizer::load(bert.path().join("tokenizer.json"), 32)?;
+    ensure!(ours.vocab_size() == theirs.vocab_size());
+    ensure!(ours.encode(&texts[0])? == theirs.encode(&texts[0])?);
+    // Fine-tuned from the checkpoint, not from a fresh initialisation.
+    let saved = weights(&out.path().join(files::MODEL))?;
+    let tokens = saved["embeddings.tokens.weight"]
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    ensure!(
+        (tokens - 0.5).abs() < 0.05,
+        "token embeddings mean {tokens}"
+    );
+    Predictor::load(out.path(), &Device::Cpu, DType::F32)?;
+    Ok(())
+}
