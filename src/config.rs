@@ -538,8 +538,8 @@ pub struct TrainConfig {
     pub preset: String,
     /// Key prefix of the model registry in the object store.
     pub prefix: String,
-    /// Figure the champion/challenger gate compares: `hit_at_5`, `p_at_1`
-    /// or `recall_at_5`.
+    /// Figure the champion/challenger gate compares: `hit_at_5`, `p_at_1`,
+    /// `recall_at_5` or `mean` (of the three).
     pub gate_metric: String,
     /// Share of documents (by a hash of their id) held out for validation, percent.
     pub validation_percent: u8,

@@ -318,7 +318,9 @@ fn options(config: &Config, args: &TrainArgs) -> Result<TrainOptions, TrainComma
     }
     o.seed = args.seed.unwrap_or(config.train.seed);
     o.validation_percent = config.train.validation_percent;
-    o.selection = gate_metric(config)?;
+    // The gate metric is checked here so a typo fails before training; the
+    // best epoch within the run is picked by the preset's selection.
+    gate_metric(config)?;
     o.device = device(args.device)?;
     o.progress = !args.quiet && !args.json;
     Ok(o)

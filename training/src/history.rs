@@ -49,7 +49,7 @@ pub struct ModelMetrics {
     /// Validation figures of the kept (best) checkpoint.
     #[serde(flatten)]
     pub validation: Metrics,
-    /// Metric that chose the best epoch and gates promotion.
+    /// Metric that chose the best epoch (the registry's gate has its own).
     pub selection_metric: String,
     /// Epoch whose weights were kept.
     pub best_epoch: u32,

@@ -107,7 +107,9 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Share of documents (by id hash) held out for validation, percent.
     pub validation_percent: u8,
-    /// Figure that picks the best epoch.
+    /// Figure that picks the best epoch (default: the mean of the three; on
+    /// the full debtags set, hit@5 alone kept epoch 2 of 6 for a 0.002 edge
+    /// while epoch 4 was 0.030 better on P@1).
     pub selection: Metric,
     /// Where to train.
     pub device: Device,
@@ -161,7 +163,7 @@ impl TrainOptions {
             batch,
             seed: 42,
             validation_percent: Dataset::DEFAULT_VALIDATION_PERCENT,
-            selection: Metric::HitAt5,
+            selection: Metric::Mean,
             device: Device::Cpu,
             progress: false,
         }
@@ -525,6 +527,12 @@ pub fn train(
     }
 
     let device = &options.device;
+    if device.is_cuda() {
+        // Weights, moments and the loss stay f32; matrix products use TF32
+        // tensor cores, which is where a GPU's time goes.
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        device.set_seed(options.seed)?;
+    }
     let varmap = VarMap::new();
     let model = Classifier::new(
         &config,
@@ -784,7 +792,11 @@ pub fn train(
             Output::Softmax => "softmax",
         }
         .to_owned(),
-        device: format!("{} f32", device_name(device)),
+        device: if device.is_cuda() {
+            format!("{} f32 (TF32 matmul)", device_name(device))
+        } else {
+            format!("{} f32", device_name(device))
+        },
         seed: options.seed,
         epochs,
         steps,
