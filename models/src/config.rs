@@ -146,19 +146,12 @@ impl ModelConfig {
     /// The production size: 6 layers × 384, 6 heads, MiniLM-L6's shape.
     pub fn base(vocab_size: usize, num_labels: usize) -> Self {
         Self {
-            vocab_size,
             max_len: 256,
             hidden: 384,
             layers: 6,
             heads: 6,
             ff: 1536,
-            dropout: 0.1,
-            num_labels,
-            pooling: Pooling::Mean,
-            norm: Norm::Pre,
-            norm_eps: default_norm_eps(),
-            output: Output::Sigmoid,
-            ngrams: None,
+            ..Self::tiny(vocab_size, num_labels)
         }
     }
 

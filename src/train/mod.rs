@@ -533,14 +533,8 @@ async fn gate(
     let Some(reason) = decision else {
         return Ok(outcome);
     };
-    let evaluated = champion.as_ref().map(|(v, _)| v.clone());
-    let written = registry
-        .promote_if(version, |now| {
-            // Promote only over the champion that was evaluated; if another
-            // trainer moved LATEST meanwhile, this run's comparison is void.
-            (now.map(|l| l.version.clone()) == evaluated).then(|| reason.clone())
-        })
-        .await?;
+    let evaluated = champion.as_ref().map(|(v, _)| v.as_str());
+    let written = registry.promote_over(version, evaluated, &reason).await?;
     match written {
         Some(latest) => {
             outcome.promoted = true;

@@ -213,9 +213,7 @@ pub async fn main(config: &Config, command: ModelsCommand) -> Result<(), TrainCo
             };
             let expected = current.map(|l| l.version);
             let written = registry
-                .promote_if(&version, |now| {
-                    (now.map(|l| l.version.clone()) == expected).then(|| reason.clone())
-                })
+                .promote_over(&version, expected.as_deref(), &reason)
                 .await?;
             match written {
                 Some(l) => println!("LATEST -> {} ({})", l.version, l.reason),

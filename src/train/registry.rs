@@ -208,41 +208,23 @@ impl Registry {
         Ok(out)
     }
 
-    /// Moves `LATEST` to `version` with compare-and-swap. `decide` sees the
-    /// current pointer (None before the first promotion) and returns the
-    /// reason to promote, or None to leave it; it runs again if another
-    /// writer moved `LATEST` in between. Returns the pointer written, or
-    /// None when `decide` declined.
-    pub async fn promote_if<F>(
-        &self,
-        version: &str,
-        mut decide: F,
-    ) -> Result<Option<Latest>, RegistryError>
+    /// Rewrites `LATEST` with compare-and-swap: `next` sees the current
+    /// pointer (None before the first promotion) and returns the new one, or
+    /// None to leave it. If another writer moves `LATEST` in between, `next`
+    /// runs again on what that writer wrote.
+    async fn swap_latest<F>(&self, mut next: F) -> Result<Option<Latest>, RegistryError>
     where
-        F: FnMut(Option<&Latest>) -> Option<String>,
+        F: FnMut(Option<&Latest>) -> Result<Option<Latest>, RegistryError>,
     {
-        self.metrics(version).await?;
         const ATTEMPTS: u32 = 5;
         for _ in 0..ATTEMPTS {
             let current = self.latest().await?;
-            let Some(reason) = decide(current.as_ref().map(|(l, _)| l)) else {
+            let Some(latest) = next(current.as_ref().map(|(l, _)| l))? else {
                 return Ok(None);
             };
-            let (previous, mode) = match &current {
-                Some((l, etag)) => {
-                    let mut previous = vec![l.version.clone()];
-                    previous.extend(l.previous.iter().filter(|v| *v != version).cloned());
-                    previous.retain(|v| v != version);
-                    previous.truncate(HISTORY);
-                    (previous, PutMode::IfMatch(etag.clone()))
-                }
-                None => (Vec::new(), PutMode::IfAbsent),
-            };
-            let latest = Latest {
-                version: version.to_owned(),
-                previous,
-                promoted_at_ms: crate::now_ms(),
-                reason,
+            let mode = match &current {
+                Some((_, etag)) => PutMode::IfMatch(etag.clone()),
+                None => PutMode::IfAbsent,
             };
             let body = serde_json::to_vec_pretty(&latest).expect("plain data serialises");
             match self
@@ -258,38 +240,76 @@ impl Registry {
         Err(RegistryError::Contended(ATTEMPTS))
     }
 
+    /// Moves `LATEST` to `version`. `decide` sees the current pointer and
+    /// returns the reason to promote, or None to leave it; it runs again if
+    /// another writer moved `LATEST` in between. Returns the pointer
+    /// written, or None when `decide` declined.
+    pub async fn promote_if<F>(
+        &self,
+        version: &str,
+        mut decide: F,
+    ) -> Result<Option<Latest>, RegistryError>
+    where
+        F: FnMut(Option<&Latest>) -> Option<String>,
+    {
+        self.metrics(version).await?;
+        self.swap_latest(|current| {
+            let Some(reason) = decide(current) else {
+                return Ok(None);
+            };
+            let mut previous: Vec<String> = current
+                .map(|l| {
+                    std::iter::once(&l.version)
+                        .chain(&l.previous)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            previous.retain(|v| v != version);
+            previous.truncate(HISTORY);
+            Ok(Some(Latest {
+                version: version.to_owned(),
+                previous,
+                promoted_at_ms: crate::now_ms(),
+                reason,
+            }))
+        })
+        .await
+    }
+
+    /// Moves `LATEST` to `version` only if it still points where it did
+    /// when the caller compared (`expected`, None = nothing promoted yet):
+    /// a comparison against a champion that has since been replaced is
+    /// void. Returns None when `LATEST` had moved.
+    pub async fn promote_over(
+        &self,
+        version: &str,
+        expected: Option<&str>,
+        reason: &str,
+    ) -> Result<Option<Latest>, RegistryError> {
+        self.promote_if(version, |now| {
+            (now.map(|l| l.version.as_str()) == expected).then(|| reason.to_owned())
+        })
+        .await
+    }
+
     /// Points `LATEST` back at the version it replaced.
     pub async fn rollback(&self) -> Result<Latest, RegistryError> {
-        const ATTEMPTS: u32 = 5;
-        for _ in 0..ATTEMPTS {
-            let Some((current, etag)) = self.latest().await? else {
-                return Err(RegistryError::NoLatest);
-            };
-            let Some((target, rest)) = current.previous.split_first() else {
-                return Err(RegistryError::NothingToRollBack(current.version));
-            };
-            let latest = Latest {
-                version: target.clone(),
-                previous: rest.to_vec(),
-                promoted_at_ms: crate::now_ms(),
-                reason: format!("rollback from {}", current.version),
-            };
-            let body = serde_json::to_vec_pretty(&latest).expect("plain data serialises");
-            match self
-                .store
-                .put(
-                    &self.latest_key(),
-                    Bytes::from(body),
-                    PutMode::IfMatch(etag),
-                )
-                .await
-            {
-                Ok(_) => return Ok(latest),
-                Err(ObjectError::PreconditionFailed { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(RegistryError::Contended(ATTEMPTS))
+        let latest = self
+            .swap_latest(|current| {
+                let current = current.ok_or(RegistryError::NoLatest)?;
+                let Some((target, rest)) = current.previous.split_first() else {
+                    return Err(RegistryError::NothingToRollBack(current.version.clone()));
+                };
+                Ok(Some(Latest {
+                    version: target.clone(),
+                    previous: rest.to_vec(),
+                    promoted_at_ms: crate::now_ms(),
+                    reason: format!("rollback from {}", current.version),
+                }))
+            })
+            .await?;
+        Ok(latest.expect("the closure above never declines"))
     }
 
     /// Downloads `version` into `cache/<version>/` unless it is already

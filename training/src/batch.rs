@@ -58,6 +58,20 @@ pub fn plan_batches(lengths: &[usize], limits: BatchLimits, seed: u64) -> Vec<Ve
     batches
 }
 
+/// Token id rows padded with 0 (`[PAD]`) to the longest (at least 1):
+/// `(ids, mask, width)`, row-major `[rows, width]`, mask 1 on real tokens.
+pub fn pad(rows: &[&[u32]]) -> (Vec<u32>, Vec<u8>, usize) {
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut ids = vec![0u32; rows.len() * width];
+    let mut mask = vec![0u8; rows.len() * width];
+    for (row, tokens) in rows.iter().enumerate() {
+        let start = row * width;
+        ids[start..start + tokens.len()].copy_from_slice(tokens);
+        mask[start..start + tokens.len()].fill(1);
+    }
+    (ids, mask, width)
+}
+
 /// A padded batch in row-major host memory, ready for
 /// `Tensor::from_vec(ids, (docs, width), device)`, the mask likewise, and
 /// `NgramBatch::from_lists(&ngrams, device)`.
@@ -97,23 +111,17 @@ impl Batch {
     /// `num_labels`: both come from this crate's own planning and labels.
     pub fn collate(examples: &[Example], indices: &[usize], num_labels: usize) -> Self {
         let docs = indices.len();
-        let width = indices
+        let rows: Vec<&[u32]> = indices
             .iter()
-            .map(|&i| examples[i].ids.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut ids = vec![0u32; docs * width];
-        let mut mask = vec![0u8; docs * width];
+            .map(|&i| examples[i].ids.as_slice())
+            .collect();
+        let (ids, mask, width) = pad(&rows);
         let mut targets = vec![0f32; docs * num_labels];
         let mut weights = vec![1f32; docs * num_labels];
         let mut row_weights = vec![1f32; docs];
         let mut ngrams = Vec::with_capacity(docs);
         for (row, &i) in indices.iter().enumerate() {
             let example = &examples[i];
-            let start = row * width;
-            ids[start..start + example.ids.len()].copy_from_slice(&example.ids);
-            mask[start..start + example.ids.len()].fill(1);
             for &label in &example.labels {
                 targets[row * num_labels + label as usize] = 1.0;
             }

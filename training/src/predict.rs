@@ -169,14 +169,8 @@ impl Predictor {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let width = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
-        let mut ids = vec![0u32; batch.len() * width];
-        let mut mask = vec![0u8; batch.len() * width];
-        for (row, encoded) in batch.iter().enumerate() {
-            let start = row * width;
-            ids[start..start + encoded.ids.len()].copy_from_slice(&encoded.ids);
-            mask[start..start + encoded.ids.len()].fill(1);
-        }
+        let rows: Vec<&[u32]> = batch.iter().map(|e| e.ids.as_slice()).collect();
+        let (ids, mask, width) = crate::batch::pad(&rows);
         let shape = (batch.len(), width);
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;

@@ -713,7 +713,7 @@ pub fn train(
         let loss_improved = validation_loss < lowest_loss;
         lowest_loss = lowest_loss.min(validation_loss);
         if improved {
-            sync_ngrams(&sparse)?;
+            // The n-gram table was copied into the model before evaluating.
             varmap.save(&model_path)?;
             best = Some((score, validation_loss, metrics.clone()));
             best_epoch = epoch;
