@@ -77,6 +77,8 @@ pub struct Config {
     pub archive: ArchiveConfig,
     /// `sift train` and the model registry.
     pub train: TrainConfig,
+    /// `sift infer`: the batched inference daemon.
+    pub infer: InferConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -94,6 +96,7 @@ impl Default for Config {
             clean: CleanConfig::default(),
             archive: ArchiveConfig::default(),
             train: TrainConfig::default(),
+            infer: InferConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -559,6 +562,61 @@ impl Default for TrainConfig {
             validation_percent: 10,
             seed: 42,
             feedback: true,
+        }
+    }
+}
+
+/// `sift infer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferConfig {
+    /// Consumer group on `sift.clean`; instances with the same group share partitions.
+    pub group: String,
+    /// Most records taken from the log per poll.
+    pub poll_records: u32,
+    /// Most documents in one forward pass.
+    pub max_batch_docs: u32,
+    /// Most padded tokens (documents × the longest) in one forward pass.
+    pub max_batch_tokens: u32,
+    /// How long a batch that is not full waits for more documents.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Most documents between the poll and the commit (tokenized, queued,
+    /// scored or being written); a full pipeline stops polling.
+    pub max_in_flight: u32,
+    /// Most rows written to the table (and records to `sift.categorized`) at once.
+    pub write_rows: u32,
+    /// Where the model runs: `cpu` or `cuda`.
+    pub device: crate::train::DeviceArg,
+    /// Arithmetic: `f32`, `bf16` or `f16` (the last two on a GPU).
+    pub dtype: crate::bench::DtypeArg,
+    /// Threads for tokenizing and the model on the CPU; 0 = one per core.
+    pub threads: u32,
+    /// How often the registry's LATEST is checked for a new model.
+    #[serde(with = "humantime_serde")]
+    pub model_poll: Duration,
+    /// Score with this registry version and never swap; empty = follow LATEST.
+    pub model_version: String,
+    /// Longest text stored in the row (`m:text`), bytes; longer texts are cut at a character boundary.
+    pub store_text_bytes: u64,
+}
+
+impl Default for InferConfig {
+    fn default() -> Self {
+        InferConfig {
+            group: "sift-infer".into(),
+            poll_records: 256,
+            max_batch_docs: 32,
+            max_batch_tokens: 8192,
+            max_wait: Duration::from_millis(5),
+            max_in_flight: 2048,
+            write_rows: 256,
+            device: crate::train::DeviceArg::Cpu,
+            dtype: crate::bench::DtypeArg::F32,
+            threads: 0,
+            model_poll: Duration::from_secs(30),
+            model_version: String::new(),
+            store_text_bytes: 1 << 20,
         }
     }
 }

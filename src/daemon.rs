@@ -48,6 +48,28 @@ pub async fn serve_metrics(config: &Config, health: Health) -> crate::Result<Opt
     Ok(Some(bound))
 }
 
+/// Serves `/metrics`, `/healthz` and `/readyz` on `telemetry.metrics_addr`
+/// unless it is empty; returns the bound address.
+pub async fn serve_probes(
+    config: &Config,
+    health: Health,
+    ready: Health,
+) -> crate::Result<Option<SocketAddr>> {
+    let addr = &config.telemetry.metrics_addr;
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let bound = metrics::serve_probes(addr, health, ready)
+        .await
+        .map_err(|e| {
+            crate::Error::io(
+                format!("serving /metrics on {addr} (telemetry.metrics_addr)"),
+                e,
+            )
+        })?;
+    Ok(Some(bound))
+}
+
 /// When a consumer stage's `run` returns: once its group has caught up with
 /// the end its input topic had at the start (`--once`), when a stop signal
 /// resolves (the daemon's SIGTERM), or whichever comes first. The work in

@@ -33,6 +33,8 @@ pub mod topics {
     pub const DLQ: &str = "sift.dlq";
     /// Normalized, language-tagged, de-duplicated documents.
     pub const CLEAN: &str = "sift.clean";
+    /// Scored documents: id, source, URL, title, top 5, model version (`sift infer`).
+    pub const CATEGORIZED: &str = "sift.categorized";
 }
 
 /// Prefix of the object-store keys holding claim-checked texts.

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod backends;
+pub mod bench;
 pub mod classify;
 pub mod clean;
 pub mod config;
@@ -16,10 +17,12 @@ pub mod dlq;
 pub mod documents;
 pub mod envelope;
 pub mod error;
+pub mod infer;
 pub mod ingest;
 pub mod metrics;
 pub mod run;
 pub mod sample;
+pub mod stage;
 pub mod telemetry;
 pub mod train;
 

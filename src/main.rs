@@ -62,6 +62,11 @@ enum Command {
     Models(sift::train::models::ModelsCommand),
     /// Print the top categories of files or of JSON lines on stdin.
     Classify(sift::classify::ClassifyArgs),
+    /// Score `sift.clean` with the model: top 5 categories to the documents table and `sift.categorized`.
+    Infer(sift::infer::InferArgs),
+    /// Benchmarks that need the whole binary: the model alone, the inference daemon end to end.
+    #[command(subcommand)]
+    Bench(sift::bench::BenchCommand),
 }
 
 #[derive(Args)]
@@ -270,6 +275,8 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         Command::Train(args) => Ok(sift::train::main(config, args).await?),
         Command::Models(command) => Ok(sift::train::models::main(config, command).await?),
         Command::Classify(args) => Ok(sift::classify::main(config, args).await?),
+        Command::Infer(args) => Ok(sift::infer::main(config, args).await?),
+        Command::Bench(command) => Ok(sift::bench::main(config, command).await?),
     }
 }
 

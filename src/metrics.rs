@@ -82,6 +82,39 @@ pub struct Metrics {
     pub train_last_hit_at_5: Gauge,
     /// Unix time (s) the last training run finished.
     pub train_last_finished: Gauge,
+    /// Documents waiting in `sift infer`'s batcher queue.
+    pub infer_queue_depth: Gauge,
+    /// Documents between `sift infer`'s poll and commit.
+    pub infer_in_flight: Gauge,
+    /// Documents per forward pass.
+    pub infer_batch_docs: Histogram,
+    /// Padded tokens (documents × the longest) per forward pass.
+    pub infer_batch_padded_tokens: Histogram,
+    /// Seconds per stage: `tokenize` (a poll's documents), `queue` (a
+    /// document's wait for a batch), `forward` (a batch), `write` (a write to
+    /// the table and `sift.categorized`).
+    pub infer_stage_seconds: Family<StageLabel, Histogram, fn() -> Histogram>,
+    /// Seconds from a record's arrival in `sift.clean` to its row being written.
+    pub infer_latency_seconds: Histogram,
+    /// Documents scored per second, over the last few seconds.
+    pub infer_docs_per_second: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Model loads by outcome (`ok`, `failed`).
+    pub infer_model_loads: Family<OutcomeLabel, Counter>,
+    /// 1 for the model version `sift infer` scores with.
+    pub infer_model: Family<VersionLabel, Gauge>,
+    /// 1 when `sift infer` has a model and its backends answer.
+    pub infer_ready: Gauge,
+}
+
+/// Label of the model version gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// Registry version.
+    pub version: String,
+}
+
+fn stage_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 impl Metrics {
@@ -105,6 +138,16 @@ impl Metrics {
             train_runs: Family::default(),
             train_last_hit_at_5: Gauge::default(),
             train_last_finished: Gauge::default(),
+            infer_queue_depth: Gauge::default(),
+            infer_in_flight: Gauge::default(),
+            infer_batch_docs: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            infer_batch_padded_tokens: Histogram::new(exponential_buckets(64.0, 2.0, 12)),
+            infer_stage_seconds: Family::new_with_constructor(stage_seconds),
+            infer_latency_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            infer_docs_per_second: Gauge::default(),
+            infer_model_loads: Family::default(),
+            infer_model: Family::default(),
+            infer_ready: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -192,7 +235,94 @@ impl Metrics {
             "Unix time the last training run finished",
             m.train_last_finished.clone(),
         );
+        registry.register(
+            "sift_infer_queue_depth_documents",
+            "Documents waiting in the batcher queue",
+            m.infer_queue_depth.clone(),
+        );
+        registry.register(
+            "sift_infer_in_flight_documents",
+            "Documents between the poll and the commit",
+            m.infer_in_flight.clone(),
+        );
+        registry.register(
+            "sift_infer_batch_documents",
+            "Documents per forward pass",
+            m.infer_batch_docs.clone(),
+        );
+        registry.register(
+            "sift_infer_batch_padded_tokens",
+            "Padded tokens (documents x the longest) per forward pass",
+            m.infer_batch_padded_tokens.clone(),
+        );
+        registry.register(
+            "sift_infer_stage_seconds",
+            "Seconds per stage: tokenize (a poll), queue (a document's wait), forward (a batch), write (a table write and produce)",
+            m.infer_stage_seconds.clone(),
+        );
+        registry.register(
+            "sift_infer_latency_seconds",
+            "Seconds from a record's arrival in sift.clean to its row in the documents table",
+            m.infer_latency_seconds.clone(),
+        );
+        registry.register(
+            "sift_infer_documents_per_second",
+            "Documents scored per second over the last few seconds",
+            m.infer_docs_per_second.clone(),
+        );
+        registry.register(
+            "sift_infer_model_loads",
+            "Model loads by outcome (ok, failed)",
+            m.infer_model_loads.clone(),
+        );
+        registry.register(
+            "sift_infer_model",
+            "1 for the model version sift infer scores with",
+            m.infer_model.clone(),
+        );
+        registry.register(
+            "sift_infer_ready",
+            "1 when sift infer has a model and its backends answer",
+            m.infer_ready.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Records that `sift infer` now scores with `version` instead of `old`.
+    pub fn infer_model_loaded(&self, old: Option<&str>, version: &str) {
+        if let Some(old) = old {
+            self.infer_model.remove(&VersionLabel {
+                version: old.to_string(),
+            });
+        }
+        self.infer_model
+            .get_or_create(&VersionLabel {
+                version: version.to_string(),
+            })
+            .set(1);
+        self.infer_model_loads
+            .get_or_create(&OutcomeLabel {
+                outcome: "ok".into(),
+            })
+            .inc();
+    }
+
+    /// Counts a model that failed to load.
+    pub fn infer_model_load_failed(&self) {
+        self.infer_model_loads
+            .get_or_create(&OutcomeLabel {
+                outcome: "failed".into(),
+            })
+            .inc();
+    }
+
+    /// Observes `seconds` of an infer stage.
+    pub fn infer_stage(&self, stage: &str, seconds: f64) {
+        self.infer_stage_seconds
+            .get_or_create(&StageLabel {
+                stage: stage.to_string(),
+            })
+            .observe(seconds);
     }
 
     /// Counts a document a stage dropped on purpose.
@@ -263,10 +393,20 @@ pub type Health = Arc<dyn Fn() -> bool + Send + Sync>;
 /// Starts serving `/metrics` and `/healthz` on `addr` in the background and
 /// returns the bound address (useful with port 0).
 pub async fn serve(addr: &str, health: Health) -> std::io::Result<SocketAddr> {
+    serve_probes(addr, health.clone(), health).await
+}
+
+/// Serves `/metrics`, `/healthz` (the process works) and `/readyz` (it can
+/// take work: for `sift infer`, a model is loaded) on `addr`.
+pub async fn serve_probes(
+    addr: &str,
+    health: Health,
+    ready: Health,
+) -> std::io::Result<SocketAddr> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(health_handler))
-        .with_state(health);
+        .route("/healthz", get(health_handler).with_state(health))
+        .route("/readyz", get(health_handler).with_state(ready));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {

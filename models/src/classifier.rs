@@ -256,6 +256,26 @@ pub struct Classifier {
     ngrams: Option<Embedding>,
     head: Linear,
     dropout: Dropout,
+    /// Every layer norm's gain and bias under its tensor name, kept so that
+    /// [`Classifier::named_weights`] can hand them out (the norm modules
+    /// keep theirs private).
+    norm_weights: Vec<(String, Tensor)>,
+}
+
+/// Fetches a layer norm's gain and bias under `prefix` the same way
+/// [`LayerNorm::load`] does, so the tensors are the ones the module holds.
+fn norm_weights(
+    hidden: usize,
+    prefix: &str,
+    vb: &VarBuilder,
+    out: &mut Vec<(String, Tensor)>,
+) -> candle_core::Result<()> {
+    let vb = vb.pp(prefix);
+    let weight = vb.get_with_hints(hidden, "weight", Init::Const(1.0))?;
+    let bias = vb.get_with_hints(hidden, "bias", Init::Const(0.0))?;
+    out.push((format!("{prefix}.weight"), weight));
+    out.push((format!("{prefix}.bias"), bias));
+    Ok(())
 }
 
 impl Classifier {
@@ -295,6 +315,23 @@ impl Classifier {
             .map(|n| embedding(n.buckets, n.dim, vb.pp("ngrams")))
             .transpose()?;
         let head = linear(config.head_input(), config.num_labels, vb.pp("head"))?;
+        let mut norms = Vec::new();
+        if config.norm == Norm::Post {
+            norm_weights(config.hidden, "embeddings.norm", &vb, &mut norms)?;
+        }
+        for i in 0..config.layers {
+            for norm in ["attention_norm", "ff_norm"] {
+                norm_weights(
+                    config.hidden,
+                    &format!("layers.{i}.{norm}"),
+                    &vb,
+                    &mut norms,
+                )?;
+            }
+        }
+        if config.norm == Norm::Pre {
+            norm_weights(config.hidden, "final_norm", &vb, &mut norms)?;
+        }
         Ok(Self {
             config: config.clone(),
             tokens,
@@ -305,7 +342,49 @@ impl Classifier {
             ngrams,
             head,
             dropout,
+            norm_weights: norms,
         })
+    }
+
+    /// Every weight under its tensor name (the table at the top of this
+    /// module), for code that runs the same function outside candle, such as
+    /// the packed CPU encoder. The tensors share storage with the model.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            (
+                "embeddings.tokens.weight".to_owned(),
+                self.tokens.embeddings().clone(),
+            ),
+            (
+                "embeddings.positions.weight".to_owned(),
+                self.positions.embeddings().clone(),
+            ),
+        ];
+        let mut linear = |name: String, module: &Linear| {
+            out.push((format!("{name}.weight"), module.weight().clone()));
+            if let Some(bias) = module.bias() {
+                out.push((format!("{name}.bias"), bias.clone()));
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attention = &layer.attention;
+            for (part, module) in [
+                ("query", &attention.query),
+                ("key", &attention.key),
+                ("value", &attention.value),
+                ("output", &attention.output),
+            ] {
+                linear(format!("layers.{i}.attention.{part}"), module);
+            }
+            linear(format!("layers.{i}.ff.up"), &layer.ff.up);
+            linear(format!("layers.{i}.ff.down"), &layer.ff.down);
+        }
+        linear("head".to_owned(), &self.head);
+        if let Some(table) = &self.ngrams {
+            out.push(("ngrams.weight".to_owned(), table.embeddings().clone()));
+        }
+        out.extend(self.norm_weights.iter().cloned());
+        out
     }
 
     /// Restarts the dropout masks' generator from `seed` (it starts at 0).

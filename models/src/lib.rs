@@ -15,6 +15,9 @@
 //! - [`seeded_var_builder`]: deterministic initialisation (candle cannot seed
 //!   its CPU generator).
 //! - [`bert`]: start from a pretrained BERT/MiniLM encoder (post-norm).
+//! - [`PackedEncoder`]: the same forward pass for inference on the CPU,
+//!   over the documents' real tokens only (no padding), several times
+//!   faster than candle's generic CPU ops.
 //!
 //! Dropout masks on the CPU come from a generator seeded through
 //! [`Classifier::seed_dropout`], so a CPU training run is reproducible bit
@@ -51,10 +54,12 @@ mod classifier;
 mod config;
 mod init;
 pub mod ops;
+pub mod packed;
 
 pub use classifier::{Classifier, NgramBatch};
 pub use config::{ConfigError, ModelConfig, NgramConfig, Norm, Output, Pooling};
 pub use init::seeded_var_builder;
+pub use packed::{PackedEncoder, PackedInput};
 
 /// What can go wrong building or running a model.
 #[derive(Debug, thiserror::Error)]

@@ -54,21 +54,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::StreamExt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::backends::log::{
-    Commit, Consumer, Log, LogError, Message, Record, Watermarks, MAX_RECORD_BYTES,
-};
-use crate::backends::objects::{self, ObjectError, ObjectStore, PutMode};
+use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Record, Watermarks};
+use crate::backends::objects::{self, ObjectStore, PutMode};
 use crate::config::Config;
 use crate::dlq::{self, DeadLetter};
 use crate::envelope::{self, headers, topics, Envelope, CLAIM_PREFIX, SCHEMA_VERSION};
 use crate::metrics::Health;
+use crate::stage::{
+    commit, dead_letter, fetch_claim, parse, standing, Backoff, Rejection, Stop, RECORD_LIMIT,
+};
 
 use self::language::LanguageDetector;
 use self::simhash::NearDuplicates;
@@ -78,14 +77,7 @@ pub const STAGE: &str = "clean";
 
 /// Why a record went to the dead-letter topic (the `reason` label).
 pub mod reasons {
-    /// Not a JSON envelope.
-    pub const BAD_JSON: &str = "bad_json";
-    /// An envelope of another schema version.
-    pub const SCHEMA_VERSION: &str = "schema_version";
-    /// A `body_uri` that is not a claim check of sift's object store, or whose object is not UTF-8.
-    pub const BAD_CLAIM: &str = "bad_claim";
-    /// A claim check whose object does not exist.
-    pub const CLAIM_MISSING: &str = "claim_missing";
+    pub use crate::stage::reasons::{BAD_CLAIM, BAD_JSON, CLAIM_MISSING, SCHEMA_VERSION};
     /// A text shorter than `clean.min_chars` after normalization.
     pub const TOO_SHORT: &str = "too_short";
     /// A cleaned envelope larger than a log record may be (a huge title or metadata).
@@ -204,8 +196,6 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 const POLL_WAIT: Duration = Duration::from_millis(500);
 /// Claim checks fetched at once.
 const CLAIM_FETCHES: usize = 8;
-/// Largest envelope sent, leaving room for the log's own framing.
-const RECORD_LIMIT: usize = MAX_RECORD_BYTES - 4096;
 
 /// Consumes `sift.raw` in group `clean.group` and produces `sift.clean`
 /// until `until`; creates `sift.raw`, `sift.clean` and `sift.dlq` if missing.
@@ -316,81 +306,6 @@ impl Settings {
     }
 }
 
-/// Resolves once shutdown was asked for; never when it cannot be.
-#[derive(Clone)]
-struct Stop(watch::Receiver<bool>);
-
-impl Stop {
-    fn new(signal: Option<BoxFuture<'static, ()>>) -> (Self, Option<tokio::task::JoinHandle<()>>) {
-        let (tx, rx) = watch::channel(false);
-        let watcher = signal.map(|f| {
-            tokio::spawn(async move {
-                f.await;
-                let _ = tx.send(true);
-            })
-        });
-        (Stop(rx), watcher)
-    }
-
-    fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    async fn wait(&mut self) {
-        if self.0.wait_for(|v| *v).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-/// Exponential backoff between retries of a failed backend call.
-struct Backoff {
-    delay: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        Backoff {
-            delay: Self::FIRST,
-            attempt: 0,
-        }
-    }
-
-    /// Logs the failure and waits; false if shutdown was asked for meanwhile.
-    async fn wait<E: std::fmt::Display>(&mut self, stop: &mut Stop, what: &str, error: &E) -> bool {
-        self.attempt += 1;
-        FAILURES.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            error = %error,
-            attempt = self.attempt,
-            retry_in = ?self.delay,
-            "Could not {what}; retrying."
-        );
-        let slept = tokio::select! {
-            _ = tokio::time::sleep(self.delay) => true,
-            _ = stop.wait() => false,
-        };
-        self.delay = (self.delay * 2).min(Self::MAX);
-        slept
-    }
-}
-
-/// Why a record is rejected.
-struct Rejection {
-    reason: &'static str,
-    detail: String,
-}
-
-impl Rejection {
-    fn new(reason: &'static str, detail: String) -> Self {
-        Rejection { reason, detail }
-    }
-}
-
 /// What became of one raw record.
 enum Verdict {
     /// Cleaned, for `sift.clean` (unless it is a near-duplicate).
@@ -409,34 +324,6 @@ struct Cleaned {
     record: Record,
     /// Object to write before the record is sent: key and text.
     claim: Option<(String, Bytes)>,
-}
-
-/// The only field read from a record that is not a current envelope.
-#[derive(Deserialize)]
-struct Versioned {
-    v: u32,
-}
-
-/// Parses a raw record's envelope.
-fn parse(value: &[u8]) -> Result<Envelope, Rejection> {
-    match serde_json::from_slice::<Envelope>(value) {
-        Ok(env) if env.v == SCHEMA_VERSION => Ok(env),
-        Ok(env) => Err(schema_rejection(env.v)),
-        Err(e) => match serde_json::from_slice::<Versioned>(value) {
-            Ok(v) if v.v != SCHEMA_VERSION => Err(schema_rejection(v.v)),
-            _ => Err(Rejection::new(
-                reasons::BAD_JSON,
-                format!("not a JSON envelope: {e}"),
-            )),
-        },
-    }
-}
-
-fn schema_rejection(v: u32) -> Rejection {
-    Rejection::new(
-        reasons::SCHEMA_VERSION,
-        format!("envelope schema version {v}; this sift reads version {SCHEMA_VERSION}"),
-    )
 }
 
 /// Size of a record as the log counts it, roughly (the limit leaves room for framing).
@@ -619,14 +506,14 @@ async fn consume(
     let mut last_lag: Option<Instant> = None;
     let mut last_progress = Instant::now();
     let mut lag = 0u64;
-    let mut poll_backoff = Backoff::new();
+    let mut poll_backoff = Backoff::new(&FAILURES);
     let mut pending: Option<Prepared> = None;
     loop {
         if stop.is_set() {
             break;
         }
         if targets.is_some() || last_lag.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
-            match standing(sender.log.as_ref(), &settings.group, targets).await {
+            match standing(sender.log.as_ref(), topics::RAW, &settings.group, targets).await {
                 Ok((l, done)) => {
                     lag = l;
                     metrics.lag(STAGE, i64::try_from(l).unwrap_or(i64::MAX));
@@ -672,17 +559,26 @@ async fn consume(
             }
         );
         if let Some(p) = pending.take() {
-            if !sent || !commit(consumer.as_mut(), &p.commits, &settings.group, &mut stop).await {
+            if !sent
+                || !commit(
+                    consumer.as_mut(),
+                    &p.commits,
+                    &settings.group,
+                    &mut stop,
+                    &FAILURES,
+                )
+                .await
+            {
                 return Ok(());
             }
             account(summary, &p);
         }
         match polled? {
             Polled::Batch(p) => {
-                poll_backoff = Backoff::new();
+                poll_backoff = Backoff::new(&FAILURES);
                 pending = Some(p);
             }
-            Polled::Empty => poll_backoff = Backoff::new(),
+            Polled::Empty => poll_backoff = Backoff::new(&FAILURES),
             Polled::Stopped => break,
             Polled::Failed(e) => {
                 if !poll_backoff.wait(&mut stop, "poll sift.raw", &e).await {
@@ -694,7 +590,14 @@ async fn consume(
     // Finish the batch in hand.
     if let Some(p) = pending.take() {
         if !sender.send(&p).await
-            || !commit(consumer.as_mut(), &p.commits, &settings.group, &mut stop).await
+            || !commit(
+                consumer.as_mut(),
+                &p.commits,
+                &settings.group,
+                &mut stop,
+                &FAILURES,
+            )
+            .await
         {
             return Ok(());
         }
@@ -734,35 +637,6 @@ fn account(summary: &mut CleanSummary, p: &Prepared) {
         *summary.dropped.entry(reason.to_string()).or_default() += 1;
     }
     FAILURES.store(0, Ordering::Relaxed);
-}
-
-/// Commits a sent batch; false if shutdown was asked for while the log failed.
-async fn commit(
-    consumer: &mut dyn Consumer,
-    commits: &[Commit],
-    group: &str,
-    stop: &mut Stop,
-) -> bool {
-    let mut backoff = Backoff::new();
-    loop {
-        match consumer.commit(commits).await {
-            Ok(()) => return true,
-            // The batch is in sift.clean; the partition's new owner gets it
-            // again and produces the same keys.
-            Err(LogError::NotAssigned { .. }) => {
-                tracing::info!(
-                    group,
-                    "The group rebalanced before the batch was committed; its records will be delivered again."
-                );
-                return true;
-            }
-            Err(e) => {
-                if !backoff.wait(stop, "commit offsets", &e).await {
-                    return false;
-                }
-            }
-        }
-    }
 }
 
 /// Parses, resolves claim checks, cleans (on the rayon pool) and applies
@@ -813,7 +687,7 @@ async fn prepare(
                 tracing::debug!(partition = m.partition, offset = m.offset, detail = %r.detail, "Dropped a document.");
                 p.dropped.push(r.reason);
             }
-            Verdict::Dead(r) => p.dead.push(dead_letter(m, r)),
+            Verdict::Dead(r) => p.dead.push(dead_letter(STAGE, m, r)),
         }
     }
     Ok(Some(p))
@@ -840,7 +714,12 @@ async fn resolve_claims(
         .map(|(i, uri)| {
             let objects = objects.clone();
             let mut stop = stop.clone();
-            async move { (i, fetch_claim(objects.as_ref(), &uri, &mut stop).await) }
+            async move {
+                (
+                    i,
+                    fetch_claim(objects.as_ref(), &uri, &mut stop, &FAILURES).await,
+                )
+            }
         })
         .buffer_unordered(CLAIM_FETCHES)
         .collect()
@@ -868,7 +747,7 @@ impl Sender {
             let Some((key, text)) = &c.claim else {
                 continue;
             };
-            let mut backoff = Backoff::new();
+            let mut backoff = Backoff::new(&FAILURES);
             loop {
                 match self
                     .objects
@@ -888,7 +767,7 @@ impl Sender {
         let mut stop_clean = self.stop.clone();
         let mut stop_dlq = self.stop.clone();
         let produce = async {
-            let mut backoff = Backoff::new();
+            let mut backoff = Backoff::new(&FAILURES);
             while !records.is_empty() {
                 match self.log.produce(topics::CLEAN, records.clone()).await {
                     Ok(_) => return true,
@@ -905,7 +784,7 @@ impl Sender {
             true
         };
         let dead = async {
-            let mut backoff = Backoff::new();
+            let mut backoff = Backoff::new(&FAILURES);
             while !p.dead.is_empty() {
                 match dlq::send(self.log.as_ref(), &p.dead).await {
                     Ok(()) => return true,
@@ -924,97 +803,6 @@ impl Sender {
         let (a, b) = tokio::join!(produce, dead);
         a && b
     }
-}
-
-/// A dead letter about `m`. One whose original would not fit in a log
-/// record describes it instead of copying it (it stays in `sift.raw`).
-fn dead_letter(m: &Message, r: Rejection) -> DeadLetter {
-    let detail = format!("{} ({} {}@{})", r.detail, m.topic, m.partition, m.offset);
-    let mut d = DeadLetter::of_message(STAGE, r.reason, detail, m);
-    let size = m.key.as_ref().map_or(0, |k| k.len())
-        + m.value.len()
-        + m.headers
-            .iter()
-            .map(|(n, v)| 6 + n.len() + v.len())
-            .sum::<usize>()
-        + d.detail.len()
-        + 256;
-    if size > RECORD_LIMIT {
-        d.original = None;
-        d.detail
-            .push_str("; the original record is too large to copy here");
-    }
-    d
-}
-
-/// Fetches a claim-checked text; None if shutdown was asked for while the store failed.
-async fn fetch_claim(
-    objects: &dyn ObjectStore,
-    uri: &str,
-    stop: &mut Stop,
-) -> Option<Result<String, Rejection>> {
-    let Some(key) = envelope::claim_key(uri).filter(|k| objects::validate_key(k).is_ok()) else {
-        return Some(Err(Rejection::new(
-            reasons::BAD_CLAIM,
-            format!(
-                "body_uri `{uri}` is not a claim check of sift's object store (objects:claims/...)"
-            ),
-        )));
-    };
-    let mut backoff = Backoff::new();
-    loop {
-        match objects.get(key).await {
-            Ok((_, body)) => {
-                return Some(String::from_utf8(body.to_vec()).map_err(|e| {
-                    Rejection::new(
-                        reasons::BAD_CLAIM,
-                        format!("claim check `{uri}` is not UTF-8 text: {e}"),
-                    )
-                }))
-            }
-            Err(ObjectError::NotFound(_)) => {
-                return Some(Err(Rejection::new(
-                    reasons::CLAIM_MISSING,
-                    format!("claim check `{uri}` has no object in the object store"),
-                )))
-            }
-            Err(e @ ObjectError::InvalidKey { .. }) => {
-                return Some(Err(Rejection::new(
-                    reasons::BAD_CLAIM,
-                    format!("claim check `{uri}`: {e}"),
-                )))
-            }
-            Err(e) => {
-                if !backoff.wait(stop, "read a claim check", &e).await {
-                    return None;
-                }
-            }
-        }
-    }
-}
-
-/// The group's lag on `sift.raw`, and whether it has committed up to `targets`.
-async fn standing(
-    log: &dyn Log,
-    group: &str,
-    targets: Option<&[Watermarks]>,
-) -> Result<(u64, bool), LogError> {
-    let marks = log.watermarks(topics::RAW).await?;
-    let committed = log.committed(group, topics::RAW).await?;
-    let at = |partition: u32, low: u64| {
-        committed
-            .iter()
-            .find(|(p, _)| *p == partition)
-            .and_then(|(_, c)| *c)
-            .unwrap_or(low)
-            .max(low)
-    };
-    let lag = marks
-        .iter()
-        .map(|w| w.high.saturating_sub(at(w.partition, w.low)))
-        .sum();
-    let done = targets.is_some_and(|t| t.iter().all(|w| at(w.partition, w.low) >= w.high));
-    Ok((lag, done))
 }
 
 #[cfg(test)]

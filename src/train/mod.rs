@@ -84,8 +84,11 @@ pub enum LossArg {
     Softmax,
 }
 
-/// Where to train.
-#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+/// Where to train or score.
+#[derive(
+    Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
     /// The CPU.
     #[default]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sift_models::{ops, Classifier, ModelConfig, NgramBatch};
+use sift_models::{ops, Classifier, ModelConfig, NgramBatch, PackedEncoder, PackedInput};
 
 use crate::metrics::{top_k, Evaluator, Metrics, TOP_K};
 use crate::train::files;
@@ -69,10 +69,21 @@ pub struct Encoded {
 /// One batch's input positions and their top labels, row for row.
 type ScoredBatch = (Vec<usize>, Vec<Vec<(u32, f32)>>);
 
+/// How the model runs.
+#[derive(Debug)]
+enum Backend {
+    /// Candle's tensors on the load device (a GPU, or a CPU in half
+    /// precision).
+    Candle(Classifier),
+    /// f32 on the CPU: the packed encoder computes the same scores several
+    /// times faster, and holds the only copy of the weights.
+    Packed(PackedEncoder),
+}
+
 /// A loaded model directory ([`files::ALL`]).
 #[derive(Debug)]
 pub struct Predictor {
-    model: Classifier,
+    model: Backend,
     tokenizer: TextTokenizer,
     labels: Labels,
     hasher: Option<NgramHasher>,
@@ -121,7 +132,12 @@ impl Predictor {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             });
         }
-        let model = Classifier::load_safetensors(&config, &[weights], dtype, device)?;
+        let classifier = Classifier::load_safetensors(&config, &[weights], dtype, device)?;
+        let model = if device.is_cpu() && dtype == DType::F32 {
+            Backend::Packed(PackedEncoder::from_classifier(&classifier)?)
+        } else {
+            Backend::Candle(classifier)
+        };
         let hasher = config
             .ngrams
             .map(|n| NgramHasher::new(u32::try_from(n.buckets).unwrap_or(u32::MAX)));
@@ -136,7 +152,10 @@ impl Predictor {
 
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
-        self.model.config()
+        match &self.model {
+            Backend::Candle(model) => model.config(),
+            Backend::Packed(model) => model.config(),
+        }
     }
 
     /// The labels, in output order.
@@ -169,6 +188,29 @@ impl Predictor {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        let model = match &self.model {
+            Backend::Candle(model) => model,
+            Backend::Packed(model) => {
+                let inputs: Vec<PackedInput<'_>> = batch
+                    .iter()
+                    .map(|e| PackedInput {
+                        ids: &e.ids,
+                        // As below: n-grams count only for a model with the branch.
+                        ngrams: if self.hasher.is_some() {
+                            &e.ngrams
+                        } else {
+                            &[]
+                        },
+                    })
+                    .collect();
+                let scores = model.scores_flat(&inputs)?;
+                let labels = self.config().num_labels;
+                return Ok(scores
+                    .chunks_exact(labels)
+                    .map(|row| top_k(row, k))
+                    .collect());
+            }
+        };
         let rows: Vec<&[u32]> = batch.iter().map(|e| e.ids.as_slice()).collect();
         let (ids, mask, width) = crate::batch::pad(&rows);
         let shape = (batch.len(), width);
@@ -181,7 +223,7 @@ impl Predictor {
             }
             None => None,
         };
-        let logits = self.model.forward(&ids, &mask, ngrams.as_ref(), false)?;
+        let logits = model.forward(&ids, &mask, ngrams.as_ref(), false)?;
         let scores = ops::scores(&logits, self.config().output)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
@@ -262,6 +304,12 @@ impl Predictor {
         Ok(evaluator.finish(&self.labels))
     }
 }
+
+// The inference daemon shares one `Predictor` between threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Predictor>();
+};
 
 /// Positions of `tags` in `labels`; tags the model does not know get
 /// distinct positions past its outputs, so they count as true but are never

@@ -1,0 +1,170 @@
+//! The model `sift infer` scores with, and its hot swap.
+//!
+//! The [`Slot`] holds the current model. A watcher task checks the
+//! registry's LATEST every `infer.model_poll`; a new version is fetched and
+//! loaded in the background (the daemon keeps scoring with the old one), then
+//! put in the slot. The model thread reads the slot at the start of every
+//! batch, so a swap falls between two batches: every document is scored by
+//! exactly one model, and its row records which. A version that fails to
+//! load is reported (log, `sift_infer_model_loads_total{outcome="failed"}`)
+//! and not tried again until LATEST moves; the old model keeps running.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use parking_lot::RwLock;
+use sift_training::Predictor;
+
+use crate::backends::objects::ObjectStore;
+use crate::stage::Stop;
+use crate::train::registry::Registry;
+
+/// A loaded model.
+pub struct Loaded {
+    /// Registry version (or the directory, for a model given by path).
+    pub version: String,
+    /// Increases with every swap; documents tokenized by an older model are
+    /// tokenized again before scoring.
+    pub generation: u64,
+    /// The model.
+    pub predictor: Predictor,
+}
+
+/// The current model; empty until the first one loads.
+#[derive(Default)]
+pub struct Slot(RwLock<Option<Arc<Loaded>>>);
+
+impl Slot {
+    /// The current model.
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        self.0.read().clone()
+    }
+
+    /// Puts `predictor` in the slot as `version`.
+    pub fn install(&self, version: String, predictor: Predictor) -> Arc<Loaded> {
+        let mut slot = self.0.write();
+        let generation = slot.as_ref().map_or(1, |m| m.generation + 1);
+        let loaded = Arc::new(Loaded {
+            version,
+            generation,
+            predictor,
+        });
+        *slot = Some(loaded.clone());
+        loaded
+    }
+}
+
+/// Where models come from and how they are loaded.
+#[derive(Clone)]
+pub struct Source {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// Local cache of fetched versions.
+    pub cache: PathBuf,
+    /// Device.
+    pub device: Device,
+    /// Arithmetic.
+    pub dtype: DType,
+}
+
+impl Source {
+    /// A source over the object store's registry under `prefix`.
+    pub fn new(
+        objects: Arc<dyn ObjectStore>,
+        prefix: &str,
+        cache: PathBuf,
+        device: Device,
+        dtype: DType,
+    ) -> Self {
+        Source {
+            registry: Arc::new(Registry::new(objects, prefix)),
+            cache,
+            device,
+            dtype,
+        }
+    }
+
+    /// The version LATEST names, if any.
+    pub async fn latest(&self) -> Result<Option<String>, String> {
+        self.registry
+            .latest()
+            .await
+            .map(|l| l.map(|(latest, _)| latest.version))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Fetches and loads `version` (off the async runtime).
+    pub async fn load(&self, version: &str) -> Result<Predictor, String> {
+        let dir = self
+            .registry
+            .fetch(version, &self.cache)
+            .await
+            .map_err(|e| format!("cannot fetch model {version}: {e}"))?;
+        let (device, dtype) = (self.device.clone(), self.dtype);
+        tokio::task::spawn_blocking(move || Predictor::load(&dir, &device, dtype))
+            .await
+            .map_err(|e| format!("loading model {version} failed: {e}"))?
+            .map_err(|e| format!("cannot load model {version}: {e}"))
+    }
+}
+
+/// Loads `version` into the slot, counting the outcome; false on failure.
+pub async fn swap_to(slot: &Slot, source: &Source, version: &str) -> bool {
+    let metrics = crate::metrics::global();
+    match source.load(version).await {
+        Ok(predictor) => {
+            let old = slot.current().map(|m| m.version.clone());
+            let loaded = slot.install(version.to_owned(), predictor);
+            metrics.infer_model_loaded(old.as_deref(), &loaded.version);
+            tracing::info!(
+                version = %loaded.version,
+                previous = old.as_deref().unwrap_or("none"),
+                generation = loaded.generation,
+                "Model loaded; scoring with it from the next batch."
+            );
+            true
+        }
+        Err(e) => {
+            metrics.infer_model_load_failed();
+            tracing::error!(
+                error = %e,
+                version,
+                running = slot.current().map(|m| m.version.clone()).as_deref().unwrap_or("none"),
+                "A model failed to load; the running one keeps scoring."
+            );
+            false
+        }
+    }
+}
+
+/// Follows LATEST until `stop`: loads each new version once.
+pub async fn watch(slot: Arc<Slot>, source: Source, every: Duration, mut stop: Stop) {
+    let mut failed: Option<String> = None;
+    loop {
+        match source.latest().await {
+            Ok(Some(version)) => {
+                let running = slot.current().map(|m| m.version.clone());
+                if running.as_deref() != Some(version.as_str())
+                    && failed.as_deref() != Some(version.as_str())
+                    && !swap_to(&slot, &source, &version).await
+                {
+                    failed = Some(version);
+                }
+            }
+            Ok(None) => {
+                if slot.current().is_none() {
+                    tracing::info!(
+                        "No model in the registry yet (train one with `sift train`); waiting."
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not read the registry's LATEST."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait() => return,
+        }
+    }
+}

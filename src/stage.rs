@@ -1,0 +1,277 @@
+//! What the consumer stages (`clean`, `infer`, ...) share: the stop signal,
+//! retry with backoff, envelope parsing with its rejection reasons, claim
+//! checks, dead letters about a record, committing, and the group's standing
+//! on its input topic.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::backends::log::{
+    Commit, Consumer, Log, LogError, Message, Watermarks, MAX_RECORD_BYTES,
+};
+use crate::backends::objects::{self, ObjectError, ObjectStore};
+use crate::dlq::DeadLetter;
+use crate::envelope::{self, Envelope, SCHEMA_VERSION};
+
+/// Largest record a stage sends, leaving room for the log's own framing.
+pub const RECORD_LIMIT: usize = MAX_RECORD_BYTES - 4096;
+
+/// Reasons every stage that reads envelopes can give (the `reason` label).
+pub mod reasons {
+    /// Not a JSON envelope.
+    pub const BAD_JSON: &str = "bad_json";
+    /// An envelope of another schema version.
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    /// A `body_uri` that is not a claim check of sift's object store, or whose object is not UTF-8.
+    pub const BAD_CLAIM: &str = "bad_claim";
+    /// A claim check whose object does not exist.
+    pub const CLAIM_MISSING: &str = "claim_missing";
+}
+
+/// Resolves once shutdown was asked for; never when it cannot be.
+#[derive(Clone)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// A stop that is set once `signal` resolves (never without one), and the task watching it.
+    pub fn new(
+        signal: Option<BoxFuture<'static, ()>>,
+    ) -> (Self, Option<tokio::task::JoinHandle<()>>) {
+        let (tx, rx) = watch::channel(false);
+        let watcher = signal.map(|f| {
+            tokio::spawn(async move {
+                f.await;
+                let _ = tx.send(true);
+            })
+        });
+        (Stop(rx), watcher)
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown is asked for.
+    pub async fn wait(&mut self) {
+        if self.0.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Exponential backoff between retries of a failed backend call.
+pub struct Backoff {
+    delay: Duration,
+    attempt: u32,
+    /// The stage's count of failures in a row, read by its `/healthz`.
+    failures: &'static AtomicU32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(30);
+
+    /// A fresh backoff that counts failures in `failures`.
+    pub fn new(failures: &'static AtomicU32) -> Self {
+        Backoff {
+            delay: Self::FIRST,
+            attempt: 0,
+            failures,
+        }
+    }
+
+    /// Logs the failure and waits; false if shutdown was asked for meanwhile.
+    /// Resolves once shutdown is asked for.
+    pub async fn wait<E: std::fmt::Display>(
+        &mut self,
+        stop: &mut Stop,
+        what: &str,
+        error: &E,
+    ) -> bool {
+        self.attempt += 1;
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %error,
+            attempt = self.attempt,
+            retry_in = ?self.delay,
+            "Could not {what}; retrying."
+        );
+        let slept = tokio::select! {
+            _ = tokio::time::sleep(self.delay) => true,
+            _ = stop.wait() => false,
+        };
+        self.delay = (self.delay * 2).min(Self::MAX);
+        slept
+    }
+}
+
+/// Why a record is rejected.
+pub struct Rejection {
+    /// A short fixed code (a metric label).
+    pub reason: &'static str,
+    /// What went wrong, for a person.
+    pub detail: String,
+}
+
+impl Rejection {
+    /// A rejection for `reason`.
+    pub fn new(reason: &'static str, detail: String) -> Self {
+        Rejection { reason, detail }
+    }
+}
+
+/// The only field read from a record that is not a current envelope.
+#[derive(Deserialize)]
+struct Versioned {
+    v: u32,
+}
+
+/// Parses a raw record's envelope.
+pub fn parse(value: &[u8]) -> Result<Envelope, Rejection> {
+    match serde_json::from_slice::<Envelope>(value) {
+        Ok(env) if env.v == SCHEMA_VERSION => Ok(env),
+        Ok(env) => Err(schema_rejection(env.v)),
+        Err(e) => match serde_json::from_slice::<Versioned>(value) {
+            Ok(v) if v.v != SCHEMA_VERSION => Err(schema_rejection(v.v)),
+            _ => Err(Rejection::new(
+                reasons::BAD_JSON,
+                format!("not a JSON envelope: {e}"),
+            )),
+        },
+    }
+}
+
+fn schema_rejection(v: u32) -> Rejection {
+    Rejection::new(
+        reasons::SCHEMA_VERSION,
+        format!("envelope schema version {v}; this sift reads version {SCHEMA_VERSION}"),
+    )
+}
+
+/// Commits a sent batch; false if shutdown was asked for while the log failed.
+pub async fn commit(
+    consumer: &mut dyn Consumer,
+    commits: &[Commit],
+    group: &str,
+    stop: &mut Stop,
+    failures: &'static AtomicU32,
+) -> bool {
+    let mut backoff = Backoff::new(failures);
+    loop {
+        match consumer.commit(commits).await {
+            Ok(()) => return true,
+            // The batch is written; the partition's new owner gets it again
+            // and writes the same keys.
+            Err(LogError::NotAssigned { .. }) => {
+                tracing::info!(
+                    group,
+                    "The group rebalanced before the batch was committed; its records will be delivered again."
+                );
+                return true;
+            }
+            Err(e) => {
+                if !backoff.wait(stop, "commit offsets", &e).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// A dead letter about `m`. One whose original would not fit in a log
+/// record describes it instead of copying it (it stays in its topic).
+pub fn dead_letter(stage: &'static str, m: &Message, r: Rejection) -> DeadLetter {
+    let detail = format!("{} ({} {}@{})", r.detail, m.topic, m.partition, m.offset);
+    let mut d = DeadLetter::of_message(stage, r.reason, detail, m);
+    let size = m.key.as_ref().map_or(0, |k| k.len())
+        + m.value.len()
+        + m.headers
+            .iter()
+            .map(|(n, v)| 6 + n.len() + v.len())
+            .sum::<usize>()
+        + d.detail.len()
+        + 256;
+    if size > RECORD_LIMIT {
+        d.original = None;
+        d.detail
+            .push_str("; the original record is too large to copy here");
+    }
+    d
+}
+
+/// Fetches a claim-checked text; None if shutdown was asked for while the store failed.
+pub async fn fetch_claim(
+    objects: &dyn ObjectStore,
+    uri: &str,
+    stop: &mut Stop,
+    failures: &'static AtomicU32,
+) -> Option<Result<String, Rejection>> {
+    let Some(key) = envelope::claim_key(uri).filter(|k| objects::validate_key(k).is_ok()) else {
+        return Some(Err(Rejection::new(
+            reasons::BAD_CLAIM,
+            format!(
+                "body_uri `{uri}` is not a claim check of sift's object store (objects:claims/...)"
+            ),
+        )));
+    };
+    let mut backoff = Backoff::new(failures);
+    loop {
+        match objects.get(key).await {
+            Ok((_, body)) => {
+                return Some(String::from_utf8(body.to_vec()).map_err(|e| {
+                    Rejection::new(
+                        reasons::BAD_CLAIM,
+                        format!("claim check `{uri}` is not UTF-8 text: {e}"),
+                    )
+                }))
+            }
+            Err(ObjectError::NotFound(_)) => {
+                return Some(Err(Rejection::new(
+                    reasons::CLAIM_MISSING,
+                    format!("claim check `{uri}` has no object in the object store"),
+                )))
+            }
+            Err(e @ ObjectError::InvalidKey { .. }) => {
+                return Some(Err(Rejection::new(
+                    reasons::BAD_CLAIM,
+                    format!("claim check `{uri}`: {e}"),
+                )))
+            }
+            Err(e) => {
+                if !backoff.wait(stop, "read a claim check", &e).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// The group's lag on `topic`, and whether it has committed up to `targets`.
+pub async fn standing(
+    log: &dyn Log,
+    topic: &str,
+    group: &str,
+    targets: Option<&[Watermarks]>,
+) -> Result<(u64, bool), LogError> {
+    let marks = log.watermarks(topic).await?;
+    let committed = log.committed(group, topic).await?;
+    let at = |partition: u32, low: u64| {
+        committed
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .and_then(|(_, c)| *c)
+            .unwrap_or(low)
+            .max(low)
+    };
+    let lag = marks
+        .iter()
+        .map(|w| w.high.saturating_sub(at(w.partition, w.low)))
+        .sum();
+    let done = targets.is_some_and(|t| t.iter().all(|w| at(w.partition, w.low) >= w.high));
+    Ok((lag, done))
+}
