@@ -10,7 +10,7 @@
 //!   batch limit asked for: documents/s draining a backlog, then p50/p99
 //!   latency from topic to table at half that rate.
 
-// pub mod infer;
+pub mod infer;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,13 +29,15 @@ use crate::train::{DeviceArg, TrainCommandError};
 pub enum BenchCommand {
     /// The model's forward pass alone over a dataset (tokenization timed apart).
     Model(ModelBenchArgs),
-    // `sift infer` end to end on embedded backends at several batch limits.
+    /// `sift infer` end to end on embedded backends at several batch limits.
+    Infer(infer::InferBenchArgs),
 }
 
 /// Runs `sift bench`.
 pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCommandError> {
     match command {
         BenchCommand::Model(args) => model(config, args).await,
+        BenchCommand::Infer(args) => infer::main(config, args).await,
     }
 }
 
