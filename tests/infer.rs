@@ -470,7 +470,7 @@ fn sift_infer(dir: &Path, once: bool) -> Result<std::process::Child> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_document_survives_sigkill() -> Result<()> {
-    const N: usize = 1500;
+    const N: usize = 2500;
     let models = models().await?;
     let dir = tempfile::tempdir()?;
     let ids = {
@@ -481,6 +481,41 @@ async fn every_document_survives_sigkill() -> Result<()> {
         promote(objects, &models.a).await?;
         produce(log.as_ref(), &documents(0, N)?).await?
     };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // SIGTERM: the documents in flight are written and committed before the
+    // daemon exits, so every committed record has its row and no row lacks
+    // its commit.
+    let mut child = sift_infer(dir.path(), false)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    ensure!(
+        child.try_wait()?.is_none(),
+        "sift infer exited before SIGTERM"
+    );
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: sending a signal to our own child process.
+    #[allow(unsafe_code)]
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    ensure!(sent == 0, "kill failed");
+    let status = child.wait()?;
+    ensure!(status.success(), "sift infer after SIGTERM: {status}");
+    {
+        let log = open_log(dir.path())?;
+        let committed: u64 = log
+            .committed("sift-infer", topics::CLEAN)
+            .await?
+            .iter()
+            .map(|(_, c)| c.unwrap_or(0))
+            .sum();
+        let table = EmbeddedTable::open(&dir.path().join("table.redb"))?;
+        let stored = rows(&table).await?.len() as u64;
+        eprintln!("SIGTERM: {committed} committed, {stored} rows");
+        ensure!(committed > 0, "nothing was scored before SIGTERM");
+        ensure!(
+            committed == stored,
+            "{committed} committed but {stored} rows"
+        );
+    }
     std::thread::sleep(Duration::from_millis(300));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
