@@ -514,7 +514,7 @@ def rate(docs: int, tokens: int, seconds: float) -> dict:
 
 
 def print_table(report: dict) -> None:
-    rows = [("sift (candle)", report["sift"], None)]
+    rows = [("sift", report["sift"], None)]
     rows.append(("torch", report["torch"], report["torch"]["check"]))
     if "onnxruntime" in report:
         rows.append(("onnxruntime", report["onnxruntime"], report["onnxruntime"]["check"]))
