@@ -4,9 +4,12 @@
 //! on its input topic.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::StreamExt;
+use rayon::prelude::*;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -19,6 +22,8 @@ use crate::envelope::{self, Envelope, SCHEMA_VERSION};
 
 /// Largest record a stage sends, leaving room for the log's own framing.
 pub const RECORD_LIMIT: usize = MAX_RECORD_BYTES - 4096;
+/// Claim checks fetched at once.
+const CLAIM_FETCHES: usize = 8;
 
 /// Reasons every stage that reads envelopes can give (the `reason` label).
 pub mod reasons {
@@ -274,4 +279,64 @@ pub async fn standing(
         .sum();
     let done = targets.is_some_and(|t| t.iter().all(|w| at(w.partition, w.low) >= w.high));
     Ok((lag, done))
+}
+
+/// Fetches the texts of claim-checked envelopes; false if stopped first.
+pub async fn resolve_claims(
+    parsed: &mut [Result<Envelope, Rejection>],
+    objects: &Arc<dyn ObjectStore>,
+    stop: &Stop,
+    failures: &'static AtomicU32,
+) -> bool {
+    let wanted: Vec<(usize, String)> = parsed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Ok(env) if env.text.is_none() => env.body_uri.clone().map(|u| (i, u)),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return true;
+    }
+    let fetched: Vec<(usize, Option<Result<String, Rejection>>)> = futures::stream::iter(wanted)
+        .map(|(i, uri)| {
+            let objects = objects.clone();
+            let mut stop = stop.clone();
+            async move {
+                (
+                    i,
+                    fetch_claim(objects.as_ref(), &uri, &mut stop, failures).await,
+                )
+            }
+        })
+        .buffer_unordered(CLAIM_FETCHES)
+        .collect()
+        .await;
+    for (i, f) in fetched {
+        match f {
+            None => return false,
+            Some(Ok(text)) => {
+                if let Ok(env) = &mut parsed[i] {
+                    env.text = Some(text);
+                }
+            }
+            Some(Err(r)) => parsed[i] = Err(r),
+        }
+    }
+    true
+}
+
+/// Runs `f` over `items` on the rayon pool, off the async runtime.
+pub async fn parallel<T, R>(
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Send + Sync + 'static,
+) -> crate::Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || items.into_par_iter().map(f).collect())
+        .await
+        .map_err(|e| crate::Error::Invalid(format!("a worker failed: {e}")))
 }

@@ -54,8 +54,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -66,7 +64,8 @@ use crate::dlq::{self, DeadLetter};
 use crate::envelope::{self, headers, topics, Envelope, CLAIM_PREFIX, SCHEMA_VERSION};
 use crate::metrics::Health;
 use crate::stage::{
-    commit, dead_letter, fetch_claim, parse, standing, Backoff, Rejection, Stop, RECORD_LIMIT,
+    commit, dead_letter, parallel, parse, resolve_claims, standing, Backoff, Rejection, Stop,
+    RECORD_LIMIT,
 };
 
 use self::language::LanguageDetector;
@@ -194,8 +193,6 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// How long a poll waits for records when no batch is waiting to be sent.
 const POLL_WAIT: Duration = Duration::from_millis(500);
-/// Claim checks fetched at once.
-const CLAIM_FETCHES: usize = 8;
 
 /// Consumes `sift.raw` in group `clean.group` and produces `sift.clean`
 /// until `until`; creates `sift.raw`, `sift.clean` and `sift.dlq` if missing.
@@ -449,20 +446,6 @@ fn clean_guarded(env: Envelope, s: &Settings) -> Verdict {
     })
 }
 
-/// Runs `f` over `items` on the rayon pool, off the async runtime.
-async fn parallel<T, R>(
-    items: Vec<T>,
-    f: impl Fn(T) -> R + Send + Sync + 'static,
-) -> crate::Result<Vec<R>>
-where
-    T: Send + 'static,
-    R: Send + 'static,
-{
-    tokio::task::spawn_blocking(move || items.into_par_iter().map(f).collect())
-        .await
-        .map_err(|e| crate::Error::Invalid(format!("a clean worker failed: {e}")))
-}
-
 /// Sends what a batch yielded.
 #[derive(Clone)]
 struct Sender {
@@ -651,7 +634,7 @@ async fn prepare(
 ) -> crate::Result<Option<Prepared>> {
     let values: Vec<Bytes> = batch.iter().map(|m| m.value.clone()).collect();
     let mut parsed = parallel(values, |v| parse(&v)).await?;
-    if !resolve_claims(&mut parsed, objects, stop).await {
+    if !resolve_claims(&mut parsed, objects, stop, &FAILURES).await {
         return Ok(None);
     }
     let s = settings.clone();
@@ -691,51 +674,6 @@ async fn prepare(
         }
     }
     Ok(Some(p))
-}
-
-/// Fetches the texts of claim-checked envelopes; false if stopped first.
-async fn resolve_claims(
-    parsed: &mut [Result<Envelope, Rejection>],
-    objects: &Arc<dyn ObjectStore>,
-    stop: &Stop,
-) -> bool {
-    let wanted: Vec<(usize, String)> = parsed
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| match p {
-            Ok(env) if env.text.is_none() => env.body_uri.clone().map(|u| (i, u)),
-            _ => None,
-        })
-        .collect();
-    if wanted.is_empty() {
-        return true;
-    }
-    let fetched: Vec<(usize, Option<Result<String, Rejection>>)> = futures::stream::iter(wanted)
-        .map(|(i, uri)| {
-            let objects = objects.clone();
-            let mut stop = stop.clone();
-            async move {
-                (
-                    i,
-                    fetch_claim(objects.as_ref(), &uri, &mut stop, &FAILURES).await,
-                )
-            }
-        })
-        .buffer_unordered(CLAIM_FETCHES)
-        .collect()
-        .await;
-    for (i, f) in fetched {
-        match f {
-            None => return false,
-            Some(Ok(text)) => {
-                if let Ok(env) = &mut parsed[i] {
-                    env.text = Some(text);
-                }
-            }
-            Some(Err(r)) => parsed[i] = Err(r),
-        }
-    }
-    true
 }
 
 impl Sender {

@@ -47,8 +47,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sift_training::{Encoded, Scored};
 use tokio::sync::mpsc;
@@ -61,7 +59,9 @@ use crate::dlq::{self, DeadLetter};
 use crate::documents::{categories, CATEGORIES};
 use crate::envelope::{headers, topics, Envelope, SCHEMA_VERSION};
 use crate::metrics::Health;
-use crate::stage::{commit, dead_letter, fetch_claim, parse, standing, Backoff, Rejection, Stop};
+use crate::stage::{
+    commit, dead_letter, parallel, parse, resolve_claims, standing, Backoff, Rejection, Stop,
+};
 
 use self::batcher::{Limits, Pending};
 use self::model::{Slot, Source};
@@ -536,8 +536,6 @@ const LAG_EVERY: Duration = Duration::from_secs(2);
 const POLL_WAIT: Duration = Duration::from_millis(200);
 /// How long a poll waits while documents are in flight (their completions need handling).
 const POLL_WAIT_BUSY: Duration = Duration::from_millis(5);
-/// Claim checks fetched at once.
-const CLAIM_FETCHES: usize = 8;
 
 impl Poller {
     async fn consume(
@@ -741,14 +739,13 @@ impl Poller {
         self.next_unit += 1;
         let commits = Commit::after(&batch);
         let consumed = batch.len() as u64;
-        let mut parsed: Vec<(Message, Result<Envelope, Rejection>)> = parallel(batch, |m| {
-            let p = parse(&m.value).and_then(check);
-            (m, p)
-        })
-        .await?;
-        if !self.resolve_claims(&mut parsed).await {
+        let values: Vec<Bytes> = batch.iter().map(|m| m.value.clone()).collect();
+        let mut parsed = parallel(values, |v| parse(&v).and_then(check)).await?;
+        if !resolve_claims(&mut parsed, &self.objects, &self.stop, &FAILURES).await {
             return Ok(false);
         }
+        let parsed: Vec<(Message, Result<Envelope, Rejection>)> =
+            batch.into_iter().zip(parsed).collect();
         let Some(model) = self.slot.current() else {
             return Err(crate::Error::Invalid("no model loaded".into()));
         };
@@ -828,53 +825,6 @@ impl Poller {
             .set(self.queued.load(Ordering::Relaxed));
         Ok(true)
     }
-
-    /// Fetches the texts of claim-checked envelopes; false if stopped first.
-    async fn resolve_claims(
-        &mut self,
-        parsed: &mut [(Message, Result<Envelope, Rejection>)],
-    ) -> bool {
-        let wanted: Vec<(usize, String)> = parsed
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, p))| match p {
-                Ok(env) if env.text.is_none() => env.body_uri.clone().map(|u| (i, u)),
-                _ => None,
-            })
-            .collect();
-        if wanted.is_empty() {
-            return true;
-        }
-        let objects = &self.objects;
-        let stop = &self.stop;
-        let fetched: Vec<(usize, Option<Result<String, Rejection>>)> =
-            futures::stream::iter(wanted)
-                .map(|(i, uri)| {
-                    let objects = objects.clone();
-                    let mut stop = stop.clone();
-                    async move {
-                        (
-                            i,
-                            fetch_claim(objects.as_ref(), &uri, &mut stop, &FAILURES).await,
-                        )
-                    }
-                })
-                .buffer_unordered(CLAIM_FETCHES)
-                .collect()
-                .await;
-        for (i, f) in fetched {
-            match f {
-                None => return false,
-                Some(Ok(text)) => {
-                    if let Ok(env) = &mut parsed[i].1 {
-                        env.text = Some(text);
-                    }
-                }
-                Some(Err(r)) => parsed[i].1 = Err(r),
-            }
-        }
-        true
-    }
 }
 
 /// An envelope must have an id to have a row.
@@ -898,20 +848,6 @@ fn non_empty(env: Envelope) -> Result<Envelope, Rejection> {
         ));
     }
     Ok(env)
-}
-
-/// Runs `f` over `items` on the rayon pool, off the async runtime.
-async fn parallel<T, R>(
-    items: Vec<T>,
-    f: impl Fn(T) -> R + Send + Sync + 'static,
-) -> crate::Result<Vec<R>>
-where
-    T: Send + 'static,
-    R: Send + 'static,
-{
-    tokio::task::spawn_blocking(move || items.into_par_iter().map(f).collect())
-        .await
-        .map_err(|e| crate::Error::Invalid(format!("an infer worker failed: {e}")))
 }
 
 /// The model thread: the dynamic batcher and the forward passes.
