@@ -484,4 +484,29 @@ mod tests {
             .starts_with("HTTP/1.1 503"));
         Ok(())
     }
+
+    #[tokio::test]
+    async fn readiness_is_apart_from_health() -> anyhow::Result<()> {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ready.clone();
+        let addr = serve_probes(
+            "127.0.0.1:0",
+            Arc::new(|| true),
+            Arc::new(move || r.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+        .await?;
+        assert!(http_get(addr, "/healthz")
+            .await?
+            .starts_with("HTTP/1.1 200"));
+        assert!(http_get(addr, "/readyz").await?.starts_with("HTTP/1.1 503"));
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(http_get(addr, "/readyz").await?.starts_with("HTTP/1.1 200"));
+        global().infer_stage("forward", 0.01);
+        let body = http_get(addr, "/metrics").await?;
+        assert!(
+            body.contains("sift_infer_stage_seconds_count{stage=\"forward\"}"),
+            "{body}"
+        );
+        Ok(())
+    }
 }

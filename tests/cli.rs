@@ -213,6 +213,9 @@ fn every_subcommand_has_help() -> Result<()> {
         vec!["classify"],
         vec!["models", "promote"],
         vec!["models", "rollback"],
+        vec!["infer"],
+        vec!["bench", "model"],
+        vec!["bench", "infer"],
     ] {
         ensure!(
             commands.iter().any(|c| c == &expected),
