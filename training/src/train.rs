@@ -542,6 +542,18 @@ pub fn train(
     if let Some(p) = &options.pretrained {
         let path = p.dir.join(files::MODEL);
         let tensors = candle_core::safetensors::load(&path, device)?;
+        // Checkpoints come in f16/bf16 as often as f32; the weights train in f32.
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(DType::F32)?
+                } else {
+                    t
+                };
+                Ok((name, t))
+            })
+            .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()?;
         let weights = bert::convert(tensors, &config)?;
         let mut varmap = varmap.clone();
         varmap.set(weights.iter())?;

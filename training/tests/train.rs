@@ -309,3 +309,35 @@ fn starts_from_a_pretrained_bert_checkpoint() -> Result<()> {
     Predictor::load(out.path(), &Device::Cpu, DType::F32)?;
     Ok(())
 }
+
+#[test]
+fn starts_from_a_bf16_checkpoint() -> Result<()> {
+    // Published checkpoints often come in half precision; they train in f32.
+    let docs = corpus(120);
+    let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
+    let bert = tempfile::tempdir()?;
+    write_bert_checkpoint(bert.path(), &texts)?;
+    let path = bert.path().join("model.safetensors");
+    let halved: HashMap<String, Tensor> = weights(&path)?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(DType::BF16)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&halved, &path)?;
+    let mut o = options(1);
+    o.pretrained = Some(sift_training::Pretrained {
+        dir: bert.path().to_path_buf(),
+    });
+    o.learning_rate = 1e-4;
+    let out = tempfile::tempdir()?;
+    train(docs, Vec::new(), &o, out.path())?;
+    let saved = weights(&out.path().join(files::MODEL))?;
+    ensure!(saved["embeddings.tokens.weight"].dtype() == DType::F32);
+    let tokens = saved["embeddings.tokens.weight"]
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    ensure!(
+        (tokens - 0.5).abs() < 0.05,
+        "token embeddings mean {tokens}"
+    );
+    Ok(())
+}
