@@ -13,6 +13,7 @@ pub mod classify;
 pub mod clean;
 pub mod config;
 pub mod daemon;
+pub mod dbusa;
 pub mod dlq;
 pub mod documents;
 pub mod envelope;

@@ -64,6 +64,9 @@ enum Command {
     Classify(sift::classify::ClassifyArgs),
     /// Score `sift.clean` with the model: top 5 categories to the documents table and `sift.categorized`.
     Infer(sift::infer::InferArgs),
+    /// The consumer database: generate a synthetic one with profiles and their truth.
+    #[command(subcommand)]
+    Dbusa(sift::dbusa::DbusaCommand),
     /// Benchmarks that need the whole binary: the model alone, the inference daemon end to end.
     #[command(subcommand)]
     Bench(sift::bench::BenchCommand),
@@ -276,6 +279,7 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         Command::Models(command) => Ok(sift::train::models::main(config, command).await?),
         Command::Classify(args) => Ok(sift::classify::main(config, args).await?),
         Command::Infer(args) => Ok(sift::infer::main(config, args).await?),
+        Command::Dbusa(command) => Ok(sift::dbusa::main(command)?),
         Command::Bench(command) => Ok(sift::bench::main(config, command).await?),
     }
 }
