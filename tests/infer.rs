@@ -334,6 +334,9 @@ async fn a_promotion_mid_run_swaps_the_model_without_losing_documents() -> Resul
     promote(objects.clone(), &models.a).await?;
     log.create_topic(topics::CLEAN, 4).await?;
 
+    table
+        .ensure_table(documents::TABLE, &sift::run::DOCUMENT_FAMILIES)
+        .await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = {
         let (log, table, objects, cfg) = (log.clone(), table.clone(), objects.clone(), cfg.clone());
@@ -447,13 +450,33 @@ fn load_failures() -> u64 {
         .unwrap_or(0)
 }
 
+/// Documents `sift infer` has written, from its `/metrics` on `port`.
+fn scored_by_metrics(port: u16) -> Result<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .find(|l| l.starts_with("sift_pipeline_documents_total{stage=\"infer\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
 /// `sift infer` as a child process on the test's data dir.
 fn sift_infer(dir: &Path, once: bool) -> Result<std::process::Child> {
+    sift_infer_with(dir, once, "")
+}
+
+/// The same, serving `/metrics` on `metrics_addr` (empty: none).
+fn sift_infer_with(dir: &Path, once: bool, metrics_addr: &str) -> Result<std::process::Child> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sift"));
     cmd.arg("--data-dir")
         .arg(dir)
         .arg("infer")
-        .env("SIFT__TELEMETRY__METRICS_ADDR", "")
+        .env("SIFT__TELEMETRY__METRICS_ADDR", metrics_addr)
         .env("SIFT__INFER__POLL_RECORDS", "64")
         .env("SIFT__INFER__MAX_BATCH_DOCS", "16")
         .env("SIFT__INFER__WRITE_ROWS", "32")
@@ -486,12 +509,26 @@ async fn every_document_survives_sigkill() -> Result<()> {
     // SIGTERM: the documents in flight are written and committed before the
     // daemon exits, so every committed record has its row and no row lacks
     // its commit.
-    let mut child = sift_infer(dir.path(), false)?;
-    std::thread::sleep(Duration::from_millis(1200));
-    ensure!(
-        child.try_wait()?.is_none(),
-        "sift infer exited before SIGTERM"
-    );
+    // It must have written rows before the signal: wait for its /metrics to say so.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = sift_infer_with(dir.path(), false, &format!("127.0.0.1:{port}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        ensure!(
+            child.try_wait()?.is_none(),
+            "sift infer exited before SIGTERM"
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "sift infer wrote nothing in 120 s"
+        );
+        if scored_by_metrics(port).unwrap_or(0) > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pid = i32::try_from(child.id())?;
     // SAFETY: sending a signal to our own child process.
     #[allow(unsafe_code)]
@@ -521,8 +558,24 @@ async fn every_document_survives_sigkill() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut interrupted = 0;
     for k in 0..4 {
-        let mut child = sift_infer(dir.path(), false)?;
-        let after = Duration::from_millis(rng.random_range(800..2500));
+        // Killed at a random moment after it has started writing rows.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = sift_infer_with(dir.path(), false, &format!("127.0.0.1:{port}"))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while scored_by_metrics(port).unwrap_or(0) == 0 {
+            ensure!(
+                child.try_wait()?.is_none(),
+                "sift infer exited before kill {k}"
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "sift infer wrote nothing in 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = Duration::from_millis(rng.random_range(0..400));
         std::thread::sleep(after);
         ensure!(
             child.try_wait()?.is_none(),

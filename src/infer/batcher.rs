@@ -90,29 +90,43 @@ impl<T> Pending<T> {
     }
 
     /// Takes the next batch: the oldest document and its nearest neighbours
-    /// by length, as many as the limits allow. Empty only when nothing waits.
+    /// by length among the oldest [`WINDOW`] batches' worth of documents, as
+    /// many as the limits allow. Looking only that far back keeps every
+    /// document's wait (and so the lag of the commits, which go in arrival
+    /// order) within a few batches however long the queue is. Empty only
+    /// when nothing waits.
     pub fn take(&mut self, limits: &Limits) -> Vec<Waiting<T>> {
-        let Some(oldest) = self
-            .waiting
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, w)| w.seq)
-            .map(|(i, _)| i)
+        if self.waiting.is_empty() {
+            return Vec::new();
+        }
+        let max_docs = limits.max_docs.max(1);
+        // Candidates: the `window` oldest, in length order.
+        let window = max_docs.saturating_mul(WINDOW);
+        let newest_allowed = if self.waiting.len() > window {
+            let mut seqs: Vec<u64> = self.waiting.iter().map(|w| w.seq).collect();
+            let (_, nth, _) = seqs.select_nth_unstable(window - 1);
+            *nth
+        } else {
+            u64::MAX
+        };
+        let candidates: Vec<usize> = (0..self.waiting.len())
+            .filter(|&i| self.waiting[i].seq <= newest_allowed)
+            .collect();
+        let Some(oldest) = (0..candidates.len()).min_by_key(|&c| self.waiting[candidates[c]].seq)
         else {
             return Vec::new();
         };
-        let max_docs = limits.max_docs.max(1);
+        let len = |c: usize| self.waiting[candidates[c]].len;
         let fits = |lo: usize, hi: usize| {
             // Sorted: the longest of [lo, hi) is the last.
             let n = hi - lo;
-            n <= max_docs && self.waiting[hi - 1].len.max(1) * n <= limits.max_tokens
+            n <= max_docs && len(hi - 1).max(1) * n <= limits.max_tokens
         };
         let (mut lo, mut hi) = (oldest, oldest + 1);
-        let target = self.waiting[oldest].len;
+        let target = len(oldest);
         loop {
-            let left = (lo > 0 && fits(lo - 1, hi)).then(|| target - self.waiting[lo - 1].len);
-            let right = (hi < self.waiting.len() && fits(lo, hi + 1))
-                .then(|| self.waiting[hi].len - target);
+            let left = (lo > 0 && fits(lo - 1, hi)).then(|| target - len(lo - 1));
+            let right = (hi < candidates.len() && fits(lo, hi + 1)).then(|| len(hi) - target);
             match (left, right) {
                 (Some(l), Some(r)) if l <= r => lo -= 1,
                 (Some(_), None) => lo -= 1,
@@ -120,9 +134,26 @@ impl<T> Pending<T> {
                 (None, None) => break,
             }
         }
-        self.waiting.drain(lo..hi).collect()
+        let mut chosen = vec![false; self.waiting.len()];
+        for &i in &candidates[lo..hi] {
+            chosen[i] = true;
+        }
+        let mut batch = Vec::with_capacity(hi - lo);
+        let mut kept = Vec::with_capacity(self.waiting.len() - (hi - lo));
+        for (i, w) in std::mem::take(&mut self.waiting).into_iter().enumerate() {
+            if chosen[i] {
+                batch.push(w);
+            } else {
+                kept.push(w);
+            }
+        }
+        self.waiting = kept;
+        batch
     }
 }
+
+/// How many batches' worth of the oldest documents the next batch is chosen from.
+pub const WINDOW: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -198,6 +229,35 @@ mod tests {
         }
         let batch = p.take(&limits(8, 8 * 128));
         assert!(items(&batch).contains(&0));
+    }
+
+    #[test]
+    fn batches_come_from_the_oldest_few_batches_worth() {
+        // 1,000 waiting, lengths all over the place: each batch of 8 is
+        // drawn from the 32 oldest still waiting, so the oldest poll's
+        // documents are done within a few batches.
+        let mut p = Pending::default();
+        let now = Instant::now();
+        for i in 0..1000usize {
+            p.push((i * 7919) % 128 + 1, now, i);
+        }
+        let l = limits(8, 8 * 128);
+        let mut done = std::collections::BTreeSet::new();
+        for round in 0..10 {
+            let window: Vec<usize> = (0..1000).filter(|i| !done.contains(i)).take(32).collect();
+            let batch = p.take(&l);
+            assert_eq!(batch.len(), 8);
+            for w in &batch {
+                assert!(
+                    window.contains(&w.item),
+                    "round {round}: {} was not among the 32 oldest",
+                    w.item
+                );
+                done.insert(w.item);
+            }
+        }
+        // The first 16 arrivals are all scored within the first 10 batches.
+        assert!((0..16).all(|i| done.contains(&i)));
     }
 
     #[test]
