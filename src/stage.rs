@@ -115,6 +115,33 @@ impl Backoff {
     }
 }
 
+/// Calls `call` until it succeeds, with backoff between failures; false
+/// if shutdown was asked for while it kept failing.
+pub async fn retry<T, E, F, Fut>(
+    stop: &Stop,
+    failures: &'static AtomicU32,
+    what: &str,
+    mut call: F,
+) -> bool
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut stop = stop.clone();
+    let mut backoff = Backoff::new(failures);
+    loop {
+        match call().await {
+            Ok(_) => return true,
+            Err(e) => {
+                if !backoff.wait(&mut stop, what, &e).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// Why a record is rejected.
 pub struct Rejection {
     /// A short fixed code (a metric label).

@@ -64,8 +64,8 @@ use crate::dlq::{self, DeadLetter};
 use crate::envelope::{self, headers, topics, Envelope, CLAIM_PREFIX, SCHEMA_VERSION};
 use crate::metrics::Health;
 use crate::stage::{
-    commit, dead_letter, parallel, parse, resolve_claims, standing, Backoff, Rejection, Stop,
-    RECORD_LIMIT,
+    commit, dead_letter, parallel, parse, resolve_claims, retry, standing, Backoff, Rejection,
+    Stop, RECORD_LIMIT,
 };
 
 use self::language::LanguageDetector;
@@ -680,63 +680,35 @@ impl Sender {
     /// Writes claim checks, then the records and dead letters; true once all
     /// are acknowledged, false if shutdown was asked for while a backend failed.
     async fn send(&self, p: &Prepared) -> bool {
-        let mut stop = self.stop.clone();
         for c in &p.clean {
             let Some((key, text)) = &c.claim else {
                 continue;
             };
-            let mut backoff = Backoff::new(&FAILURES);
-            loop {
-                match self
-                    .objects
-                    .put(key, text.clone(), PutMode::Overwrite)
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(e) => {
-                        if !backoff.wait(&mut stop, "write a claim check", &e).await {
-                            return false;
-                        }
-                    }
-                }
+            if !retry(&self.stop, &FAILURES, "write a claim check", || {
+                self.objects.put(key, text.clone(), PutMode::Overwrite)
+            })
+            .await
+            {
+                return false;
             }
         }
         let records: Vec<Record> = p.clean.iter().map(|c| c.record.clone()).collect();
-        let mut stop_clean = self.stop.clone();
-        let mut stop_dlq = self.stop.clone();
         let produce = async {
-            let mut backoff = Backoff::new(&FAILURES);
-            while !records.is_empty() {
-                match self.log.produce(topics::CLEAN, records.clone()).await {
-                    Ok(_) => return true,
-                    Err(e) => {
-                        if !backoff
-                            .wait(&mut stop_clean, "produce to sift.clean", &e)
-                            .await
-                        {
-                            return false;
-                        }
-                    }
-                }
-            }
-            true
+            records.is_empty()
+                || retry(&self.stop, &FAILURES, "produce to sift.clean", || {
+                    self.log.produce(topics::CLEAN, records.clone())
+                })
+                .await
         };
         let dead = async {
-            let mut backoff = Backoff::new(&FAILURES);
-            while !p.dead.is_empty() {
-                match dlq::send(self.log.as_ref(), &p.dead).await {
-                    Ok(()) => return true,
-                    Err(e) => {
-                        if !backoff
-                            .wait(&mut stop_dlq, "send dead letters to sift.dlq", &e)
-                            .await
-                        {
-                            return false;
-                        }
-                    }
-                }
-            }
-            true
+            p.dead.is_empty()
+                || retry(
+                    &self.stop,
+                    &FAILURES,
+                    "send dead letters to sift.dlq",
+                    || dlq::send(self.log.as_ref(), &p.dead),
+                )
+                .await
         };
         let (a, b) = tokio::join!(produce, dead);
         a && b

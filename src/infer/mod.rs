@@ -60,7 +60,7 @@ use crate::documents::{categories, CATEGORIES};
 use crate::envelope::{headers, topics, Envelope, SCHEMA_VERSION};
 use crate::metrics::Health;
 use crate::stage::{
-    commit, dead_letter, parallel, parse, resolve_claims, standing, Backoff, Rejection, Stop,
+    commit, dead_letter, parallel, parse, resolve_claims, retry, standing, Backoff, Rejection, Stop,
 };
 
 use self::batcher::{Limits, Pending};
@@ -782,19 +782,16 @@ impl Poller {
             }
         }
         if !dead.is_empty() {
-            let mut backoff = Backoff::new(&FAILURES);
-            loop {
-                match dlq::send(self.log.as_ref(), &dead).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        if !backoff
-                            .wait(&mut self.stop, "send dead letters to sift.dlq", &e)
-                            .await
-                        {
-                            return Ok(false);
-                        }
-                    }
-                }
+            let log = &self.log;
+            if !retry(
+                &self.stop,
+                &FAILURES,
+                "send dead letters to sift.dlq",
+                || dlq::send(log.as_ref(), &dead),
+            )
+            .await
+            {
+                return Ok(false);
             }
             for d in &dead {
                 tracing::warn!(reason = d.reason, detail = %d.detail, "Sent a record to the dead-letter topic.");
@@ -1126,54 +1123,21 @@ async fn write_loop(
                 }
             }
         }
-        let table_write = async {
-            let mut backoff = Backoff::new(&FAILURES);
-            loop {
-                match table.put(crate::documents::TABLE, rows.clone()).await {
-                    Ok(()) => return true,
-                    Err(e) => {
-                        if !backoff
-                            .wait(&mut stop.clone(), "write rows to the documents table", &e)
-                            .await
-                        {
-                            return false;
-                        }
-                    }
-                }
-            }
-        };
-        let produce = async {
-            let mut backoff = Backoff::new(&FAILURES);
-            loop {
-                match log.produce(topics::CATEGORIZED, records.clone()).await {
-                    Ok(_) => return true,
-                    Err(e) => {
-                        if !backoff
-                            .wait(&mut stop.clone(), "produce to sift.categorized", &e)
-                            .await
-                        {
-                            return false;
-                        }
-                    }
-                }
-            }
-        };
+        let table_write = retry(
+            &stop,
+            &FAILURES,
+            "write rows to the documents table",
+            || table.put(crate::documents::TABLE, rows.clone()),
+        );
+        let produce = retry(&stop, &FAILURES, "produce to sift.categorized", || {
+            log.produce(topics::CATEGORIZED, records.clone())
+        });
         let dead_letters = async {
-            let mut backoff = Backoff::new(&FAILURES);
-            while !dead.is_empty() {
-                match dlq::send(log.as_ref(), &dead).await {
-                    Ok(()) => return true,
-                    Err(e) => {
-                        if !backoff
-                            .wait(&mut stop.clone(), "send dead letters to sift.dlq", &e)
-                            .await
-                        {
-                            return false;
-                        }
-                    }
-                }
-            }
-            true
+            dead.is_empty()
+                || retry(&stop, &FAILURES, "send dead letters to sift.dlq", || {
+                    dlq::send(log.as_ref(), &dead)
+                })
+                .await
         };
         let (a, b, c) = tokio::join!(table_write, produce, dead_letters);
         if !(a && b && c) {
