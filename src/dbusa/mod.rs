@@ -8,6 +8,8 @@
 //! The reference data it draws from is in [`reference`].
 
 pub mod generate;
+pub mod index;
+pub mod names;
 pub mod reference;
 
 use std::path::PathBuf;

@@ -1,0 +1,359 @@
+//! Name and place normalisation shared by the loader (what is indexed) and
+//! the matcher (what is searched and compared): both sides must reduce
+//! "José  O'Neil-Smith" to the same tokens, phonetic codes and canonical
+//! first names, or exact clauses silently stop matching.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::OnceLock;
+
+use rphonetic::DoubleMetaphone;
+use unicode_normalization::UnicodeNormalization;
+
+use super::reference::reference;
+
+/// Lower-case ASCII letters of `s` with accents removed; spaces, hyphens and
+/// other separators become single spaces; apostrophes and dots vanish
+/// (`O'Neil` → `oneil`, `St. John` → `st john`).
+pub fn normalize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.nfkd() {
+        if c.is_ascii_alphanumeric() {
+            if space && !out.is_empty() {
+                out.push(' ');
+            }
+            space = false;
+            out.push(c.to_ascii_lowercase());
+        } else if c == '\'' || c == '.' || c == '’' || !c.is_ascii() {
+            // Apostrophes and dots join; combining marks (after NFKD) drop.
+        } else {
+            space = true;
+        }
+    }
+    out
+}
+
+/// A surname as one token: normalised with its spaces removed
+/// (`Van Der Berg` → `vanderberg`), as the index stores it.
+pub fn surname_key(s: &str) -> String {
+    normalize(s).replace(' ', "")
+}
+
+/// The Double Metaphone codes (primary, and alternate when it differs) of a
+/// normalised word; empty for a word with no letters.
+pub fn phonetic(word: &str) -> Vec<String> {
+    static DM: OnceLock<DoubleMetaphone> = OnceLock::new();
+    let dm = DM.get_or_init(|| DoubleMetaphone::new(Some(6)));
+    if !word.bytes().any(|b| b.is_ascii_alphabetic()) {
+        return Vec::new();
+    }
+    let r = dm.double_metaphone(word);
+    let (p, a) = (r.primary(), r.alternate());
+    let mut codes = Vec::with_capacity(2);
+    if !p.is_empty() {
+        codes.push(p);
+    }
+    if !a.is_empty() && !codes.contains(&a) {
+        codes.push(a);
+    }
+    codes
+}
+
+/// Nickname → the formal names it is short for (`bill` → `william`), and each
+/// formal name → itself, built once from the reference nickname table.
+fn formal_names() -> &'static HashMap<String, Vec<String>> {
+    static MAP: OnceLock<HashMap<String, Vec<String>>> = OnceLock::new();
+    MAP.get_or_init(|| {
+        let mut map: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (formal, nicks) in &reference().nicknames {
+            map.entry(formal.clone())
+                .or_default()
+                .insert(formal.clone());
+            for nick in nicks {
+                map.entry(normalize(nick))
+                    .or_default()
+                    .insert(formal.clone());
+            }
+        }
+        map.into_iter()
+            .map(|(k, v)| (k, v.into_iter().collect()))
+            .collect()
+    })
+}
+
+/// The canonical forms of a normalised first name: the formal names it may
+/// be short for plus itself, sorted (`bill` → `[bill, william]`). Two first
+/// names are nickname-equivalent when their canonical sets meet.
+pub fn canonical_first(first: &str) -> Vec<String> {
+    let mut set: BTreeSet<String> = BTreeSet::new();
+    if first.is_empty() {
+        return Vec::new();
+    }
+    set.insert(first.to_owned());
+    if let Some(formal) = formal_names().get(first) {
+        set.extend(formal.iter().cloned());
+    }
+    set.into_iter().collect()
+}
+
+/// Whether two normalised first names are the same person's by the nickname
+/// table (one is a nickname of the other, or both of the same formal name).
+pub fn nickname_equivalent(a: &str, b: &str) -> bool {
+    if a.is_empty() || b.is_empty() {
+        return false;
+    }
+    let ca = canonical_first(a);
+    canonical_first(b).iter().any(|x| ca.contains(x))
+}
+
+/// Share of the population with this surname (0 when the census does not
+/// list it), for term-frequency adjustment: agreeing on "smith" is weaker
+/// evidence than agreeing on "zabriskie".
+pub fn surname_frequency(key: &str) -> f64 {
+    static MAP: OnceLock<HashMap<String, f64>> = OnceLock::new();
+    let map = MAP.get_or_init(|| {
+        reference()
+            .last
+            .iter()
+            .map(|w| (surname_key(&w.name), w.percent / 100.0))
+            .collect()
+    });
+    map.get(key).copied().unwrap_or(0.0)
+}
+
+/// US state names and their two-letter codes, lower case.
+const STATES: [(&str, &str); 54] = [
+    ("alabama", "al"),
+    ("alaska", "ak"),
+    ("arizona", "az"),
+    ("arkansas", "ar"),
+    ("california", "ca"),
+    ("colorado", "co"),
+    ("connecticut", "ct"),
+    ("delaware", "de"),
+    ("district of columbia", "dc"),
+    ("florida", "fl"),
+    ("georgia", "ga"),
+    ("hawaii", "hi"),
+    ("idaho", "id"),
+    ("illinois", "il"),
+    ("indiana", "in"),
+    ("iowa", "ia"),
+    ("kansas", "ks"),
+    ("kentucky", "ky"),
+    ("louisiana", "la"),
+    ("maine", "me"),
+    ("maryland", "md"),
+    ("massachusetts", "ma"),
+    ("michigan", "mi"),
+    ("minnesota", "mn"),
+    ("mississippi", "ms"),
+    ("missouri", "mo"),
+    ("montana", "mt"),
+    ("nebraska", "ne"),
+    ("nevada", "nv"),
+    ("new hampshire", "nh"),
+    ("new jersey", "nj"),
+    ("new mexico", "nm"),
+    ("new york", "ny"),
+    ("north carolina", "nc"),
+    ("north dakota", "nd"),
+    ("ohio", "oh"),
+    ("oklahoma", "ok"),
+    ("oregon", "or"),
+    ("pennsylvania", "pa"),
+    ("rhode island", "ri"),
+    ("south carolina", "sc"),
+    ("south dakota", "sd"),
+    ("tennessee", "tn"),
+    ("texas", "tx"),
+    ("utah", "ut"),
+    ("vermont", "vt"),
+    ("virginia", "va"),
+    ("washington", "wa"),
+    ("west virginia", "wv"),
+    ("wisconsin", "wi"),
+    ("wyoming", "wy"),
+    ("puerto rico", "pr"),
+    ("guam", "gu"),
+    ("virgin islands", "vi"),
+];
+
+/// The two-letter code of a normalised state name or code, if it is one.
+pub fn state_code(s: &str) -> Option<&'static str> {
+    STATES
+        .iter()
+        .find(|(name, code)| *name == s || *code == s)
+        .map(|(_, code)| *code)
+}
+
+/// A person's name split from a display name: first word, last word, and
+/// whatever is between (middle names or initials). Suffixes (jr, sr, ii, iii)
+/// and a leading title (mr, mrs, ms, dr) are dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameParts {
+    /// Normalised first name.
+    pub first: String,
+    /// Normalised middle part (may be empty).
+    pub middle: String,
+    /// Surname key ([`surname_key`]).
+    pub last: String,
+}
+
+/// Splits a display name (`Dr. Bill J. O'Neil Jr`) into [`NameParts`];
+/// `None` when fewer than two name words remain.
+pub fn split_name(display: &str) -> Option<NameParts> {
+    const TITLES: [&str; 5] = ["mr", "mrs", "ms", "dr", "miss"];
+    const SUFFIXES: [&str; 7] = ["jr", "sr", "ii", "iii", "iv", "md", "phd"];
+    let norm = normalize(display);
+    let mut words: Vec<&str> = norm.split(' ').filter(|w| !w.is_empty()).collect();
+    while words.len() > 2 && words.first().is_some_and(|w| TITLES.contains(w)) {
+        words.remove(0);
+    }
+    while words.len() > 2 && words.last().is_some_and(|w| SUFFIXES.contains(w)) {
+        words.pop();
+    }
+    if words.len() < 2 {
+        return None;
+    }
+    Some(NameParts {
+        first: words[0].to_owned(),
+        middle: words[1..words.len() - 1].join(" "),
+        last: words[words.len() - 1].to_owned(),
+    })
+}
+
+/// A place from a free-text location: `Springfield, IL`, `Springfield,
+/// Illinois`, `Springfield IL 62701`, `IL`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Place {
+    /// Normalised city (may be empty).
+    pub city: String,
+    /// Two-letter state code, lower case (may be empty).
+    pub state: String,
+    /// Five-digit ZIP code (may be empty).
+    pub zip: String,
+}
+
+impl Place {
+    /// Whether nothing was recognised.
+    pub fn is_empty(&self) -> bool {
+        self.city.is_empty() && self.state.is_empty() && self.zip.is_empty()
+    }
+}
+
+/// Parses a free-text location into a [`Place`]. Country suffixes (`USA`,
+/// `United States`) are ignored.
+pub fn parse_location(text: &str) -> Place {
+    let mut place = Place::default();
+    let mut parts: Vec<String> = text
+        .split([',', ';', '|', '/'])
+        .map(normalize)
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            !matches!(
+                p.as_str(),
+                "usa" | "us" | "united states" | "united states of america"
+            )
+        })
+        .collect();
+    // A ZIP code anywhere.
+    for part in parts.iter_mut() {
+        let words: Vec<&str> = part.split(' ').collect();
+        if let Some(z) = words
+            .iter()
+            .find(|w| w.len() == 5 && w.bytes().all(|b| b.is_ascii_digit()))
+        {
+            place.zip = (*z).to_owned();
+            *part = words
+                .iter()
+                .filter(|w| *w != z)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+    }
+    parts.retain(|p| !p.is_empty());
+    // The state: the last part, or the last word(s) of a single part.
+    if let Some(last) = parts.last().cloned() {
+        if let Some(code) = state_code(&last) {
+            place.state = code.to_owned();
+            parts.pop();
+        } else if parts.len() == 1 {
+            let words: Vec<&str> = last.split(' ').collect();
+            for take in [3usize, 2, 1] {
+                if words.len() > take {
+                    let tail = words[words.len() - take..].join(" ");
+                    if let Some(code) = state_code(&tail) {
+                        place.state = code.to_owned();
+                        parts[0] = words[..words.len() - take].join(" ");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(city) = parts.first() {
+        place.city = city.clone();
+    }
+    place
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalise_the_same_way_on_both_sides() {
+        assert_eq!(normalize("José  O'Neil-Smith"), "jose oneil smith");
+        assert_eq!(surname_key("Van Der Berg"), "vanderberg");
+        assert_eq!(surname_key("O’Brien"), "obrien");
+        assert_eq!(normalize("  "), "");
+    }
+
+    #[test]
+    fn phonetic_codes_bring_spellings_together() {
+        let smith = phonetic("smith");
+        let schmidt = phonetic("schmidt");
+        assert!(
+            smith.iter().any(|c| schmidt.contains(c)),
+            "{smith:?} {schmidt:?}"
+        );
+        assert!(phonetic("").is_empty());
+        assert!(phonetic("123").is_empty());
+    }
+
+    #[test]
+    fn nicknames_are_equivalent_to_their_formal_names() {
+        assert!(nickname_equivalent("bill", "william"));
+        assert!(nickname_equivalent("william", "bill"));
+        assert!(!nickname_equivalent("bill", "mary"));
+        assert!(canonical_first("bill").contains(&"william".to_owned()));
+    }
+
+    #[test]
+    fn display_names_split() {
+        let p = split_name("Dr. Bill J. O'Neil Jr").expect("a name");
+        assert_eq!(
+            (p.first.as_str(), p.middle.as_str(), p.last.as_str()),
+            ("bill", "j", "oneil")
+        );
+        assert_eq!(split_name("Madonna"), None);
+    }
+
+    #[test]
+    fn locations_parse() {
+        let p = parse_location("Springfield, IL");
+        assert_eq!((p.city.as_str(), p.state.as_str()), ("springfield", "il"));
+        let p = parse_location("Saint Paul, Minnesota, USA");
+        assert_eq!((p.city.as_str(), p.state.as_str()), ("saint paul", "mn"));
+        let p = parse_location("Austin TX 78701");
+        assert_eq!(
+            (p.city.as_str(), p.state.as_str(), p.zip.as_str()),
+            ("austin", "tx", "78701")
+        );
+        let p = parse_location("New York");
+        assert_eq!((p.city.as_str(), p.state.as_str()), ("", "ny"));
+        assert!(parse_location("").is_empty());
+    }
+}
