@@ -79,6 +79,14 @@ pub struct Config {
     pub train: TrainConfig,
     /// `sift infer`: the batched inference daemon.
     pub infer: InferConfig,
+    /// `sift dbusa load`: the consumer database in the search index.
+    pub dbusa: DbusaConfig,
+    /// `sift match`: social profiles to people in the consumer database.
+    #[serde(rename = "match")]
+    pub matching: MatchConfig,
+    /// The enrichment API (FullContact Person Enrich v3) `sift match` calls
+    /// for profiles without a usable name or location.
+    pub enrich: EnrichConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -97,6 +105,9 @@ impl Default for Config {
             archive: ArchiveConfig::default(),
             train: TrainConfig::default(),
             infer: InferConfig::default(),
+            dbusa: DbusaConfig::default(),
+            matching: MatchConfig::default(),
+            enrich: EnrichConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -621,6 +632,111 @@ impl Default for InferConfig {
     }
 }
 
+/// `sift dbusa load`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbusaConfig {
+    /// Name of the search index that holds the consumer database.
+    pub index: String,
+    /// Documents per bulk request.
+    pub bulk_docs: u32,
+    /// Bulk requests in flight at once.
+    pub workers: u32,
+}
+
+impl Default for DbusaConfig {
+    fn default() -> Self {
+        DbusaConfig {
+            index: "dbusa".into(),
+            bulk_docs: 2000,
+            workers: 4,
+        }
+    }
+}
+
+/// `sift match`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// Consumer group on `sift.profiles`.
+    pub group: String,
+    /// Most records taken from the log per poll.
+    pub poll_records: u32,
+    /// Profiles matched at once (search queries and enrichment calls in flight).
+    pub concurrency: u32,
+    /// Candidates fetched from the search index per profile.
+    pub candidates: u32,
+    /// Field weights (JSON written by `sift match fit`); empty = the weights built into sift.
+    pub weights: String,
+    /// Accept the best candidate when its match weight (log2 odds) is at least this.
+    pub threshold: f64,
+    /// ... and beats the runner-up by at least this much (log2 odds).
+    pub margin: f64,
+    /// How long a handle → person entry lives in the cache; 0 = until the next refresh.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        MatchConfig {
+            group: "sift-match".into(),
+            poll_records: 256,
+            concurrency: 16,
+            candidates: 20,
+            weights: String::new(),
+            threshold: 8.0,
+            margin: 3.0,
+            cache_ttl: Duration::ZERO,
+        }
+    }
+}
+
+/// The enrichment API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrichConfig {
+    /// Base URL; the client posts to `{url}/v3/person.enrich`.
+    pub url: String,
+    /// API key, sent as `Authorization: Bearer`; empty = enrichment off.
+    /// Best given as `SIFT__ENRICH__API_KEY`; never logged or shown.
+    pub api_key: String,
+    /// Client-side rate limit, requests per minute.
+    pub rate_per_minute: u32,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts of one request while the API answers 429 or 503 (exponential backoff).
+    pub max_attempts: u32,
+    /// Times a 202 (queued) answer is asked again before the profile is reported as pending.
+    pub pending_attempts: u32,
+    /// Wait before asking again after a 202.
+    #[serde(with = "humantime_serde")]
+    pub pending_wait: Duration,
+    /// How long a found person is cached (the same handle is not paid for twice).
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long a 404 (not found) is cached.
+    #[serde(with = "humantime_serde")]
+    pub not_found_ttl: Duration,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        EnrichConfig {
+            url: "https://api.fullcontact.com".into(),
+            api_key: String::new(),
+            rate_per_minute: 6000,
+            timeout: Duration::from_secs(10),
+            max_attempts: 6,
+            pending_attempts: 3,
+            pending_wait: Duration::from_secs(2),
+            cache_ttl: Duration::from_secs(30 * 86_400),
+            not_found_ttl: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
 /// `sift archive`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -997,7 +1113,7 @@ impl Loaded {
 
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "token"]
+    ["password", "secret", "token", "api_key"]
         .iter()
         .any(|w| k.contains(w))
 }

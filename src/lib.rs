@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod error;
 pub mod infer;
 pub mod ingest;
+pub mod matching;
 pub mod metrics;
 pub mod run;
 pub mod sample;

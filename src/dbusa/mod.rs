@@ -9,6 +9,7 @@
 
 pub mod generate;
 pub mod index;
+pub mod load;
 pub mod names;
 pub mod reference;
 

@@ -1,0 +1,1 @@
+//! `sift dbusa load`: the consumer database CSV into the search index.

@@ -1,0 +1,1 @@
+//! The enrichment API client (FullContact Person Enrich v3).
