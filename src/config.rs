@@ -685,7 +685,7 @@ impl Default for MatchConfig {
             concurrency: 16,
             candidates: 20,
             weights: String::new(),
-            threshold: 8.0,
+            threshold: 13.0,
             margin: 3.0,
             cache_ttl: Duration::ZERO,
         }

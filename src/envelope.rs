@@ -35,6 +35,10 @@ pub mod topics {
     pub const CLEAN: &str = "sift.clean";
     /// Scored documents: id, source, URL, title, top 5, model version (`sift infer`).
     pub const CATEGORIZED: &str = "sift.categorized";
+    /// Social profiles to link to people: network, handle, name?, location? (`sift match` reads it).
+    pub const PROFILES: &str = "sift.profiles";
+    /// Identity decisions: profile, person id or the reason there is none, score, evidence.
+    pub const MATCHES: &str = "sift.matches";
 }
 
 /// Prefix of the object-store keys holding claim-checked texts.

@@ -9,8 +9,11 @@
 //!   backends, `sift.clean` → `documents` + `sift.categorized`, for each
 //!   batch limit asked for: documents/s draining a backlog, then p50/p99
 //!   latency from topic to table at half that rate.
+//! - `sift bench match`: identity matching over a generated data set:
+//!   accuracy against the truth, profiles/s and time per profile.
 
 pub mod infer;
+pub mod matching;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,6 +34,8 @@ pub enum BenchCommand {
     Model(ModelBenchArgs),
     /// `sift infer` end to end on embedded backends at several batch limits.
     Infer(infer::InferBenchArgs),
+    /// Identity matching over a generated data set: accuracy against the truth, profiles/s, latency.
+    Match(matching::MatchBenchArgs),
 }
 
 /// Runs `sift bench`.
@@ -38,6 +43,7 @@ pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCom
     match command {
         BenchCommand::Model(args) => model(config, args).await,
         BenchCommand::Infer(args) => infer::main(config, args).await,
+        BenchCommand::Match(args) => Ok(matching::main(config, args).await?),
     }
 }
 

@@ -122,7 +122,7 @@ pub fn surname_frequency(key: &str) -> f64 {
 }
 
 /// US state names and their two-letter codes, lower case.
-const STATES: [(&str, &str); 54] = [
+pub const STATES: [(&str, &str); 54] = [
     ("alabama", "al"),
     ("alaska", "ak"),
     ("arizona", "az"),
@@ -190,7 +190,7 @@ pub fn state_code(s: &str) -> Option<&'static str> {
 /// A person's name split from a display name: first word, last word, and
 /// whatever is between (middle names or initials). Suffixes (jr, sr, ii, iii)
 /// and a leading title (mr, mrs, ms, dr) are dropped.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NameParts {
     /// Normalised first name.
     pub first: String,
@@ -225,7 +225,7 @@ pub fn split_name(display: &str) -> Option<NameParts> {
 
 /// A place from a free-text location: `Springfield, IL`, `Springfield,
 /// Illinois`, `Springfield IL 62701`, `IL`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Place {
     /// Normalised city (may be empty).
     pub city: String,

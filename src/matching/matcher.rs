@@ -1,0 +1,419 @@
+//! One profile to (at most) one person: enrichment when the profile lacks a
+//! usable name or location, one blocking query, Fellegi-Sunter scores for
+//! the candidates, and the decision (threshold and margin). The daemon and
+//! the batch mode both call [`Matcher::match_profile`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::block;
+use super::enrich::{EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment};
+use super::score::{Candidate, Evidence, Probe, Weights};
+use crate::backends::search::{SearchError, SearchIndex};
+use crate::dbusa::index::{person_of, phone_digits};
+use crate::dbusa::names::{normalize, parse_location, split_name, NameParts, Place};
+
+/// A profile to match: what a social network shows about an account.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileIn {
+    /// The caller's id for the profile (echoed in the output).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Network (`twitter`, `instagram`, ...).
+    pub network: String,
+    /// Handle on that network.
+    pub handle: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Free-text location.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Email, when known.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Phone, when known.
+    #[serde(default)]
+    pub phone: Option<String>,
+}
+
+impl ProfileIn {
+    /// Network and handle as keys use them: lower case, trimmed, `@` dropped.
+    pub fn key(&self) -> (String, String) {
+        (
+            self.network.trim().to_ascii_lowercase(),
+            self.handle.trim().trim_start_matches('@').to_lowercase(),
+        )
+    }
+
+    /// Checks what every profile needs; the reason names the problem.
+    pub fn validate(&self) -> Result<(), String> {
+        let (network, handle) = self.key();
+        if network.is_empty() || handle.is_empty() {
+            return Err("a profile needs a network and a handle".into());
+        }
+        if network.len() > 64
+            || !network
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "network `{}` must be 1-64 characters of a-z, 0-9, `_` and `-`",
+                self.network.chars().take(80).collect::<String>()
+            ));
+        }
+        if handle.len() > 256 || handle.chars().any(|c| c.is_control() || c == ':') {
+            return Err(
+                "a handle must be at most 256 bytes with no control characters or `:`".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Why a profile was or was not matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The best candidate cleared the threshold and the margin.
+    Matched,
+    /// The search found no one.
+    NoCandidates,
+    /// The best candidate scored below the threshold.
+    BelowThreshold,
+    /// The best two candidates were too close to tell apart.
+    Ambiguous,
+    /// No usable name, email or phone, and the enrichment API did not know the handle.
+    EnrichmentNotFound,
+    /// No usable name, email or phone, and the enrichment API queued the lookup.
+    EnrichmentPending,
+    /// No usable name, email or phone, and the enrichment API failed or refused.
+    EnrichmentUnavailable,
+    /// No usable name, email or phone, and enrichment is off.
+    NoUsableFields,
+}
+
+impl Reason {
+    /// The reason's name (metric label, output field).
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Matched => "matched",
+            Reason::NoCandidates => "no_candidates",
+            Reason::BelowThreshold => "below_threshold",
+            Reason::Ambiguous => "ambiguous",
+            Reason::EnrichmentNotFound => "enrichment_not_found",
+            Reason::EnrichmentPending => "enrichment_pending",
+            Reason::EnrichmentUnavailable => "enrichment_unavailable",
+            Reason::NoUsableFields => "no_usable_fields",
+        }
+    }
+}
+
+/// What the enrichment API did for a profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enriched {
+    /// Not called (the profile had a name and a location, or enrichment is off).
+    NotCalled,
+    /// Found the person; fields the profile lacked were filled.
+    Found,
+    /// Answered from the cache: found.
+    FoundCached,
+    /// Did not know the handle.
+    NotFound,
+    /// Queued the lookup.
+    Pending,
+    /// Failed or refused.
+    Failed,
+}
+
+/// The outcome of matching one profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The person, when matched.
+    pub dbusa_id: Option<String>,
+    /// Score of the best candidate (log2 odds), when there was one.
+    pub score: Option<f64>,
+    /// Score of the runner-up.
+    pub runner_up: Option<f64>,
+    /// Why.
+    pub reason: Reason,
+    /// `search`, or `enrichment+search` when enrichment supplied fields.
+    pub method: String,
+    /// What the enrichment API did.
+    pub enrichment: Enriched,
+    /// Candidates the search returned.
+    pub candidates: usize,
+    /// The best candidate's id, matched or not (for review).
+    pub best: Option<String>,
+    /// Per-field levels and weights of the best candidate.
+    pub evidence: Vec<Evidence>,
+    /// Ids of every candidate, best first (for measuring blocking; not written out).
+    #[serde(skip)]
+    pub candidate_ids: Vec<String>,
+}
+
+/// A failure that stops a profile from being decided now; the caller retries.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    /// The search index failed.
+    #[error("searching the consumer database: {0}")]
+    Search(#[from] SearchError),
+}
+
+/// Matches profiles. Cheap to share: every part is behind an `Arc` or immutable.
+pub struct Matcher {
+    search: Arc<dyn SearchIndex>,
+    index: String,
+    weights: Weights,
+    candidates: usize,
+    threshold: f64,
+    margin: f64,
+    enricher: Option<Enricher>,
+}
+
+impl std::fmt::Debug for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matcher")
+            .field("index", &self.index)
+            .field("candidates", &self.candidates)
+            .field("threshold", &self.threshold)
+            .field("margin", &self.margin)
+            .field("enrichment", &self.enricher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a [`Matcher`] decides.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Search index of the consumer database.
+    pub index: String,
+    /// Candidates per profile.
+    pub candidates: usize,
+    /// Accept at or above this score...
+    pub threshold: f64,
+    /// ... when the runner-up is at least this much lower.
+    pub margin: f64,
+}
+
+impl Matcher {
+    /// A matcher over `search` with these weights and rules; `enricher` is
+    /// None when enrichment is off.
+    pub fn new(
+        search: Arc<dyn SearchIndex>,
+        weights: Weights,
+        rules: Rules,
+        enricher: Option<Enricher>,
+    ) -> Self {
+        Matcher {
+            search,
+            index: rules.index,
+            weights,
+            candidates: rules.candidates.max(1),
+            threshold: rules.threshold,
+            margin: rules.margin,
+            enricher,
+        }
+    }
+
+    /// The weights in use.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Matches one profile.
+    pub async fn match_profile(&self, p: &ProfileIn) -> Result<Outcome, MatchError> {
+        let started = Instant::now();
+        let mut probe = probe_of(p);
+        let lacking = probe.name.is_none() || probe.place.is_none();
+        let mut enriched = Enriched::NotCalled;
+        let mut method = "search";
+        if lacking {
+            if let Some(enricher) = &self.enricher {
+                let (network, handle) = p.key();
+                let request = EnrichRequest {
+                    network,
+                    handle,
+                    email: probe.email.clone(),
+                    phone: probe.phone.clone(),
+                };
+                enriched = match enricher.enrich(&request).await {
+                    Ok((Enrichment::Found(person), source)) => {
+                        if fill(&mut probe, &person) {
+                            method = "enrichment+search";
+                        }
+                        match source {
+                            EnrichSource::Cache => Enriched::FoundCached,
+                            EnrichSource::Api => Enriched::Found,
+                        }
+                    }
+                    Ok((Enrichment::NotFound, _)) => Enriched::NotFound,
+                    Ok((Enrichment::Pending, _)) => Enriched::Pending,
+                    Err(e) => {
+                        log_enrich_error(&e);
+                        Enriched::Failed
+                    }
+                };
+            }
+        }
+        let unmatched = |reason: Reason| Outcome {
+            dbusa_id: None,
+            score: None,
+            runner_up: None,
+            reason,
+            method: method.to_owned(),
+            enrichment: enriched,
+            candidates: 0,
+            best: None,
+            evidence: Vec::new(),
+            candidate_ids: Vec::new(),
+        };
+        let Some(query) = block::query(&probe, self.candidates) else {
+            return Ok(unmatched(match enriched {
+                Enriched::NotFound => Reason::EnrichmentNotFound,
+                Enriched::Pending => Reason::EnrichmentPending,
+                Enriched::Failed => Reason::EnrichmentUnavailable,
+                _ => Reason::NoUsableFields,
+            }));
+        };
+        let hits = self.search.search(&self.index, &query).await?;
+        let metrics = crate::metrics::global();
+        metrics.match_candidates(hits.len());
+        let mut scored: Vec<(String, super::score::Scored)> = hits
+            .iter()
+            .filter_map(|h| person_of(&h.source))
+            .map(|person| {
+                let id = person.dbusa_id.clone();
+                (id, self.weights.score(&probe, &Candidate::new(person)))
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
+        let candidates = scored.len();
+        let candidate_ids: Vec<String> = scored.iter().map(|(id, _)| id.clone()).collect();
+        let mut scored = scored.into_iter();
+        let Some((best_id, best)) = scored.next() else {
+            return Ok(unmatched(Reason::NoCandidates));
+        };
+        let runner_up = scored.next().map(|(_, s)| s.score);
+        let reason = decide(best.score, runner_up, self.threshold, self.margin);
+        metrics.match_seconds(started.elapsed().as_secs_f64());
+        Ok(Outcome {
+            dbusa_id: (reason == Reason::Matched).then(|| best_id.clone()),
+            score: Some(round2(best.score)),
+            runner_up: runner_up.map(round2),
+            reason,
+            method: method.to_owned(),
+            enrichment: enriched,
+            candidates,
+            best: Some(best_id),
+            evidence: best.evidence,
+            candidate_ids,
+        })
+    }
+}
+
+/// The decision rule: matched when the best score clears `threshold` and
+/// the runner-up (if any) is at least `margin` below it.
+pub fn decide(best: f64, runner_up: Option<f64>, threshold: f64, margin: f64) -> Reason {
+    if best < threshold {
+        Reason::BelowThreshold
+    } else if runner_up.is_some_and(|r| best - r < margin) {
+        Reason::Ambiguous
+    } else {
+        Reason::Matched
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn log_enrich_error(e: &EnrichError) {
+    tracing::warn!(error = %e, "The enrichment API failed; matching with what the profile has.");
+}
+
+/// What a profile says, normalised.
+pub fn probe_of(p: &ProfileIn) -> Probe {
+    let place = p
+        .location
+        .as_deref()
+        .map(parse_location)
+        .filter(|pl| !pl.is_empty());
+    let email = p
+        .email
+        .as_deref()
+        .map(|e| e.trim().to_ascii_lowercase())
+        .filter(|e| e.contains('@'));
+    let phone = p
+        .phone
+        .as_deref()
+        .map(phone_digits)
+        .filter(|d| d.len() == 10);
+    Probe {
+        name: p.name.as_deref().and_then(split_name),
+        place,
+        email,
+        phone,
+    }
+}
+
+/// Fills what the probe lacks from an enriched person; true if anything was filled.
+fn fill(probe: &mut Probe, person: &super::enrich::EnrichedPerson) -> bool {
+    let mut filled = false;
+    if probe.name.is_none() {
+        let name = match (&person.given, &person.family) {
+            (Some(g), Some(f)) if !g.trim().is_empty() && !f.trim().is_empty() => {
+                let (first, last) = (normalize(g), crate::dbusa::names::surname_key(f));
+                Some(NameParts {
+                    first: first.split(' ').next().unwrap_or_default().to_owned(),
+                    middle: String::new(),
+                    last,
+                })
+            }
+            _ => person.full_name.as_deref().and_then(split_name),
+        };
+        if name.is_some() {
+            probe.name = name;
+            filled = true;
+        }
+    }
+    if probe.place.is_none() {
+        let place = match (&person.city, &person.region_code) {
+            (Some(c), Some(r)) if !c.trim().is_empty() => Place {
+                city: normalize(c),
+                state: r.trim().to_ascii_lowercase(),
+                zip: String::new(),
+            },
+            _ => person
+                .location
+                .as_deref()
+                .map(parse_location)
+                .unwrap_or_default(),
+        };
+        if !place.is_empty() {
+            probe.place = Some(place);
+            filled = true;
+        }
+    }
+    if probe.email.is_none() {
+        if let Some(e) = person.emails.iter().find(|e| e.contains('@')) {
+            probe.email = Some(e.trim().to_ascii_lowercase());
+            filled = true;
+        }
+    }
+    if probe.phone.is_none() {
+        if let Some(d) = person
+            .phones
+            .iter()
+            .map(|p| phone_digits(p))
+            .find(|d| d.len() == 10)
+        {
+            probe.phone = Some(d);
+            filled = true;
+        }
+    }
+    filled
+}
