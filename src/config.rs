@@ -648,8 +648,8 @@ impl Default for DbusaConfig {
     fn default() -> Self {
         DbusaConfig {
             index: "dbusa".into(),
-            bulk_docs: 2000,
-            workers: 4,
+            bulk_docs: 10000,
+            workers: 2,
         }
     }
 }
@@ -685,8 +685,8 @@ impl Default for MatchConfig {
             concurrency: 16,
             candidates: 20,
             weights: String::new(),
-            threshold: 13.0,
-            margin: 3.0,
+            threshold: 15.0,
+            margin: 2.0,
             cache_ttl: Duration::ZERO,
         }
     }

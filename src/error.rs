@@ -30,6 +30,9 @@ pub enum Error {
     /// `sift ingest` could not start (sources file, HTTP client).
     #[error(transparent)]
     Ingest(#[from] crate::ingest::IngestError),
+    /// The enrichment API client failed or was misconfigured.
+    #[error(transparent)]
+    Enrich(#[from] crate::matching::enrich::EnrichError),
     /// A file or socket operation outside any backend failed.
     #[error("{context}: {source}")]
     Io {

@@ -70,6 +70,14 @@ enum Command {
     /// Benchmarks that need the whole binary: the model alone, the inference daemon end to end.
     #[command(subcommand)]
     Bench(sift::bench::BenchCommand),
+    /// Link social profiles (`sift.profiles`, or a file with --input) to people in the consumer database.
+    Match(sift::matching::MatchArgs),
+    /// The handle → person cache: rebuild it from the `handles` table.
+    #[command(subcommand)]
+    Cache(sift::matching::CacheCommand),
+    /// The enrichment API: look a handle up, or serve the local stand-in.
+    #[command(subcommand)]
+    Enrich(sift::matching::enrich_cli::EnrichCommand),
 }
 
 #[derive(Args)]
@@ -279,8 +287,13 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         Command::Models(command) => Ok(sift::train::models::main(config, command).await?),
         Command::Classify(args) => Ok(sift::classify::main(config, args).await?),
         Command::Infer(args) => Ok(sift::infer::main(config, args).await?),
-        Command::Dbusa(command) => Ok(sift::dbusa::main(command)?),
+        Command::Dbusa(command) => Ok(sift::dbusa::main(config.clone(), command).await?),
         Command::Bench(command) => Ok(sift::bench::main(config, command).await?),
+        Command::Match(args) => Ok(sift::matching::main(config, args).await?),
+        Command::Cache(command) => Ok(sift::matching::cache_main(config, command).await?),
+        Command::Enrich(command) => {
+            Ok(sift::matching::enrich_cli::main(config.clone(), command).await?)
+        }
     }
 }
 

@@ -104,6 +104,27 @@ pub struct Metrics {
     pub infer_model: Family<VersionLabel, Gauge>,
     /// 1 when `sift infer` has a model and its backends answer.
     pub infer_ready: Gauge,
+    /// Requests to the enrichment API by HTTP status (`error`: no answer).
+    pub enrich_requests: Family<StatusLabel, Counter>,
+    /// Enrichment lookups answered from the cache.
+    pub enrich_cache_hits: Counter,
+    /// Seconds enrichment lookups waited on the client-side rate limit.
+    pub enrich_rate_limited_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Profiles `sift match` decided, by reason (`matched`, `below_threshold`, ...).
+    pub match_profiles: Family<ReasonLabel, Counter>,
+    /// Candidates the blocking query returned per profile.
+    pub match_candidates: Histogram,
+    /// Seconds to match one profile (enrichment, search and scoring).
+    pub match_seconds: Histogram,
+    /// Entries written by the last cache refresh, per network.
+    pub cache_refresh_entries: Family<StageLabel, Gauge>,
+}
+
+/// Label of the enrichment request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// HTTP status of the answer, or `error` when none came.
+    pub status: String,
 }
 
 /// Label of the model version gauge.
@@ -148,6 +169,13 @@ impl Metrics {
             infer_model_loads: Family::default(),
             infer_model: Family::default(),
             infer_ready: Gauge::default(),
+            enrich_requests: Family::default(),
+            enrich_cache_hits: Counter::default(),
+            enrich_rate_limited_seconds: Counter::default(),
+            match_profiles: Family::default(),
+            match_candidates: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            match_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
+            cache_refresh_entries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -285,6 +313,41 @@ impl Metrics {
             "1 when sift infer has a model and its backends answer",
             m.infer_ready.clone(),
         );
+        registry.register(
+            "sift_enrich_requests",
+            "Requests to the enrichment API by HTTP status (error: no answer)",
+            m.enrich_requests.clone(),
+        );
+        registry.register(
+            "sift_enrich_cache_hits",
+            "Enrichment lookups answered from the cache",
+            m.enrich_cache_hits.clone(),
+        );
+        registry.register(
+            "sift_enrich_rate_limited_seconds",
+            "Seconds enrichment lookups waited on the client-side rate limit",
+            m.enrich_rate_limited_seconds.clone(),
+        );
+        registry.register(
+            "sift_match_profiles",
+            "Profiles sift match decided, by reason",
+            m.match_profiles.clone(),
+        );
+        registry.register(
+            "sift_match_candidates",
+            "Candidates the blocking query returned per profile",
+            m.match_candidates.clone(),
+        );
+        registry.register(
+            "sift_match_seconds",
+            "Seconds to match one profile (enrichment, search, scoring)",
+            m.match_seconds.clone(),
+        );
+        registry.register(
+            "sift_cache_refresh_entries",
+            "Entries written by the last cache refresh, per network (stage label)",
+            m.cache_refresh_entries.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -305,6 +368,25 @@ impl Metrics {
                 outcome: "ok".into(),
             })
             .inc();
+    }
+
+    /// Counts a profile `sift match` decided.
+    pub fn match_decided(&self, reason: &str) {
+        self.match_profiles
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Observes the candidates of one profile.
+    pub fn match_candidates(&self, n: usize) {
+        self.match_candidates.observe(n as f64);
+    }
+
+    /// Observes the time to match one profile.
+    pub fn match_seconds(&self, seconds: f64) {
+        self.match_seconds.observe(seconds);
     }
 
     /// Counts a model that failed to load.
@@ -360,6 +442,25 @@ impl Metrics {
                 stage: stage.to_string(),
             })
             .inc_by(n);
+    }
+
+    /// Counts a request to the enrichment API by its answer's status.
+    pub fn enrich_request(&self, status: &str) {
+        self.enrich_requests
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an enrichment lookup answered from the cache.
+    pub fn enrich_cache_hit(&self) {
+        self.enrich_cache_hits.inc();
+    }
+
+    /// Adds time an enrichment lookup waited on the client-side rate limit.
+    pub fn enrich_rate_limited(&self, seconds: f64) {
+        self.enrich_rate_limited_seconds.inc_by(seconds);
     }
 
     /// Counts a dead letter.

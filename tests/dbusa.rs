@@ -27,7 +27,7 @@ fn the_same_seed_gives_the_same_files() -> Result<()> {
     let ga = generate(&spec(7), a.path())?;
     generate(&spec(7), b.path())?;
     generate(&spec(8), c.path())?;
-    for file in ["dbusa.csv", "profiles.jsonl"] {
+    for file in ["dbusa.csv", "profiles.jsonl", "enrichment.jsonl"] {
         let (x, y, z) = (
             std::fs::read(a.path().join(file))?,
             std::fs::read(b.path().join(file))?,

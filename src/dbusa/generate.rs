@@ -7,7 +7,7 @@
 //! its own ChaCha stream, so the output is the same byte for byte for the
 //! same seed whatever the thread count, and rows are generated in parallel.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::reference::{reference, Weighted, Zip};
+use crate::matching::standin::Answer;
 
 /// Columns of the database CSV, in order.
 pub const COLUMNS: [&str; 11] = [
@@ -141,6 +142,11 @@ pub struct Generated {
     pub rows: u64,
     /// Profiles written (insiders and outsiders).
     pub profile_count: u64,
+    /// Canned enrichment API answers for the profiles, JSON lines in the
+    /// stand-in's format.
+    pub enrichment: PathBuf,
+    /// Answers written.
+    pub answer_count: u64,
 }
 
 /// Cumulative weights for sampling by frequency.
@@ -453,7 +459,159 @@ fn csv_line(p: &Person) -> String {
 /// Rows generated per parallel chunk.
 const CHUNK: u64 = 50_000;
 
-/// Writes `out/dbusa.csv` and `out/profiles.jsonl`.
+/// The year the canned enrichment answers are "as of" (ages are counted to it).
+const ANSWERS_YEAR: u16 = 2026;
+
+/// Chance the enrichment API knows a database person whose profile lacks a
+/// name or a location.
+const KNOWN_INSIDER: f64 = 0.85;
+/// Chance a known person's lookup is queued first (`[202, 200]`).
+const QUEUED: f64 = 0.10;
+/// Chance the API knows someone who is not in the database: their own
+/// details, which the matcher must not force onto a database person.
+const KNOWN_OUTSIDER: f64 = 0.30;
+
+/// A state's full name as FullContact writes it (`District of Columbia`).
+fn state_name(code: &str) -> String {
+    let code = code.to_ascii_lowercase();
+    match super::names::STATES.iter().find(|(_, c)| *c == code) {
+        Some((name, _)) => name
+            .split(' ')
+            .map(|w| if w == "of" { w.to_owned() } else { title(w) })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => code.to_ascii_uppercase(),
+    }
+}
+
+/// `person` as a Person Enrich v3 200 answer for the profile on `network`.
+fn api_person(
+    person: &Person,
+    network: &str,
+    handle: &str,
+    rng: &mut impl Rng,
+) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let full = format!("{} {}", person.first, person.last);
+    let region = state_name(&person.state);
+    let formatted = format!("{}, {region}, United States", person.city);
+    let age = ANSWERS_YEAR.saturating_sub(person.birth_year);
+    let (start, end) = (age / 10 * 10, age / 10 * 10 + 9);
+    let url = match network {
+        "twitter" => format!("https://twitter.com/{handle}"),
+        "instagram" => format!("https://www.instagram.com/{handle}"),
+        "facebook" => format!("https://www.facebook.com/{handle}"),
+        "linkedin" => format!("https://www.linkedin.com/in/{handle}"),
+        _ => format!("https://www.tiktok.com/@{handle}"),
+    };
+    let emails: Vec<Value> = (!person.email.is_empty())
+        .then(|| json!({"label": "personal", "value": person.email}))
+        .into_iter()
+        .collect();
+    let digits: String = person.phone.chars().filter(char::is_ascii_digit).collect();
+    let phones: Vec<Value> = rng
+        .random_bool(0.5)
+        .then(|| json!({"label": "mobile", "value": format!("+1{digits}")}))
+        .into_iter()
+        .collect();
+    let mut profiles = serde_json::Map::new();
+    profiles.insert(
+        network.to_owned(),
+        json!({"username": handle, "service": network, "url": url}),
+    );
+    json!({
+        "fullName": full,
+        "ageRange": format!("{start}-{end}"),
+        "gender": null,
+        "location": formatted,
+        "title": null,
+        "organization": null,
+        "twitter": (network == "twitter").then_some(&url),
+        "linkedin": (network == "linkedin").then_some(&url),
+        "bio": null,
+        "avatar": null,
+        "website": null,
+        "details": {
+            "name": {"given": person.first, "family": person.last, "full": full},
+            "age": {"range": {"start": start, "end": end}},
+            "gender": null,
+            "emails": emails,
+            "phones": phones,
+            "profiles": profiles,
+            "locations": [{
+                "label": "home",
+                "city": person.city,
+                "region": region,
+                "regionCode": person.state,
+                "country": "United States",
+                "countryCode": "US",
+                "formatted": formatted,
+            }],
+            "employment": [],
+            "photos": [],
+            "education": [],
+            "urls": [],
+            "interests": [],
+        },
+        "updated": format!("{ANSWERS_YEAR}-05-01"),
+        "isSensitive": false,
+    })
+}
+
+/// The enrichment API's canned answers for `profiles` (in their order before
+/// the shuffle: insiders of `rows` first, then outsiders), each drawn from its
+/// own stream 5 so the other files do not change. A (network, handle) held by
+/// more than one profile gets no answer: one handle cannot be two people.
+fn enrichment_answers(g: &Generator<'_>, rows: &[u64], profiles: &[Profile]) -> Vec<Answer> {
+    let mut holders: HashMap<(&str, String), u32> = HashMap::new();
+    for p in profiles {
+        *holders
+            .entry((p.network.as_str(), p.handle.to_lowercase()))
+            .or_default() += 1;
+    }
+    profiles
+        .par_iter()
+        .enumerate()
+        .filter_map(|(n, p)| {
+            let mut rng = g.rng(5, n as u64);
+            let insider = n < rows.len();
+            let (person, chance) = if insider {
+                match p.corruption.as_str() {
+                    corruptions::MISSING_NAME
+                    | corruptions::MISSING_LOCATION
+                    | corruptions::BOTH_MISSING => (g.person(0, rows[n]), KNOWN_INSIDER),
+                    _ => return None,
+                }
+            } else {
+                (g.person(1, (n - rows.len()) as u64), KNOWN_OUTSIDER)
+            };
+            if !rng.random_bool(chance) {
+                return None;
+            }
+            let statuses = if insider && rng.random_bool(QUEUED) {
+                vec![202, 200]
+            } else {
+                Vec::new()
+            };
+            let person_json = api_person(&person, &p.network, &p.handle, &mut rng);
+            let unique = holders
+                .get(&(p.network.as_str(), p.handle.to_lowercase()))
+                .is_some_and(|&k| k == 1);
+            unique.then(|| Answer {
+                service: p.network.clone(),
+                username: p.handle.clone(),
+                emails: (!person.email.is_empty())
+                    .then(|| person.email.clone())
+                    .into_iter()
+                    .collect(),
+                statuses,
+                person: person_json,
+            })
+        })
+        .collect()
+}
+
+/// Writes `out/dbusa.csv`, `out/profiles.jsonl` and `out/enrichment.jsonl`.
 pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
     let io =
         |what: &Path, e: std::io::Error| crate::Error::io(format!("writing {}", what.display()), e);
@@ -507,6 +665,8 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
         p.corruption = corruptions::NOT_IN_DB.to_owned();
         profiles.push(p);
     }
+    let rows: Vec<u64> = chosen.iter().copied().collect();
+    let answers = enrichment_answers(&g, &rows, &profiles);
     // Interleave insiders and outsiders so a prefix of the file is a fair sample.
     let mut order = g.rng(4, 0);
     for i in (1..profiles.len()).rev() {
@@ -520,11 +680,23 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
         f.write_all(b"\n").map_err(|e| io(&path, e))?;
     }
     f.flush().map_err(|e| io(&path, e))?;
+    let enrichment = out.join("enrichment.jsonl");
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(&enrichment).map_err(|e| io(&enrichment, e))?,
+    );
+    for a in &answers {
+        serde_json::to_writer(&mut f, a)
+            .map_err(|e| crate::Error::Invalid(format!("writing an enrichment answer: {e}")))?;
+        f.write_all(b"\n").map_err(|e| io(&enrichment, e))?;
+    }
+    f.flush().map_err(|e| io(&enrichment, e))?;
     Ok(Generated {
         database,
         profiles: path,
         rows: spec.rows,
         profile_count: profiles.len() as u64,
+        enrichment,
+        answer_count: answers.len() as u64,
     })
 }
 
@@ -540,6 +712,14 @@ mod tests {
                 assert_ne!(typo(name, &mut rng), name);
             }
         }
+    }
+
+    #[test]
+    fn state_names_are_written_as_fullcontact_does() {
+        assert_eq!(state_name("MN"), "Minnesota");
+        assert_eq!(state_name("dc"), "District of Columbia");
+        assert_eq!(state_name("NY"), "New York");
+        assert_eq!(state_name("ZZ"), "ZZ");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //!   and the ZIP code list, with a ground-truth file of social profiles
 //!   ([`generate`]); the test and benchmark data. Production loads the
 //!   client's real file, which has the same columns.
+//! - `load`: such a file into the search index, in parallel bulk requests,
+//!   resumable after a crash ([`load`]).
 //!
-//! The reference data it draws from is in [`reference`].
+//! The reference data it draws from is in [`reference`](mod@reference).
 
 pub mod generate;
 pub mod index;
@@ -22,6 +24,8 @@ use clap::{Args, Subcommand};
 pub enum DbusaCommand {
     /// Write a synthetic consumer database (CSV) and social profiles with their truth (JSON lines).
     Generate(GenerateArgs),
+    /// Load a consumer database CSV into the search index (resumes an unfinished load of the same file).
+    Load(load::LoadArgs),
 }
 
 /// `sift dbusa generate`.
@@ -39,14 +43,22 @@ pub struct GenerateArgs {
     /// Profiles of people who are not in the database.
     #[arg(long, default_value_t = 1_000)]
     pub outsiders: u64,
-    /// Output directory (dbusa.csv, profiles.jsonl).
+    /// Output directory (dbusa.csv, profiles.jsonl, enrichment.jsonl).
     #[arg(long, default_value = "dbusa")]
     pub out: PathBuf,
 }
 
 /// Runs `sift dbusa`.
-pub fn main(command: DbusaCommand) -> crate::Result<()> {
+pub async fn main(config: crate::config::Config, command: DbusaCommand) -> crate::Result<()> {
     match command {
+        DbusaCommand::Load(args) => {
+            let options = load::LoadOptions::new(&config, &args);
+            // A file that cannot be loaded is reported before the search cluster is contacted.
+            load::check_header(&options.file)?;
+            let search = crate::backends::open_search(&config).await?;
+            let summary = load::load(search, &options).await?;
+            print_load_summary(&summary, args.json)
+        }
         DbusaCommand::Generate(a) => {
             let started = std::time::Instant::now();
             let g = generate::generate(
@@ -59,14 +71,69 @@ pub fn main(command: DbusaCommand) -> crate::Result<()> {
                 &a.out,
             )?;
             println!(
-                "wrote {} people to {} and {} profiles to {} in {:.1} s",
+                "wrote {} people to {}, {} profiles to {} and {} enrichment answers to {} in {:.1} s",
                 g.rows,
                 g.database.display(),
                 g.profile_count,
                 g.profiles.display(),
+                g.answer_count,
+                g.enrichment.display(),
                 started.elapsed().as_secs_f64()
             );
             Ok(())
         }
     }
+}
+
+/// Prints what `sift dbusa load` did, as text or JSON.
+fn print_load_summary(s: &load::LoadSummary, json: bool) -> crate::Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(s)
+            .map_err(|e| crate::Error::Invalid(format!("cannot encode the summary: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
+    if s.already_loaded {
+        println!(
+            "{}: already loaded; --from-scratch to reload (index `{}`: {} rows loaded, {} \
+             documents)",
+            s.file.display(),
+            s.index,
+            s.rows_total,
+            s.index_count
+        );
+        return Ok(());
+    }
+    println!(
+        "loaded {} into index `{}` in {:.1} s",
+        s.file.display(),
+        s.index,
+        s.seconds
+    );
+    if s.resumed {
+        println!(
+            "  resumed at         byte {} (line {})",
+            s.resumed_at_byte, s.resumed_at_line
+        );
+    }
+    if let Some(reason) = &s.started_over {
+        println!("  started over       {reason}");
+    }
+    println!(
+        "  rows loaded        {} this run, {} in all",
+        s.rows_loaded, s.rows_total
+    );
+    println!("  rows/s             {:.0}", s.rows_per_sec);
+    println!(
+        "  rejected           {} this run, {} in all (listed in {})",
+        s.rejected,
+        s.rejected_total,
+        s.rejects_file.display()
+    );
+    println!("  index count        {}", s.index_count);
+    println!(
+        "  bulk requests      {} rows each, {} in flight",
+        s.bulk_docs, s.workers
+    );
+    Ok(())
 }

@@ -121,6 +121,21 @@ pub fn surname_frequency(key: &str) -> f64 {
     map.get(key).copied().unwrap_or(0.0)
 }
 
+/// Share of the population with this normalised first name (0 when the
+/// census does not list it): half its share of its sex, summed over both.
+pub fn first_frequency(first: &str) -> f64 {
+    static MAP: OnceLock<HashMap<String, f64>> = OnceLock::new();
+    let map = MAP.get_or_init(|| {
+        let mut map: HashMap<String, f64> = HashMap::new();
+        let r = reference();
+        for w in r.male.iter().chain(&r.female) {
+            *map.entry(normalize(&w.name).replace(' ', "")).or_default() += w.percent / 200.0;
+        }
+        map
+    });
+    map.get(first).copied().unwrap_or(0.0)
+}
+
 /// US state names and their two-letter codes, lower case.
 pub const STATES: [(&str, &str); 54] = [
     ("alabama", "al"),

@@ -75,12 +75,17 @@ pub struct Report {
     pub false_match_rate: f64,
     /// Unmatched profiles by reason.
     pub reasons: BTreeMap<String, u64>,
+    /// Whether candidates were known, so that blocking recall means something.
+    pub blocking_measured: bool,
 }
 
 /// Scores outcomes against the truth. `candidates[i]` lists the ids the
 /// search returned for profile `i` (empty when unknown).
 pub fn evaluate(profiles: &[Profile], outcomes: &[Outcome], candidates: &[Vec<String>]) -> Report {
-    let mut report = Report::default();
+    let mut report = Report {
+        blocking_measured: !candidates.is_empty(),
+        ..Report::default()
+    };
     let mut insiders: BTreeMap<String, u64> = BTreeMap::new();
     let mut outsiders = 0u64;
     let mut outsiders_matched = 0u64;
@@ -146,9 +151,14 @@ pub fn table(report: &Report) -> String {
         "| profiles | n | precision | recall | F1 | blocking recall |\n|---|---:|---:|---:|---:|---:|\n",
     );
     let row = |name: &str, a: &Accuracy| {
+        let blocking = if report.blocking_measured {
+            format!("{:.3}", a.blocking_recall)
+        } else {
+            "n/a".to_owned()
+        };
         format!(
-            "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-            a.profiles, a.precision, a.recall, a.f1, a.blocking_recall
+            "| {name} | {} | {:.3} | {:.3} | {:.3} | {blocking} |\n",
+            a.profiles, a.precision, a.recall, a.f1
         )
     };
     out.push_str(&row("all", &report.overall));

@@ -18,6 +18,7 @@ pub async fn check_search(s: &dyn SearchIndex) -> Result<()> {
         .await
         .context("documents and queries")?;
     concurrent_writers(s).await.context("concurrent writers")?;
+    bulk_load(s).await.context("bulk load")?;
     Ok(())
 }
 
@@ -541,6 +542,79 @@ async fn concurrent_writers(s: &dyn SearchIndex) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// begin → bulk → end: the documents are all there afterwards, and the
+/// settings a bulk load changes are back to what they were (on backends
+/// without such settings, both are the default).
+async fn bulk_load(s: &dyn SearchIndex) -> Result<()> {
+    let name = unique("sift-conf-load");
+    let index = name.as_str();
+    s.ensure_index(&person_spec(index)).await?;
+    // Settings other than the defaults, where the backend has them, so that
+    // putting back the defaults would be caught.
+    let custom = LoadSettings {
+        refresh_interval: Some("7s".to_owned()),
+        number_of_replicas: Some(0),
+    };
+    s.end_bulk_load(index, &custom)
+        .await
+        .context("setting the index's settings")?;
+    let before = s.bulk_load_settings(index).await?;
+    ensure!(
+        before == custom || before == LoadSettings::default(),
+        "settings read back are those set, or none on a backend without them: {before:?}"
+    );
+
+    let restore = s.begin_bulk_load(index).await?;
+    ensure!(
+        restore == before,
+        "begin_bulk_load returns the settings it found: {restore:?}, expected {before:?}"
+    );
+    let model: HashMap<String, Person> = people().into_iter().collect();
+    let docs: Vec<SearchDoc> = people().iter().map(|(id, p)| p.doc(id)).collect();
+    for batch in docs.chunks(37) {
+        let report = s.bulk(index, batch.to_vec()).await?;
+        ensure!(
+            report.indexed == batch.len() && report.failed.is_empty(),
+            "{report:?}"
+        );
+    }
+    s.end_bulk_load(index, &restore).await?;
+    expect_count(s, index, model.len()).await?;
+    let expected: BTreeSet<String> = model
+        .iter()
+        .filter(|(_, p)| p.state == "TX")
+        .map(|(id, _)| id.clone())
+        .collect();
+    let hits = search(s, index, query(vec![term("state", json!("TX"))], 1000)).await?;
+    same_ids(&hits, &expected).context("a search after the load sees every document")?;
+    let after = s.bulk_load_settings(index).await?;
+    ensure!(
+        after == before,
+        "the settings after the load are {after:?}, before it {before:?}"
+    );
+
+    // A resumed load begins again on an index left in bulk-load mode and
+    // restores the settings saved by the first run, not those it finds.
+    s.begin_bulk_load(index).await?;
+    s.bulk(index, vec![model["p003"].doc("p003")]).await?;
+    s.begin_bulk_load(index).await?;
+    s.end_bulk_load(index, &restore).await?;
+    let after = s.bulk_load_settings(index).await?;
+    ensure!(
+        after == before,
+        "after a second begin the settings are {after:?}, expected {before:?}"
+    );
+    expect_count(s, index, model.len()).await?;
+
+    let missing = unique("sift-conf-missing");
+    let err = s.begin_bulk_load(&missing).await;
+    ensure!(
+        matches!(err, Err(SearchError::NoSuchIndex(_))),
+        "a bulk load of a missing index must be NoSuchIndex, got {err:?}"
+    );
     Ok(())
 }
 

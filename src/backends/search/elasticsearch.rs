@@ -18,6 +18,12 @@
 //! the error is returned. Items of a bulk request that the cluster rejects as
 //! overloaded (429) are sent again the same way; other per-item failures are
 //! reported in [`BulkReport::failed`].
+//!
+//! A bulk load ([`SearchIndex::begin_bulk_load`]) turns refreshes off
+//! (`index.refresh_interval: -1`) and drops replicas (`index.number_of_replicas:
+//! 0`), which the Elasticsearch manual advises for large loads; the settings
+//! are read first and put back by `end_bulk_load` (an unset setting is reset
+//! to the cluster's default with `null`).
 
 use super::{
     compare_fields, describe_fields, expected_value, json_type, kind_name, validate_fields,
@@ -32,7 +38,10 @@ use ::elasticsearch::auth::Credentials;
 use ::elasticsearch::http::response::Response;
 use ::elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use ::elasticsearch::http::{StatusCode, Url};
-use ::elasticsearch::indices::{IndicesCreateParts, IndicesGetMappingParts, IndicesRefreshParts};
+use ::elasticsearch::indices::{
+    IndicesCreateParts, IndicesGetMappingParts, IndicesGetSettingsParts, IndicesPutSettingsParts,
+    IndicesRefreshParts,
+};
 use ::elasticsearch::{BulkParts, CountParts, DeleteParts, Elasticsearch, GetParts, SearchParts};
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -43,8 +52,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{
-    BulkReport, Clause, FieldKind, FieldSpec, Hit, IndexSpec, Query, SearchDoc, SearchError,
-    SearchIndex,
+    BulkReport, Clause, FieldKind, FieldSpec, Hit, IndexSpec, LoadSettings, Query, SearchDoc,
+    SearchError, SearchIndex,
 };
 use crate::config::ElasticsearchConfig;
 
@@ -436,6 +445,29 @@ impl ElasticsearchIndex {
         Ok(reply)
     }
 
+    /// Changes settings of `index` (`body` as for `PUT /{index}/_settings`).
+    async fn put_settings(&self, index: &str, body: &Value) -> Result<(), SearchError> {
+        validate_name(index)?;
+        let what = format!("changing the settings of index `{index}`");
+        let (api, indices) = (self.client.indices(), [index]);
+        let response = self
+            .call(&what, || {
+                api.put_settings(IndicesPutSettingsParts::Index(&indices))
+                    .body(body)
+                    .send()
+            })
+            .await?;
+        if !response.status_code().is_success() {
+            return Err(self.failure(&what, Some(index), response).await);
+        }
+        let reply: Value = self.parse(&what, response).await?;
+        if reply["acknowledged"] != Value::Bool(true) {
+            // The change is made; some node had not confirmed it in time.
+            tracing::warn!(index, url = %self.url, "the cluster did not acknowledge a settings change in time; it applies once every node has it");
+        }
+        Ok(())
+    }
+
     /// Refuses partial answers: a result missing some shards would look complete.
     fn check_shards(&self, what: &str, shards: &ShardsReply) -> Result<(), SearchError> {
         if shards.failed == 0 {
@@ -650,6 +682,94 @@ impl SearchIndex for ElasticsearchIndex {
         }
         Ok(hits)
     }
+
+    async fn bulk_load_settings(&self, index: &str) -> Result<LoadSettings, SearchError> {
+        validate_name(index)?;
+        let what = format!("reading the settings of index `{index}`");
+        let (api, indices) = (self.client.indices(), [index]);
+        let response = self
+            .call(&what, || {
+                api.get_settings(IndicesGetSettingsParts::Index(&indices))
+                    .flat_settings(true)
+                    .send()
+            })
+            .await?;
+        if !response.status_code().is_success() {
+            return Err(self.failure(&what, Some(index), response).await);
+        }
+        let reply: Map<String, Value> = self.parse(&what, response).await?;
+        // Keyed by the concrete index name, which differs when `index` is an alias.
+        let settings = reply
+            .into_iter()
+            .next()
+            .map(|(_, mut entry)| entry["settings"].take())
+            .ok_or_else(|| SearchError::NoSuchIndex(index.to_owned()))?;
+        load_settings(index, &settings)
+    }
+
+    async fn begin_bulk_load(&self, index: &str) -> Result<LoadSettings, SearchError> {
+        let before = self.bulk_load_settings(index).await?;
+        let body = json!({ "index": { "refresh_interval": "-1", "number_of_replicas": 0 } });
+        self.put_settings(index, &body).await?;
+        tracing::info!(
+            index,
+            url = %self.url,
+            found_refresh_interval = before.refresh_interval.as_deref().unwrap_or("default"),
+            found_number_of_replicas = before
+                .number_of_replicas
+                .map_or_else(|| "default".to_owned(), |n| n.to_string()),
+            "bulk load: refreshes off and no replicas until it ends"
+        );
+        Ok(before)
+    }
+
+    async fn end_bulk_load(&self, index: &str, restore: &LoadSettings) -> Result<(), SearchError> {
+        // `null` resets a setting the index did not have to the cluster's default.
+        let body = json!({
+            "index": {
+                "refresh_interval": restore.refresh_interval,
+                "number_of_replicas": restore.number_of_replicas,
+            }
+        });
+        self.put_settings(index, &body).await?;
+        self.refresh(index).await
+    }
+}
+
+/// The settings a bulk load changes, from the flat settings of an index
+/// (`GET /{index}/_settings?flat_settings=true`); absent ones are `None`.
+fn load_settings(index: &str, settings: &Value) -> Result<LoadSettings, SearchError> {
+    let unreadable = |key: &str, value: &Value| {
+        SearchError::Engine(format!(
+            "index `{index}` has `{key}` = {value}, which this client cannot read; \
+             check the index settings"
+        ))
+    };
+    let refresh_key = "index.refresh_interval";
+    let refresh_interval = match settings.get(refresh_key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => return Err(unreadable(refresh_key, other)),
+    };
+    let replicas_key = "index.number_of_replicas";
+    let number_of_replicas = match settings.get(replicas_key) {
+        None | Some(Value::Null) => None,
+        // Settings come back as strings; accept numbers too.
+        Some(Value::String(s)) => Some(
+            s.parse::<u32>()
+                .map_err(|_| unreadable(replicas_key, &Value::String(s.clone())))?,
+        ),
+        Some(Value::Number(n)) => Some(
+            n.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| unreadable(replicas_key, &Value::Number(n.clone())))?,
+        ),
+        Some(other) => return Err(unreadable(replicas_key, other)),
+    };
+    Ok(LoadSettings {
+        refresh_interval,
+        number_of_replicas,
+    })
 }
 
 /// A document ready for a bulk request: its action and source lines.
@@ -1302,6 +1422,27 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("one place"), "{message}");
         assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[test]
+    fn load_settings_are_read_from_flat_settings() {
+        let settings = json!({
+            "index.number_of_replicas": "1",
+            "index.number_of_shards": "1",
+            "index.refresh_interval": "30s",
+        });
+        assert_eq!(
+            load_settings("people", &settings).expect("readable"),
+            LoadSettings {
+                refresh_interval: Some("30s".to_owned()),
+                number_of_replicas: Some(1),
+            }
+        );
+        assert_eq!(
+            load_settings("people", &json!({})).expect("readable"),
+            LoadSettings::default()
+        );
+        assert!(load_settings("people", &json!({ "index.number_of_replicas": "many" })).is_err());
     }
 
     #[test]

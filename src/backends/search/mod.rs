@@ -208,6 +208,40 @@ pub trait SearchIndex: Send + Sync + 'static {
     async fn count(&self, index: &str) -> Result<u64, SearchError>;
     /// Runs a query and returns the top `query.k` hits, best first.
     async fn search(&self, index: &str, query: &Query) -> Result<Vec<Hit>, SearchError>;
+    /// Reads the settings [`SearchIndex::begin_bulk_load`] would change,
+    /// without changing them. A loader saves them before it begins, so that a
+    /// load killed in the middle and resumed later restores these, not the
+    /// bulk-load values it finds.
+    ///
+    /// The default has nothing to report: [`LoadSettings::default`].
+    async fn bulk_load_settings(&self, index: &str) -> Result<LoadSettings, SearchError> {
+        let _ = index;
+        Ok(LoadSettings::default())
+    }
+    /// Prepares `index` for a bulk load (Elasticsearch: refresh off, no replicas) and returns the settings to restore.
+    ///
+    /// The default changes nothing.
+    async fn begin_bulk_load(&self, index: &str) -> Result<LoadSettings, SearchError> {
+        self.bulk_load_settings(index).await
+    }
+    /// Restores what `begin_bulk_load` changed, then refreshes.
+    ///
+    /// The default only refreshes.
+    async fn end_bulk_load(&self, index: &str, restore: &LoadSettings) -> Result<(), SearchError> {
+        let _ = restore;
+        self.refresh(index).await
+    }
+}
+
+/// Index settings a bulk load changes, as they were before it. `None` is the
+/// engine's default (the setting is not set on the index).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadSettings {
+    /// How often writes become visible to searches (Elasticsearch
+    /// `index.refresh_interval`, e.g. `"1s"`; `"-1"` turns refreshes off).
+    pub refresh_interval: Option<String>,
+    /// Copies of each shard (Elasticsearch `index.number_of_replicas`).
+    pub number_of_replicas: Option<u32>,
 }
 
 // Rules and messages shared by the embedded and Elasticsearch indexes, so a

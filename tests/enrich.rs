@@ -1,0 +1,458 @@
+//! The enrichment client against the local stand-in over real HTTP: found
+//! people parsed and cached (the same handle is not paid for twice), queued
+//! lookups re-asked, misses cached, 429 and 503 retried with backoff, a wrong
+//! key rejected without the key leaking, the client-side rate limit shared
+//! by concurrent callers; and the generator's canned answers served back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use sift::backends::cache::EmbeddedCache;
+use sift::backends::Cache;
+use sift::config::EnrichConfig;
+use sift::dbusa::generate::{corruptions, generate, Profile, Spec};
+use sift::matching::enrich::{EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment};
+use sift::matching::standin::{self, Answer, StandIn, StandInOptions};
+
+const KEY: &str = "test-key-5b1d2e";
+
+fn local() -> SocketAddr {
+    ([127, 0, 0, 1], 0).into()
+}
+
+fn john_doe() -> serde_json::Value {
+    json!({
+        "fullName": "John Doe", "ageRange": "30-39", "gender": "Male",
+        "location": "Saint Paul, Minnesota, United States", "title": null, "organization": null,
+        "twitter": "https://twitter.com/jdoe", "linkedin": null, "bio": null, "avatar": null,
+        "website": null,
+        "details": {
+            "name": {"given": "John", "family": "Doe", "full": "John Doe"},
+            "age": {"range": {"start": 30, "end": 39}}, "gender": "Male",
+            "emails": [{"label": "personal", "value": "john@example.com"}],
+            "phones": [{"label": "mobile", "value": "+16515550101"}],
+            "profiles": {"twitter": {"username": "jdoe", "service": "twitter", "url": "https://twitter.com/jdoe"}},
+            "locations": [{"label": "home", "city": "Saint Paul", "region": "Minnesota",
+                "regionCode": "MN", "country": "United States", "countryCode": "US",
+                "formatted": "Saint Paul, Minnesota, United States"}],
+            "employment": [], "photos": [], "education": [], "urls": [], "interests": []
+        },
+        "updated": "2026-05-01", "isSensitive": false
+    })
+}
+
+fn answer(username: &str, statuses: &[u16]) -> Answer {
+    Answer {
+        service: "twitter".into(),
+        username: username.into(),
+        emails: vec![format!("{username}@example.com")],
+        statuses: statuses.to_vec(),
+        person: john_doe(),
+    }
+}
+
+/// Short waits so the retries and re-asks run in milliseconds.
+fn config(url: &str) -> EnrichConfig {
+    EnrichConfig {
+        url: url.into(),
+        api_key: KEY.into(),
+        rate_per_minute: 600_000,
+        timeout: Duration::from_secs(5),
+        max_attempts: 4,
+        pending_attempts: 2,
+        pending_wait: Duration::from_millis(50),
+        ..EnrichConfig::default()
+    }
+}
+
+async fn serve(answers: Vec<Answer>, options: StandInOptions) -> Result<StandIn> {
+    Ok(standin::start(local(), KEY.into(), answers, options).await?)
+}
+
+fn fast() -> StandInOptions {
+    StandInOptions {
+        rate_per_minute: 0,
+        retry_after_secs: 0,
+    }
+}
+
+fn client(config: &EnrichConfig) -> Result<Enricher> {
+    let cache: Arc<dyn Cache> = Arc::new(EmbeddedCache::new(1000));
+    Enricher::new(config, cache)?.context("a key is set, so enrichment is on")
+}
+
+fn twitter(handle: &str) -> EnrichRequest {
+    EnrichRequest {
+        network: "twitter".into(),
+        handle: handle.into(),
+        email: None,
+        phone: None,
+    }
+}
+
+#[tokio::test]
+async fn a_found_person_is_parsed_and_not_paid_for_twice() -> Result<()> {
+    let server = serve(vec![answer("jdoe", &[])], fast()).await?;
+    let enricher = client(&config(&server.url()))?;
+    let (found, source) = enricher.enrich(&twitter("jdoe")).await?;
+    ensure!(source == EnrichSource::Api);
+    let Enrichment::Found(p) = found else {
+        bail!("expected a person, got {found:?}");
+    };
+    ensure!(p.full_name.as_deref() == Some("John Doe"), "{p:?}");
+    ensure!(p.given.as_deref() == Some("John") && p.family.as_deref() == Some("Doe"));
+    ensure!(p.city.as_deref() == Some("Saint Paul") && p.region_code.as_deref() == Some("MN"));
+    ensure!(p.location.as_deref() == Some("Saint Paul, Minnesota, United States"));
+    ensure!(p.emails == ["john@example.com"] && p.phones == ["+16515550101"]);
+
+    // The same handle, written differently: from the cache.
+    let (again, source) = enricher.enrich(&twitter("JDoe")).await?;
+    ensure!(source == EnrichSource::Cache);
+    ensure!(again == Enrichment::Found(p));
+    ensure!(server.requests_for("twitter", "jdoe") == 1);
+    ensure!(server.requests() == 1);
+
+    let metrics = sift::metrics::global().render();
+    ensure!(
+        metrics.contains("sift_enrich_requests_total{status=\"200\"}"),
+        "{metrics}"
+    );
+    ensure!(metrics.contains("sift_enrich_cache_hits_total"));
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lookup_without_a_known_handle_is_found_by_email() -> Result<()> {
+    let server = serve(vec![answer("jdoe", &[])], fast()).await?;
+    let enricher = client(&config(&server.url()))?;
+    let req = EnrichRequest {
+        email: Some("JDOE@example.com".into()),
+        ..twitter("someone_else")
+    };
+    let (found, _) = enricher.enrich(&req).await?;
+    ensure!(
+        matches!(found, Enrichment::Found(ref p) if p.full_name.as_deref() == Some("John Doe"))
+    );
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_queued_lookup_is_asked_again() -> Result<()> {
+    let server = serve(
+        vec![answer("queued", &[202, 200]), answer("stuck", &[202])],
+        fast(),
+    )
+    .await?;
+    let enricher = client(&config(&server.url()))?;
+
+    let (found, source) = enricher.enrich(&twitter("queued")).await?;
+    ensure!(matches!(found, Enrichment::Found(_)) && source == EnrichSource::Api);
+    ensure!(server.requests_for("twitter", "queued") == 2);
+
+    // Still queued after pending_attempts (2) re-asks: pending, and not cached.
+    let (pending, _) = enricher.enrich(&twitter("stuck")).await?;
+    ensure!(pending == Enrichment::Pending, "{pending:?}");
+    ensure!(server.requests_for("twitter", "stuck") == 3);
+    let (pending, source) = enricher.enrich(&twitter("stuck")).await?;
+    ensure!(pending == Enrichment::Pending && source == EnrichSource::Api);
+    ensure!(server.requests_for("twitter", "stuck") == 6);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_miss_is_cached() -> Result<()> {
+    let server = serve(vec![answer("jdoe", &[])], fast()).await?;
+    let enricher = client(&config(&server.url()))?;
+    let (missing, source) = enricher.enrich(&twitter("nobody")).await?;
+    ensure!(missing == Enrichment::NotFound && source == EnrichSource::Api);
+    let (missing, source) = enricher.enrich(&twitter("nobody")).await?;
+    ensure!(missing == Enrichment::NotFound && source == EnrichSource::Cache);
+    ensure!(server.requests_for("twitter", "nobody") == 1);
+    ensure!(server.statuses().get(&404) == Some(&1));
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn rate_limited_and_unavailable_answers_are_retried() -> Result<()> {
+    let server = serve(
+        vec![answer("busy", &[429, 429, 200]), answer("down", &[503])],
+        fast(),
+    )
+    .await?;
+    let enricher = client(&config(&server.url()))?;
+    let (found, _) = enricher.enrich(&twitter("busy")).await?;
+    ensure!(matches!(found, Enrichment::Found(_)), "{found:?}");
+    ensure!(server.requests_for("twitter", "busy") == 3);
+
+    let failed = enricher.enrich(&twitter("down")).await;
+    match failed {
+        Err(EnrichError::Unavailable(message)) => {
+            ensure!(
+                message.contains("503") && message.contains("4 attempts"),
+                "{message}"
+            )
+        }
+        other => bail!("expected unavailable, got {other:?}"),
+    }
+    ensure!(
+        server.requests_for("twitter", "down") == 4,
+        "max_attempts is 4"
+    );
+    // Nothing is cached for a failure.
+    ensure!(enricher.enrich(&twitter("down")).await.is_err());
+    ensure!(server.requests_for("twitter", "down") == 8);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() -> Result<()> {
+    let server = serve(
+        vec![answer("slow", &[429, 200])],
+        StandInOptions {
+            rate_per_minute: 0,
+            retry_after_secs: 1,
+        },
+    )
+    .await?;
+    let enricher = client(&config(&server.url()))?;
+    let started = Instant::now();
+    let (found, _) = enricher.enrich(&twitter("slow")).await?;
+    ensure!(matches!(found, Enrichment::Found(_)));
+    let took = started.elapsed();
+    ensure!(took >= Duration::from_secs(1), "retried after {took:?}");
+    ensure!(took < Duration::from_secs(10), "retried after {took:?}");
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_rejected_without_showing_any_key() -> Result<()> {
+    let server = serve(vec![answer("jdoe", &[])], fast()).await?;
+    let wrong = "sk_wrong_9f8e7d6c5b4a";
+    let enricher = client(&EnrichConfig {
+        api_key: wrong.into(),
+        ..config(&server.url())
+    })?;
+    let err = match enricher.enrich(&twitter("jdoe")).await {
+        Err(e) => e,
+        Ok(answer) => bail!("a wrong key was accepted: {answer:?}"),
+    };
+    ensure!(
+        matches!(err, EnrichError::Rejected { status: 401, .. }),
+        "{err:?}"
+    );
+    let shown = format!("{err} {err:?} {enricher:?}");
+    ensure!(shown.contains("SIFT__ENRICH__API_KEY"), "{shown}");
+    ensure!(!shown.contains(wrong) && !shown.contains(KEY), "{shown}");
+    ensure!(server.requests() == 1, "a rejection is not retried");
+    ensure!(server.requests_for("twitter", "jdoe") == 0);
+
+    // The right key's client does not show it either.
+    let right = client(&config(&server.url()))?;
+    ensure!(!format!("{right:?}").contains(KEY));
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_standin_follows_the_api_format() -> Result<()> {
+    let server = serve(
+        vec![answer("jdoe", &[])],
+        StandInOptions {
+            rate_per_minute: 60,
+            retry_after_secs: 1,
+        },
+    )
+    .await?;
+    let url = format!("{}/v3/person.enrich", server.url());
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value, key: &str| {
+        http.post(&url)
+            .header("Authorization", format!("Bearer {key}"))
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let r = post(
+        json!({"profiles": [{"service": "twitter", "username": "jdoe"}]}),
+        "nope",
+    )
+    .await?;
+    ensure!(r.status() == 401);
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+    ensure!(
+        body["status"] == 401 && body["message"].is_string(),
+        "{body}"
+    );
+
+    let r = post(json!({"profiles": []}), KEY).await?;
+    ensure!(r.status() == 400);
+
+    // One request a minute (bursts of one): the first is served, the next is 429.
+    let r = post(
+        json!({"profiles": [{"service": "twitter", "username": "JDOE"}]}),
+        KEY,
+    )
+    .await?;
+    ensure!(r.status() == 200);
+    let person: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+    ensure!(person == john_doe());
+    let r = post(json!({"emails": ["nobody@example.com"]}), KEY).await?;
+    ensure!(r.status() == 429);
+    ensure!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()) == Some("1"));
+    ensure!(server.requests() == 4);
+    let statuses = server.statuses();
+    ensure!(
+        statuses.get(&401) == Some(&1)
+            && statuses.get(&400) == Some(&1)
+            && statuses.get(&200) == Some(&1)
+            && statuses.get(&429) == Some(&1),
+        "{statuses:?}"
+    );
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_callers_share_the_rate_limit() -> Result<()> {
+    let server = serve(Vec::new(), fast()).await?;
+    // 120 a minute: one every 500 ms, after a burst of 2 (one second's worth).
+    let enricher = Arc::new(client(&EnrichConfig {
+        rate_per_minute: 120,
+        ..config(&server.url())
+    })?);
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let e = Arc::clone(&enricher);
+            tokio::spawn(async move { e.enrich(&twitter(&format!("user{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        let (answer, _) = call.await??;
+        ensure!(answer == Enrichment::NotFound);
+    }
+    let took = started.elapsed();
+    // 2 at once, then 4 more 500 ms apart: 2 s.
+    ensure!(took >= Duration::from_millis(1900), "6 calls took {took:?}");
+    ensure!(took < Duration::from_secs(15), "6 calls took {took:?}");
+    ensure!(server.requests() == 6);
+    let metrics = sift::metrics::global().render();
+    let waited: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sift_enrich_rate_limited_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("the rate-limit metric")?;
+    // The four later callers waited 0.5 + 1 + 1.5 + 2 s between them.
+    ensure!(waited >= 4.5, "waited {waited} s in all");
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generators_answers_serve_missing_profiles() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let g = generate(
+        &Spec {
+            rows: 4_000,
+            seed: 11,
+            profiles: 800,
+            outsiders: 200,
+        },
+        dir.path(),
+    )?;
+    let answers = standin::read_answers(&g.enrichment)?;
+    ensure!(answers.len() as u64 == g.answer_count && !answers.is_empty());
+    let by_key: HashMap<(String, String), &Answer> = answers
+        .iter()
+        .map(|a| ((a.service.clone(), a.username.to_lowercase()), a))
+        .collect();
+    ensure!(by_key.len() == answers.len(), "one answer per handle");
+
+    let csv = std::fs::read_to_string(&g.database)?;
+    let people: HashMap<&str, Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split(',').collect();
+            (cols[0], cols)
+        })
+        .collect();
+    let profiles: Vec<Profile> = std::fs::read_to_string(&g.profiles)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let (mut missing, mut missing_known, mut outsiders, mut outsiders_known) = (0, 0, 0, 0);
+    let mut queued = 0;
+    let mut both_missing = None;
+    for p in &profiles {
+        let known = by_key.get(&(p.network.clone(), p.handle.to_lowercase()));
+        queued += known.map_or(0, |a| usize::from(a.statuses == [202, 200]));
+        match p.corruption.as_str() {
+            corruptions::MISSING_NAME
+            | corruptions::MISSING_LOCATION
+            | corruptions::BOTH_MISSING => {
+                missing += 1;
+                missing_known += usize::from(known.is_some());
+                if p.corruption == corruptions::BOTH_MISSING
+                    && known.is_some()
+                    && both_missing.is_none()
+                {
+                    both_missing = Some(p);
+                }
+            }
+            corruptions::NOT_IN_DB => {
+                outsiders += 1;
+                outsiders_known += usize::from(known.is_some());
+            }
+            other => ensure!(known.is_none(), "a `{other}` profile has an answer: {p:?}"),
+        }
+    }
+    let share = missing_known as f64 / missing as f64;
+    ensure!(
+        (0.75..0.93).contains(&share),
+        "{missing_known} of {missing} known"
+    );
+    let share = outsiders_known as f64 / outsiders as f64;
+    ensure!(
+        (0.18..0.42).contains(&share),
+        "{outsiders_known} of {outsiders} outsiders known"
+    );
+    ensure!(queued > 0, "no answer is queued first");
+
+    // A profile with neither name nor location: the stand-in gives its person.
+    let p = both_missing.context("a both_missing profile with an answer")?;
+    let id = p.dbusa_id.as_deref().context("an insider")?;
+    let row = people.get(id).context("the profile's person")?;
+    let server = serve(answers.clone(), fast()).await?;
+    let enricher = client(&config(&server.url()))?;
+    let req = EnrichRequest {
+        network: p.network.clone(),
+        handle: p.handle.clone(),
+        email: p.email.clone(),
+        phone: None,
+    };
+    let (found, _) = enricher.enrich(&req).await?;
+    let Enrichment::Found(person) = found else {
+        bail!("{p:?} was not found: {found:?}");
+    };
+    let name = format!("{} {}", row[1], row[3]);
+    ensure!(
+        person.full_name.as_deref() == Some(name.as_str()),
+        "{person:?} vs {row:?}"
+    );
+    ensure!(
+        person.city.as_deref() == Some(row[5]) && person.region_code.as_deref() == Some(row[6])
+    );
+    server.stop().await;
+    Ok(())
+}
