@@ -37,6 +37,10 @@ pub struct MatchBenchArgs {
     /// (the stand-in costs nothing; the production default is 6,000).
     #[arg(long, default_value_t = 6_000_000)]
     pub enrich_rate_per_minute: u32,
+    /// Wait before asking again after a 202 (queued) answer; default `enrich.pending_wait`.
+    /// `0s` measures the matcher without the API's queueing delay.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub pending_wait: Option<std::time::Duration>,
     /// Write the results here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -91,7 +95,7 @@ pub struct MatchBench {
     pub speed: Vec<SpeedRow>,
     /// F1 over thresholds and margins.
     pub sweep: Vec<SweepPoint>,
-    /// Enrichment requests the stand-in served.
+    /// Enrichment requests the stand-in served in the last run.
     pub enrichment_requests: u64,
 }
 
@@ -116,26 +120,31 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
         Vec::new()
     };
     let key = "bench-key".to_owned();
-    let server = standin::start(
-        "127.0.0.1:0"
-            .parse()
-            .map_err(|e| crate::Error::Invalid(format!("{e}")))?,
-        key.clone(),
-        answers,
-        standin::StandInOptions::default(),
-    )
-    .await?;
     let mut config = config.clone();
-    config.enrich.url = server.url();
-    config.enrich.api_key = key;
+    config.enrich.api_key = key.clone();
     config.enrich.rate_per_minute = args.enrich_rate_per_minute;
+    if let Some(wait) = args.pending_wait {
+        config.enrich.pending_wait = wait;
+    }
+    let mut enrichment_requests = 0;
     let search = crate::backends::open_search(&config).await?;
     let people = search.count(&config.dbusa.index).await?;
     let inputs: Vec<_> = profiles.iter().map(profile_in).collect();
     let mut speed = Vec::new();
     let mut last: Vec<Outcome> = Vec::new();
     for &concurrency in &args.concurrency {
-        // A fresh matcher (and enrichment cache) per run, so every run pays for the same calls.
+        // A fresh stand-in (its 202-then-200 scripts start over) and a fresh
+        // matcher (and enrichment cache) per run, so every run pays for the same calls.
+        let server = standin::start(
+            "127.0.0.1:0"
+                .parse()
+                .map_err(|e| crate::Error::Invalid(format!("{e}")))?,
+            key.clone(),
+            answers.clone(),
+            standin::StandInOptions::default(),
+        )
+        .await?;
+        config.enrich.url = server.url();
         let (matcher, _) = crate::matching::matcher_on(&config, search.clone()).await?;
         let started = Instant::now();
         let results: Vec<crate::Result<(Outcome, f64)>> =
@@ -149,6 +158,8 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
             })
             .await;
         let seconds = started.elapsed().as_secs_f64();
+        enrichment_requests = server.requests();
+        server.stop().await;
         let mut outcomes = Vec::with_capacity(results.len());
         let mut times = Vec::with_capacity(results.len());
         for r in results {
@@ -207,9 +218,8 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
         margin: config.matching.margin,
         speed,
         sweep,
-        enrichment_requests: server.requests(),
+        enrichment_requests,
     };
-    server.stop().await;
     println!(
         "{} profiles against {} people ({} index), threshold {} margin {}:\n",
         profiles.len(),
