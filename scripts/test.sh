@@ -20,6 +20,10 @@ step() {
 }
 
 step setup scripts/setup.sh
+# Debian's Chromium and tests/browser's Node packages for the review UI's
+# browser test, which must then run, not skip.
+step browser-setup scripts/browser-setup.sh
+export SIFT_TEST_REQUIRE_BROWSER=1
 step fmt cargo fmt --all --check
 # The default build is what `sift run` uses: embedded only, no services.
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings

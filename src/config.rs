@@ -87,6 +87,8 @@ pub struct Config {
     /// The enrichment API (FullContact Person Enrich v3) `sift match` calls
     /// for profiles without a usable name or location.
     pub enrich: EnrichConfig,
+    /// `sift review`: the analysts' review web UI.
+    pub review: ReviewConfig,
     /// Logs and metrics.
     pub telemetry: TelemetryConfig,
 }
@@ -108,6 +110,7 @@ impl Default for Config {
             dbusa: DbusaConfig::default(),
             matching: MatchConfig::default(),
             enrich: EnrichConfig::default(),
+            review: ReviewConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -772,6 +775,52 @@ impl Default for ArchiveConfig {
     }
 }
 
+/// `sift review`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReviewConfig {
+    /// Address the web UI listens on (`--listen` overrides it).
+    pub listen: String,
+    /// How long a reviewer holds a document they opened before another
+    /// reviewer may be given it; renewed each time they open it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long a login lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed logins allowed per user name and per client address per minute;
+    /// more are refused with 429 until the minute has passed.
+    pub login_attempts_per_minute: u32,
+    /// How often the queue is rebuilt from the `documents` table (documents
+    /// scored since, decisions made by other servers).
+    #[serde(with = "humantime_serde")]
+    pub queue_refresh: Duration,
+    /// PEM certificate chain; with `tls_key`, the UI is served over HTTPS
+    /// and its cookies are `Secure`. Empty = plain HTTP.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: String,
+    /// File of the labels a reviewer may choose (a JSON array, or one label
+    /// per line). Empty = the registry's LATEST model's `labels.json`, else
+    /// the labels seen in the documents' top 5.
+    pub labels: String,
+}
+
+impl Default for ReviewConfig {
+    fn default() -> Self {
+        ReviewConfig {
+            listen: "127.0.0.1:8080".into(),
+            lease: Duration::from_secs(300),
+            session_ttl: Duration::from_secs(12 * 3600),
+            login_attempts_per_minute: 5,
+            queue_refresh: Duration::from_secs(5),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            labels: String::new(),
+        }
+    }
+}
+
 /// Logs and metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -816,6 +865,27 @@ impl Config {
             return Err(ConfigError::Value {
                 field: "cache.max_entries",
                 message: "must be at least 1".into(),
+            });
+        }
+        if self.review.lease.is_zero()
+            || self.review.session_ttl.is_zero()
+            || self.review.queue_refresh.is_zero()
+        {
+            return Err(ConfigError::Value {
+                field: "review.lease, review.session_ttl, review.queue_refresh",
+                message: "must be positive durations such as \"5m\"".into(),
+            });
+        }
+        if self.review.login_attempts_per_minute == 0 {
+            return Err(ConfigError::Value {
+                field: "review.login_attempts_per_minute",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.review.tls_cert.is_empty() != self.review.tls_key.is_empty() {
+            return Err(ConfigError::Value {
+                field: "review.tls_cert, review.tls_key",
+                message: "set both (PEM files) to serve HTTPS, or neither for plain HTTP".into(),
             });
         }
         Ok(())

@@ -39,6 +39,8 @@ pub mod topics {
     pub const PROFILES: &str = "sift.profiles";
     /// Identity decisions: profile, person id or the reason there is none, score, evidence.
     pub const MATCHES: &str = "sift.matches";
+    /// Analysts' review decisions: id, decision, label, rejected labels, reviewer, the top 5 shown (`sift review`).
+    pub const FEEDBACK: &str = "sift.feedback";
 }
 
 /// Prefix of the object-store keys holding claim-checked texts.

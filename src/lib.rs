@@ -22,6 +22,7 @@ pub mod infer;
 pub mod ingest;
 pub mod matching;
 pub mod metrics;
+pub mod review;
 pub mod run;
 pub mod sample;
 pub mod stage;

@@ -78,6 +78,8 @@ enum Command {
     /// The enrichment API: look a handle up, or serve the local stand-in.
     #[command(subcommand)]
     Enrich(sift::matching::enrich_cli::EnrichCommand),
+    /// The analysts' review UI: pick one of the top 5, choose another label, or reject.
+    Review(sift::review::ReviewArgs),
 }
 
 #[derive(Args)]
@@ -294,6 +296,7 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         Command::Enrich(command) => {
             Ok(sift::matching::enrich_cli::main(config.clone(), command).await?)
         }
+        Command::Review(args) => Ok(sift::review::main(config, args).await?),
     }
 }
 

@@ -118,6 +118,31 @@ pub struct Metrics {
     pub match_seconds: Histogram,
     /// Entries written by the last cache refresh, per network.
     pub cache_refresh_entries: Family<StageLabel, Gauge>,
+    /// Review decisions by kind (`accept`, `choose`, `reject`).
+    pub review_decisions: Family<DecisionLabel, Counter>,
+    /// Seconds the review server spent on a request, by page.
+    pub review_page_seconds: Family<PageLabel, Histogram, fn() -> Histogram>,
+    /// Review logins by outcome (`ok`, `invalid`, `rate_limited`, `error`,
+    /// `forbidden`: the login form's CSRF token was missing or wrong).
+    pub review_logins: Family<OutcomeLabel, Counter>,
+    /// Documents waiting for review (scored, not decided).
+    pub review_queue_documents: Gauge,
+    /// Seconds to rebuild the review queue from the table.
+    pub review_queue_refresh_seconds: Histogram,
+}
+
+/// Label of the review decision counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// `accept`, `choose` or `reject`.
+    pub decision: String,
+}
+
+/// Label of the review server's request timings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PageLabel {
+    /// Route (`doc`, `queue`, `next`, `decide`, ...), never an id.
+    pub page: String,
 }
 
 /// Label of the enrichment request counter.
@@ -176,6 +201,11 @@ impl Metrics {
             match_candidates: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             match_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             cache_refresh_entries: Family::default(),
+            review_decisions: Family::default(),
+            review_page_seconds: Family::new_with_constructor(stage_seconds),
+            review_logins: Family::default(),
+            review_queue_documents: Gauge::default(),
+            review_queue_refresh_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
         };
         registry.register(
@@ -348,6 +378,31 @@ impl Metrics {
             "Entries written by the last cache refresh, per network (stage label)",
             m.cache_refresh_entries.clone(),
         );
+        registry.register(
+            "sift_review_decisions",
+            "Review decisions by kind (accept, choose, reject)",
+            m.review_decisions.clone(),
+        );
+        registry.register(
+            "sift_review_page_seconds",
+            "Seconds the review server spent on a request, by page",
+            m.review_page_seconds.clone(),
+        );
+        registry.register(
+            "sift_review_logins",
+            "Review logins by outcome (ok, invalid, rate_limited, error, forbidden)",
+            m.review_logins.clone(),
+        );
+        registry.register(
+            "sift_review_queue_documents",
+            "Documents waiting for review (scored, not decided)",
+            m.review_queue_documents.clone(),
+        );
+        registry.register(
+            "sift_review_queue_refresh_seconds",
+            "Seconds to rebuild the review queue from the documents table",
+            m.review_queue_refresh_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -461,6 +516,33 @@ impl Metrics {
     /// Adds time an enrichment lookup waited on the client-side rate limit.
     pub fn enrich_rate_limited(&self, seconds: f64) {
         self.enrich_rate_limited_seconds.inc_by(seconds);
+    }
+
+    /// Counts a review decision.
+    pub fn review_decided(&self, decision: &str) {
+        self.review_decisions
+            .get_or_create(&DecisionLabel {
+                decision: decision.to_string(),
+            })
+            .inc();
+    }
+
+    /// Observes the time the review server spent on a page.
+    pub fn review_page(&self, page: &str, seconds: f64) {
+        self.review_page_seconds
+            .get_or_create(&PageLabel {
+                page: page.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts a review login attempt by outcome.
+    pub fn review_login(&self, outcome: &str) {
+        self.review_logins
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a dead letter.

@@ -11,9 +11,12 @@
 //!   latency from topic to table at half that rate.
 //! - `sift bench match`: identity matching over a generated data set:
 //!   accuracy against the truth, profiles/s and time per profile.
+//! - `sift bench review`: the review server's document page over loopback
+//!   with a large table: server and client p50/p99, requests/s.
 
 pub mod infer;
 pub mod matching;
+pub mod review;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +39,8 @@ pub enum BenchCommand {
     Infer(infer::InferBenchArgs),
     /// Identity matching over a generated data set: accuracy against the truth, profiles/s, latency.
     Match(matching::MatchBenchArgs),
+    /// The review server's document page over loopback with a large table: p50/p99, requests/s.
+    Review(review::ReviewBenchArgs),
 }
 
 /// Runs `sift bench`.
@@ -44,6 +49,7 @@ pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCom
         BenchCommand::Model(args) => model(config, args).await,
         BenchCommand::Infer(args) => infer::main(config, args).await,
         BenchCommand::Match(args) => Ok(matching::main(config, args).await?),
+        BenchCommand::Review(args) => Ok(review::main(config, args).await?),
     }
 }
 
