@@ -25,6 +25,8 @@ step setup scripts/setup.sh
 step browser-setup scripts/browser-setup.sh
 export SIFT_TEST_REQUIRE_BROWSER=1
 step fmt cargo fmt --all --check
+# Dockerfile and Dockerfile.cuda (hadolint from PyPI; the images are not built here).
+step hadolint scripts/hadolint.sh
 # The default build is what `sift run` uses: embedded only, no services.
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 if [ "${SIFT_TEST_EMBEDDED_ONLY:-}" = 1 ]; then

@@ -1162,7 +1162,8 @@ impl Loaded {
     }
 
     /// The effective configuration with every non-empty secret (a field whose
-    /// name mentions a password, secret or token) replaced, for display.
+    /// name mentions a password, secret, token or API key, and the password
+    /// of a URL) replaced, for display.
     pub fn redacted(&self) -> toml::Table {
         fn walk(table: &mut toml::Table) {
             for (k, v) in table.iter_mut() {
@@ -1170,6 +1171,12 @@ impl Loaded {
                     toml::Value::Table(t) => walk(t),
                     toml::Value::String(s) if !s.is_empty() && is_secret(k) => {
                         *s = "<redacted>".into();
+                    }
+                    // A URL may carry a password (`redis://:pw@host`).
+                    toml::Value::String(s) if k.ends_with("url") => {
+                        if let Some(shown) = without_password(s) {
+                            *s = shown;
+                        }
                     }
                     _ => {}
                 }
@@ -1179,6 +1186,14 @@ impl Loaded {
         walk(&mut tree);
         tree
     }
+}
+
+/// `s` with the password of its userinfo replaced, if it is a URL with one.
+fn without_password(s: &str) -> Option<String> {
+    let mut url = url::Url::parse(s).ok()?;
+    url.password()?;
+    url.set_password(Some("redacted")).ok()?;
+    Some(url.to_string())
 }
 
 fn is_secret(key: &str) -> bool {

@@ -112,11 +112,24 @@ fn config_show_names_origins_and_rejects_typos() -> Result<()> {
         .env_remove("SIFT_DATA_DIR")
         .env("SIFT__LOG__DEFAULT_PARTITIONS", "9")
         .env("SIFT__SEARCH__ELASTICSEARCH__PASSWORD", "hunter2-secret")
+        .env(
+            "SIFT__CACHE__REDIS_URL",
+            "redis://:url-secret-42@cache:6379/0",
+        )
+        .env("SIFT__ENRICH__API_KEY", "key-secret-43")
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         !text.contains("hunter2-secret") && text.contains("password = \"<redacted>\""),
         "secrets must be redacted: {text}"
+    );
+    ensure!(
+        !text.contains("url-secret-42") && text.contains("redis://:redacted@cache:6379/0"),
+        "the password of a URL must be redacted: {text}"
+    );
+    ensure!(
+        !text.contains("key-secret-43"),
+        "the enrichment key must be redacted: {text}"
     );
     ensure!(
         out.status.success(),
