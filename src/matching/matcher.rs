@@ -227,6 +227,12 @@ impl Matcher {
     /// Matches one profile.
     pub async fn match_profile(&self, p: &ProfileIn) -> Result<Outcome, MatchError> {
         let started = Instant::now();
+        let outcome = self.decide_profile(p).await;
+        crate::metrics::global().match_seconds(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn decide_profile(&self, p: &ProfileIn) -> Result<Outcome, MatchError> {
         let mut probe = probe_of(p);
         let lacking = probe.name.is_none() || probe.place.is_none();
         let mut enriched = Enriched::NotCalled;
@@ -299,7 +305,6 @@ impl Matcher {
         };
         let runner_up = scored.next().map(|(_, s)| s.score);
         let reason = decide(best.score, runner_up, self.threshold, self.margin);
-        metrics.match_seconds(started.elapsed().as_secs_f64());
         Ok(Outcome {
             dbusa_id: (reason == Reason::Matched).then(|| best_id.clone()),
             score: Some(round2(best.score)),

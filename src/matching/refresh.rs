@@ -11,7 +11,6 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::sink::{columns, namespace, HANDLES, HANDLES_FAMILY};
-use crate::backends::table::Scan;
 use crate::backends::{Cache, Table};
 
 /// Rows read per scan page.
@@ -39,25 +38,16 @@ pub async fn refresh(
     table.ensure_table(HANDLES, &[HANDLES_FAMILY]).await?;
     let mut by_network: BTreeMap<String, Vec<(String, Bytes)>> = BTreeMap::new();
     let mut rows = 0u64;
-    let mut start: Option<Bytes> = None;
-    loop {
-        let page = table
-            .scan(
-                HANDLES,
-                &Scan {
-                    start: start.clone(),
-                    families: Some(vec![HANDLES_FAMILY.to_owned()]),
-                    limit: PAGE,
-                    ..Scan::default()
-                },
-            )
-            .await?;
-        let n = page.len();
-        for row in &page {
+    crate::backends::table::scan_pages(
+        table.as_ref(),
+        HANDLES,
+        Some(&[HANDLES_FAMILY]),
+        PAGE,
+        |row| {
             rows += 1;
-            let key = String::from_utf8_lossy(&row.key).into_owned();
+            let key = String::from_utf8_lossy(&row.key);
             let Some((network, handle)) = key.split_once(':') else {
-                continue;
+                return;
             };
             let entries = by_network.entry(network.to_owned()).or_default();
             if let Some(id) = row
@@ -66,17 +56,9 @@ pub async fn refresh(
             {
                 entries.push((handle.to_owned(), id.clone()));
             }
-        }
-        match page.last() {
-            Some(last) if n == PAGE => {
-                // The next key after `last`: append a zero byte.
-                let mut next = last.key.to_vec();
-                next.push(0);
-                start = Some(Bytes::from(next));
-            }
-            _ => break,
-        }
-    }
+        },
+    )
+    .await?;
     let metrics = crate::metrics::global();
     let mut entries = BTreeMap::new();
     for (network, list) in by_network {

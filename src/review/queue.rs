@@ -19,13 +19,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 
 use crate::backends::objects::{ObjectError, ObjectStore};
-use crate::backends::table::{Row, Scan, Table};
+use crate::backends::table::{Row, Table};
 use crate::documents::{self, categories, review, Decision, CATEGORIES, META, REVIEW};
 
 /// Rows per scan page: bounds the memory one page of rows (with their
@@ -379,34 +378,12 @@ impl Builder {
 async fn scan_pages(
     table: &dyn Table,
     families: &[&str],
-    mut each: impl FnMut(&Row),
+    each: impl FnMut(&Row),
 ) -> crate::Result<()> {
-    let families: Vec<String> = families.iter().map(|f| f.to_string()).collect();
-    let mut start: Option<Bytes> = None;
-    loop {
-        let rows = table
-            .scan(
-                documents::TABLE,
-                &Scan {
-                    start: start.clone(),
-                    families: Some(families.clone()),
-                    limit: PAGE,
-                    ..Scan::default()
-                },
-            )
-            .await?;
-        for row in &rows {
-            each(row);
-        }
-        match rows.last() {
-            Some(last) if rows.len() == PAGE => {
-                let mut next = last.key.to_vec();
-                next.push(0);
-                start = Some(Bytes::from(next));
-            }
-            _ => return Ok(()),
-        }
-    }
+    Ok(
+        crate::backends::table::scan_pages(table, documents::TABLE, Some(families), PAGE, each)
+            .await?,
+    )
 }
 
 /// Builds a snapshot from the table. With `previous`, only families `c`
@@ -843,6 +820,7 @@ impl Labels {
 mod tests {
     use super::*;
     use crate::backends::table::{Cell, EmbeddedTable, RowPut};
+    use bytes::Bytes;
 
     fn row(id: &str, top: &[(&str, f32)], decided: Option<&str>) -> Row {
         let top5 = serde_json::to_string(

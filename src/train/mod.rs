@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use sift_training::{
@@ -22,7 +21,7 @@ use sift_training::{
 };
 
 use crate::backends::objects::ObjectStore;
-use crate::backends::table::{Scan, Table};
+use crate::backends::table::Table;
 use crate::config::Config;
 use registry::{Registry, RegistryError};
 
@@ -250,36 +249,15 @@ pub fn bundled_documents() -> crate::Result<Vec<Document>> {
 /// Every reviewed document in the `documents` table, read a page at a time.
 pub async fn read_feedback(table: &dyn Table) -> Result<Vec<Document>, TrainCommandError> {
     use crate::documents;
-    const PAGE: usize = 1000;
     let mut out = Vec::new();
-    let mut start: Option<Bytes> = None;
-    loop {
-        let rows = table
-            .scan(
-                documents::TABLE,
-                &Scan {
-                    start: start.clone(),
-                    families: Some(vec![
-                        documents::META.into(),
-                        documents::CATEGORIES.into(),
-                        documents::REVIEW.into(),
-                    ]),
-                    limit: PAGE,
-                    ..Scan::default()
-                },
-            )
-            .await?;
-        let full = rows.len() == PAGE;
-        out.extend(rows.iter().filter_map(documents::feedback_document));
-        match rows.last() {
-            Some(last) if full => {
-                let mut next = last.key.to_vec();
-                next.push(0);
-                start = Some(Bytes::from(next));
-            }
-            _ => break,
-        }
-    }
+    crate::backends::table::scan_pages(
+        table,
+        documents::TABLE,
+        Some(&[documents::META, documents::CATEGORIES, documents::REVIEW]),
+        1000,
+        |row| out.extend(documents::feedback_document(row)),
+    )
+    .await?;
     Ok(out)
 }
 

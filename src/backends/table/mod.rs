@@ -217,6 +217,44 @@ pub trait Table: Send + Sync + 'static {
     async fn delete(&self, table: &str, row: &[u8], what: Delete) -> Result<(), TableError>;
 }
 
+/// Reads every row of `table` (only `families`; all when None) in key
+/// order, `page` rows per scan, calling `each` on every row.
+pub async fn scan_pages(
+    store: &dyn Table,
+    table: &str,
+    families: Option<&[&str]>,
+    page: usize,
+    mut each: impl FnMut(&Row),
+) -> Result<(), TableError> {
+    let page = page.max(1);
+    let families: Option<Vec<String>> =
+        families.map(|f| f.iter().map(|s| (*s).to_owned()).collect());
+    let mut start: Option<Bytes> = None;
+    loop {
+        let rows = store
+            .scan(
+                table,
+                &Scan {
+                    start: start.clone(),
+                    families: families.clone(),
+                    limit: page,
+                    ..Scan::default()
+                },
+            )
+            .await?;
+        rows.iter().for_each(&mut each);
+        match rows.last() {
+            // The next key after `last`: the same bytes and a zero byte.
+            Some(last) if rows.len() == page => {
+                let mut next = last.key.to_vec();
+                next.push(0);
+                start = Some(Bytes::from(next));
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
 /// Checks a table or family name (HBase's rules, narrowed to what both backends accept).
 pub fn validate_name(what: &'static str, name: &str) -> Result<(), TableError> {
     let ok = !name.is_empty()
