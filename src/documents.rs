@@ -14,10 +14,13 @@
 
 use serde::Deserialize;
 
-use crate::backends::table::Row;
+use crate::backends::table::{Row, RowPut};
+use crate::envelope::Envelope;
 
-/// The table.
-pub const TABLE: &str = crate::run::DOCUMENTS_TABLE;
+/// The table analysts review.
+pub const TABLE: &str = "documents";
+/// Its column families: `m` metadata, `c` categories, `r` review decision.
+pub const FAMILIES: [&str; 3] = ["m", "c", "r"];
 
 /// Family `m`.
 pub const META: &str = "m";
@@ -135,4 +138,28 @@ pub fn feedback_document(row: &Row) -> Option<sift_training::Document> {
         tags,
         rejected,
     })
+}
+
+/// The table row for an envelope (family `m`).
+pub fn row_of(env: &Envelope) -> RowPut {
+    let mut row = RowPut::new(env.id.clone())
+        .cell("m", "source", env.source.clone())
+        .cell("m", "url", env.url.clone())
+        .cell("m", "title", env.title.clone())
+        .cell("m", "content_type", env.content_type.clone())
+        .cell("m", "fetched_at_ms", env.fetched_at_ms.to_string());
+    if let Some(text) = &env.text {
+        row = row.cell("m", "text", text.clone());
+    }
+    if let Some(uri) = &env.body_uri {
+        row = row.cell("m", "body_uri", uri.clone());
+    }
+    if !env.metadata.is_empty() {
+        row = row.cell(
+            "m",
+            "metadata",
+            serde_json::to_string(&env.metadata).unwrap_or_default(),
+        );
+    }
+    row
 }

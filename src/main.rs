@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use sift::backends::{self, log::Log, objects::PutMode, table::Scan};
 use sift::config::{self, Loaded, Sources};
@@ -33,8 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Push the bundled labeled sample through the log into the `documents` table and report.
-    Run(RunArgs),
+    /// The whole pipeline in one process on a bundled sample web and a generated database.
+    Run(sift::run::RunArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -80,16 +80,6 @@ enum Command {
     Enrich(sift::matching::enrich_cli::EnrichCommand),
     /// The analysts' review UI: pick one of the top 5, choose another label, or reject.
     Review(sift::review::ReviewArgs),
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Use only the first N documents of the sample (0 = all 2,129).
-    #[arg(long, env = "SIFT_RUN_LIMIT", default_value_t = 0)]
-    limit: usize,
-    /// Print the summary as JSON instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -263,7 +253,13 @@ fn main() -> std::process::ExitCode {
 async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
     let config = &loaded.config;
     match command {
-        Command::Run(args) => run(config, args).await,
+        Command::Run(args) => {
+            if sift::run::main(config, args).await? {
+                Ok(())
+            } else {
+                bail!("a stage processed nothing in the first pass (see the summary)")
+            }
+        }
         Command::Config(ConfigCommand::Show { json }) => {
             if json {
                 let origins: serde_json::Map<String, serde_json::Value> = loaded
@@ -298,40 +294,6 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
         }
         Command::Review(args) => Ok(sift::review::main(config, args).await?),
     }
-}
-
-async fn run(config: &config::Config, args: RunArgs) -> anyhow::Result<()> {
-    let mut docs = sift::sample::bundled()?;
-    if args.limit > 0 {
-        docs.truncate(args.limit);
-    }
-    let log = backends::open_log(config).await?;
-    let table = backends::open_table(config).await?;
-    eprintln!(
-        "sift: pushing {} labeled documents through `sift.raw` into the `documents` table ({})",
-        docs.len(),
-        config.data_dir.display()
-    );
-    let s = sift::run::run_once(log, table, &docs, config.log.default_partitions).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
-    }
-    println!("pass finished in {:.2} s", s.seconds);
-    println!(
-        "  produced to sift.raw     {:>8}  ({} partitions)",
-        s.produced, s.partitions
-    );
-    println!("  consumed by sift-store   {:>8}", s.consumed);
-    println!("  stored in documents      {:>8}", s.stored);
-    let dlq: u64 = s.dead_letters.values().sum();
-    println!(
-        "  dead letters             {:>8}  {:?}",
-        dlq, s.dead_letters
-    );
-    println!("  rows in documents        {:>8}", s.table_rows);
-    println!("inspect: sift topics list · sift table scan documents -n 3 · sift topics tail sift.raw -n 1");
-    Ok(())
 }
 
 fn text(b: &Bytes, full: bool) -> String {

@@ -335,7 +335,7 @@ async fn a_promotion_mid_run_swaps_the_model_without_losing_documents() -> Resul
     log.create_topic(topics::CLEAN, 4).await?;
 
     table
-        .ensure_table(documents::TABLE, &sift::run::DOCUMENT_FAMILIES)
+        .ensure_table(documents::TABLE, &sift::documents::FAMILIES)
         .await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = {

@@ -78,7 +78,7 @@ async fn start(docs: usize, refresh: Duration) -> anyhow::Result<Harness> {
     let log = sift::backends::open_log(&config).await?;
     let objects = sift::backends::open_objects(&config).await?;
     table
-        .ensure_table("documents", &sift::run::DOCUMENT_FAMILIES)
+        .ensure_table("documents", &sift::documents::FAMILIES)
         .await?;
     table.put("documents", (0..docs).map(doc).collect()).await?;
     // A row `sift run` stored but nothing scored: never in the queue.

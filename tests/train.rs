@@ -284,7 +284,7 @@ async fn feedback_rows_become_training_documents() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let table = EmbeddedTable::open(&dir.path().join("table"))?;
     table
-        .ensure_table(documents::TABLE, &sift::run::DOCUMENT_FAMILIES)
+        .ensure_table(documents::TABLE, &sift::documents::FAMILIES)
         .await?;
     let top5 = serde_json::json!([
         {"label": "role::program", "score": 0.9},

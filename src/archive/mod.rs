@@ -78,6 +78,7 @@
 //! start with that combination rather than write the archive in the clear.
 
 pub mod keys;
+pub mod replay;
 
 mod buffer;
 
@@ -115,7 +116,11 @@ const STALL: Duration = Duration::from_secs(600);
 
 /// `sift archive` flags.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ArchiveArgs {
+    /// Another archive command instead of the daemon.
+    #[command(subcommand)]
+    pub command: Option<ArchiveCommand>,
     /// Exit once the consumer group has archived everything `sift.raw` held at
     /// the start (flushing what it holds), instead of running as a daemon.
     #[arg(long, env = "SIFT_ARCHIVE_ONCE")]
@@ -123,6 +128,14 @@ pub struct ArchiveArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `sift archive` commands besides the daemon.
+#[derive(Debug, clap::Subcommand)]
+pub enum ArchiveCommand {
+    /// Produce the archived envelopes of a date range to `sift.raw` again,
+    /// keyed and with headers as a fresh ingest gives them.
+    Replay(replay::ReplayArgs),
 }
 
 /// What a run did.
@@ -262,8 +275,11 @@ pub fn check(config: &Config, store: &dyn ObjectStore) -> crate::Result<()> {
     Settings::new(config, store).map(|_| ())
 }
 
-/// Runs `sift archive`.
+/// Runs `sift archive`, or `sift archive replay` when asked for.
 pub async fn main(config: &Config, args: ArchiveArgs) -> crate::Result<()> {
+    if let Some(ArchiveCommand::Replay(replay_args)) = args.command {
+        return replay::main(config, replay_args).await;
+    }
     // The settings first: a misconfiguration fails before the log is touched.
     let store = crate::backends::open_objects(config).await?;
     check(config, store.as_ref())?;

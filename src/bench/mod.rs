@@ -13,7 +13,9 @@
 //!   accuracy against the truth, profiles/s and time per profile.
 //! - `sift bench review`: the review server's document page over loopback
 //!   with a large table: server and client p50/p99, requests/s.
+//! - `sift bench e2e`: every stage of `sift run` on a fixed workload.
 
+pub mod e2e;
 pub mod infer;
 pub mod matching;
 pub mod review;
@@ -41,6 +43,8 @@ pub enum BenchCommand {
     Match(matching::MatchBenchArgs),
     /// The review server's document page over loopback with a large table: p50/p99, requests/s.
     Review(review::ReviewBenchArgs),
+    /// Every stage of `sift run` on a fixed workload: items/s, CPU and peak memory per stage, fetch-to-row latency.
+    E2e(e2e::E2eBenchArgs),
 }
 
 /// Runs `sift bench`.
@@ -50,6 +54,7 @@ pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCom
         BenchCommand::Infer(args) => infer::main(config, args).await,
         BenchCommand::Match(args) => Ok(matching::main(config, args).await?),
         BenchCommand::Review(args) => Ok(review::main(config, args).await?),
+        BenchCommand::E2e(args) => Ok(e2e::main(config, args).await?),
     }
 }
 

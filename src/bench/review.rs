@@ -185,7 +185,7 @@ fn row(i: usize, rng: &mut ChaCha8Rng, text_bytes: usize, reviewed: bool) -> Row
 
 async fn fill(table: &dyn Table, args: &ReviewBenchArgs) -> crate::Result<()> {
     table
-        .ensure_table(crate::documents::TABLE, &crate::run::DOCUMENT_FAMILIES)
+        .ensure_table(crate::documents::TABLE, &crate::documents::FAMILIES)
         .await?;
     let bar = indicatif::ProgressBar::new(args.docs as u64);
     bar.set_style(
@@ -209,7 +209,7 @@ async fn fill(table: &dyn Table, args: &ReviewBenchArgs) -> crate::Result<()> {
 }
 
 /// A logged-in HTTP client.
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     cookie: String,
@@ -226,7 +226,8 @@ fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn login(
+/// Logs `user` in to the review UI at `base` (its login form, CSRF cookie included).
+pub(crate) async fn login(
     base: &str,
     user: &str,
     password: &str,
@@ -266,6 +267,18 @@ async fn login(
 }
 
 impl Client {
+    /// GETs `path` with the session; returns the status.
+    pub(crate) async fn status(&self, path: &str) -> crate::Result<u16> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header(reqwest::header::COOKIE, &self.cookie)
+            .send()
+            .await
+            .map_err(bench_error)?;
+        Ok(response.status().as_u16())
+    }
+
     /// GETs every path (200 expected), `concurrency` at a time.
     async fn fetch(&self, paths: &[String], concurrency: usize) -> Vec<crate::Result<(f64, f64)>> {
         futures::stream::iter(paths)

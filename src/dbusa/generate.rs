@@ -132,7 +132,7 @@ pub struct Spec {
 }
 
 /// What was written.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Generated {
     /// The database CSV.
     pub database: PathBuf,

@@ -336,7 +336,7 @@ pub async fn run(
         .await?;
     log.create_topic(topics::DLQ, 1).await?;
     table
-        .ensure_table(crate::documents::TABLE, &crate::run::DOCUMENT_FAMILIES)
+        .ensure_table(crate::documents::TABLE, &crate::documents::FAMILIES)
         .await?;
     let targets = if until.caught_up {
         Some(log.watermarks(topics::CLEAN).await?)
@@ -1044,7 +1044,7 @@ fn outputs(doc: &Doc, s: &Scoring, store_text_bytes: usize) -> (RowPut, Record) 
         env.text = Some(cut(&text, store_text_bytes).to_owned());
     }
     let top5 = serde_json::to_string(&s.top).unwrap_or_else(|_| "[]".into());
-    let row = crate::run::row_of(&env)
+    let row = crate::documents::row_of(&env)
         .cell(CATEGORIES, categories::TOP5, top5)
         .cell(CATEGORIES, categories::MODEL_VERSION, s.version.to_string())
         .cell(

@@ -36,7 +36,7 @@ use url::Url;
 
 use crate::backends::log::{Log, Record};
 use crate::backends::objects::{ObjectStore, PutMode};
-use crate::backends::table::{RowPut, Table};
+use crate::backends::table::{Delete, RowPut, Scan, Table};
 use crate::config::{Config, IngestConfig};
 use crate::dlq::DeadLetter;
 use crate::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
@@ -179,6 +179,37 @@ impl Ingest {
             fetcher,
             config: config.ingest.clone(),
         })
+    }
+
+    /// Forgets what was fetched from URLs starting with one of `prefixes`:
+    /// their validators and the content hashes they produced, so the next
+    /// visit downloads and produces them again (`sift run` replays its
+    /// sample this way). Returns the URLs forgotten.
+    pub async fn forget(&self, prefixes: &[String]) -> crate::Result<u64> {
+        let mut forgotten = 0;
+        for prefix in prefixes {
+            let rows = self
+                .table
+                .scan(
+                    STATE_TABLE,
+                    &Scan {
+                        prefix: Some(Bytes::from(format!("u/{prefix}"))),
+                        ..Scan::default()
+                    },
+                )
+                .await?;
+            for row in rows {
+                if let Some(hash) = row.get(STATE_FAMILY, b"hash") {
+                    let key = [b"h/".as_slice(), hash].concat();
+                    self.table.delete(STATE_TABLE, &key, Delete::Row).await?;
+                }
+                self.table
+                    .delete(STATE_TABLE, &row.key, Delete::Row)
+                    .await?;
+                forgotten += 1;
+            }
+        }
+        Ok(forgotten)
     }
 
     /// Visits every source once, concurrently; returns what happened.
@@ -737,9 +768,19 @@ pub async fn main(config: &Config, args: IngestArgs) -> crate::Result<()> {
         Arc::new(move || health.load(std::sync::atomic::Ordering::Relaxed)),
     )
     .await?;
+    serve(&ingest, &sources, crate::daemon::shutdown_signal()).await;
+    Ok(())
+}
+
+/// The ingest daemon: visits each source again every `poll_interval` until
+/// `stop` resolves. A pass the log or table fails is retried 30 s later.
+pub async fn serve(
+    ingest: &Ingest,
+    sources: &[Source],
+    stop: impl std::future::Future<Output = ()>,
+) {
     let mut due: Vec<Instant> = vec![Instant::now(); sources.len()];
-    let shutdown = crate::daemon::shutdown_signal();
-    tokio::pin!(shutdown);
+    tokio::pin!(stop);
     loop {
         let now = Instant::now();
         let batch: Vec<Source> = sources
@@ -766,7 +807,7 @@ pub async fn main(config: &Config, args: IngestArgs) -> crate::Result<()> {
                         }
                     }
                 }
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut stop => return,
             }
             let now = Instant::now();
             for (s, d) in sources.iter().zip(due.iter_mut()) {
@@ -782,7 +823,7 @@ pub async fn main(config: &Config, args: IngestArgs) -> crate::Result<()> {
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut stop => return,
         }
     }
 }

@@ -269,7 +269,7 @@ impl Server {
             objects,
         } = backends;
         table
-            .ensure_table(documents::TABLE, &crate::run::DOCUMENT_FAMILIES)
+            .ensure_table(documents::TABLE, &crate::documents::FAMILIES)
             .await?;
         log.create_topic(topics::FEEDBACK, config.log.default_partitions)
             .await?;

@@ -957,7 +957,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let table = EmbeddedTable::open(&dir.path().join("t.redb"))?;
         table
-            .ensure_table(documents::TABLE, &crate::run::DOCUMENT_FAMILIES)
+            .ensure_table(documents::TABLE, &crate::documents::FAMILIES)
             .await?;
         let put = |id: &str, title: &str| {
             RowPut::new(id.to_owned())

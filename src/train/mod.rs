@@ -371,7 +371,7 @@ pub async fn run_once(
     let feedback = match (&table, config.train.feedback && !args.no_feedback) {
         (Some(table), true) => {
             table
-                .ensure_table(crate::documents::TABLE, &crate::run::DOCUMENT_FAMILIES)
+                .ensure_table(crate::documents::TABLE, &crate::documents::FAMILIES)
                 .await?;
             read_feedback(table.as_ref()).await?
         }

@@ -1,0 +1,817 @@
+//! Replaying from the archive (`sift archive replay`) and from the
+//! dead-letter topic (`sift dlq replay`) on the embedded backends: every
+//! archived envelope of a date range comes back exactly once, keyed and with
+//! the headers of a fresh ingest, `--source` filters, a corrupt part and a
+//! bad line are skipped and reported (and make the binary exit non-zero);
+//! dead letters go back to the input topic of the stage that gave up, with
+//! their original key, value and headers, never twice, and letters without
+//! an original are reported as not replayable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bytes::Bytes;
+use sift::archive::replay::{self, ReplayArgs};
+use sift::archive::{self, Until};
+use sift::backends::log::{EmbeddedLog, Log, LogError, Message, Record};
+use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
+use sift::config::Config;
+use sift::dlq::{self, DeadLetter, Filter};
+use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
+use sift::stage::{dead_letter, Rejection};
+
+const DAY_MS: i64 = 86_400_000;
+/// 2024-03-01T00:00:00Z.
+const MARCH_1: i64 = 1_709_251_200_000;
+const SOURCES: [&str; 3] = ["debian", "news/feed ü", "gov"];
+const DAYS: [&str; 3] = ["2024-02-29", "2024-03-01", "2024-03-02"];
+
+fn envelope(source: &str, n: usize, fetched_at_ms: i64) -> Envelope {
+    let url = format!("https://example.org/{source}/{n:06}");
+    Envelope {
+        v: SCHEMA_VERSION,
+        id: envelope::document_id(source, &url),
+        source: source.into(),
+        url,
+        fetched_at_ms,
+        content_type: if n % 2 == 0 {
+            "text/html".into()
+        } else {
+            "application/pdf".into()
+        },
+        title: format!("doc {n:06}"),
+        text: Some(format!("text of document {n} ").repeat(1 + n % 7)),
+        body_uri: None,
+        metadata: BTreeMap::from([("n".to_string(), serde_json::json!(n))]),
+    }
+}
+
+/// The record a fresh ingest produces for an envelope.
+fn ingest_record(env: &Envelope) -> Result<Record> {
+    Ok(Record::new(env.id.clone(), serde_json::to_vec(env)?)
+        .header(headers::SOURCE, env.source.clone())
+        .header(headers::CONTENT_TYPE, env.content_type.clone())
+        .header(headers::SCHEMA, SCHEMA_VERSION.to_string())
+        .header(headers::URL, env.url.clone()))
+}
+
+fn config(dir: &Path) -> Config {
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    // Small parts: several per (day, source), so the replay reads many.
+    c.archive.flush_bytes = 16 * 1024;
+    c.archive.flush_age = Duration::from_secs(3600);
+    c.telemetry.metrics_addr = String::new();
+    c
+}
+
+fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
+    // A process that just exited may hold the lock for one more sync.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match EmbeddedLog::open(&dir.join("log"), Default::default()) {
+            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return Ok(Arc::new(other?)),
+        }
+    }
+}
+
+/// Waits until no handle of this process holds the embedded log's lock (the
+/// log's flusher thread may release it a sync after the last handle is
+/// dropped), so the binary can open it.
+fn wait_unlocked(dir: &Path) -> Result<()> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("log").join(".lock"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lock.try_lock().is_err() {
+        ensure!(Instant::now() < deadline, "the log stayed locked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn open_store(dir: &Path) -> Result<Arc<EmbeddedObjects>> {
+    Ok(Arc::new(EmbeddedObjects::open(&dir.join("objects"))?))
+}
+
+/// Every record of a topic at or after `from[p]` in each partition `p`.
+async fn read_topic(log: &dyn Log, topic: &str, from: &[u64]) -> Result<Vec<Message>> {
+    let mut out = Vec::new();
+    for w in log.watermarks(topic).await? {
+        let mut at = from.get(w.partition as usize).copied().unwrap_or(0);
+        while at < w.high {
+            let batch = log.fetch(topic, w.partition, at, 1000).await?;
+            let Some(last) = batch.last() else { break };
+            at = last.offset + 1;
+            out.extend(batch);
+        }
+    }
+    Ok(out)
+}
+
+async fn highs(log: &dyn Log, topic: &str) -> Result<Vec<u64>> {
+    Ok(log
+        .watermarks(topic)
+        .await?
+        .iter()
+        .map(|w| w.high)
+        .collect())
+}
+
+fn header<'a>(m: &'a Message, name: &str) -> Option<&'a [u8]> {
+    m.header(name).map(|v| v.as_ref())
+}
+
+/// 270 envelopes of three sources over three days (and 30 on a fourth day
+/// outside every replayed range), produced to `sift.raw` and archived.
+async fn archived(dir: &Path) -> Result<(Arc<EmbeddedLog>, Arc<EmbeddedObjects>, Vec<Envelope>)> {
+    let log = open_log(dir)?;
+    let store = open_store(dir)?;
+    log.create_topic(topics::RAW, 2).await?;
+    let mut envs = Vec::new();
+    for n in 0..300 {
+        // 30 per source and day.
+        let day = if n >= 270 { 3 } else { (n % 9 / 3) as i64 - 1 };
+        let at = MARCH_1 + day * DAY_MS + (n as i64 * 997_000) % DAY_MS;
+        envs.push(envelope(SOURCES[n % 3], n, at));
+    }
+    for chunk in envs.chunks(50) {
+        let records = chunk
+            .iter()
+            .map(ingest_record)
+            .collect::<Result<Vec<_>>>()?;
+        log.produce(topics::RAW, records).await?;
+    }
+    let c = config(dir);
+    let summary = archive::run(log.clone(), store.clone(), &c, Until::caught_up()).await?;
+    ensure!(summary.records == 300, "{summary:?}");
+    ensure!(summary.parts > 30, "several parts per group: {summary:?}");
+    Ok((log, store, envs))
+}
+
+fn in_days<'a>(envs: &'a [Envelope], days: &[&str]) -> Vec<&'a Envelope> {
+    envs.iter()
+        .filter(|e| days.contains(&archive::keys::utc_date(e.fetched_at_ms).as_str()))
+        .collect()
+}
+
+/// Checks that `got` holds exactly one record per envelope of `want`, each
+/// keyed by document id, with the archived line as its value and the
+/// headers a fresh ingest gives.
+fn check_exactly(got: &[Message], want: &[&Envelope]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    let want: BTreeMap<&str, &Envelope> = want.iter().map(|e| (e.id.as_str(), *e)).collect();
+    for m in got {
+        let key = std::str::from_utf8(m.key.as_deref().context("keyed")?)?;
+        let env = want
+            .get(key)
+            .with_context(|| format!("{key} was not asked for"))?;
+        ensure!(seen.insert(key.to_string()), "{key} came back twice");
+        let value: Envelope = serde_json::from_slice(&m.value)?;
+        ensure!(&value == *env, "{key}: the value differs");
+        ensure!(header(m, headers::SOURCE) == Some(env.source.as_bytes()));
+        ensure!(header(m, headers::CONTENT_TYPE) == Some(env.content_type.as_bytes()));
+        ensure!(header(m, headers::SCHEMA) == Some(&b"1"[..]));
+        ensure!(header(m, headers::URL) == Some(env.url.as_bytes()));
+        ensure!(m.headers.len() == 4, "{:?}", m.headers);
+    }
+    ensure!(
+        seen.len() == want.len(),
+        "{} of {} came back",
+        seen.len(),
+        want.len()
+    );
+    Ok(())
+}
+
+fn args(from: &str, to: &str, topic: &str) -> ReplayArgs {
+    ReplayArgs {
+        topic: topic.into(),
+        ..ReplayArgs::new(from, to)
+    }
+}
+
+/// A date range, then one source (one that needs escaping in keys), then two
+/// sources of one day, each into a fresh topic: every envelope asked for
+/// exactly once. A dry run counts the same and produces nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_replay_brings_back_every_envelope_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (log, store, envs) = archived(dir.path()).await?;
+    let c = config(dir.path());
+    for t in ["two-days", "one-source", "two-sources", "dry"] {
+        log.create_topic(t, 3).await?;
+    }
+
+    let s = replay::replay(
+        log.clone(),
+        store.clone(),
+        &c,
+        &args(DAYS[0], DAYS[1], "two-days"),
+    )
+    .await?;
+    let want = in_days(&envs, &DAYS[..2]);
+    ensure!(want.len() == 180);
+    let listed = store.list("raw/dt=2024-02-29/").await?.len()
+        + store.list("raw/dt=2024-03-01/").await?.len();
+    ensure!(
+        s.records == 180 && s.parts == listed as u64 && s.parts_read == s.parts,
+        "{s:?}"
+    );
+    ensure!(s.skipped() == 0 && s.errors.is_empty(), "{s:?}");
+    ensure!(s.bytes > 0 && s.bytes_uncompressed > s.bytes, "{s:?}");
+    check_exactly(&read_topic(log.as_ref(), "two-days", &[]).await?, &want)?;
+
+    let mut one = args(DAYS[0], DAYS[2], "one-source");
+    one.sources = vec!["news/feed ü".into()];
+    let s = replay::replay(log.clone(), store.clone(), &c, &one).await?;
+    let want: Vec<&Envelope> = in_days(&envs, &DAYS)
+        .into_iter()
+        .filter(|e| e.source == "news/feed ü")
+        .collect();
+    ensure!(want.len() == 90 && s.records == 90, "{s:?}");
+    check_exactly(&read_topic(log.as_ref(), "one-source", &[]).await?, &want)?;
+
+    let mut two = args(DAYS[2], DAYS[2], "two-sources");
+    two.to = None; // defaults to --from
+    two.sources = vec!["gov".into(), "debian".into(), "gov".into()];
+    let s = replay::replay(log.clone(), store.clone(), &c, &two).await?;
+    let want: Vec<&Envelope> = in_days(&envs, &DAYS[2..])
+        .into_iter()
+        .filter(|e| e.source != "news/feed ü")
+        .collect();
+    ensure!(s.records == want.len() as u64 && s.to == DAYS[2], "{s:?}");
+    check_exactly(&read_topic(log.as_ref(), "two-sources", &[]).await?, &want)?;
+
+    let mut dry = args(DAYS[0], DAYS[2], "dry");
+    dry.dry_run = true;
+    let s = replay::replay(log.clone(), store.clone(), &c, &dry).await?;
+    ensure!(s.records == 270 && s.dry_run, "{s:?}");
+    ensure!(highs(log.as_ref(), "dry").await? == vec![0, 0, 0]);
+
+    // The default topic is sift.raw; the same keys land in the same
+    // partitions as the first time.
+    let before = highs(log.as_ref(), topics::RAW).await?;
+    let s = replay::replay(
+        log.clone(),
+        store.clone(),
+        &c,
+        &ReplayArgs::new(DAYS[1], DAYS[1]),
+    )
+    .await?;
+    ensure!(s.topic == topics::RAW && s.records == 90, "{s:?}");
+    let again = read_topic(log.as_ref(), topics::RAW, &before).await?;
+    check_exactly(&again, &in_days(&envs, &DAYS[1..2]))?;
+    let first = read_topic(log.as_ref(), topics::RAW, &[]).await?;
+    let partition_of: BTreeMap<_, _> = first
+        .iter()
+        .filter(|m| m.offset < before[m.partition as usize])
+        .map(|m| (m.key.clone(), m.partition))
+        .collect();
+    ensure!(again
+        .iter()
+        .all(|m| partition_of.get(&m.key) == Some(&m.partition)));
+
+    // A range the wrong way round, a topic that does not exist, a bad date.
+    let err = replay::replay(
+        log.clone(),
+        store.clone(),
+        &c,
+        &args(DAYS[1], DAYS[0], "dry"),
+    )
+    .await
+    .err()
+    .context("--to before --from is refused")?;
+    ensure!(err.to_string().contains("before --from"), "{err}");
+    let err = replay::replay(
+        log.clone(),
+        store.clone(),
+        &c,
+        &args(DAYS[0], DAYS[0], "nope"),
+    )
+    .await
+    .err()
+    .context("a missing topic is refused")?;
+    ensure!(err.to_string().contains("sift topics create nope"), "{err}");
+    let err = replay::replay(
+        log.clone(),
+        store.clone(),
+        &c,
+        &args("2024-02-30", DAYS[0], "dry"),
+    )
+    .await
+    .err()
+    .context("a bad date is refused")?;
+    ensure!(err.to_string().contains("2024-02-30"), "{err}");
+    Ok(())
+}
+
+/// One part truncated, one with a line that is not an envelope: the first is
+/// skipped whole, the line alone, both reported with the part's key; every
+/// other envelope comes back. Through the binary the same replay prints the
+/// report and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_parts_and_lines_are_skipped_and_reported() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (log, store, envs) = archived(dir.path()).await?;
+    let c = config(dir.path());
+    let parts = store.list("raw/dt=2024-03-01/").await?;
+    ensure!(parts.len() >= 4);
+    let ids_of = |text: &[u8]| -> Result<Vec<String>> {
+        std::str::from_utf8(text)?
+            .lines()
+            .map(|l| Ok(serde_json::from_str::<Envelope>(l)?.id))
+            .collect()
+    };
+
+    // A truncated part: its zstd frame is incomplete.
+    let broken = parts[1].key.clone();
+    let (_, body) = store.get(&broken).await?;
+    let lost = ids_of(&zstd::decode_all(&body[..])?)?;
+    store
+        .put(&broken, body.slice(..body.len() / 2), PutMode::Overwrite)
+        .await?;
+    // A part whose second line is not an envelope.
+    let bad_line = parts[3].key.clone();
+    let (_, body) = store.get(&bad_line).await?;
+    let text = String::from_utf8(zstd::decode_all(&body[..])?)?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(1, r#"{"hello":"world"}"#);
+    let patched = format!("{}\n", lines.join("\n"));
+    store
+        .put(
+            &bad_line,
+            Bytes::from(zstd::encode_all(patched.as_bytes(), 3)?),
+            PutMode::Overwrite,
+        )
+        .await?;
+
+    log.create_topic("out", 2).await?;
+    let s = replay::replay(
+        log.clone(),
+        store.clone(),
+        &c,
+        &args(DAYS[0], DAYS[2], "out"),
+    )
+    .await?;
+    ensure!(
+        s.skipped_parts == 1 && s.skipped_lines == 1 && s.skipped() == 2,
+        "{s:?}"
+    );
+    ensure!(s.parts_read + 1 == s.parts, "{s:?}");
+    ensure!(s.errors.len() == 2, "{:?}", s.errors);
+    ensure!(
+        s.errors
+            .iter()
+            .any(|e| e.part == broken && e.line.is_none() && e.message.contains("zstd")),
+        "{:?}",
+        s.errors
+    );
+    ensure!(
+        s.errors
+            .iter()
+            .any(|e| e.part == bad_line && e.line == Some(2) && e.message.contains("bad_json")),
+        "{:?}",
+        s.errors
+    );
+    let want: Vec<&Envelope> = in_days(&envs, &DAYS)
+        .into_iter()
+        .filter(|e| !lost.contains(&e.id))
+        .collect();
+    ensure!(s.records == want.len() as u64 && want.len() == 270 - lost.len());
+    check_exactly(&read_topic(log.as_ref(), "out", &[]).await?, &want)?;
+
+    // The binary: summary on stdout, the error on stderr, exit status 1.
+    log.create_topic("out2", 2).await?;
+    drop(log);
+    drop(store);
+    wait_unlocked(dir.path())?;
+    let out = Command::new(env!("CARGO_BIN_EXE_sift"))
+        .args([
+            "archive", "replay", "--from", DAYS[0], "--to", DAYS[2], "--topic", "out2",
+        ])
+        .env("SIFT_DATA_DIR", dir.path())
+        .env_remove("SIFT_CONFIG")
+        .env("RUST_LOG", "error")
+        .current_dir(dir.path())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(1), "{stdout}\n{stderr}");
+    ensure!(stdout.contains(&format!("skipped {broken}:")), "{stdout}");
+    ensure!(
+        stdout.contains(&format!("skipped {bad_line} line 2:")),
+        "{stdout}"
+    );
+    ensure!(
+        stderr.contains("skipped 1 part(s) and 1 line(s)"),
+        "{stderr}"
+    );
+    let log = open_log(dir.path())?;
+    check_exactly(&read_topic(log.as_ref(), "out2", &[]).await?, &want)?;
+    Ok(())
+}
+
+/// A record as it sat in its topic, to compare with what a replay produces.
+fn as_record(m: &Message) -> (Option<Bytes>, Bytes, BTreeSet<(String, Bytes)>) {
+    (
+        m.key.clone(),
+        m.value.clone(),
+        m.headers.iter().cloned().collect(),
+    )
+}
+
+async fn produce_and_read(
+    log: &dyn Log,
+    topic: &str,
+    records: Vec<Record>,
+) -> Result<Vec<Message>> {
+    let before = highs(log, topic).await?;
+    log.produce(topic, records).await?;
+    read_topic(log, topic, &before).await
+}
+
+fn filter(stage: Option<&str>, reason: Option<&str>) -> Filter {
+    Filter {
+        stage: stage.map(str::to_string),
+        reason: reason.map(str::to_string),
+    }
+}
+
+fn dlq_args(f: Filter, from_offset: Option<u64>) -> dlq::ReplayArgs {
+    dlq::ReplayArgs {
+        filter: f,
+        from_offset,
+        ..Default::default()
+    }
+}
+
+/// Dead letters of every stage, sent the way the stages send them: listed by
+/// stage and reason; replayed by stage and reason into the input topic of
+/// the stage that gave up with the original key, value and headers; a second
+/// replay produces nothing; letters without an original are not replayable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = open_log(dir.path())?;
+    let c = config(dir.path());
+    for t in [topics::RAW, topics::CLEAN, topics::PROFILES] {
+        log.create_topic(t, 2).await?;
+    }
+    log.create_topic(topics::DLQ, 1).await?;
+
+    // Originals: raw records clean and archive gave up on, clean records
+    // infer gave up on, profiles match gave up on.
+    let raw_envs: Vec<Envelope> = (0..6).map(|n| envelope("debian", n, MARCH_1)).collect();
+    let raw = produce_and_read(
+        log.as_ref(),
+        topics::RAW,
+        raw_envs.iter().map(ingest_record).collect::<Result<_>>()?,
+    )
+    .await?;
+    let clean = produce_and_read(
+        log.as_ref(),
+        topics::CLEAN,
+        (0..3)
+            .map(|n| {
+                Record::new(format!("c{n}"), format!("{{\"v\":1,\"id\":\"c{n}\"}}"))
+                    .header(headers::SOURCE, "gov")
+                    .header(headers::SCHEMA, "1")
+            })
+            .collect(),
+    )
+    .await?;
+    let profiles = produce_and_read(
+        log.as_ref(),
+        topics::PROFILES,
+        (0..2)
+            .map(|n| {
+                Record::new(
+                    format!("twitter:h{n}"),
+                    format!("{{\"network\":\"twitter\",\"handle\":\"h{n}\"}}"),
+                )
+            })
+            .collect(),
+    )
+    .await?;
+    ensure!(raw.len() == 6 && clean.len() == 3 && profiles.len() == 2);
+
+    let clean_letter = |m: &Message| {
+        DeadLetter::of_message(
+            "clean",
+            "bad_json",
+            format!(
+                "not a JSON envelope ({} {}@{})",
+                m.topic, m.partition, m.offset
+            ),
+            m,
+        )
+    };
+    let ingest_letter = |n: usize| DeadLetter {
+        stage: "ingest",
+        reason: "fetch",
+        detail: format!("HTTP 503 after 3 attempts ({n})"),
+        source: Some("gov".into()),
+        url: Some(format!("https://gov.example/{n}")),
+        original: None,
+    };
+    let huge = Message {
+        topic: topics::RAW.into(),
+        partition: 0,
+        offset: 99,
+        timestamp_ms: MARCH_1,
+        key: Some(Bytes::from("huge")),
+        value: Bytes::from(vec![b'x'; 1_000_000]),
+        headers: vec![(headers::SOURCE.into(), Bytes::from("debian"))],
+    };
+    // Interleaved, as they would arrive.
+    dlq::send(
+        log.as_ref(),
+        &[
+            clean_letter(&raw[0]),
+            clean_letter(&raw[1]),
+            ingest_letter(0),
+        ],
+    )
+    .await?;
+    dlq::send(
+        log.as_ref(),
+        &[
+            dead_letter(
+                "infer",
+                &clean[0],
+                Rejection::new("empty_text", "no text".into()),
+            ),
+            dead_letter(
+                "infer",
+                &clean[1],
+                Rejection::new("empty_text", "no text".into()),
+            ),
+            DeadLetter::of_message("archive", "bad_source", "tag too long".into(), &raw[2]),
+            DeadLetter::of_message("match", "bad_profile", "no handle".into(), &profiles[0]),
+        ],
+    )
+    .await?;
+    // A letter as `sift run` writes it: the original with a reason, no stage.
+    log.produce(
+        topics::DLQ,
+        vec![Record {
+            key: raw[5].key.clone(),
+            value: raw[5].value.clone(),
+            headers: vec![(
+                headers::REASON.into(),
+                Bytes::from("bad_json: not an envelope"),
+            )],
+        }],
+    )
+    .await?;
+    dlq::send(
+        log.as_ref(),
+        &[
+            clean_letter(&raw[3]),
+            DeadLetter::of_message("clean", "bad_json", "too big".into(), &huge),
+            ingest_letter(1),
+            DeadLetter::of_message("match", "bad_profile", "no handle".into(), &profiles[1]),
+            clean_letter(&raw[4]),
+        ],
+    )
+    .await?;
+    let letters = 13u64;
+    ensure!(highs(log.as_ref(), topics::DLQ).await? == vec![letters]);
+
+    // The listing: counts by stage and reason, the latest few, no replay yet.
+    let l = dlq::list(log.as_ref(), &Filter::default(), 4).await?;
+    ensure!(l.total == letters && l.matching == letters, "{l:?}");
+    let counts: BTreeMap<(String, String), (u64, u64)> = l
+        .counts
+        .iter()
+        .map(|c| {
+            (
+                (c.stage.clone(), c.reason.clone()),
+                (c.letters, c.replayable),
+            )
+        })
+        .collect();
+    let want: BTreeMap<(String, String), (u64, u64)> = [
+        ("-", "bad_json", 1, 0),
+        ("archive", "bad_source", 1, 1),
+        ("clean", "bad_json", 5, 4),
+        ("infer", "empty_text", 2, 2),
+        ("ingest", "fetch", 2, 0),
+        ("match", "bad_profile", 2, 2),
+    ]
+    .into_iter()
+    .map(|(s, r, n, ok)| ((s.to_string(), r.to_string()), (n, ok)))
+    .collect();
+    ensure!(counts == want, "{counts:#?}");
+    ensure!(
+        l.latest.iter().map(|x| x.offset).collect::<Vec<_>>() == vec![9, 10, 11, 12],
+        "{:?}",
+        l.latest
+    );
+    let ingest = &l.latest[1];
+    ensure!(ingest.stage.as_deref() == Some("ingest") && ingest.replay_to.is_none());
+    ensure!(
+        ingest
+            .not_replayable
+            .as_deref()
+            .is_some_and(|w| w.contains("no original")),
+        "{ingest:?}"
+    );
+    ensure!(ingest.url.as_deref() == Some("https://gov.example/1"));
+    ensure!(ingest.source.as_deref() == Some("gov"));
+    ensure!(ingest.detail == "HTTP 503 after 3 attempts (1)");
+    ensure!(l.latest[3].replay_to == Some(topics::RAW));
+    ensure!(l.replay.len() == 1 && l.replay[0].replayed_to.is_none());
+    let only = dlq::list(log.as_ref(), &filter(Some("ingest"), None), 10).await?;
+    ensure!(only.matching == 2 && only.latest.len() == 2 && only.counts.len() == 1);
+
+    // A dry run counts and changes nothing.
+    let mut dry = dlq_args(Filter::default(), None);
+    dry.dry_run = true;
+    let before = [
+        highs(log.as_ref(), topics::RAW).await?,
+        highs(log.as_ref(), topics::CLEAN).await?,
+        highs(log.as_ref(), topics::PROFILES).await?,
+    ];
+    let s = dlq::replay(log.as_ref(), &c, &dry).await?;
+    ensure!(
+        s.replayed
+            == BTreeMap::from([
+                (topics::RAW.to_string(), 5),
+                (topics::CLEAN.to_string(), 2),
+                (topics::PROFILES.to_string(), 2),
+            ]),
+        "{s:?}"
+    );
+    ensure!(
+        s.not_replayable
+            == BTreeMap::from([
+                ("-/bad_json".to_string(), 1),
+                ("clean/bad_json".to_string(), 1),
+                ("ingest/fetch".to_string(), 2),
+            ]),
+        "{s:?}"
+    );
+    ensure!(s.read == letters && s.passed_over == 0);
+    ensure!(highs(log.as_ref(), topics::RAW).await? == before[0]);
+    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, None)]);
+
+    // Clean's bad_json letters: their originals back to sift.raw as they were.
+    let s = dlq::replay(
+        log.as_ref(),
+        &c,
+        &dlq_args(filter(Some("clean"), Some("bad_json")), None),
+    )
+    .await?;
+    ensure!(
+        s.replayed == BTreeMap::from([(topics::RAW.to_string(), 4)]),
+        "{s:?}"
+    );
+    ensure!(s.not_replayable == BTreeMap::from([("clean/bad_json".to_string(), 1)]));
+    ensure!(
+        s.not_replayable_letters.len() == 1
+            && s.not_replayable_letters[0].offset == 9
+            && s.not_replayable_letters[0].why.contains("too large"),
+        "{:?}",
+        s.not_replayable_letters
+    );
+    ensure!(
+        s.passed_over == 8 && s.spans[0].first_passed_over == Some(2),
+        "{s:?}"
+    );
+    ensure!(s.spans[0].from == 0 && s.spans[0].to == letters);
+    let back = read_topic(log.as_ref(), topics::RAW, &before[0]).await?;
+    let got: BTreeSet<_> = back.iter().map(as_record).collect();
+    let want: BTreeSet<_> = [&raw[0], &raw[1], &raw[3], &raw[4]]
+        .into_iter()
+        .map(as_record)
+        .collect();
+    ensure!(got == want, "{back:#?}");
+    ensure!(back
+        .iter()
+        .all(|m| m.header(headers::STAGE).is_none() && m.header(headers::REASON).is_none()));
+    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters))]);
+
+    // Run twice: nothing the second time.
+    let s = dlq::replay(
+        log.as_ref(),
+        &c,
+        &dlq_args(filter(Some("clean"), Some("bad_json")), None),
+    )
+    .await?;
+    ensure!(
+        s.read == 0 && s.replayed.is_empty() && s.not_replayable.is_empty(),
+        "{s:?}"
+    );
+    let s = dlq::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
+    ensure!(s.read == 0 && s.replayed.is_empty(), "{s:?}");
+    ensure!(
+        read_topic(log.as_ref(), topics::RAW, &before[0])
+            .await?
+            .len()
+            == 4
+    );
+
+    // A new letter: only it is replayed.
+    dlq::send(
+        log.as_ref(),
+        &[dead_letter(
+            "infer",
+            &clean[2],
+            Rejection::new("internal", "tokenizing failed".into()),
+        )],
+    )
+    .await?;
+    let s = dlq::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
+    ensure!(
+        s.read == 1 && s.replayed == BTreeMap::from([(topics::CLEAN.to_string(), 1)]),
+        "{s:?}"
+    );
+    let back = read_topic(log.as_ref(), topics::CLEAN, &before[1]).await?;
+    ensure!(
+        back.len() == 1 && as_record(&back[0]) == as_record(&clean[2]),
+        "{back:?}"
+    );
+
+    // Passed-over letters are reached again from an offset: infer's two
+    // earlier letters to sift.clean, match's to sift.profiles.
+    let from = Some(2);
+    let s = dlq::replay(
+        log.as_ref(),
+        &c,
+        &dlq_args(filter(Some("infer"), Some("empty_text")), from),
+    )
+    .await?;
+    ensure!(
+        s.replayed == BTreeMap::from([(topics::CLEAN.to_string(), 2)]),
+        "{s:?}"
+    );
+    let back = read_topic(log.as_ref(), topics::CLEAN, &before[1]).await?;
+    let got: BTreeSet<_> = back.iter().map(as_record).collect();
+    let want: BTreeSet<_> = clean.iter().map(as_record).collect();
+    ensure!(back.len() == 3 && got == want, "{back:#?}");
+    let s = dlq::replay(
+        log.as_ref(),
+        &c,
+        &dlq_args(filter(Some("match"), None), from),
+    )
+    .await?;
+    ensure!(
+        s.replayed == BTreeMap::from([(topics::PROFILES.to_string(), 2)]),
+        "{s:?}"
+    );
+    let back = read_topic(log.as_ref(), topics::PROFILES, &before[2]).await?;
+    let got: BTreeSet<_> = back.iter().map(as_record).collect();
+    let want: BTreeSet<_> = profiles.iter().map(as_record).collect();
+    ensure!(got == want, "{back:#?}");
+    let s = dlq::replay(
+        log.as_ref(),
+        &c,
+        &dlq_args(filter(Some("ingest"), None), Some(0)),
+    )
+    .await?;
+    ensure!(
+        s.replayed.is_empty()
+            && s.not_replayable == BTreeMap::from([("ingest/fetch".to_string(), 2)]),
+        "{s:?}"
+    );
+    ensure!(s.not_replayable_letters.iter().all(|u| u
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://gov.example/"))));
+    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]);
+
+    // The listing shows where replay stands.
+    let l = dlq::list(log.as_ref(), &Filter::default(), 0).await?;
+    ensure!(
+        l.latest.is_empty() && l.replay[0].replayed_to == Some(letters + 1),
+        "{l:?}"
+    );
+    Ok(())
+}
+
+/// With no dead-letter topic at all, listing and replaying say so and do nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_dead_letter_topic_is_nothing_to_do() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = open_log(dir.path())?;
+    let c = config(dir.path());
+    let l = dlq::list(log.as_ref(), &Filter::default(), 10).await?;
+    ensure!(l.total == 0 && l.replay.is_empty());
+    let s = dlq::replay(log.as_ref(), &c, &dlq::ReplayArgs::default()).await?;
+    ensure!(s.read == 0 && s.spans.is_empty());
+    ensure!(log.list_topics().await?.is_empty());
+    Ok(())
+}
