@@ -29,8 +29,21 @@ step fmt cargo fmt --all --check
 step hadolint scripts/hadolint.sh
 # The default build is what `sift run` uses: embedded only, no services.
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end benchmark on a reduced workload on the embedded backends;
+# its JSON is kept in ci-artifacts/ (or $SIFT_CI_ARTIFACTS).
+ARTIFACTS=${SIFT_CI_ARTIFACTS:-$PWD/ci-artifacts}
+bench_e2e() {
+  mkdir -p "$ARTIFACTS"
+  local data
+  data=$(mktemp -d)
+  cargo run --locked --quiet "$@" -- --data-dir "$data" bench e2e \
+    --sites 100 --documents 400 --people 20000 --profiles 1000 --outsiders 200 --epochs 3 \
+    --output "$ARTIFACTS/${SIFT_E2E_JSON:-bench-e2e.json}"
+  rm -rf "$data"
+}
 if [ "${SIFT_TEST_EMBEDDED_ONLY:-}" = 1 ]; then
   step test cargo test --workspace --locked --no-fail-fast
+  step bench-e2e bench_e2e
   exit 0
 fi
 step clippy-full cargo clippy --workspace --all-targets --locked --features full -- -D warnings
@@ -43,3 +56,11 @@ eval "$(scripts/services.sh env)"
 export SIFT_TEST_REQUIRE_SERVICES=1
 step services-status scripts/services.sh status
 step test cargo test --workspace --locked --features full --no-fail-fast
+step bench-e2e bench_e2e --features full
+# The same workload on the real backends the services script has up
+# (its JSON: bench-e2e-services.json).
+services_config=$(mktemp)
+scripts/services-config.sh > "$services_config"
+AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-sift} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-sift} \
+  SIFT_CONFIG=$services_config SIFT_E2E_JSON=bench-e2e-services.json \
+  step bench-e2e-services bench_e2e --features full

@@ -1332,13 +1332,9 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn example_file_documents_every_field() -> anyhow::Result<()> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sift.example.toml");
-        let text = std::fs::read_to_string(&path)?;
-        let parsed: Config = toml::from_str(&text)?;
-        parsed.validate()?;
-        let example: toml::Table = toml::from_str(&text)?;
+    /// The fields of `Config` that the TOML text `text` does not set.
+    fn missing_fields(text: &str) -> anyhow::Result<Vec<String>> {
+        let example: toml::Table = toml::from_str(text)?;
         let mut missing = Vec::new();
         collect_leaves(&to_tree(&Config::default()), "", &mut |p| {
             let mut t = &example;
@@ -1358,7 +1354,72 @@ mod tests {
                 missing.push(p);
             }
         });
+        Ok(missing)
+    }
+
+    #[test]
+    fn example_file_documents_every_field() -> anyhow::Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sift.example.toml");
+        let text = std::fs::read_to_string(&path)?;
+        let parsed: Config = toml::from_str(&text)?;
+        parsed.validate()?;
+        let missing = missing_fields(&text)?;
         assert!(missing.is_empty(), "sift.example.toml lacks {missing:?}");
+        Ok(())
+    }
+
+    /// deploy/sift.production.toml sets every field, names the real
+    /// backends, and leaves the secrets to the environment.
+    #[test]
+    fn production_file_sets_every_field() -> anyhow::Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sift.production.toml");
+        let text = std::fs::read_to_string(&path)?;
+        let missing = missing_fields(&text)?;
+        assert!(missing.is_empty(), "{} lacks {missing:?}", path.display());
+
+        let in_file: Config = toml::from_str(&text)?;
+        assert!(
+            in_file.enrich.api_key.is_empty() && in_file.search.elasticsearch.password.is_empty(),
+            "secrets belong in the environment, not in {}",
+            path.display()
+        );
+        let loaded = load(&sources(
+            &[
+                ("SIFT__ENRICH__API_KEY", "key-from-env"),
+                ("SIFT__SEARCH__ELASTICSEARCH__PASSWORD", "password-from-env"),
+            ],
+            Some(path.clone()),
+        ))?;
+        let c = &loaded.config;
+        assert_eq!(c.log.backend, LogBackend::Kafka);
+        assert_eq!(c.objects.backend, ObjectsBackend::S3);
+        assert_eq!(c.table.backend, TableBackend::Hbase);
+        assert_eq!(c.search.backend, SearchBackend::Elasticsearch);
+        assert_eq!(c.cache.backend, CacheBackend::Redis);
+        assert_eq!(c.infer.device, crate::train::DeviceArg::Cuda);
+        assert_eq!(c.infer.dtype, crate::bench::DtypeArg::Bf16);
+        assert!(!c.review.tls_cert.is_empty() && !c.review.tls_key.is_empty());
+        assert_eq!(c.enrich.api_key, "key-from-env");
+        assert_eq!(c.search.elasticsearch.password, "password-from-env");
+        let from_file = loaded
+            .origins
+            .iter()
+            .filter(|(_, o)| !matches!(o, Origin::File(_)))
+            .map(|(k, o)| format!("{k} ({o})"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            from_file,
+            [
+                "enrich.api_key (env SIFT__ENRICH__API_KEY)",
+                "search.elasticsearch.password (env SIFT__SEARCH__ELASTICSEARCH__PASSWORD)"
+            ],
+            "every other value comes from the file"
+        );
+        let shown = loaded.render();
+        assert!(
+            !shown.contains("key-from-env") && !shown.contains("password-from-env"),
+            "{shown}"
+        );
         Ok(())
     }
 }

@@ -297,8 +297,16 @@ impl Letter {
             headers: m
                 .headers
                 .iter()
-                .filter(|(k, _)| k != headers::REASON && k != headers::STAGE)
+                .filter(|(k, _)| {
+                    k != headers::REASON && k != headers::STAGE && k != headers::REPLAY
+                })
                 .cloned()
+                .chain(stage.as_ref().map(|s| {
+                    (
+                        headers::REPLAY.to_owned(),
+                        Bytes::from(format!("dlq:{s}")),
+                    )
+                }))
                 .collect(),
         });
         let (replay_to, not_replayable) = match (&stage, &description) {
@@ -777,6 +785,13 @@ async fn replay_with(
     if marks.is_empty() {
         return Ok(summary);
     }
+    // The group's position is read once this process holds every partition,
+    // so a replay that ran just before has committed all it will.
+    let mut consumer = if args.dry_run {
+        None
+    } else {
+        Some(join(log, &marks).await?)
+    };
     let committed = log.committed(REPLAY_GROUP, topics::DLQ).await?;
     let starts: Vec<u64> = marks
         .iter()
@@ -789,11 +804,6 @@ async fn replay_with(
         })
         .collect();
     bar.set_length(marks.iter().zip(&starts).map(|(w, s)| w.high - s).sum());
-    let mut consumer = if args.dry_run {
-        None
-    } else {
-        Some(join(log, &marks).await?)
-    };
     let mut created: BTreeSet<&'static str> = BTreeSet::new();
     let result = async {
         for (w, &start) in marks.iter().zip(&starts) {
@@ -860,6 +870,9 @@ async fn replay_with(
                 }
                 // Committed only once the log has every original of the batch.
                 if let Some(consumer) = consumer.as_deref_mut() {
+                    // Polled to stay in the group: Kafka expels a member that
+                    // has not polled for `max.poll.interval.ms`.
+                    consumer.poll(1, Duration::ZERO).await?;
                     commit(consumer, w.partition, next).await?;
                 }
                 span.to = next;
@@ -928,10 +941,10 @@ async fn commit(
     match consumer.commit(&[c]).await {
         Ok(()) => Ok(()),
         Err(LogError::NotAssigned { .. }) => Err(crate::Error::Invalid(format!(
-            "another member joined consumer group {REPLAY_GROUP} during the replay and took \
-             sift.dlq partition {partition}; the letters before offset {next_offset} were \
-             produced but not committed and may be replayed again. Run one `sift dlq replay` \
-             at a time"
+            "consumer group {REPLAY_GROUP} took sift.dlq partition {partition} from this \
+             process during the replay (another `sift dlq replay` joined, or this one stalled); \
+             the letters before offset {next_offset} were produced but not committed, so the \
+             next run replays them again. Run one `sift dlq replay` at a time"
         ))),
         Err(e) => Err(e.into()),
     }

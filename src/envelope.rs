@@ -23,6 +23,10 @@ pub mod headers {
     pub const STAGE: &str = "sift-stage";
     /// URL of the document a dead letter is about.
     pub const URL: &str = "sift-url";
+    /// Where a replayed record came from: `archive` (`sift archive replay`)
+    /// or `dlq:{stage}` (`sift dlq replay` of that stage's dead letter). The
+    /// archive stage skips records it already holds.
+    pub const REPLAY: &str = "sift-replay";
 }
 
 /// Topic names.

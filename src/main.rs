@@ -80,6 +80,9 @@ enum Command {
     Enrich(sift::matching::enrich_cli::EnrichCommand),
     /// The analysts' review UI: pick one of the top 5, choose another label, or reject.
     Review(sift::review::ReviewArgs),
+    /// The dead-letter topic: counts by stage and reason, the latest letters; replay their originals once the cause is fixed.
+    #[command(subcommand)]
+    Dlq(sift::dlq::DlqCommand),
 }
 
 #[derive(Subcommand)]
@@ -293,6 +296,7 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
             Ok(sift::matching::enrich_cli::main(config.clone(), command).await?)
         }
         Command::Review(args) => Ok(sift::review::main(config, args).await?),
+        Command::Dlq(command) => Ok(sift::dlq::main(config, command).await?),
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
+use clap::Parser;
 use sift::archive::replay::{self, ReplayArgs};
 use sift::archive::{self, Until};
 use sift::backends::log::{EmbeddedLog, Log, LogError, Message, Record};
@@ -38,7 +39,7 @@ fn envelope(source: &str, n: usize, fetched_at_ms: i64) -> Envelope {
         source: source.into(),
         url,
         fetched_at_ms,
-        content_type: if n % 2 == 0 {
+        content_type: if n.is_multiple_of(2) {
             "text/html".into()
         } else {
             "application/pdf".into()
@@ -184,7 +185,8 @@ fn check_exactly(got: &[Message], want: &[&Envelope]) -> Result<()> {
         ensure!(header(m, headers::CONTENT_TYPE) == Some(env.content_type.as_bytes()));
         ensure!(header(m, headers::SCHEMA) == Some(&b"1"[..]));
         ensure!(header(m, headers::URL) == Some(env.url.as_bytes()));
-        ensure!(m.headers.len() == 4, "{:?}", m.headers);
+        ensure!(header(m, headers::REPLAY) == Some(&b"archive"[..]));
+        ensure!(m.headers.len() == 5, "{:?}", m.headers);
     }
     ensure!(
         seen.len() == want.len(),
@@ -282,6 +284,14 @@ async fn archive_replay_brings_back_every_envelope_once() -> Result<()> {
     ensure!(again
         .iter()
         .all(|m| partition_of.get(&m.key) == Some(&m.partition)));
+    // The archive stage does not archive what it replayed a second time.
+    ensure!(again
+        .iter()
+        .all(|m| header(m, headers::REPLAY) == Some(&b"archive"[..])));
+    let parts_before = store.list("").await?.len();
+    let s = archive::run(log.clone(), store.clone(), &c, Until::caught_up()).await?;
+    ensure!(s.records == 0 && s.replays_skipped == 90, "{s:?}");
+    ensure!(store.list("").await?.len() == parts_before);
 
     // A range the wrong way round, a topic that does not exist, a bad date.
     let err = replay::replay(
@@ -424,11 +434,17 @@ async fn corrupt_parts_and_lines_are_skipped_and_reported() -> Result<()> {
 }
 
 /// A record as it sat in its topic, to compare with what a replay produces.
+/// A record as a replay compares it: key, value and headers, without the
+/// replay marker (checked apart).
 fn as_record(m: &Message) -> (Option<Bytes>, Bytes, BTreeSet<(String, Bytes)>) {
     (
         m.key.clone(),
         m.value.clone(),
-        m.headers.iter().cloned().collect(),
+        m.headers
+            .iter()
+            .filter(|(k, _)| k != headers::REPLAY)
+            .cloned()
+            .collect(),
     )
 }
 
@@ -744,6 +760,10 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         back.len() == 1 && as_record(&back[0]) == as_record(&clean[2]),
         "{back:?}"
     );
+    ensure!(
+        header(&back[0], headers::REPLAY) == Some(&b"dlq:infer"[..]),
+        "{back:?}"
+    );
 
     // Passed-over letters are reached again from an offset: infer's two
     // earlier letters to sift.clean, match's to sift.profiles.
@@ -798,6 +818,67 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     ensure!(
         l.latest.is_empty() && l.replay[0].replayed_to == Some(letters + 1),
         "{l:?}"
+    );
+
+    // The command's entry, as `sift dlq` calls it (text output).
+    drop(log);
+    wait_unlocked(dir.path())?;
+    let parse = |args: &[&str]| -> Result<dlq::DlqCommand> {
+        Ok(DlqCli::try_parse_from([&["sift-dlq"], args].concat())?.command)
+    };
+    dlq::main(&c, parse(&["list", "-n", "3", "--stage", "ingest"])?).await?;
+    dlq::main(&c, parse(&["list", "-n", "4"])?).await?;
+    dlq::main(&c, parse(&["replay", "--from-offset", "0", "--dry-run"])?).await?;
+    let log = open_log(dir.path())?;
+    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]);
+    Ok(())
+}
+
+/// `sift dlq` as main.rs mounts it.
+#[derive(clap::Parser)]
+struct DlqCli {
+    #[command(subcommand)]
+    command: dlq::DlqCommand,
+}
+
+/// The flags parse as documented, and clap finds nothing wrong with them.
+#[test]
+fn dlq_flags() -> Result<()> {
+    use clap::CommandFactory;
+    DlqCli::command().debug_assert();
+    let cli = DlqCli::try_parse_from([
+        "sift-dlq",
+        "replay",
+        "--stage",
+        "clean",
+        "--reason",
+        "bad_json",
+        "--from-offset",
+        "7",
+        "--dry-run",
+        "--json",
+    ])?;
+    let dlq::DlqCommand::Replay(r) = cli.command else {
+        anyhow::bail!("replay parses as replay");
+    };
+    ensure!(
+        r.filter.stage.as_deref() == Some("clean")
+            && r.filter.reason.as_deref() == Some("bad_json")
+    );
+    ensure!(r.from_offset == Some(7) && r.dry_run && r.json);
+    let cli = DlqCli::try_parse_from(["sift-dlq", "list", "-n", "3"])?;
+    let dlq::DlqCommand::List(l) = cli.command else {
+        anyhow::bail!("list parses as list");
+    };
+    ensure!(l.latest == 3 && l.filter.stage.is_none() && !l.json);
+    let help = DlqCli::command()
+        .find_subcommand_mut("replay")
+        .context("replay")?
+        .render_long_help()
+        .to_string();
+    ensure!(
+        help.contains("sift-dlq-replay") && help.contains("committed"),
+        "{help}"
     );
     Ok(())
 }

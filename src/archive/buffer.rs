@@ -18,6 +18,20 @@ pub(crate) enum Parsed {
     Line(GroupKey, Bytes),
     /// Not archivable: the dead-letter reason code and what went wrong.
     Dead(&'static str, String),
+    /// A replayed record the archive holds already (see [`already_archived`]).
+    Replayed,
+}
+
+/// Whether a record is a replay of one the archive holds already: one
+/// `sift archive replay` read from it, or the original of a dead letter
+/// that a stage other than archive gave up on (archive took it then).
+pub(crate) fn already_archived(headers: &[(String, Bytes)]) -> bool {
+    headers
+        .iter()
+        .find(|(k, _)| k == crate::envelope::headers::REPLAY)
+        .is_some_and(|(_, v)| {
+            v.as_ref() == b"archive" || (v.starts_with(b"dlq:") && v.as_ref() != b"dlq:archive")
+        })
 }
 
 /// Just the version of something that may be an envelope of another schema.
@@ -285,6 +299,7 @@ mod tests {
         let dead = |v: &[u8]| match parse(&Bytes::copy_from_slice(v), &layout()) {
             Parsed::Dead(code, _) => code,
             Parsed::Line(..) => "archived",
+            Parsed::Replayed => "replayed",
         };
         assert_eq!(dead(b"{not json"), "bad_json");
         assert_eq!(dead(b"{\"v\":1}"), "bad_json");

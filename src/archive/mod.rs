@@ -152,6 +152,8 @@ pub struct ArchiveSummary {
     pub bytes_out: u64,
     /// Records sent to `sift.dlq`, by reason.
     pub dead_letters: BTreeMap<String, u64>,
+    /// Replayed records skipped because the archive holds them already.
+    pub replays_skipped: u64,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -538,6 +540,11 @@ impl Archiver {
         let mut parsed = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         for m in &batch {
+            if buffer::already_archived(&m.headers) {
+                self.summary.replays_skipped += 1;
+                parsed.push(Parsed::Replayed);
+                continue;
+            }
             let p = buffer::parse(&m.value, &self.settings.layout);
             if let Parsed::Dead(reason, detail) = &p {
                 dead.push(DeadLetter::of_message(STAGE, reason, detail.clone(), m));

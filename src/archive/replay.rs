@@ -488,6 +488,7 @@ fn decode(body: &[u8]) -> Result<Decoded, String> {
                     Bytes::from(SCHEMA_VERSION.to_string()),
                 ),
                 (headers::URL.into(), Bytes::from(env.url)),
+                (headers::REPLAY.into(), Bytes::from_static(b"archive")),
             ],
         };
         let size = record_bytes(&record);

@@ -27,7 +27,6 @@ mod summary;
 pub mod web;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,7 +105,7 @@ pub struct RunArgs {
 /// them, by a hash of the id); the rest is the training data, so the model
 /// never saw the documents the pipeline classifies.
 pub fn on_the_web(id: &str) -> bool {
-    blake3::hash(format!("sift-run-web:{id}").as_bytes()).as_bytes()[0] % 3 == 0
+    blake3::hash(format!("sift-run-web:{id}").as_bytes()).as_bytes()[0].is_multiple_of(3)
 }
 
 /// The backends every stage shares: the embedded ones are single-process,
@@ -152,41 +151,33 @@ impl Done {
 
 /// Resolves once `upstream` is set (or its stage is gone) and `group` has
 /// committed everything on `topic`, or once `stop` is set.
-pub(crate) fn drained(
+pub(crate) async fn drained(
     log: Arc<dyn Log>,
     topic: &'static str,
     group: String,
     mut upstream: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let caught_up = async {
-            let _ = upstream.wait_for(|d| *d).await;
-            loop {
-                match crate::stage::standing(log.as_ref(), topic, &group, None).await {
-                    Ok((0, _)) => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, topic, group = %group, "Cannot read the group's standing; asking again.")
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+) {
+    let caught_up = async {
+        let _ = upstream.wait_for(|d| *d).await;
+        loop {
+            match crate::stage::standing(log.as_ref(), topic, &group, None).await {
+                Ok((0, _)) => return,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, topic, group = %group, "Cannot read the group's standing; asking again."),
             }
-        };
-        tokio::select! {
-            () = caught_up => {}
-            _ = stop.wait_for(|s| *s) => {}
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    };
+    tokio::select! {
+        () = caught_up => {}
+        _ = stop.wait_for(|s| *s) => {}
     }
 }
 
 /// Resolves once `stop` is set.
-pub(crate) fn stopped(
-    mut stop: watch::Receiver<bool>,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }
+pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// The URL prefix of every sample site, per address whatever the port, so a
