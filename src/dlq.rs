@@ -301,12 +301,11 @@ impl Letter {
                     k != headers::REASON && k != headers::STAGE && k != headers::REPLAY
                 })
                 .cloned()
-                .chain(stage.as_ref().map(|s| {
-                    (
-                        headers::REPLAY.to_owned(),
-                        Bytes::from(format!("dlq:{s}")),
-                    )
-                }))
+                .chain(
+                    stage
+                        .as_ref()
+                        .map(|s| (headers::REPLAY.to_owned(), Bytes::from(format!("dlq:{s}")))),
+                )
                 .collect(),
         });
         let (replay_to, not_replayable) = match (&stage, &description) {

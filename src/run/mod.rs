@@ -164,7 +164,9 @@ pub(crate) async fn drained(
             match crate::stage::standing(log.as_ref(), topic, &group, None).await {
                 Ok((0, _)) => return,
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, topic, group = %group, "Cannot read the group's standing; asking again."),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic, group = %group, "Cannot read the group's standing; asking again.")
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
