@@ -17,8 +17,9 @@
 //! [`ERRORS_KEPT`] reported with the part's key (and the line number), and
 //! the command then exits non-zero; neither stops the replay.
 //!
-//! Records produced to `sift.raw` are read again by every consumer of it,
-//! `sift archive` included: the archive daemon writes them into new parts.
+//! Records produced to `sift.raw` are read again by every consumer of it.
+//! They carry the header `sift-replay: archive`, so the archive stage skips
+//! them instead of archiving them a second time.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
