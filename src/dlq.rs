@@ -34,7 +34,7 @@ const MAX_ORIGINAL_BYTES: usize = 1_000_000 - 16 * 1024;
 pub struct DeadLetter {
     /// The stage that gave up (`ingest`, `clean`, `archive`, ...).
     pub stage: &'static str,
-    /// A short fixed code, used as a metric label (`fetch`, `bad_json`, ...).
+    /// A short fixed code, used as a metric label (`http_not_found`, `bad_json`, ...).
     pub reason: &'static str,
     /// What went wrong, for a person.
     pub detail: String,
@@ -357,7 +357,7 @@ pub struct Filter {
     /// Only letters of this stage (`clean`, `archive`, `infer`, `match`, `ingest`).
     #[arg(long)]
     pub stage: Option<String>,
-    /// Only letters with this reason code (`bad_json`, `schema_version`, `fetch`, ...).
+    /// Only letters with this reason code (`bad_json`, `schema_version`, `http_not_found`, ...).
     #[arg(long)]
     pub reason: Option<String>,
 }
