@@ -1088,7 +1088,9 @@ mod tests {
         assert_eq!(o.value, Bytes::from("{oops"));
         let mut hs: Vec<&str> = o.headers.iter().map(|(k, _)| k.as_str()).collect();
         hs.sort_unstable();
-        assert_eq!(hs, [headers::SOURCE, headers::URL]);
+        assert_eq!(hs, [headers::REPLAY, headers::SOURCE, headers::URL]);
+        let marker = o.headers.iter().find(|(k, _)| k == headers::REPLAY);
+        assert_eq!(marker.map(|(_, v)| v.as_ref()), Some(&b"dlq:clean"[..]));
     }
 
     #[test]
