@@ -89,6 +89,23 @@ pub struct Envelope {
     pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
+impl Envelope {
+    /// The headers of this envelope's record on `sift.raw`: source, content
+    /// type, schema version and URL, so consumers can route and filter
+    /// without parsing the value.
+    pub fn raw_headers(&self) -> Vec<(String, bytes::Bytes)> {
+        vec![
+            (headers::SOURCE.into(), self.source.clone().into()),
+            (
+                headers::CONTENT_TYPE.into(),
+                self.content_type.clone().into(),
+            ),
+            (headers::SCHEMA.into(), SCHEMA_VERSION.to_string().into()),
+            (headers::URL.into(), self.url.clone().into()),
+        ]
+    }
+}
+
 /// The stable id of a document: 32 hex digits of BLAKE3 over source and URL.
 pub fn document_id(source: &str, canonical_url: &str) -> String {
     let mut h = blake3::Hasher::new();

@@ -16,12 +16,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use sift::archive::{self, Until};
-use sift::backends::log::{EmbeddedLog, Log, LogError, Position, Record};
+use sift::backends::log::{Log, Position, Record};
 use sift::backends::objects::{
     EmbeddedObjects, ObjectError, ObjectMeta, ObjectReader, ObjectStore, PutMode,
 };
 use sift::config::{Config, Encryption};
 use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
+
+mod embedded;
+use embedded::{open_log, wait_unlocked};
 
 const DAY_MS: i64 = 86_400_000;
 /// 2024-03-01T00:00:00Z.
@@ -61,36 +64,6 @@ fn config(dir: &Path, flush_bytes: u64, flush_age: Duration) -> Config {
     c.archive.flush_age = flush_age;
     c.telemetry.metrics_addr = String::new();
     c
-}
-
-fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
-    // A process that just exited may hold the lock for one more sync.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match EmbeddedLog::open(&dir.join("log"), Default::default()) {
-            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return Ok(Arc::new(other?)),
-        }
-    }
-}
-
-/// Waits until no handle of this process holds the embedded log's lock: the
-/// last one may be released by the log's flusher thread a sync after the
-/// test dropped it, and a `sift` process started meanwhile finds it in use.
-fn wait_unlocked(dir: &Path) -> Result<()> {
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("log").join(".lock"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lock.try_lock().is_err() {
-        ensure!(Instant::now() < deadline, "the log stayed locked");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 fn open_store(dir: &Path) -> Result<Arc<EmbeddedObjects>> {

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
-use sift::backends::log::{EmbeddedLog, Log, LogError, Message, Record};
+use sift::backends::log::{Log, Message, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
 use sift::clean::language::LanguageDetector;
 use sift::clean::{self, CleanSummary, Until};
-use sift::config::{Config, EmbeddedLogConfig, TelemetryConfig};
+use sift::config::{Config, TelemetryConfig};
 use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
+
+mod embedded;
+use embedded::open_log;
 
 fn config(dir: &Path) -> Config {
     Config {
@@ -26,20 +29,6 @@ fn config(dir: &Path) -> Config {
             ..TelemetryConfig::default()
         },
         ..Config::default()
-    }
-}
-
-/// Opens the log the way `sift` does (`data_dir/log`), waiting out a lock
-/// the previous owner's background flusher may hold for a moment.
-fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match EmbeddedLog::open(&dir.join("log"), EmbeddedLogConfig::default()) {
-            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return Ok(Arc::new(other?)),
-        }
     }
 }
 

@@ -13,16 +13,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
-use sift::backends::log::{EmbeddedLog, Log, LogError, Message, Record};
+use sift::backends::log::{Log, Message, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore};
 use sift::backends::table::{EmbeddedTable, Row, Scan, Table};
-use sift::config::{Config, EmbeddedLogConfig};
+use sift::config::Config;
 use sift::documents::{self, categories};
 use sift::envelope::{self, topics, Envelope, SCHEMA_VERSION};
 use sift::infer::{self, Categorized, InferSummary, ModelChoice, Until};
 use sift::train::registry::Registry;
 use sift::train::{self, TrainArgs};
 use tokio::sync::OnceCell;
+
+mod embedded;
+use embedded::open_log;
 
 /// Two tiny models (different seeds), trained once for the whole file.
 struct Models {
@@ -93,18 +96,6 @@ async fn promote(store: Arc<dyn ObjectStore>, model: &(String, PathBuf)) -> Resu
         .await?
         .context("not promoted")?;
     Ok(())
-}
-
-fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match EmbeddedLog::open(&dir.join("log"), EmbeddedLogConfig::default()) {
-            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return Ok(Arc::new(other?)),
-        }
-    }
 }
 
 fn envelope_of(i: usize, title: &str, text: &str) -> Envelope {

@@ -23,7 +23,7 @@ use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use sift::backends::cache::{Cache, EmbeddedCache};
-use sift::backends::log::{EmbeddedLog, Log, LogError, Record};
+use sift::backends::log::{Log, Record};
 use sift::backends::search::{EmbeddedSearch, SearchIndex};
 use sift::backends::table::{EmbeddedTable, RowPut, Scan, Table};
 use sift::config::Config;
@@ -35,6 +35,9 @@ use sift::matching::evaluate::{evaluate, table};
 use sift::matching::fit::{profile_in, read_people, read_profiles};
 use sift::matching::matcher::{Outcome, Reason};
 use sift::matching::sink::{self, HANDLES, HANDLES_FAMILY, IDENTITIES, IDENTITIES_FAMILY};
+
+mod embedded;
+use embedded::open_log;
 
 fn sift() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sift"));
@@ -56,18 +59,6 @@ fn config(dir: &Path) -> Config {
     c.telemetry.metrics_addr = String::new();
     c.log.default_partitions = 4;
     c
-}
-
-fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match EmbeddedLog::open(&dir.join("log"), Default::default()) {
-            Err(LogError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return Ok(Arc::new(other?)),
-        }
-    }
 }
 
 /// Floors of precision and recall per corruption type, measured with the

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::backends::log::{Log, Record, MAX_RECORD_BYTES};
 use crate::backends::objects::ObjectStore;
 use crate::config::{Config, ConfigError};
-use crate::envelope::{headers, topics, SCHEMA_VERSION};
+use crate::envelope::{headers, topics};
 
 use super::keys::{self, Layout};
 
@@ -478,19 +478,12 @@ fn decode(body: &[u8]) -> Result<Decoded, String> {
                 continue;
             }
         };
+        let mut marked = env.raw_headers();
+        marked.push((headers::REPLAY.into(), Bytes::from_static(b"archive")));
         let record = Record {
             key: Some(Bytes::from(env.id)),
             value: line,
-            headers: vec![
-                (headers::SOURCE.into(), Bytes::from(env.source)),
-                (headers::CONTENT_TYPE.into(), Bytes::from(env.content_type)),
-                (
-                    headers::SCHEMA.into(),
-                    Bytes::from(SCHEMA_VERSION.to_string()),
-                ),
-                (headers::URL.into(), Bytes::from(env.url)),
-                (headers::REPLAY.into(), Bytes::from_static(b"archive")),
-            ],
+            headers: marked,
         };
         let size = record_bytes(&record);
         if size > MAX_RECORD_BYTES {
@@ -556,6 +549,7 @@ fn parse_date(s: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::SCHEMA_VERSION;
 
     #[test]
     fn dates_parse_and_round_trip() {

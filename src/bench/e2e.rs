@@ -22,6 +22,7 @@
 //! machine and the workload, for comparing runs over time.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -98,6 +99,8 @@ pub struct Latency {
     pub seconds: f64,
     /// documents / seconds.
     pub per_second: f64,
+    /// Peak resident memory during the phase, bytes.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Everything a run of the benchmark measured.
@@ -317,7 +320,12 @@ async fn bench(
 
 impl E2eReport {
     fn with_peak(mut self) -> Self {
-        self.peak_rss_bytes = self.stages.iter().filter_map(|s| s.peak_rss_bytes).max();
+        self.peak_rss_bytes = self
+            .stages
+            .iter()
+            .filter_map(|s| s.peak_rss_bytes)
+            .chain(self.latency.peak_rss_bytes)
+            .max();
         self
     }
 }
@@ -393,17 +401,14 @@ async fn phases(
 
     let profiles = run::publish_profiles(config, shared, &world.generated).await?;
     let m = Meter::start();
-    let (matched, refreshed) = run::match_and_refresh(config, shared, Until::caught_up()).await?;
+    let parts = run::matching_parts(config, shared).await?;
+    let cache = parts.cache.clone();
+    let matched = crate::matching::daemon::run(parts, config, Until::caught_up()).await?;
     stages.push(m.stop("match", "profiles", matched.consumed));
-    stages.push(StageFigures {
-        stage: "cache refresh".into(),
-        unit: "handles".into(),
-        items: refreshed.rows,
-        seconds: refreshed.seconds,
-        per_second: refreshed.rows as f64 / refreshed.seconds.max(1e-9),
-        cpu_seconds: 0.0,
-        peak_rss_bytes: None,
-    });
+
+    let m = Meter::start();
+    let refreshed = run::refresh_cache(config, &shared.table, &cache).await?;
+    stages.push(m.stop("cache refresh", "handles", refreshed.rows));
 
     eprintln!("phase 2: the web again, ingest → clean → infer together");
     let latency = latency(config, shared, world, &ingest).await?;
@@ -426,44 +431,30 @@ async fn latency(
     ingest: &crate::ingest::Ingest,
 ) -> crate::Result<Latency> {
     ingest.forget(&run::site_prefixes(&world.web)).await?;
+    reset_peak_rss();
     let since = crate::now_ms();
     let (_never, stop) = watch::channel(false);
     let (ingest_done, ingest_rx) = Done::new();
     let (clean_done, clean_rx) = Done::new();
-    let clean = tokio::spawn({
-        let until = Until::stopped_by(run::drained(
-            shared.log.clone(),
+    let config = Arc::new(config.clone());
+    let clean = tokio::spawn(run::clean_stage(
+        shared.clone(),
+        config.clone(),
+        run::until_drained(
+            shared,
             topics::RAW,
-            config.clean.group.clone(),
+            &config.clean.group,
             ingest_rx,
             stop.clone(),
-        ));
-        let (log, objects, config) = (shared.log.clone(), shared.objects.clone(), config.clone());
-        async move {
-            let r = crate::clean::run(log, objects, &config, until).await;
-            clean_done.set();
-            r
-        }
-    });
-    let infer = tokio::spawn({
-        let until = Until::stopped_by(run::drained(
-            shared.log.clone(),
-            topics::CLEAN,
-            config.infer.group.clone(),
-            clean_rx,
-            stop.clone(),
-        ));
-        let (log, table, objects, config) = (
-            shared.log.clone(),
-            shared.table.clone(),
-            shared.objects.clone(),
-            config.clone(),
-        );
-        async move {
-            let choice = crate::infer::ModelChoice::from_config(&config, None);
-            crate::infer::run(log, table, objects, &config, choice, until).await
-        }
-    });
+        ),
+        Some(clean_done),
+    ));
+    let infer = tokio::spawn(run::infer_stage(
+        shared.clone(),
+        config.clone(),
+        run::until_drained(shared, topics::CLEAN, &config.infer.group, clean_rx, stop),
+        None,
+    ));
     let fetched = ingest.pass(&world.sources).await;
     ingest_done.set();
     let panicked =
@@ -521,6 +512,7 @@ async fn latency(
         max_ms: ms.last().copied().unwrap_or(0.0),
         seconds,
         per_second: ms.len() as f64 / seconds.max(1e-9),
+        peak_rss_bytes: peak_rss(),
     };
     eprintln!(
         "  {} documents fetched to row: p50 {:.0} ms, p99 {:.0} ms",
@@ -564,8 +556,8 @@ fn print(r: &E2eReport) {
     println!();
     let l = &r.latency;
     println!(
-        "fetch → documents row, ingest + clean + infer together: {} documents, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {:.0} documents/s",
-        l.documents, l.p50_ms, l.p99_ms, l.max_ms, l.per_second
+        "fetch → documents row, ingest + clean + infer together: {} documents, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {:.0} documents/s; peak RSS {} MB",
+        l.documents, l.p50_ms, l.p99_ms, l.max_ms, l.per_second, mb(l.peak_rss_bytes)
     );
     println!(
         "whole run: {:.1} s wall, {:.1} CPU s, peak RSS {} MB",

@@ -39,7 +39,7 @@ use crate::backends::objects::{ObjectStore, PutMode};
 use crate::backends::table::{Delete, RowPut, Scan, Table};
 use crate::config::{Config, IngestConfig};
 use crate::dlq::DeadLetter;
-use crate::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
+use crate::envelope::{self, topics, Envelope, SCHEMA_VERSION};
 use fetch::{Fetched, Fetcher};
 use sources::{Source, SourceKind};
 
@@ -321,18 +321,7 @@ impl Ingest {
             records.push(Record {
                 key: Some(Bytes::from(env.id.clone())),
                 value: Bytes::from(value),
-                headers: vec![
-                    (headers::SOURCE.into(), Bytes::from(env.source.clone())),
-                    (
-                        headers::CONTENT_TYPE.into(),
-                        Bytes::from(env.content_type.clone()),
-                    ),
-                    (
-                        headers::SCHEMA.into(),
-                        Bytes::from(SCHEMA_VERSION.to_string()),
-                    ),
-                    (headers::URL.into(), Bytes::from(env.url.clone())),
-                ],
+                headers: env.raw_headers(),
             });
             state.push(row);
             state.push(

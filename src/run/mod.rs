@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
+use futures::TryFutureExt;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -151,7 +152,7 @@ impl Done {
 
 /// Resolves once `upstream` is set (or its stage is gone) and `group` has
 /// committed everything on `topic`, or once `stop` is set.
-pub(crate) async fn drained(
+async fn drained(
     log: Arc<dyn Log>,
     topic: &'static str,
     group: String,
@@ -178,7 +179,7 @@ pub(crate) async fn drained(
 }
 
 /// Resolves once `stop` is set.
-pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
+async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
@@ -194,6 +195,60 @@ pub(crate) fn site_prefixes(web: &web::SampleWeb) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// Until `group` has drained `topic` after `upstream` finished, or `stop`.
+pub(crate) fn until_drained(
+    shared: &Shared,
+    topic: &'static str,
+    group: &str,
+    upstream: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> Until {
+    Until::stopped_by(drained(
+        shared.log.clone(),
+        topic,
+        group.to_owned(),
+        upstream,
+        stop,
+    ))
+}
+
+/// The clean stage until `until`; raises `done` when it returns.
+pub(crate) async fn clean_stage(
+    shared: Shared,
+    config: Arc<Config>,
+    until: Until,
+    done: Option<Done>,
+) -> crate::Result<crate::clean::CleanSummary> {
+    let r = crate::clean::run(shared.log, shared.objects, &config, until).await;
+    if let Some(d) = done {
+        d.set();
+    }
+    r
+}
+
+/// The infer stage with the registry's model until `until`, starting once
+/// `model` is set (at once without one).
+pub(crate) async fn infer_stage(
+    shared: Shared,
+    config: Arc<Config>,
+    until: Until,
+    model: Option<watch::Receiver<bool>>,
+) -> crate::Result<crate::infer::InferSummary> {
+    if let Some(mut m) = model {
+        let _ = m.wait_for(|d| *d).await;
+    }
+    let choice = crate::infer::ModelChoice::from_config(&config, None);
+    crate::infer::run(
+        shared.log,
+        shared.table,
+        shared.objects,
+        &config,
+        choice,
+        until,
+    )
+    .await
 }
 
 /// Everything `sift run` serves while it runs.
@@ -266,7 +321,7 @@ pub async fn main(config: &Config, args: RunArgs) -> crate::Result<bool> {
             return Err(e);
         }
     };
-    summary.review = Some(check_review(&login).await);
+    summary.review = Some(summary::ReviewCheck::probe(&login).await);
     summary.web_requests = world.web.requests();
     summary.seconds = started.elapsed().as_secs_f64();
     summary.finish();
@@ -521,21 +576,18 @@ async fn first_pass(
 
     // sift.raw → clean → sift.clean
     let (clean_done, clean_rx) = Done::new();
-    let clean_task: Task<crate::clean::CleanSummary> = tokio::spawn({
-        let until = Until::stopped_by(drained(
-            shared.log.clone(),
+    let clean_task = tokio::spawn(clean_stage(
+        shared.clone(),
+        config.clone(),
+        until_drained(
+            shared,
             topics::RAW,
-            config.clean.group.clone(),
+            &config.clean.group,
             ingest_rx.clone(),
             stop.clone(),
-        ));
-        let (log, objects, config) = (shared.log.clone(), shared.objects.clone(), config.clone());
-        async move {
-            let r = crate::clean::run(log, objects, &config, until).await;
-            clean_done.set();
-            r
-        }
-    });
+        ),
+        Some(clean_done),
+    ));
 
     // sift.raw → archive (off the latency path: it starts once ingest is done)
     let archive_task: Task<crate::archive::ArchiveSummary> = tokio::spawn({
@@ -564,27 +616,18 @@ async fn first_pass(
     });
 
     // sift.clean → infer → documents
-    let infer_task: Task<crate::infer::InferSummary> = tokio::spawn({
-        let until = Until::stopped_by(drained(
-            shared.log.clone(),
+    let infer_task = tokio::spawn(infer_stage(
+        shared.clone(),
+        config.clone(),
+        until_drained(
+            shared,
             topics::CLEAN,
-            config.infer.group.clone(),
+            &config.infer.group,
             clean_rx,
             stop.clone(),
-        ));
-        let (log, table, objects, config) = (
-            shared.log.clone(),
-            shared.table.clone(),
-            shared.objects.clone(),
-            config.clone(),
-        );
-        let mut model_rx = model_rx;
-        async move {
-            let _ = model_rx.wait_for(|d| *d).await;
-            let choice = crate::infer::ModelChoice::from_config(&config, None);
-            crate::infer::run(log, table, objects, &config, choice, until).await
-        }
-    });
+        ),
+        Some(model_rx),
+    ));
 
     // generated DB USA → index; profiles → match → handles, identities, cache
     let identity_task: Task<IdentitySummary> = tokio::spawn({
@@ -601,17 +644,28 @@ async fn first_pass(
     let infer = joined("infer", infer_task).await?;
     let identity = joined("match", identity_task).await?;
     let classification = summary::classification(shared.table.as_ref(), &world.served_tags).await?;
-    Ok(RunSummary::new(
-        ingest_summary,
+    Ok(RunSummary {
+        seconds: 0.0,
+        sites: world.web.sites() as u64,
+        served: world.web.served().len() as u64,
+        web_requests: 0,
+        stages: Vec::new(),
+        dead_letters: BTreeMap::new(),
+        ingest: ingest_summary,
         clean,
         archive,
         model,
-        infer,
+        // Per-document latencies are in the percentiles already.
+        infer: crate::infer::InferSummary {
+            latencies: Vec::new(),
+            ..infer
+        },
         identity,
         classification,
-        world.web.served().len() as u64,
-        world.web.sites() as u64,
-    ))
+        review: None,
+        every_stage_processed: false,
+        idle_stages: Vec::new(),
+    })
 }
 
 /// Trains on the run's split unless the registry has a LATEST model (and
@@ -691,27 +745,29 @@ pub(crate) async fn publish_profiles(
     Ok(profiles)
 }
 
-/// Matches `sift.profiles` until `until`, then rebuilds the cache from
-/// `handles`.
-pub(crate) async fn match_and_refresh(
+/// The match daemon's parts over the shared backends: the configured
+/// matcher and its cache.
+pub(crate) async fn matching_parts(
     config: &Config,
     shared: &Shared,
-    until: Until,
-) -> crate::Result<(
-    crate::matching::daemon::MatchSummary,
-    crate::matching::refresh::Refreshed,
-)> {
+) -> crate::Result<crate::matching::daemon::Parts> {
     let (matcher, cache) = crate::matching::matcher_on(config, shared.search.clone()).await?;
-    let parts = crate::matching::daemon::Parts {
+    Ok(crate::matching::daemon::Parts {
         log: shared.log.clone(),
         table: shared.table.clone(),
-        cache: cache.clone(),
+        cache,
         matcher,
-    };
-    let matched = crate::matching::daemon::run(parts, config, until).await?;
+    })
+}
+
+/// Rebuilds the handle → person cache from `handles`.
+pub(crate) async fn refresh_cache(
+    config: &Config,
+    table: &Arc<dyn Table>,
+    cache: &Arc<dyn crate::backends::Cache>,
+) -> crate::Result<crate::matching::refresh::Refreshed> {
     let ttl = Some(config.matching.cache_ttl).filter(|d| !d.is_zero());
-    let refreshed = crate::matching::refresh::refresh(&shared.table, &cache, ttl).await?;
-    Ok((matched, refreshed))
+    crate::matching::refresh::refresh(table, cache, ttl).await
 }
 
 /// The identity side of the pass: load the generated database, publish its
@@ -735,7 +791,10 @@ async fn identity(
         produced_rx,
         stop,
     ));
-    let (matched, refreshed) = match_and_refresh(config, shared, until).await?;
+    let parts = matching_parts(config, shared).await?;
+    let cache = parts.cache.clone();
+    let matched = crate::matching::daemon::run(parts, config, until).await?;
+    let refreshed = refresh_cache(config, &shared.table, &cache).await?;
     let accuracy = summary::match_accuracy(shared.table.as_ref(), &profiles).await?;
     Ok(IdentitySummary {
         people: generated.rows,
@@ -767,39 +826,24 @@ fn daemons(
 ) -> Vec<(&'static str, Task<()>)> {
     let config = Arc::new(config.clone());
     let mut tasks: Vec<(&'static str, Task<()>)> = Vec::new();
-    tasks.push(("clean", {
-        let (log, objects, config) = (shared.log.clone(), shared.objects.clone(), config.clone());
-        let until = Until::stopped_by(stopped(stop.clone()));
-        tokio::spawn(async move {
-            crate::clean::run(log, objects, &config, until)
-                .await
-                .map(drop)
-        })
-    }));
+    let until = || Until::stopped_by(stopped(stop.clone()));
+    tasks.push((
+        "clean",
+        tokio::spawn(clean_stage(shared.clone(), config.clone(), until(), None).map_ok(drop)),
+    ));
     tasks.push(("archive", {
         let (log, objects, config) = (shared.log.clone(), shared.objects.clone(), config.clone());
-        let until = Until::stopped_by(stopped(stop.clone()));
+        let until = until();
         tokio::spawn(async move {
             crate::archive::run(log, objects, &config, until)
                 .await
                 .map(drop)
         })
     }));
-    tasks.push(("infer", {
-        let (log, table, objects, config) = (
-            shared.log.clone(),
-            shared.table.clone(),
-            shared.objects.clone(),
-            config.clone(),
-        );
-        let until = Until::stopped_by(stopped(stop.clone()));
-        tokio::spawn(async move {
-            let choice = crate::infer::ModelChoice::from_config(&config, None);
-            crate::infer::run(log, table, objects, &config, choice, until)
-                .await
-                .map(drop)
-        })
-    }));
+    tasks.push((
+        "infer",
+        tokio::spawn(infer_stage(shared.clone(), config.clone(), until(), None).map_ok(drop)),
+    ));
     tasks.push(("match+cache", {
         let (shared, config) = (shared.clone(), config.clone());
         let every = args.cache_refresh;
@@ -840,10 +884,9 @@ async fn match_daemon(
     every: Duration,
     stop: watch::Receiver<bool>,
 ) -> crate::Result<()> {
-    let (matcher, cache) = crate::matching::matcher_on(config, shared.search.clone()).await?;
+    let parts = matching_parts(config, shared).await?;
     let refresher = {
-        let (table, cache) = (shared.table.clone(), cache.clone());
-        let ttl = Some(config.matching.cache_ttl).filter(|d| !d.is_zero());
+        let cache = parts.cache.clone();
         let mut stop = stop.clone();
         async move {
             loop {
@@ -851,17 +894,11 @@ async fn match_daemon(
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                if let Err(e) = crate::matching::refresh::refresh(&table, &cache, ttl).await {
+                if let Err(e) = refresh_cache(config, &shared.table, &cache).await {
                     tracing::error!(error = %e, "Cache refresh failed; trying again at the usual time.");
                 }
             }
         }
-    };
-    let parts = crate::matching::daemon::Parts {
-        log: shared.log.clone(),
-        table: shared.table.clone(),
-        cache,
-        matcher,
     };
     let until = Until::stopped_by(stopped(stop));
     let (r, ()) = tokio::join!(
@@ -869,12 +906,6 @@ async fn match_daemon(
         refresher
     );
     r.map(drop)
-}
-
-/// Logs in to the review UI with the run's login and opens the queue, so
-/// the summary can say it answers.
-async fn check_review(login: &ReviewLogin) -> summary::ReviewCheck {
-    summary::ReviewCheck::probe(login).await
 }
 
 /// Counts per reason, merged.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use crate::archive::ArchiveSummary;
-use crate::backends::table::{Scan, Table};
+use crate::backends::table::Table;
 use crate::clean::CleanSummary;
 use crate::dbusa::generate::Profile;
 use crate::dbusa::load::LoadSummary;
@@ -112,44 +112,40 @@ pub async fn classification(
     table
         .ensure_table(documents::TABLE, &documents::FAMILIES)
         .await?;
-    let rows = table
-        .scan(
-            documents::TABLE,
-            &Scan {
-                families: Some(vec![documents::META.into(), documents::CATEGORIES.into()]),
-                ..Scan::default()
-            },
-        )
-        .await?;
     let (mut n, mut top1, mut hit5) = (0u64, 0u64, 0u64);
-    for row in rows {
-        let Some(url) = row
-            .get(documents::META, b"url")
-            .and_then(|v| std::str::from_utf8(v).ok())
-        else {
-            continue;
-        };
-        let Some(tags) = tags_by_url.get(url) else {
-            continue;
-        };
-        let Some(top) = row
-            .get(
-                documents::CATEGORIES,
-                documents::categories::TOP5.as_bytes(),
-            )
-            .and_then(|v| serde_json::from_slice::<Vec<serde_json::Value>>(v).ok())
-        else {
-            continue;
-        };
-        let labels: Vec<&str> = top.iter().filter_map(|s| s["label"].as_str()).collect();
-        n += 1;
-        if labels.first().is_some_and(|l| tags.iter().any(|t| t == l)) {
-            top1 += 1;
-        }
-        if labels.iter().any(|l| tags.iter().any(|t| t == l)) {
-            hit5 += 1;
-        }
-    }
+    crate::backends::table::scan_pages(
+        table,
+        documents::TABLE,
+        Some(&[documents::META, documents::CATEGORIES]),
+        5_000,
+        |row| {
+            let Some(tags) = row
+                .get(documents::META, b"url")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|url| tags_by_url.get(url))
+            else {
+                return;
+            };
+            let Some(top) = row
+                .get(
+                    documents::CATEGORIES,
+                    documents::categories::TOP5.as_bytes(),
+                )
+                .and_then(|v| serde_json::from_slice::<Vec<serde_json::Value>>(v).ok())
+            else {
+                return;
+            };
+            let labels: Vec<&str> = top.iter().filter_map(|s| s["label"].as_str()).collect();
+            n += 1;
+            if labels.first().is_some_and(|l| tags.iter().any(|t| t == l)) {
+                top1 += 1;
+            }
+            if labels.iter().any(|l| tags.iter().any(|t| t == l)) {
+                hit5 += 1;
+            }
+        },
+    )
+    .await?;
     let rate = |k: u64| if n == 0 { 0.0 } else { k as f64 / n as f64 };
     Ok(Classification {
         documents: n,
@@ -349,41 +345,6 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
-    /// Puts the stages' summaries together.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        ingest: IngestSummary,
-        clean: CleanSummary,
-        archive: ArchiveSummary,
-        model: ModelSummary,
-        mut infer: InferSummary,
-        identity: IdentitySummary,
-        classification: Classification,
-        served: u64,
-        sites: u64,
-    ) -> Self {
-        // Per-document latencies are in the percentiles already.
-        infer.latencies.clear();
-        RunSummary {
-            seconds: 0.0,
-            sites,
-            served,
-            web_requests: 0,
-            stages: Vec::new(),
-            dead_letters: BTreeMap::new(),
-            ingest,
-            clean,
-            archive,
-            model,
-            infer,
-            identity,
-            classification,
-            review: None,
-            every_stage_processed: false,
-            idle_stages: Vec::new(),
-        }
-    }
-
     /// Fills the stage table, the dead letters and the verdict.
     pub fn finish(&mut self) {
         let sum = |m: &BTreeMap<String, u64>| m.values().sum::<u64>();

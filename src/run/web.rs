@@ -684,49 +684,22 @@ fn not_modified(headers: &HeaderMap, etag: &HeaderValue) -> bool {
     matches!((since, http_date_secs(LAST_MODIFIED)), (Some(s), Some(m)) if s >= m)
 }
 
-/// Seconds since the Unix epoch of an HTTP date in the IMF-fixdate form
-/// (`Mon, 01 Jan 2024 00:00:00 GMT`), the only form servers send.
+/// Seconds since the Unix epoch of an HTTP date (`Mon, 01 Jan 2024 00:00:00 GMT`).
 fn http_date_secs(s: &str) -> Option<i64> {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mut parts = s.split_whitespace();
-    let _weekday = parts.next()?;
-    let day: i64 = parts.next()?.parse().ok()?;
-    let month_name = parts.next()?;
-    let month = MONTHS.iter().position(|m| *m == month_name)? as i64 + 1;
-    let year: i64 = parts.next()?.parse().ok()?;
-    let mut time = parts.next()?.split(':').map(|n| n.parse::<i64>().ok());
-    let (h, m, sec) = (time.next()??, time.next()??, time.next()??);
-    if parts.next()? != "GMT" || parts.next().is_some() || time.next().is_some() {
-        return None;
-    }
-    if !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    // Days from 1970-01-01 to the civil date (proleptic Gregorian).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + h * 3600 + m * 60 + sec)
+    let at = httpdate::parse_http_date(s).ok()?;
+    let secs = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
 }
 
 /// `s` with every byte but unreserved URL characters percent-encoded, so a
 /// package name like `libstdc++6` is one path segment.
 fn escape_path_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, RESERVED).to_string()
 }
 
 /// Text for XML: characters XML 1.0 forbids dropped, markup escaped.
