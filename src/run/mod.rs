@@ -255,7 +255,6 @@ pub(crate) async fn infer_stage(
 pub(crate) struct World {
     pub(crate) web: web::SampleWeb,
     pub(crate) sources: Vec<crate::ingest::sources::Source>,
-    pub(crate) served_tags: HashMap<String, Vec<String>>,
     pub(crate) train_file: PathBuf,
     pub(crate) generated: crate::dbusa::generate::Generated,
     pub(crate) standin: Option<crate::matching::standin::StandIn>,
@@ -272,12 +271,9 @@ pub async fn main(config: &Config, args: RunArgs) -> crate::Result<bool> {
 
     let world = prepare(&mut config, &args, &run_dir).await?;
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn({
-        let stop_tx = stop_tx.clone();
-        async move {
-            crate::daemon::shutdown_signal().await;
-            stop_tx.send_replace(true);
-        }
+    tokio::spawn(async move {
+        crate::daemon::shutdown_signal().await;
+        stop_tx.send_replace(true);
     });
     crate::daemon::serve_metrics(&config, Arc::new(|| true)).await?;
 
@@ -430,11 +426,6 @@ pub(crate) async fn prepare(
         .map_err(|e| crate::Error::io(format!("writing {}", sources_file.display()), e))?;
     let sources = crate::ingest::sources::parse(&text, &sources_file)
         .map_err(crate::ingest::IngestError::from)?;
-    let served_tags = web
-        .served()
-        .iter()
-        .map(|s| (s.url.clone(), s.tags.clone()))
-        .collect();
 
     let spec = crate::dbusa::generate::Spec {
         rows: args.people,
@@ -463,7 +454,6 @@ pub(crate) async fn prepare(
     Ok(World {
         web,
         sources,
-        served_tags,
         train_file,
         generated,
         standin,
@@ -643,7 +633,13 @@ async fn first_pass(
     let model = joined("train", train_task).await?;
     let infer = joined("infer", infer_task).await?;
     let identity = joined("match", identity_task).await?;
-    let classification = summary::classification(shared.table.as_ref(), &world.served_tags).await?;
+    let tags_by_url: HashMap<&str, &[String]> = world
+        .web
+        .served()
+        .iter()
+        .map(|s| (s.url.as_str(), s.tags.as_slice()))
+        .collect();
+    let classification = summary::classification(shared.table.as_ref(), &tags_by_url).await?;
     Ok(RunSummary {
         seconds: 0.0,
         sites: world.web.sites() as u64,

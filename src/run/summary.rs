@@ -107,7 +107,7 @@ pub struct Classification {
 /// Reads the `documents` rows of the served URLs and scores their top 5.
 pub async fn classification(
     table: &dyn Table,
-    tags_by_url: &HashMap<String, Vec<String>>,
+    tags_by_url: &HashMap<&str, &[String]>,
 ) -> crate::Result<Classification> {
     table
         .ensure_table(documents::TABLE, &documents::FAMILIES)
