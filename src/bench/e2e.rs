@@ -354,7 +354,7 @@ async fn phases(
     // Real backends keep what earlier runs fetched from the sample web (the
     // validators and content hashes of `ingest_state`): forget it, so every
     // run ingests the whole workload.
-    ingest.forget(&run::site_prefixes(&world.web)).await?;
+    ingest.forget(&run::web::url_prefixes()).await?;
     let m = Meter::start();
     let s = ingest.pass(&world.sources).await?;
     stages.push(m.stop("ingest", "documents", s.produced));
@@ -453,7 +453,7 @@ async fn latency(
     world: &run::World,
     ingest: &crate::ingest::Ingest,
 ) -> crate::Result<Latency> {
-    ingest.forget(&run::site_prefixes(&world.web)).await?;
+    ingest.forget(&run::web::url_prefixes()).await?;
     reset_peak_rss();
     let since = crate::now_ms();
     let (_never, stop) = watch::channel(false);

@@ -183,20 +183,6 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The URL prefix of every sample site, per address whatever the port, so a
-/// run on another `--web-port` forgets the same texts too.
-pub(crate) fn site_prefixes(web: &web::SampleWeb) -> Vec<String> {
-    (0..web.sites())
-        .map(|i| {
-            let url = web.site_url(i);
-            match url.rfind(':') {
-                Some(colon) if colon > "http:".len() => url[..=colon].to_owned(),
-                _ => url,
-            }
-        })
-        .collect()
-}
-
 /// Until `group` has drained `topic` after `upstream` finished, or `stop`.
 pub(crate) fn until_drained(
     shared: &Shared,
@@ -547,7 +533,7 @@ async fn first_pass(
         &config,
     )
     .await?;
-    let prefixes = site_prefixes(&world.web);
+    let prefixes = web::url_prefixes();
     let forgotten = ingest.forget(&prefixes).await?;
     if forgotten > 0 {
         tracing::info!(

@@ -547,6 +547,15 @@ fn site_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, third, fourth)
 }
 
+/// URL prefixes that cover every address a sample web of up to
+/// [`MAX_SITES`] sites uses, whatever its port and site count (a document
+/// may sit on another site in a run with another `--sites`), and nothing
+/// else on loopback: `http://127.0.1.` to `http://127.0.200.`.
+pub fn url_prefixes() -> Vec<String> {
+    let last = site_ip(MAX_SITES - 1).octets()[2];
+    (1..=last).map(|k| format!("http://127.0.{k}.")).collect()
+}
+
 /// Binds every site's address on `port`, or on one port free on all of them
 /// when `port` is 0.
 async fn bind_all(sites: usize, port: u16) -> crate::Result<(u16, Vec<TcpListener>)> {
@@ -900,6 +909,19 @@ mod tests {
 
     fn bundled() -> Result<Vec<LabeledDoc>> {
         Ok(crate::sample::bundled()?)
+    }
+
+    #[test]
+    fn url_prefixes_cover_every_site_address_and_nothing_else() {
+        let prefixes = url_prefixes();
+        let covered = |url: &str| prefixes.iter().any(|p| url.starts_with(p.as_str()));
+        for i in [0, 1, 119, 253, 254, 10_000, MAX_SITES - 1] {
+            let url = format!("http://{}:18480/packages/x.html", site_ip(i));
+            assert!(covered(&url), "{url}");
+        }
+        assert!(!covered("http://127.0.0.1:8080/packages/x.html"));
+        assert!(!covered("http://127.0.201.1:80/"));
+        assert!(!covered("https://www.example.com/"));
     }
 
     #[test]
