@@ -558,8 +558,20 @@ pub struct TrainConfig {
     /// Figure the champion/challenger gate compares: `hit_at_5`, `p_at_1`,
     /// `recall_at_5` or `mean` (of the three).
     pub gate_metric: String,
-    /// Share of documents (by a hash of their id) held out for validation, percent.
+    /// Share of sources (by a hash of each document's source, else its id)
+    /// held out for validation, percent: the figures reported and gated on,
+    /// on sources the model never saw.
     pub validation_percent: u8,
+    /// Share of sources held out for tuning, percent: they choose the best
+    /// epoch and the weight of the linear model, so nothing is chosen on the
+    /// validation sources.
+    pub tuning_percent: u8,
+    /// Share of the remaining documents (by id) held out to show what a
+    /// split by document id would report, percent.
+    pub seen_percent: u8,
+    /// Train the TF-IDF + linear SVM anchor beside the transformer, report
+    /// it, and ship both combined.
+    pub linear: bool,
     /// Seed of the weights, the batch order and dropout.
     pub seed: u64,
     /// Add the analysts' decisions (family `r` of the `documents` table) to the training data.
@@ -574,6 +586,9 @@ impl Default for TrainConfig {
             prefix: "models".into(),
             gate_metric: "hit_at_5".into(),
             validation_percent: 10,
+            tuning_percent: 5,
+            seen_percent: 3,
+            linear: true,
             seed: 42,
             feedback: true,
         }
@@ -611,6 +626,11 @@ pub struct InferConfig {
     pub model_poll: Duration,
     /// Score with this registry version and never swap; empty = follow LATEST.
     pub model_version: String,
+    /// Score every document a second time with this model into shadow
+    /// columns analysts do not see: a registry version, or `challenger` (the
+    /// newest version newer than LATEST, i.e. the one the gate refused);
+    /// empty = no shadow.
+    pub shadow_model: String,
     /// Longest text stored in the row (`m:text`), bytes; longer texts are cut at a character boundary.
     pub store_text_bytes: u64,
 }
@@ -630,6 +650,7 @@ impl Default for InferConfig {
             threads: 0,
             model_poll: Duration::from_secs(30),
             model_version: String::new(),
+            shadow_model: String::new(),
             store_text_bytes: 1 << 20,
         }
     }

@@ -6,7 +6,9 @@
 //! | --- | --- | --- |
 //! | `m` | `source`, `url`, `title`, `text`, `content_type`, `fetched_at_ms`, `metadata` | document metadata and text |
 //! | `c` | `top5` | JSON `[{"label": ..., "score": ...}, ...]`, best first |
+//! | `c` | `why` | JSON `[["word", "word pair", ...], ...]`: per label of `top5`, the words that raised its score most |
 //! | `c` | `model_version`, `scored_at_ms` | which model scored it, when |
+//! | `c` | `shadow_top5`, `shadow_version` | the shadow model's top 5 (`infer.shadow_model`), never shown to analysts |
 //! | `r` | `decision` | `accept` (one of the top 5), `choose` (another label), `reject` (none of the 5) |
 //! | `r` | `label` | the accepted or chosen label |
 //! | `r` | `rejected` | JSON array of the labels rejected (the top 5 shown) |
@@ -33,6 +35,12 @@ pub const REVIEW: &str = "r";
 pub mod categories {
     /// JSON top 5.
     pub const TOP5: &str = "top5";
+    /// JSON list, per label of the top 5, of the words that weighed most.
+    pub const WHY: &str = "why";
+    /// The shadow model's JSON top 5 (never shown to analysts).
+    pub const SHADOW_TOP5: &str = "shadow_top5";
+    /// The shadow model's version.
+    pub const SHADOW_VERSION: &str = "shadow_version";
     /// Version of the model that scored the document.
     pub const MODEL_VERSION: &str = "model_version";
     /// When it was scored, ms since the epoch.
@@ -135,8 +143,106 @@ pub fn feedback_document(row: &Row) -> Option<sift_training::Document> {
         id: String::from_utf8_lossy(&row.key).into_owned(),
         title,
         text: body,
+        source: text(row, META, "source").unwrap_or_default(),
         tags,
         rejected,
+    })
+}
+
+/// How a champion and its shadow did on the documents analysts labelled:
+/// the live evidence for (or against) promoting the shadow.
+///
+/// Only decisions that name the right label (accept, choose) count, and
+/// only on documents whose champion top 5 is the one the analyst reviewed.
+/// The champion's top 5 is what the analyst saw, so its top-5 agreement
+/// leans its way; top 1 is the fair comparison.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LiveEvidence {
+    /// The model whose top 5 was reviewed.
+    pub champion: String,
+    /// The shadow model.
+    pub shadow: String,
+    /// Labelled decisions.
+    pub reviewed: u64,
+    /// ... whose label was the champion's first.
+    pub champion_top1: u64,
+    /// ... among the champion's 5.
+    pub champion_top5: u64,
+    /// ... the shadow's first.
+    pub shadow_top1: u64,
+    /// ... among the shadow's 5.
+    pub shadow_top5: u64,
+    /// Per chosen label: (decisions, champion top 1, shadow top 1).
+    pub per_label: std::collections::BTreeMap<String, (u64, u64, u64)>,
+}
+
+impl LiveEvidence {
+    /// Counts one labelled decision.
+    pub fn add(&mut self, label: &str, champion_top5: &[&str], shadow_top5: &[&str]) {
+        let first = |top: &[&str]| top.first() == Some(&label);
+        let within = |top: &[&str]| top.contains(&label);
+        self.reviewed += 1;
+        self.champion_top1 += u64::from(first(champion_top5));
+        self.champion_top5 += u64::from(within(champion_top5));
+        self.shadow_top1 += u64::from(first(shadow_top5));
+        self.shadow_top5 += u64::from(within(shadow_top5));
+        let e = self.per_label.entry(label.to_owned()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(first(champion_top5));
+        e.2 += u64::from(first(shadow_top5));
+    }
+
+    /// Share of decisions with the label first, champion then shadow.
+    pub fn top1_shares(&self) -> (f64, f64) {
+        let d = self.reviewed.max(1) as f64;
+        (self.champion_top1 as f64 / d, self.shadow_top1 as f64 / d)
+    }
+
+    /// Share with the label among the 5, champion then shadow.
+    pub fn top5_shares(&self) -> (f64, f64) {
+        let d = self.reviewed.max(1) as f64;
+        (self.champion_top5 as f64 / d, self.shadow_top5 as f64 / d)
+    }
+}
+
+/// One reviewed row as live evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveObservation {
+    /// The model whose top 5 was reviewed.
+    pub champion: String,
+    /// The shadow model.
+    pub shadow: String,
+    /// The label the analyst accepted or chose.
+    pub label: String,
+    /// The champion's 5 labels, best first.
+    pub champion_top5: Vec<String>,
+    /// The shadow's 5 labels, best first.
+    pub shadow_top5: Vec<String>,
+}
+
+/// One reviewed row as live evidence. None unless the row has a shadow top
+/// 5, a decision naming a label, and the champion top 5 it was made on.
+pub fn live_observation(row: &Row) -> Option<LiveObservation> {
+    let decision = Decision::parse(&text(row, REVIEW, review::DECISION)?)?;
+    if decision == Decision::Reject {
+        return None;
+    }
+    let label = text(row, REVIEW, review::LABEL).filter(|l| !l.is_empty())?;
+    let champion = text(row, CATEGORIES, categories::MODEL_VERSION)?;
+    if text(row, REVIEW, review::MODEL_VERSION)? != champion {
+        return None;
+    }
+    let shadow = text(row, CATEGORIES, categories::SHADOW_VERSION).filter(|v| !v.is_empty())?;
+    let labels = |q: &str| -> Option<Vec<String>> {
+        let top: Vec<Scored> = serde_json::from_str(&text(row, CATEGORIES, q)?).ok()?;
+        Some(top.into_iter().map(|s| s.label).collect())
+    };
+    Some(LiveObservation {
+        champion,
+        shadow,
+        label,
+        champion_top5: labels(categories::TOP5)?,
+        shadow_top5: labels(categories::SHADOW_TOP5)?,
     })
 }
 

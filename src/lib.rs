@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod backends;
 pub mod bench;
+pub mod categories;
 pub mod classify;
 pub mod clean;
 pub mod config;

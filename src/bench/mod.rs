@@ -14,8 +14,12 @@
 //! - `sift bench review`: the review server's document page over loopback
 //!   with a large table: server and client p50/p99, requests/s.
 //! - `sift bench e2e`: every stage of `sift run` on a fixed workload.
+//! - `sift bench feedback`: simulated analysts reviewing day by day; the
+//!   model's test figures per day with the queue's order, a random order
+//!   and no reviews.
 
 pub mod e2e;
+pub mod feedback;
 pub mod infer;
 pub mod matching;
 pub mod review;
@@ -45,6 +49,8 @@ pub enum BenchCommand {
     Review(review::ReviewBenchArgs),
     /// Every stage of `sift run` on a fixed workload: items/s, CPU and peak memory per stage, fetch-to-row latency.
     E2e(e2e::E2eBenchArgs),
+    /// Simulated analysts, day by day: does reviewing (least certain first, random, none) teach the model?
+    Feedback(feedback::FeedbackBenchArgs),
 }
 
 /// Runs `sift bench`.
@@ -55,6 +61,9 @@ pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCom
         BenchCommand::Match(args) => Ok(matching::main(config, args).await?),
         BenchCommand::Review(args) => Ok(review::main(config, args).await?),
         BenchCommand::E2e(args) => Ok(e2e::main(config, args).await?),
+        BenchCommand::Feedback(args) => tokio::task::spawn_blocking(move || feedback::main(args))
+            .await
+            .map_err(|e| TrainCommandError::Invalid(format!("the bench thread failed: {e}")))?,
     }
 }
 

@@ -304,6 +304,10 @@ struct Outcome {
 struct Scoring {
     version: Arc<str>,
     top: Vec<Scored>,
+    /// Per label of `top`, the words that weighed most for it.
+    why: Vec<Vec<String>>,
+    /// The shadow model's version and top 5, when one scored it too.
+    shadow: Option<(Arc<str>, Vec<Scored>)>,
     scored_at_ms: i64,
 }
 
@@ -395,6 +399,42 @@ pub async fn run(
         }
         return Ok(InferSummary::default());
     }
+    // The shadow is resolved once before anything is consumed, so a run
+    // that asks for one scores every document with it; then followed.
+    let shadow = Arc::new(Slot::default());
+    let shadow_choice = model::ShadowChoice::parse(&config.infer.shadow_model);
+    let shadow_watcher = if shadow_choice == model::ShadowChoice::Off {
+        None
+    } else {
+        let mut follower = model::Shadow::new(
+            shadow.clone(),
+            slot.clone(),
+            Source::new(
+                objects.clone(),
+                &config.train.prefix,
+                crate::train::model_cache(config),
+                crate::train::device(config.infer.device)
+                    .map_err(|e| crate::Error::Invalid(e.to_string()))?,
+                dtype,
+            ),
+            shadow_choice,
+        );
+        follower.refresh().await;
+        Some(tokio::spawn(model::watch_shadow(
+            follower,
+            settings.model_poll,
+            stop.clone(),
+        )))
+    };
+    if stop.is_set() {
+        if let Some(w) = shadow_watcher {
+            w.abort();
+        }
+        if let Some(w) = model_watcher {
+            w.abort();
+        }
+        return Ok(InferSummary::default());
+    }
     metrics.infer_ready.set(1);
     // Throughput counts from here: loading the model is not scoring.
     let loaded_in = started.elapsed().as_secs_f64();
@@ -421,7 +461,7 @@ pub async fn run(
         let queued = queued.clone();
         std::thread::Builder::new()
             .name("sift-infer-model".into())
-            .spawn(move || model_loop(model_rx, to_writer, slot, limits, queued))
+            .spawn(move || model_loop(model_rx, to_writer, slot, shadow, limits, queued))
             .map_err(|e| crate::Error::io("starting the model thread", e))?
     };
     let writer = tokio::spawn(write_loop(
@@ -459,6 +499,9 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
     let _ = writer.await;
     if let Some(w) = model_watcher {
+        w.abort();
+    }
+    if let Some(w) = shadow_watcher {
         w.abort();
     }
     if let Some(w) = stop_watcher {
@@ -852,6 +895,7 @@ fn model_loop(
     rx: std_mpsc::Receiver<Queued>,
     out: mpsc::Sender<Vec<Outcome>>,
     slot: Arc<Slot>,
+    shadow: Arc<Slot>,
     limits: Limits,
     queued: Arc<AtomicI64>,
 ) {
@@ -902,7 +946,8 @@ fn model_loop(
             metrics.infer_stage("queue", started.duration_since(w.since).as_secs_f64());
         }
         let docs: Vec<Doc> = batch.into_iter().map(|w| w.item).collect();
-        let outcomes = score(docs, &slot);
+        let mut outcomes = score(docs, &slot);
+        shadow_score(&mut outcomes, &shadow);
         if out.blocking_send(outcomes).is_err() {
             break;
         }
@@ -962,13 +1007,23 @@ fn score(mut docs: Vec<Doc>, slot: &Slot) -> Vec<Outcome> {
                 .unwrap_or_else(|| "the model panicked".into())),
         }
     };
-    let scored = |doc: Doc, top: &[(u32, f32)]| Outcome {
-        doc,
-        result: Ok(Scoring {
-            version: version.clone(),
-            top: model.predictor.name(top).top,
-            scored_at_ms: crate::now_ms(),
-        }),
+    let scored = |doc: Doc, top: &[(u32, f32)]| {
+        let why = model
+            .predictor
+            .explain(&doc.model_text(), top, WHY_WORDS)
+            .into_iter()
+            .map(|words| words.into_iter().map(|(w, _)| w).collect())
+            .collect();
+        Outcome {
+            doc,
+            result: Ok(Scoring {
+                version: version.clone(),
+                top: model.predictor.name(top).top,
+                why,
+                shadow: None,
+                scored_at_ms: crate::now_ms(),
+            }),
+        }
     };
     match forward(&docs) {
         Ok(tops) => docs
@@ -1001,6 +1056,53 @@ fn score(mut docs: Vec<Doc>, slot: &Slot) -> Vec<Outcome> {
                 )),
             })
             .collect(),
+    }
+}
+
+/// Words kept per label to explain it on the review page.
+const WHY_WORDS: usize = 6;
+
+/// Scores the documents the champion scored a second time with the shadow
+/// model, if one is loaded, into their [`Scoring::shadow`]. The shadow can
+/// never cost a document its champion scores: a shadow failure is logged
+/// and the documents go out without shadow columns.
+fn shadow_score(outcomes: &mut [Outcome], shadow: &Slot) {
+    let Some(model) = shadow.current() else {
+        return;
+    };
+    let scored: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| {
+            o.result
+                .as_ref()
+                .is_ok_and(|s| *s.version != *model.version)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if scored.is_empty() {
+        return;
+    }
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let encoded = scored
+            .iter()
+            .map(|&i| model.predictor.encode(&outcomes[i].doc.model_text()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&Encoded> = encoded.iter().collect();
+        model.predictor.predict_encoded(&refs, TOP_K)
+    }));
+    match result {
+        Ok(Ok(tops)) if tops.len() == scored.len() => {
+            let version: Arc<str> = Arc::from(model.version.as_str());
+            for (&i, top) in scored.iter().zip(tops) {
+                if let Ok(s) = &mut outcomes[i].result {
+                    s.shadow = Some((version.clone(), model.predictor.name(&top).top));
+                }
+            }
+        }
+        Ok(Ok(_)) => tracing::warn!("The shadow model returned the wrong number of results; no shadow scores for this batch."),
+        Ok(Err(e)) => tracing::warn!(error = %e, "The shadow model failed; no shadow scores for this batch."),
+        Err(_) => tracing::warn!("The shadow model panicked; no shadow scores for this batch."),
     }
 }
 
@@ -1044,14 +1146,25 @@ fn outputs(doc: &Doc, s: &Scoring, store_text_bytes: usize) -> (RowPut, Record) 
         env.text = Some(cut(&text, store_text_bytes).to_owned());
     }
     let top5 = serde_json::to_string(&s.top).unwrap_or_else(|_| "[]".into());
-    let row = crate::documents::row_of(&env)
+    let why = serde_json::to_string(&s.why).unwrap_or_else(|_| "[]".into());
+    let mut row = crate::documents::row_of(&env)
         .cell(CATEGORIES, categories::TOP5, top5)
+        .cell(CATEGORIES, categories::WHY, why)
         .cell(CATEGORIES, categories::MODEL_VERSION, s.version.to_string())
         .cell(
             CATEGORIES,
             categories::SCORED_AT_MS,
             s.scored_at_ms.to_string(),
         );
+    if let Some((version, top)) = &s.shadow {
+        row = row
+            .cell(
+                CATEGORIES,
+                categories::SHADOW_TOP5,
+                serde_json::to_string(top).unwrap_or_else(|_| "[]".into()),
+            )
+            .cell(CATEGORIES, categories::SHADOW_VERSION, version.to_string());
+    }
     let value = Categorized {
         v: SCHEMA_VERSION,
         id: env.id.clone(),

@@ -42,6 +42,11 @@ impl Slot {
         self.0.read().clone()
     }
 
+    /// Empties the slot.
+    pub fn clear(&self) {
+        *self.0.write() = None;
+    }
+
     /// Puts `predictor` in the slot as `version`.
     pub fn install(&self, version: String, predictor: Predictor) -> Arc<Loaded> {
         let mut slot = self.0.write();
@@ -136,6 +141,111 @@ pub async fn swap_to(slot: &Slot, source: &Source, version: &str) -> bool {
             );
             false
         }
+    }
+}
+
+/// Which model scores in the shadow (`infer.shadow_model`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShadowChoice {
+    /// No shadow.
+    Off,
+    /// The newest version the gate refused (or has not gated): followed as
+    /// new ones are trained.
+    Challenger,
+    /// One registry version.
+    Version(String),
+}
+
+impl ShadowChoice {
+    /// From the config value: empty, `challenger`, or a version.
+    pub fn parse(value: &str) -> Self {
+        match value.trim() {
+            "" => ShadowChoice::Off,
+            "challenger" => ShadowChoice::Challenger,
+            v => ShadowChoice::Version(v.to_owned()),
+        }
+    }
+}
+
+/// The shadow: its slot, the champion's, where models come from, which one
+/// to follow, and the version that last failed to load.
+pub struct Shadow {
+    /// The shadow slot.
+    pub slot: Arc<Slot>,
+    /// The champion's slot (a shadow equal to it is not loaded).
+    pub champion: Arc<Slot>,
+    /// The registry.
+    pub source: Source,
+    /// Which model.
+    pub choice: ShadowChoice,
+    failed: Option<String>,
+}
+
+impl Shadow {
+    /// A shadow not loaded yet.
+    pub fn new(slot: Arc<Slot>, champion: Arc<Slot>, source: Source, choice: ShadowChoice) -> Self {
+        Shadow {
+            slot,
+            champion,
+            source,
+            choice,
+            failed: None,
+        }
+    }
+
+    /// Puts the model the choice names now in the slot (or empties it): a
+    /// version equal to the champion's is not loaded twice, and a version
+    /// that fails to load is reported and not tried again until the choice
+    /// moves.
+    pub async fn refresh(&mut self) {
+        let wanted = match &self.choice {
+            ShadowChoice::Off => return,
+            ShadowChoice::Version(v) => Ok(Some(v.clone())),
+            ShadowChoice::Challenger => self
+                .source
+                .registry
+                .challenger()
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match wanted {
+            Ok(Some(version)) => {
+                let champion = self.champion.current().map(|m| m.version.clone());
+                let running = self.slot.current().map(|m| m.version.clone());
+                if champion.as_deref() == Some(version.as_str()) {
+                    self.slot.clear();
+                } else if running.as_deref() != Some(version.as_str())
+                    && self.failed.as_deref() != Some(version.as_str())
+                {
+                    match self.source.load(&version).await {
+                        Ok(predictor) => {
+                            self.slot.install(version.clone(), predictor);
+                            tracing::info!(%version, "Shadow model loaded; scoring every document a second time.");
+                        }
+                        Err(e) => {
+                            crate::metrics::global().infer_model_load_failed();
+                            tracing::error!(error = %e, %version, "The shadow model failed to load; scoring without a shadow.");
+                            self.failed = Some(version);
+                        }
+                    }
+                }
+            }
+            Ok(None) => self.slot.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not look for a challenger in the registry.")
+            }
+        }
+    }
+}
+
+/// Keeps the shadow on the model its choice names until `stop`.
+pub async fn watch_shadow(mut shadow: Shadow, every: Duration, mut stop: Stop) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait() => return,
+        }
+        shadow.refresh().await;
     }
 }
 

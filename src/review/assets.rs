@@ -51,9 +51,10 @@ pub const JS: &str = r#""use strict";
     var timer = null, asked = null;
     function fill(labels) {
       while (list.firstChild) list.removeChild(list.firstChild);
-      labels.forEach(function (label) {
+      labels.forEach(function (found) {
         var option = document.createElement("option");
-        option.value = label;
+        option.value = found.label;
+        if (found.name) option.label = found.name + (found.description ? " - " + found.description : "");
         list.appendChild(option);
       });
     }
@@ -61,7 +62,7 @@ pub const JS: &str = r#""use strict";
       var q = search.value;
       if (q === asked) return;
       asked = q;
-      fetch("/labels?q=" + encodeURIComponent(q), { credentials: "same-origin" })
+      fetch("/labels?detail=1&q=" + encodeURIComponent(q), { credentials: "same-origin" })
         .then(function (r) { return r.ok ? r.json() : []; })
         .then(function (labels) { if (asked === q) fill(labels); })
         .catch(function () {});
@@ -101,6 +102,16 @@ dl.meta dd { margin: 0; overflow-wrap: anywhere; }
 .track { display: block; background: #e8e8e8; height: .7rem; border-radius: 3px; }
 .bar { display: block; background: #3b73d9; height: 100%; border-radius: 3px; }
 .score { font-variant-numeric: tabular-nums; text-align: right; }
+svg.chart { display: block; max-width: 100%; height: auto; margin: .5rem 0 1rem; }
+svg.chart text { font-size: 11px; fill: #333; }
+svg.chart .grid { stroke: #e8e8e8; } svg.chart .axis { stroke: #888; }
+#top5 .description, #top5 .why { grid-column: 1 / -1; margin: 0 0 .2rem 2.2rem; font-size: .85rem; color: #555; }
+.cat-name { font-weight: 600; }
+#top5 .name { color: #666; font-size: .85em; }
+.facet { font-style: italic; }
+mark.why { border-radius: 2px; padding: 0 1px; color: inherit; }
+mark.why-1 { background: #ffe08a; } mark.why-2 { background: #b9e3ff; } mark.why-3 { background: #c9f2c0; }
+mark.why-4 { background: #f6c6e6; } mark.why-5 { background: #e2d4ff; }
 .actions { display: flex; flex-wrap: wrap; gap: 1rem; align-items: center; margin: 1rem 0; }
 .actions form { margin: 0; }
 kbd { font-family: ui-monospace, monospace; border: 1px solid #aaa; border-radius: 3px; padding: 0 .3rem; background: #fff; color: #333; }

@@ -17,6 +17,7 @@
 
 pub mod assets;
 pub mod auth;
+pub mod charts;
 pub mod decide;
 pub mod pages;
 pub mod queue;
@@ -36,7 +37,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::{Args, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::backends::log::Log;
@@ -807,6 +808,10 @@ async fn doc_page(
         .take(5)
         .map(|s| (s.label, s.score))
         .collect();
+    let why: Vec<Vec<String>> = row
+        .get(CATEGORIES, categories::WHY.as_bytes())
+        .and_then(|v| serde_json::from_slice(v).ok())
+        .unwrap_or_default();
     let review = text_cell(&row, REVIEW, documents::review::DECISION).map(|decision| ShownReview {
         decision,
         label: text_cell(&row, REVIEW, documents::review::LABEL).unwrap_or_default(),
@@ -821,6 +826,7 @@ async fn doc_page(
         text: text_cell(&row, META, "text"),
         model_version: text_cell(&row, CATEGORIES, categories::MODEL_VERSION).unwrap_or_default(),
         top5,
+        why,
         review,
         id,
     };
@@ -831,6 +837,18 @@ async fn doc_page(
 struct LabelQuery {
     #[serde(default)]
     q: String,
+    /// `1`: objects with each label's category name and description
+    /// instead of bare labels.
+    #[serde(default)]
+    detail: u8,
+}
+
+/// One label found by the search, with what it means.
+#[derive(Debug, Serialize)]
+struct LabelDetail {
+    label: String,
+    name: String,
+    description: String,
 }
 
 async fn labels(
@@ -838,7 +856,22 @@ async fn labels(
     Reviewer(_): Reviewer,
     Query(q): Query<LabelQuery>,
 ) -> Response {
-    Json(app.labels.search(&q.q, LABEL_RESULTS)).into_response()
+    let found = app.labels.search(&q.q, LABEL_RESULTS);
+    if q.detail == 0 {
+        return Json(found).into_response();
+    }
+    let detailed: Vec<LabelDetail> = found
+        .into_iter()
+        .map(|label| {
+            let c = crate::categories::get(&label);
+            LabelDetail {
+                name: c.map(|c| c.name.clone()).unwrap_or_default(),
+                description: c.map(|c| c.description.clone()).unwrap_or_default(),
+                label,
+            }
+        })
+        .collect();
+    Json(detailed).into_response()
 }
 
 async fn stats_page(State(app): State<AppState>, Reviewer(session): Reviewer) -> Response {

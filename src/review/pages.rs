@@ -7,6 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use maud::{html, Markup, DOCTYPE};
 
 use super::auth::Session;
+use super::charts;
 use super::queue::{Doc, Filters, Order};
 use super::stats::Stats;
 
@@ -247,6 +248,9 @@ pub struct DocView {
     pub model_version: String,
     /// Labels and scores, best first.
     pub top5: Vec<(String, f32)>,
+    /// Per label of `top5`, the words that weighed most for it (may be
+    /// shorter than `top5`, or empty, for rows scored before it was kept).
+    pub why: Vec<Vec<String>>,
     /// A decision already stored.
     pub review: Option<ShownReview>,
 }
@@ -312,18 +316,37 @@ pub fn doc(session: &Session, d: &DocView, filters: &Filters) -> Markup {
                 section #decide {
                     ol #top5 {
                         @for (i, (label, score)) in d.top5.iter().enumerate() {
-                            li .label data-label=(label) {
+                            @let category = crate::categories::get(label);
+                            li .label data-label=(label) data-rank=(i + 1) {
                                 form .accept method="post" action=(decide) data-key=(i + 1) {
                                     input type="hidden" name="csrf" value=(session.csrf);
                                     input type="hidden" name="decision" value="accept";
                                     input type="hidden" name="label" value=(label);
                                     (hidden_filters(filters))
                                     button type="submit" title=(format!("Accept (key {})", i + 1)) {
-                                        kbd { (i + 1) } " " span .name { (label) }
+                                        kbd { (i + 1) } " "
+                                        @if let Some(c) = category {
+                                            span .cat-name { (c.name) } " "
+                                        }
+                                        span .name { (label) }
                                     }
                                 }
                                 span .score { (format!("{score:.3}")) }
                                 span .track { span .bar style=(format!("width: {:.1}%", (score.clamp(0.0, 1.0) * 100.0))) {} }
+                                @if let Some(c) = category {
+                                    @if !c.description.is_empty() || !c.facet_name.is_empty() {
+                                        p .description {
+                                            @if !c.facet_name.is_empty() { span .facet { (c.facet_name) } ": " }
+                                            (c.description)
+                                        }
+                                    }
+                                }
+                                @if let Some(words) = d.why.get(i).filter(|w| !w.is_empty()) {
+                                    p .why {
+                                        "Weighed most: "
+                                        @for w in words { mark class=(format!("why why-{}", i + 1)) { (w) } " " }
+                                    }
+                                }
                             }
                         }
                     }
@@ -353,10 +376,10 @@ pub fn doc(session: &Session, d: &DocView, filters: &Filters) -> Markup {
                 }
                 section #body {
                     @match (&d.text, is_pdf) {
-                        (Some(text), false) => pre #text { (text) },
+                        (Some(text), false) => pre #text { (highlighted(text, &d.why)) },
                         (Some(text), true) => {
                             p { "Extracted from a PDF; " @if let Some(href) = safe_href(&d.url) { a href=(href) rel="noopener noreferrer nofollow" target="_blank" { "open the original" } } @else { "the original is at the URL above" } "." }
-                            pre #text { (text) }
+                            pre #text { (highlighted(text, &d.why)) }
                         },
                         (None, _) => div #text {
                             "The text is not stored in the table. "
@@ -367,6 +390,57 @@ pub fn doc(session: &Session, d: &DocView, filters: &Filters) -> Markup {
             }
         },
     )
+}
+
+/// `text` with every word that weighed for one of the top 5 marked with
+/// that label's rank (the first label that lists it); a word pair marks
+/// both its words. Everything else is escaped text.
+fn highlighted(text: &str, why: &[Vec<String>]) -> Markup {
+    let mut rank_of: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, grams) in why.iter().enumerate() {
+        for gram in grams {
+            for word in gram.split(' ') {
+                rank_of.entry(word.to_lowercase()).or_insert(i + 1);
+            }
+        }
+    }
+    if rank_of.is_empty() {
+        return html! { (text) };
+    }
+    // Alternating runs: non-word text, then a word (alphanumeric run).
+    let mut pieces: Vec<(&str, Option<usize>)> = Vec::new();
+    let mut start = 0;
+    let mut in_word = false;
+    for (at, c) in text
+        .char_indices()
+        .chain(std::iter::once((text.len(), ' ')))
+    {
+        let is_word = at < text.len() && c.is_alphanumeric();
+        if is_word != in_word {
+            let piece = &text[start..at];
+            if !piece.is_empty() {
+                let rank = if in_word {
+                    rank_of.get(&piece.to_lowercase()).copied()
+                } else {
+                    None
+                };
+                pieces.push((piece, rank));
+            }
+            start = at;
+            in_word = is_word;
+        }
+    }
+    if start < text.len() {
+        pieces.push((&text[start..], None));
+    }
+    html! {
+        @for (piece, rank) in pieces {
+            @match rank {
+                Some(r) => mark class=(format!("why why-{r}")) { (piece) },
+                None => (piece),
+            }
+        }
+    }
 }
 
 /// `GET /stats`.
@@ -386,6 +460,7 @@ pub fn stats(session: &Session, s: &Stats) -> Markup {
             h1 { "Statistics" }
             p { (s.reviewed) " documents reviewed, " (s.waiting) " waiting." }
             h2 { "Reviews per day (UTC)" }
+            (charts::bars("chart-per-day", "Reviews per day", &s.per_day.iter().rev().map(|(d, n)| (d.clone(), *n as f64)).collect::<Vec<_>>()))
             table #per-day {
                 thead { tr { th { "Date" } th .num { "Reviews" } } }
                 tbody { @for (day, n) in &s.per_day { tr { td { (day) } td .num { (n) } } } }
@@ -410,12 +485,106 @@ pub fn stats(session: &Session, s: &Stats) -> Markup {
                     }
                 }
             }
+            h2 { "Accuracy per model version over time" }
+            p .note { "Share of each day's decisions on a version's top 5 that accepted one of the 5." }
+            (accuracy_chart(s))
+            h2 { "Champion and shadow on the analysts' decisions" }
+            @if s.shadow.is_empty() {
+                p .note #shadow-none { "No reviewed document has shadow scores yet. Set infer.shadow_model to score every document with a second model as well." }
+            } @else {
+                p .note { "Decisions that name the right label (accepted or chosen), on documents whose reviewed top 5 is the champion's. Analysts saw the champion's 5, which favours its top 5; top 1 is the fair comparison." }
+                table #shadow {
+                    thead { tr { th { "Champion" } th { "Shadow" } th .num { "Decisions" } th .num { "Champion top 1" } th .num { "Shadow top 1" } th .num { "Champion top 5" } th .num { "Shadow top 5" } } }
+                    tbody {
+                        @for e in &s.shadow {
+                            tr {
+                                td { (e.champion) } td { (e.shadow) } td .num { (e.reviewed) }
+                                td .num { (pct(e.champion_top1, e.reviewed)) } td .num { (pct(e.shadow_top1, e.reviewed)) }
+                                td .num { (pct(e.champion_top5, e.reviewed)) } td .num { (pct(e.shadow_top5, e.reviewed)) }
+                            }
+                        }
+                    }
+                }
+                @for (k, e) in s.shadow.iter().enumerate() {
+                    h3 { "Top 1 per category: " (e.champion) " against " (e.shadow) }
+                    (shadow_chart(k, e))
+                }
+            }
             h2 { "Most rejected categories" }
+            (charts::hbars("chart-rejected", "Most rejected categories", &s.rejected.iter().map(|(l, n)| (l.clone(), *n as f64)).collect::<Vec<_>>()))
             table #rejected {
                 thead { tr { th { "Category" } th .num { "Rejected" } } }
                 tbody { @for (label, n) in &s.rejected { tr { td { (label) } td .num { (n) } } } }
             }
         },
+    )
+}
+
+/// One line per model version: the share of its reviewed documents that
+/// accepted one of its 5, by day.
+fn accuracy_chart(s: &Stats) -> Markup {
+    let mut days: Vec<String> = s
+        .accuracy_by_day
+        .iter()
+        .flat_map(|(_, d)| d.iter().map(|a| a.day.clone()))
+        .collect();
+    days.sort();
+    days.dedup();
+    let series: Vec<charts::Series> = s
+        .accuracy_by_day
+        .iter()
+        .map(|(version, by_day)| charts::Series {
+            name: version.clone(),
+            points: by_day
+                .iter()
+                .filter_map(|a| {
+                    let i = days.binary_search(&a.day).ok()?;
+                    Some((i, a.accepted as f64 / a.reviewed.max(1) as f64))
+                })
+                .collect(),
+        })
+        .collect();
+    charts::lines(
+        "chart-accuracy",
+        "Accuracy per model version",
+        &days,
+        &series,
+    )
+}
+
+/// Per category (the most decided 20): champion and shadow top-1 shares.
+fn shadow_chart(k: usize, e: &crate::documents::LiveEvidence) -> Markup {
+    let mut labels: Vec<(&String, &(u64, u64, u64))> = e.per_label.iter().collect();
+    labels.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(b.0)));
+    labels.truncate(20);
+    let names: Vec<String> = labels
+        .iter()
+        .map(|(l, (n, _, _))| format!("{l} ({n})"))
+        .collect();
+    let share = |x: u64, n: u64| x as f64 / n.max(1) as f64;
+    let series = vec![
+        charts::Series {
+            name: format!("champion {}", e.champion),
+            points: labels
+                .iter()
+                .enumerate()
+                .map(|(i, (_, (n, c, _)))| (i, share(*c, *n)))
+                .collect(),
+        },
+        charts::Series {
+            name: format!("shadow {}", e.shadow),
+            points: labels
+                .iter()
+                .enumerate()
+                .map(|(i, (_, (n, _, sh)))| (i, share(*sh, *n)))
+                .collect(),
+        },
+    ];
+    charts::grouped(
+        &format!("chart-shadow-{k}"),
+        "Top 1 per category",
+        &names,
+        &series,
     )
 }
 
@@ -442,6 +611,7 @@ mod tests {
             text: Some("<img src=x onerror=alert(1)>".into()),
             model_version: "v".into(),
             top5: vec![("a\"b<".into(), 0.5)],
+            why: vec![vec!["img".into(), "<b>".into()]],
             review: None,
         };
         let page = doc(&s, &d, &Filters::default()).into_string();

@@ -165,6 +165,17 @@ pub struct Doc {
     pub scored_at_ms: i64,
     /// The decision stored in the table when the snapshot was built.
     pub review: Option<Review>,
+    /// The shadow model's top 5, when one scored it.
+    pub shadow: Option<ShadowTop5>,
+}
+
+/// A shadow model's top 5 of a document (never shown to analysts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowTop5 {
+    /// The shadow model's version.
+    pub version: Arc<str>,
+    /// Its 5 labels, best first.
+    pub labels: Box<[Arc<str>]>,
 }
 
 impl Doc {
@@ -300,6 +311,17 @@ impl Builder {
             .and_then(|t| t.parse().ok())
             .unwrap_or(0);
         let review = self.review(row);
+        let shadow = match (
+            cell(row, CATEGORIES, categories::SHADOW_VERSION),
+            cell(row, CATEGORIES, categories::SHADOW_TOP5)
+                .and_then(|j| serde_json::from_str::<Vec<Scored>>(j).ok()),
+        ) {
+            (Some(version), Some(top)) if !version.is_empty() => Some(ShadowTop5 {
+                version: self.intern(version),
+                labels: top.iter().take(5).map(|s| self.intern(&s.label)).collect(),
+            }),
+            _ => None,
+        };
         let (source, title) = match meta {
             Some(m) => m,
             None => {
@@ -318,6 +340,7 @@ impl Builder {
             model_version,
             scored_at_ms,
             review,
+            shadow,
         });
     }
 
@@ -792,25 +815,38 @@ impl Labels {
             .is_ok()
     }
 
-    /// At most `limit` labels containing `q`, case-insensitively; labels
-    /// that start with it first.
+    /// At most `limit` labels for `q`, case-insensitively: labels that
+    /// start with it, then labels that contain it, then labels whose
+    /// category name and description (see [`crate::categories`]) hold every
+    /// word of it, best matches first.
     pub fn search(&self, q: &str, limit: usize) -> Vec<String> {
         let q = q.trim().to_lowercase();
         let all = self.all();
         let mut starts = Vec::new();
         let mut contains = Vec::new();
+        let mut described: Vec<(u32, String)> = Vec::new();
+        let words = crate::categories::query_words(&q);
         for l in all.iter() {
             let lower = l.to_lowercase();
             if lower.starts_with(&q) {
                 starts.push(l.to_string());
             } else if lower.contains(&q) {
                 contains.push(l.to_string());
+            } else if !words.is_empty() {
+                if let Some(c) = crate::categories::get(l) {
+                    let score = c.matches(&words);
+                    if score > 0 {
+                        described.push((score, l.to_string()));
+                    }
+                }
             }
             if starts.len() >= limit {
                 break;
             }
         }
+        described.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         starts.extend(contains);
+        starts.extend(described.into_iter().map(|(_, l)| l));
         starts.truncate(limit);
         starts
     }

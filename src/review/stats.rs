@@ -25,6 +25,17 @@ pub struct Accuracy {
     pub in_top5: u64,
 }
 
+/// One day of one model version's reviews.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayAccuracy {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    /// Decisions on its top 5 that day.
+    pub reviewed: u64,
+    /// Of those, accepted one of the 5.
+    pub accepted: u64,
+}
+
 /// Everything `/stats` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -40,6 +51,10 @@ pub struct Stats {
     pub accuracy: Vec<Accuracy>,
     /// Most rejected labels (at most 20), most first.
     pub rejected: Vec<(String, u64)>,
+    /// Per model version, its days (oldest first).
+    pub accuracy_by_day: Vec<(String, Vec<DayAccuracy>)>,
+    /// Champion against shadow on the labelled decisions, per pair.
+    pub shadow: Vec<crate::documents::LiveEvidence>,
 }
 
 /// How many rejected categories the page lists.
@@ -70,7 +85,31 @@ pub fn compute(queue: &Queue) -> Stats {
     let mut per_reviewer: HashMap<Arc<str>, u64> = HashMap::new();
     let mut accuracy: BTreeMap<Arc<str>, Accuracy> = BTreeMap::new();
     let mut rejected: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut by_day: BTreeMap<Arc<str>, BTreeMap<i64, (u64, u64)>> = BTreeMap::new();
+    let mut shadow: BTreeMap<(Arc<str>, Arc<str>), crate::documents::LiveEvidence> =
+        BTreeMap::new();
     queue.for_each_reviewed(|doc, r| {
+        let day = by_day
+            .entry(r.model_version.clone())
+            .or_default()
+            .entry(r.at_ms.div_euclid(DAY_MS))
+            .or_default();
+        day.0 += 1;
+        day.1 += u64::from(r.decision == Decision::Accept);
+        if let (Some(sh), Some(label)) = (&doc.shadow, &r.label) {
+            if doc.model_version == r.model_version {
+                let e = shadow
+                    .entry((r.model_version.clone(), sh.version.clone()))
+                    .or_insert_with(|| crate::documents::LiveEvidence {
+                        champion: r.model_version.to_string(),
+                        shadow: sh.version.to_string(),
+                        ..Default::default()
+                    });
+                let champion: Vec<&str> = doc.top5.iter().map(|(l, _)| &**l).collect();
+                let theirs: Vec<&str> = sh.labels.iter().map(|l| &**l).collect();
+                e.add(label, &champion, &theirs);
+            }
+        }
         reviewed += 1;
         *per_day.entry(r.at_ms.div_euclid(DAY_MS)).or_default() += 1;
         *per_reviewer.entry(r.reviewer.clone()).or_default() += 1;
@@ -114,5 +153,21 @@ pub fn compute(queue: &Queue) -> Stats {
         per_reviewer: most_first(per_reviewer),
         accuracy: accuracy.into_values().rev().collect(),
         rejected,
+        accuracy_by_day: by_day
+            .into_iter()
+            .map(|(v, days)| {
+                (
+                    v.to_string(),
+                    days.into_iter()
+                        .map(|(d, (reviewed, accepted))| DayAccuracy {
+                            day: date(d),
+                            reviewed,
+                            accepted,
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+        shadow: shadow.into_values().collect(),
     }
 }

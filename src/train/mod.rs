@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use sift_training::{
-    is_validation, BatchLimits, Dataset, Document, Metric, Predictor, Preset, Pretrained,
-    TrainOptions,
+    BatchLimits, Dataset, Document, LinearOptions, Metric, Part, Predictor, Preset, Pretrained,
+    SplitPlan, TrainOptions,
 };
 
 use crate::backends::objects::ObjectStore;
@@ -240,6 +240,7 @@ pub fn bundled_documents() -> crate::Result<Vec<Document>> {
             id: d.id,
             title: d.title,
             text: d.text,
+            source: d.source,
             tags: d.tags,
             rejected: Vec::new(),
         })
@@ -298,13 +299,23 @@ fn options(config: &Config, args: &TrainArgs) -> Result<TrainOptions, TrainComma
         o.ngrams = None;
     }
     o.seed = args.seed.unwrap_or(config.train.seed);
-    o.validation_percent = config.train.validation_percent;
+    o.split = split_plan(config);
+    o.linear = config.train.linear.then(LinearOptions::default);
     // The gate metric is checked here so a typo fails before training; the
     // best epoch within the run is picked by the preset's selection.
     gate_metric(config)?;
     o.device = device(args.device)?;
     o.progress = !args.quiet && !args.json;
     Ok(o)
+}
+
+/// How the configured training splits its data.
+pub fn split_plan(config: &Config) -> SplitPlan {
+    SplitPlan {
+        validation_percent: config.train.validation_percent,
+        tuning_percent: config.train.tuning_percent,
+        seen_percent: config.train.seen_percent,
+    }
 }
 
 /// The configured gate metric.
@@ -391,7 +402,7 @@ pub async fn run_once(
     sift_training::merge_feedback(&mut merged, feedback.clone());
     let validation: Vec<Document> = merged
         .into_iter()
-        .filter(|d| is_validation(&d.id, options.validation_percent))
+        .filter(|d| options.split.part(d) == Part::Validation)
         .collect();
 
     let cache = model_cache(config);

@@ -1,10 +1,10 @@
 //! `sift models list|show|promote|rollback`: the registry by hand.
 
 use clap::Subcommand;
-use sift_training::{is_validation, Document, ModelMetrics};
+use sift_training::{Document, ModelMetrics, Part};
 
 use super::registry::{Registry, RegistryError};
-use super::{gate_metric, model_cache, read_dataset, TrainCommandError};
+use super::{gate_metric, model_cache, read_dataset, split_plan, TrainCommandError};
 use crate::config::Config;
 
 /// `sift models` subcommands.
@@ -38,6 +38,11 @@ pub enum ModelsCommand {
         /// needs both to have been validated on the same documents.
         #[arg(long = "data", value_delimiter = ',')]
         data: Vec<String>,
+        /// Decide on live evidence instead: at least this many analysts' decisions on
+        /// documents LATEST scored and VERSION scored in the shadow (`infer.shadow_model`),
+        /// with VERSION ahead on them (top 1 for the p_at_1 gate, top 5 for the others).
+        #[arg(long, value_name = "N")]
+        live_min: Option<u64>,
     },
     /// Point LATEST back at the version it replaced.
     Rollback,
@@ -53,6 +58,40 @@ fn one_line(m: &ModelMetrics) -> String {
         m.validation_documents,
         m.preset
     )
+}
+
+/// What the documents table holds on LATEST against a shadow version.
+async fn live_evidence(
+    config: &Config,
+    champion: &str,
+    shadow: &str,
+) -> Result<crate::documents::LiveEvidence, TrainCommandError> {
+    let table = crate::backends::open_table(config).await?;
+    table
+        .ensure_table(crate::documents::TABLE, &crate::documents::FAMILIES)
+        .await?;
+    let mut evidence = crate::documents::LiveEvidence {
+        champion: champion.to_owned(),
+        shadow: shadow.to_owned(),
+        ..Default::default()
+    };
+    crate::backends::table::scan_pages(
+        table.as_ref(),
+        crate::documents::TABLE,
+        Some(&[crate::documents::CATEGORIES, crate::documents::REVIEW]),
+        1000,
+        |row| {
+            if let Some(o) = crate::documents::live_observation(row) {
+                if o.champion == champion && o.shadow == shadow {
+                    let ours: Vec<&str> = o.champion_top5.iter().map(String::as_str).collect();
+                    let theirs: Vec<&str> = o.shadow_top5.iter().map(String::as_str).collect();
+                    evidence.add(&o.label, &ours, &theirs);
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(evidence)
 }
 
 /// Runs a `sift models` subcommand.
@@ -150,6 +189,7 @@ pub async fn main(config: &Config, command: ModelsCommand) -> Result<(), TrainCo
             model_version: version,
             force,
             data,
+            live_min,
         } => {
             let metric = gate_metric(config)?;
             let challenger = registry.metrics(&version).await?;
@@ -160,6 +200,38 @@ pub async fn main(config: &Config, command: ModelsCommand) -> Result<(), TrainCo
                 (Some(l), false) if l.version == version => {
                     println!("{version} is already LATEST");
                     return Ok(());
+                }
+                (Some(l), false) if live_min.is_some() => {
+                    let needed = live_min.unwrap_or_default();
+                    let evidence = live_evidence(config, &l.version, &version).await?;
+                    let ((c1, s1), (c5, s5)) = (evidence.top1_shares(), evidence.top5_shares());
+                    let (ours, theirs, figure) = match metric {
+                        sift_training::Metric::PAt1 => (s1, c1, "top 1"),
+                        sift_training::Metric::Mean => {
+                            ((s1 + s5) / 2.0, (c1 + c5) / 2.0, "mean of top 1 and top 5")
+                        }
+                        _ => (s5, c5, "top 5"),
+                    };
+                    println!(
+                        "live evidence: {} decisions; {figure}: {version} {ours:.4} vs LATEST {} {theirs:.4} \
+                         (top 1 {s1:.4} vs {c1:.4}, top 5 {s5:.4} vs {c5:.4})",
+                        evidence.reviewed, l.version
+                    );
+                    if evidence.reviewed < needed {
+                        return Err(TrainCommandError::Invalid(format!(
+                            "only {} reviewed documents carry both LATEST's and {version}'s shadow \
+                             scores; --live-min asks for {needed}. Keep {version} in the shadow \
+                             (infer.shadow_model) until analysts have reviewed more",
+                            evidence.reviewed
+                        )));
+                    }
+                    if ours <= theirs {
+                        return Err(TrainCommandError::Invalid(format!(
+                            "{version} is not ahead of LATEST on the analysts' decisions; not \
+                             promoted (--force overrides)"
+                        )));
+                    }
+                    "live".to_owned()
                 }
                 (Some(l), false) => {
                     let (ours, theirs, basis) = if data.is_empty() {
@@ -184,9 +256,10 @@ pub async fn main(config: &Config, command: ModelsCommand) -> Result<(), TrainCo
                         for spec in &data {
                             documents.extend(read_dataset(spec, store.as_ref()).await?);
                         }
+                        let plan = split_plan(config);
                         let validation: Vec<Document> = documents
                             .into_iter()
-                            .filter(|d| is_validation(&d.id, config.train.validation_percent))
+                            .filter(|d| plan.part(d) == Part::Validation)
                             .collect();
                         let cache = model_cache(config);
                         let ours_dir = registry.fetch(&version, &cache).await?;

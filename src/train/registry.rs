@@ -131,6 +131,9 @@ impl Registry {
     pub async fn publish(&self, model_dir: &Path, version: &str) -> Result<(), RegistryError> {
         for file in files::ALL {
             let path = model_dir.join(file);
+            if files::OPTIONAL.contains(&file) && !path.is_file() {
+                continue;
+            }
             let body = tokio::fs::read(&path)
                 .await
                 .map_err(io(format!("reading {}", path.display())))?;
@@ -206,6 +209,25 @@ impl Registry {
         }
         out.sort_by(|a, b| a.version.cmp(&b.version));
         Ok(out)
+    }
+
+    /// The newest complete version (its `metrics.json` written) that is
+    /// newer than LATEST: the latest challenger the gate refused, or one not
+    /// yet gated. None when LATEST is the newest or there is no LATEST.
+    pub async fn challenger(&self) -> Result<Option<String>, RegistryError> {
+        let Some((latest, _)) = self.latest().await? else {
+            return Ok(None);
+        };
+        let prefix = format!("{}/", self.prefix);
+        let objects = self.store.list(&prefix).await?;
+        Ok(objects
+            .iter()
+            .filter_map(|meta| {
+                let (version, file) = meta.key.strip_prefix(&prefix)?.split_once('/')?;
+                (file == files::METRICS && version > latest.version.as_str())
+                    .then(|| version.to_owned())
+            })
+            .max())
     }
 
     /// Rewrites `LATEST` with compare-and-swap: `next` sees the current
@@ -331,7 +353,12 @@ impl Registry {
             .await
             .map_err(io(format!("creating {}", partial.display())))?;
         for file in files::ALL {
-            let (_, body) = self.store.get(&self.key(version, file)).await?;
+            let body = match self.store.get(&self.key(version, file)).await {
+                Ok((_, body)) => body,
+                // A model trained before these files existed scores alone.
+                Err(ObjectError::NotFound(_)) if files::OPTIONAL.contains(&file) => continue,
+                Err(e) => return Err(e.into()),
+            };
             let path = partial.join(file);
             tokio::fs::write(&path, &body)
                 .await

@@ -36,6 +36,14 @@ fn main() -> anyhow::Result<()> {
     if let Ok(lr) = std::env::var("SIFT_LR") {
         options.learning_rate = lr.parse()?;
     }
+    if let Ok(c) = std::env::var("SIFT_LINEAR_C") {
+        if let Some(linear) = &mut options.linear {
+            linear.c = c.parse()?;
+        }
+    }
+    if std::env::var("SIFT_NO_LINEAR").is_ok() {
+        options.linear = None;
+    }
     options.progress = std::env::var("SIFT_PROGRESS").is_ok();
     let trained = train(documents, Vec::new(), &options, std::path::Path::new(out))?;
     let m = &trained.metrics;
@@ -48,5 +56,36 @@ fn main() -> anyhow::Result<()> {
         m.wall_seconds,
         m.best_epoch
     );
+    let line = |name: &str, f: &sift_training::Figures| {
+        println!(
+            "{name:<12} P@1 {:.4} hit@5 {:.4} recall@5 {:.4} ({} documents)",
+            f.p_at_1, f.hit_at_5, f.recall_at_5, f.documents
+        );
+    };
+    if let Some(t) = &m.transformer {
+        line("transformer", t);
+    }
+    if let Some(b) = &m.baseline {
+        line("baseline", &b.validation);
+        println!(
+            "baseline: {:.1}s, {} features, {} weights",
+            b.seconds, b.features, b.weights
+        );
+    }
+    if let Some(t) = &m.tuning {
+        line("tuning", t);
+    }
+    if let Some(s) = &m.seen {
+        line("seen", s);
+    }
+    if let Some(e) = &m.ensemble {
+        println!("ensemble linear weight {}", e.linear_weight);
+        for p in &e.grid {
+            println!(
+                "  w {:>5}: tuning P@1 {:.4} hit@5 {:.4} recall@5 {:.4}",
+                p.linear_weight, p.p_at_1, p.hit_at_5, p.recall_at_5
+            );
+        }
+    }
     Ok(())
 }

@@ -3,7 +3,60 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ensemble::GridPoint;
 use crate::metrics::Metrics;
+use crate::SplitPlan;
+
+/// Headline figures of one model on one set of documents, without the
+/// per-label table.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    /// Documents evaluated.
+    pub documents: u64,
+    /// P@1.
+    pub p_at_1: f64,
+    /// hit@5.
+    pub hit_at_5: f64,
+    /// recall@5.
+    pub recall_at_5: f64,
+}
+
+impl From<&Metrics> for Figures {
+    fn from(m: &Metrics) -> Self {
+        Self {
+            documents: m.documents,
+            p_at_1: m.p_at_1,
+            hit_at_5: m.hit_at_5,
+            recall_at_5: m.recall_at_5,
+        }
+    }
+}
+
+/// The classic anchor trained in the same run on the same documents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineRecord {
+    /// What it is, e.g. `TF-IDF (1,2)-grams + one-vs-rest linear SVM`.
+    pub name: String,
+    /// Its figures on the validation split.
+    pub validation: Figures,
+    /// Its figures on the seen-source split.
+    pub seen: Option<Figures>,
+    /// Training time, seconds.
+    pub seconds: f64,
+    /// Features in its vocabulary.
+    pub features: u64,
+    /// Weights kept.
+    pub weights: u64,
+}
+
+/// How the shipped scores were combined, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleRecord {
+    /// The linear model's weight chosen on the tuning split.
+    pub linear_weight: f32,
+    /// Every weight tried, with its tuning figures.
+    pub grid: Vec<GridPoint>,
+}
 
 /// One point of the training-loss curve (the mean over the steps since the
 /// previous point).
@@ -26,13 +79,13 @@ pub struct EpochRecord {
     pub epoch: u32,
     /// Mean training loss over the epoch.
     pub train_loss: f64,
-    /// Mean loss on the validation split.
+    /// Mean loss on the tuning split (named for files written before it).
     pub validation_loss: f64,
-    /// Validation P@1.
+    /// P@1 on the tuning split (which picks the epoch).
     pub p_at_1: f64,
-    /// Validation hit@5.
+    /// hit@5 on the tuning split.
     pub hit_at_5: f64,
-    /// Validation recall@5.
+    /// recall@5 on the tuning split.
     pub recall_at_5: f64,
     /// Real (unpadded) training tokens per second of training time.
     pub tokens_per_second: f64,
@@ -79,7 +132,31 @@ pub struct ModelMetrics {
     pub device: String,
     /// Seed of the run.
     pub seed: u64,
-    /// Per epoch.
+    /// How the data was split (absent in models trained before the split
+    /// by source).
+    #[serde(default)]
+    pub split: Option<SplitPlan>,
+    /// Documents in the tuning split (chose the epoch and the ensemble).
+    #[serde(default)]
+    pub tuning_documents: u64,
+    /// The transformer alone on the validation split (the headline figures
+    /// are the shipped combination's).
+    #[serde(default)]
+    pub transformer: Option<Figures>,
+    /// The linear anchor, trained and scored in the same run.
+    #[serde(default)]
+    pub baseline: Option<BaselineRecord>,
+    /// The combination's weight and the grid it was chosen from.
+    #[serde(default)]
+    pub ensemble: Option<EnsembleRecord>,
+    /// The shipped model on the tuning split.
+    #[serde(default)]
+    pub tuning: Option<Figures>,
+    /// The shipped model on documents of training sources held out by id:
+    /// what an id split would have reported.
+    #[serde(default)]
+    pub seen: Option<Figures>,
+    /// Per epoch (figures on the tuning split).
     pub epochs: Vec<EpochRecord>,
     /// The training-loss curve.
     pub steps: Vec<StepRecord>,

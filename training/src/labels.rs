@@ -139,6 +139,7 @@ mod tests {
             title: String::new(),
             text: String::new(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            source: String::new(),
             rejected: Vec::new(),
         }
     }

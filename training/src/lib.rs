@@ -1,9 +1,13 @@
 //! Training of sift's category classifier: data, the training loop,
 //! evaluation and the trained model's files.
 //!
-//! - [`Dataset`]: JSON lines `{id, title, text, tags[]}` and the
-//!   deterministic train/validation [`split`](Dataset::split) by a hash of
-//!   the id, so a document never moves between splits when data is added.
+//! - [`Dataset`]: JSON lines `{id, title, text, source, tags[]}` and the
+//!   deterministic [`SplitPlan`] by a hash of the source (training, tuning,
+//!   validation) and of the id (seen-source), so whole sources are held out
+//!   and a document never moves between parts when data is added.
+//! - [`LinearModel`]: TF-IDF (1,2)-grams + one-vs-rest linear SVM, the
+//!   anchor trained in the same run; [`ensemble`] combines it with the
+//!   transformer.
 //! - [`Labels`]: the label list saved as `labels.json`; its order is the
 //!   order of the model's outputs.
 //! - [`TextTokenizer`]: a WordPiece tokenizer trained on the corpus (or
@@ -21,8 +25,10 @@
 
 mod batch;
 mod dataset;
+pub mod ensemble;
 mod history;
 mod labels;
+pub mod linear;
 pub mod metrics;
 mod ngrams;
 mod predict;
@@ -33,9 +39,11 @@ mod train;
 mod vocab;
 
 pub use batch::{plan_batches, Batch, BatchLimits, Example};
-pub use dataset::{is_validation, DataError, Dataset, Document};
-pub use history::{EpochRecord, ModelMetrics, StepRecord};
+pub use dataset::{is_validation, DataError, Dataset, Document, Part, SplitPlan};
+pub use ensemble::Ensemble;
+pub use history::{BaselineRecord, EnsembleRecord, EpochRecord, Figures, ModelMetrics, StepRecord};
 pub use labels::{Labels, LabelsError};
+pub use linear::{LinearModel, LinearOptions};
 pub use metrics::{Metric, Metrics};
 pub use ngrams::NgramHasher;
 pub use predict::{Encoded, PredictError, Prediction, Predictor, Scored};

@@ -27,28 +27,60 @@ impl NgramHasher {
     /// Bucket ids of all unigrams (in text order) followed by all bigrams;
     /// empty for a text without words.
     pub fn hash(&self, text: &str) -> Vec<u32> {
-        let lowered = text.to_lowercase();
-        let words: Vec<&str> = lowered
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .collect();
-        let mut ids = Vec::with_capacity(words.len() * 2);
-        ids.extend(words.iter().map(|w| self.bucket(w)));
-        let mut pair = String::new();
-        for window in words.windows(2) {
-            pair.clear();
-            pair.push_str(window[0]);
-            pair.push(' ');
-            pair.push_str(window[1]);
-            ids.push(self.bucket(&pair));
-        }
-        ids
+        gram_hashes(text)
+            .into_iter()
+            .map(|h| self.bucket_of(h))
+            .collect()
     }
 
-    fn bucket(&self, gram: &str) -> u32 {
-        u32::try_from(xxh3_64(gram.as_bytes()) % u64::from(self.buckets))
-            .expect("a value below a u32 fits in a u32")
+    fn bucket_of(&self, hash: u64) -> u32 {
+        u32::try_from(hash % u64::from(self.buckets)).expect("a value below a u32 fits in a u32")
     }
+}
+
+/// The distinct grams of a text as [`gram_hashes`] sees them (lowercased
+/// words and `"first second"` pairs), each with its hash; for explaining a
+/// score in words.
+pub fn gram_strings(text: &str) -> Vec<(String, u64)> {
+    let lowered = text.to_lowercase();
+    let words: Vec<&str> = lowered
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let pairs = words.windows(2).map(|w| format!("{} {}", w[0], w[1]));
+    for gram in words.iter().map(|w| (*w).to_owned()).chain(pairs) {
+        let hash = xxh3_64(gram.as_bytes());
+        if seen.insert(hash) {
+            out.push((gram, hash));
+        }
+    }
+    out
+}
+
+/// The full 64-bit xxh3 hashes of a text's lowercased word unigrams (in text
+/// order) followed by its adjacent word pairs. Words are maximal runs of
+/// alphanumeric characters; a bigram is hashed as `"first second"`, which no
+/// unigram can equal. The n-gram branch folds these into buckets; the linear
+/// model keeps them whole as its vocabulary.
+pub fn gram_hashes(text: &str) -> Vec<u64> {
+    let lowered = text.to_lowercase();
+    let words: Vec<&str> = lowered
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut hashes = Vec::with_capacity(words.len() * 2);
+    hashes.extend(words.iter().map(|w| xxh3_64(w.as_bytes())));
+    let mut pair = String::new();
+    for window in words.windows(2) {
+        pair.clear();
+        pair.push_str(window[0]);
+        pair.push(' ');
+        pair.push_str(window[1]);
+        hashes.push(xxh3_64(pair.as_bytes()));
+    }
+    hashes
 }
 
 #[cfg(test)]

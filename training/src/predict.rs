@@ -7,6 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sift_models::{ops, Classifier, ModelConfig, NgramBatch, PackedEncoder, PackedInput};
 
+use crate::ensemble::{self, Ensemble};
+use crate::linear::{Features, LinearModel};
 use crate::metrics::{top_k, Evaluator, Metrics, TOP_K};
 use crate::train::files;
 use crate::{model_text, plan_batches, BatchLimits, Document, Labels, NgramHasher, TextTokenizer};
@@ -58,12 +60,14 @@ pub struct Prediction {
 }
 
 /// A text encoded for the model; cheap to build on a worker thread.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Encoded {
     /// Token ids, truncated to the model's `max_len`.
     pub ids: Vec<u32>,
     /// N-gram bucket ids (empty when the model has no n-gram branch).
     pub ngrams: Vec<u32>,
+    /// The linear model's TF-IDF features (empty without one).
+    pub features: Features,
 }
 
 /// One batch's input positions and their top labels, row for row.
@@ -87,6 +91,9 @@ pub struct Predictor {
     tokenizer: TextTokenizer,
     labels: Labels,
     hasher: Option<NgramHasher>,
+    /// The linear model and its weight in the combination, when the model
+    /// directory has them (models trained before them score alone).
+    linear: Option<(LinearModel, Ensemble)>,
     device: Device,
 }
 
@@ -141,11 +148,31 @@ impl Predictor {
         let hasher = config
             .ngrams
             .map(|n| NgramHasher::new(u32::try_from(n.buckets).unwrap_or(u32::MAX)));
+        let linear_path = dir.join(files::LINEAR);
+        let ensemble_path = dir.join(files::ENSEMBLE);
+        let linear = match (linear_path.is_file(), ensemble_path.is_file()) {
+            (false, false) => None,
+            (true, true) => {
+                let ensemble: Ensemble = serde_json::from_str(&read(files::ENSEMBLE)?)
+                    .map_err(|e| mismatch(format!("{}: {e}", files::ENSEMBLE)))?;
+                let linear = LinearModel::load(&linear_path, labels.len())
+                    .map_err(|e| mismatch(e.to_string()))?;
+                Some((linear, ensemble))
+            }
+            (true, false) | (false, true) => {
+                return Err(mismatch(format!(
+                    "{} and {} come together; copy the whole model directory",
+                    files::LINEAR,
+                    files::ENSEMBLE
+                )))
+            }
+        };
         Ok(Self {
             model,
             tokenizer,
             labels,
             hasher,
+            linear,
             device: device.clone(),
         })
     }
@@ -163,6 +190,23 @@ impl Predictor {
         &self.labels
     }
 
+    /// The linear model combined with the transformer, if any.
+    pub fn linear(&self) -> Option<&LinearModel> {
+        self.linear.as_ref().map(|(l, _)| l)
+    }
+
+    /// The transformer's full score row combined with the linear model's,
+    /// then its `k` best labels.
+    fn finish_row(&self, row: &[f32], features: &Features, k: usize) -> Vec<(u32, f32)> {
+        match &self.linear {
+            Some((linear, ensemble)) => top_k(
+                &ensemble::combine(row, &linear.scores_of(features), ensemble.linear_weight),
+                k,
+            ),
+            None => top_k(row, k),
+        }
+    }
+
     /// Tokenizes and hashes one text (title and body joined as
     /// [`Document::full_text`] does). Never fails on length: long texts are
     /// cut ([`model_text`], then `max_len` tokens).
@@ -174,6 +218,11 @@ impl Predictor {
                 .hasher
                 .as_ref()
                 .map(|h| h.hash(text))
+                .unwrap_or_default(),
+            features: self
+                .linear
+                .as_ref()
+                .map(|(l, _)| l.features(text))
                 .unwrap_or_default(),
         })
     }
@@ -207,7 +256,8 @@ impl Predictor {
                 let labels = self.config().num_labels;
                 return Ok(scores
                     .chunks_exact(labels)
-                    .map(|row| top_k(row, k))
+                    .zip(batch)
+                    .map(|(row, e)| self.finish_row(row, &e.features, k))
                     .collect());
             }
         };
@@ -227,7 +277,22 @@ impl Predictor {
         let scores = ops::scores(&logits, self.config().output)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        Ok(scores.iter().map(|row| top_k(row, k)).collect())
+        Ok(scores
+            .iter()
+            .zip(batch)
+            .map(|(row, e)| self.finish_row(row, &e.features, k))
+            .collect())
+    }
+
+    /// For each label of `top`, the `n` words or word pairs of `text` that
+    /// raised its score most (the linear model's contributions); empty
+    /// lists for a model without a linear half.
+    pub fn explain(&self, text: &str, top: &[(u32, f32)], n: usize) -> Vec<Vec<(String, f32)>> {
+        let positions: Vec<u32> = top.iter().map(|&(p, _)| p).collect();
+        match &self.linear {
+            Some((linear, _)) => linear.explain(model_text(text), &positions, n),
+            None => vec![Vec::new(); positions.len()],
+        }
     }
 
     /// Label names for positions from [`predict_encoded`](Self::predict_encoded).

@@ -9,17 +9,8 @@
 
 use std::fmt::Write as _;
 
-use crate::history::{EpochRecord, ModelMetrics};
+use crate::history::{EpochRecord, Figures, ModelMetrics};
 use crate::metrics::{LabelMetrics, Metric, TOP_K};
-
-/// Name of the reference baseline the model is compared with.
-const BASELINE_NAME: &str = "TF-IDF (1,2)-gram + linear SVM";
-/// Baseline P@1.
-const BASELINE_P_AT_1: f64 = 0.846;
-/// Baseline hit@5.
-const BASELINE_HIT_AT_5: f64 = 0.948;
-/// Baseline recall@5.
-const BASELINE_RECALL_AT_5: f64 = 0.786;
 
 /// How many labels the worst-categories chart shows.
 const WORST_COUNT: usize = 20;
@@ -45,6 +36,7 @@ thead th{border-bottom:2px solid #bbb}\
 tr.selected th,tr.selected td{font-weight:600;background:#f1f6ff}\
 .up{color:#1a7f37}.down{color:#c62828}.same{color:#666}\
 .note{color:#666;font-size:13px;margin:2px 0 8px}\
+.verdict{font-weight:600;margin:4px 0}\
 .empty{color:#777;font-style:italic}\
 svg{max-width:100%;height:auto;display:block}\
 svg text{font-size:11px;fill:#333}\
@@ -161,26 +153,51 @@ fn render_header(out: &mut String, m: &ModelMetrics, title_html: &str) {
     }
     out.push_str("</tbody>\n</table>\n");
 
-    let model = [v.p_at_1, v.hit_at_5, v.recall_at_5];
-    let baseline = [BASELINE_P_AT_1, BASELINE_HIT_AT_5, BASELINE_RECALL_AT_5];
+    out.push_str("<div>\n");
+    render_comparison(out, m);
+    render_splits(out, m);
+    out.push_str("</div>\n</div>\n</header>\n");
+}
+
+/// One table row of three figures.
+fn figure_cells(out: &mut String, f: &Figures) {
+    for value in [f.p_at_1, f.hit_at_5, f.recall_at_5] {
+        put!(out, "<td class=\"n\">{}</td>", fmt3(value));
+    }
+}
+
+/// The shipped model, the transformer alone and the baseline trained in the
+/// same run, on the same validation documents; and which won.
+fn render_comparison(out: &mut String, m: &ModelMetrics) {
+    let shipped = Figures::from(&m.validation);
     out.push_str(
-        "<div>\n<table class=\"baseline\">\n<thead><tr><th></th>\
+        "<table class=\"baseline\">\n<thead><tr><th>Validation (unseen sources)</th>\
          <th class=\"n\">P@1</th><th class=\"n\">hit@5</th><th class=\"n\">recall@5</th>\
          </tr></thead>\n<tbody>\n<tr><th>This model</th>",
     );
-    for value in model {
-        put!(out, "<td class=\"n\">{}</td>", fmt3(value));
+    figure_cells(out, &shipped);
+    out.push_str("</tr>\n");
+    if let (Some(t), Some(_)) = (&m.transformer, &m.ensemble) {
+        out.push_str("<tr><th>Transformer alone</th>");
+        figure_cells(out, t);
+        out.push_str("</tr>\n");
     }
-    put!(
-        out,
-        "</tr>\n<tr><th>Baseline: {}</th>",
-        escape(BASELINE_NAME)
-    );
-    for value in baseline {
-        put!(out, "<td class=\"n\">{}</td>", fmt3(value));
-    }
+    let Some(baseline) = &m.baseline else {
+        out.push_str(
+            "</tbody>\n</table>\n<p class=\"note\">No baseline was trained in this run.</p>\n",
+        );
+        return;
+    };
+    put!(out, "<tr><th>Baseline: {}</th>", escape(&baseline.name));
+    figure_cells(out, &baseline.validation);
     out.push_str("</tr>\n<tr><th>Difference</th>");
-    for (ours, theirs) in model.into_iter().zip(baseline) {
+    let ours = [shipped.p_at_1, shipped.hit_at_5, shipped.recall_at_5];
+    let theirs = [
+        baseline.validation.p_at_1,
+        baseline.validation.hit_at_5,
+        baseline.validation.recall_at_5,
+    ];
+    for (ours, theirs) in ours.into_iter().zip(theirs) {
         let diff = ours - theirs;
         let class = match round3(diff) {
             Some(d) if d > 0.0 => "up",
@@ -189,10 +206,105 @@ fn render_header(out: &mut String, m: &ModelMetrics, title_html: &str) {
         };
         put!(out, "<td class=\"n {class}\">{}</td>", signed3(diff));
     }
-    out.push_str(
-        "</tr>\n</tbody>\n</table>\n<p class=\"note\">Reference baseline on the same \
-         validation split; positive differences are better.</p>\n</div>\n</div>\n</header>\n",
+    out.push_str("</tr>\n</tbody>\n</table>\n");
+    let losses: Vec<&str> = ["P@1", "hit@5", "recall@5"]
+        .into_iter()
+        .zip(ours.into_iter().zip(theirs))
+        .filter(|(_, (o, t))| round3(o - t).is_some_and(|d| d < 0.0))
+        .map(|(name, _)| name)
+        .collect();
+    put!(
+        out,
+        "<p class=\"note\">The baseline was trained in this run on the same training \
+         documents in {} and scored on the same validation documents; positive differences \
+         are better.</p>\n",
+        human_duration(baseline.seconds)
     );
+    if losses.is_empty() {
+        out.push_str(
+            "<p class=\"verdict up\">This model beats the baseline on every figure.</p>\n",
+        );
+    } else {
+        put!(
+            out,
+            "<p class=\"verdict down\">The baseline beats this model on {}.</p>\n",
+            losses.join(", ")
+        );
+    }
+    if let (Some(t), Some(e)) = (&m.transformer, &m.ensemble) {
+        let behind = [
+            t.p_at_1 < baseline.validation.p_at_1,
+            t.hit_at_5 < baseline.validation.hit_at_5,
+            t.recall_at_5 < baseline.validation.recall_at_5,
+        ];
+        if behind.iter().any(|&b| b) {
+            put!(
+                out,
+                "<p class=\"note\">The transformer alone is behind the baseline on {} of 3 \
+                 figures; the shipped scores combine both (linear weight {}, chosen on the \
+                 tuning split).</p>\n",
+                behind.iter().filter(|&&b| b).count(),
+                fmt_weight(e.linear_weight)
+            );
+        }
+    }
+}
+
+/// The held-out parts and the shipped model's figures on each.
+fn render_splits(out: &mut String, m: &ModelMetrics) {
+    let Some(plan) = &m.split else {
+        return;
+    };
+    out.push_str(
+        "<table class=\"splits\">\n<thead><tr><th>Held-out part</th><th class=\"n\">documents</th>\
+         <th class=\"n\">P@1</th><th class=\"n\">hit@5</th><th class=\"n\">recall@5</th>\
+         </tr></thead>\n<tbody>\n",
+    );
+    let mut row = |name: String, f: &Figures| {
+        put!(
+            out,
+            "<tr><th>{name}</th><td class=\"n\">{}</td>",
+            thousands(f.documents)
+        );
+        figure_cells(out, f);
+        out.push_str("</tr>\n");
+    };
+    row(
+        format!(
+            "Validation: {}% of sources, reported",
+            plan.validation_percent
+        ),
+        &Figures::from(&m.validation),
+    );
+    if let Some(t) = &m.tuning {
+        row(
+            format!(
+                "Tuning: {}% of sources, chose epoch and weights",
+                plan.tuning_percent
+            ),
+            t,
+        );
+    }
+    if let Some(s) = &m.seen {
+        row(
+            format!("Seen sources: {}% of documents by id", plan.seen_percent),
+            s,
+        );
+    }
+    out.push_str(
+        "</tbody>\n</table>\n<p class=\"note\">Validation and tuning hold whole sources the \
+         model never saw; the seen-source part is what a split by document id would report, \
+         and the gap to validation is how much such a split flatters.</p>\n",
+    );
+}
+
+/// A weight as written in the report.
+fn fmt_weight(w: f32) -> String {
+    if w.is_finite() {
+        format!("{w}")
+    } else {
+        "n/a".to_owned()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -237,7 +349,7 @@ fn by_epoch(m: &ModelMetrics, figure: fn(&EpochRecord) -> f64) -> Vec<(f64, f64)
 /// P@1, hit@5 and recall@5 by epoch on [0, 1].
 fn validation_chart(m: &ModelMetrics) -> String {
     render_line_chart(&LineChart {
-        title: "Validation by epoch",
+        title: "Tuning split by epoch",
         x_title: "Epoch",
         y_title: "Score",
         series: vec![
@@ -993,8 +1105,24 @@ mod tests {
             loss: "bce".to_owned(),
             device: "cpu".to_owned(),
             seed: 7,
+            split: None,
+            tuning_documents: 0,
+            transformer: None,
+            baseline: None,
+            ensemble: None,
+            tuning: None,
+            seen: None,
             epochs: Vec::new(),
             steps: Vec::new(),
+        }
+    }
+
+    fn figures(p_at_1: f64, hit_at_5: f64, recall_at_5: f64) -> Figures {
+        Figures {
+            documents: 1_180,
+            p_at_1,
+            hit_at_5,
+            recall_at_5,
         }
     }
 
@@ -1055,6 +1183,23 @@ mod tests {
             loss: "softmax".to_owned(),
             device: "cuda:0 <bf16>".to_owned(),
             seed: 42,
+            split: Some(crate::SplitPlan::default()),
+            tuning_documents: 600,
+            transformer: Some(figures(0.84, 0.94, 0.75)),
+            baseline: Some(crate::BaselineRecord {
+                name: "TF-IDF <svm>".to_owned(),
+                validation: figures(0.846, 0.948, 0.786),
+                seen: None,
+                seconds: 35.0,
+                features: 1000,
+                weights: 5000,
+            }),
+            ensemble: Some(crate::EnsembleRecord {
+                linear_weight: 2.0,
+                grid: Vec::new(),
+            }),
+            tuning: Some(figures(0.85, 0.95, 0.78)),
+            seen: Some(figures(0.88, 0.97, 0.80)),
             epochs,
             steps,
         }
@@ -1084,12 +1229,16 @@ mod tests {
         assert!(html.contains("cuda:0 &lt;bf16&gt;"));
         assert!(html.contains("12 min 3 s"));
         assert!(html.contains("12,346"));
-        // Baseline differences.
+        // Baseline differences, measured in the run, and the verdict.
         assert!(html.contains("+0.015") && html.contains("+0.002") && html.contains("-0.016"));
+        assert!(html.contains("TF-IDF &lt;svm&gt;"));
+        assert!(html.contains("The baseline beats this model on recall@5."));
+        assert!(html.contains("Transformer alone"));
+        assert!(html.contains("Seen sources: 3% of documents by id"));
         let order = [
             "<header>",
             "Training loss",
-            "Validation by epoch",
+            "Tuning split by epoch",
             "Loss by epoch",
             "Worst 20 categories",
             "<details",
@@ -1122,8 +1271,9 @@ mod tests {
         let html = render_report(&m, "");
         assert!(html.contains("not enough points"));
         assert!(html.contains("Training loss"));
-        assert!(html.contains("Validation by epoch"));
+        assert!(html.contains("Tuning split by epoch"));
         assert!(html.contains("Worst 20 categories"));
+        assert!(html.contains("No baseline was trained in this run."));
         assert_eq!(html.matches("class=\"worst-bar\"").count(), 0);
         assert_clean(&html);
     }

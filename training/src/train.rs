@@ -12,11 +12,14 @@ use sift_models::{
     bert, ops, seeded_var_builder, Classifier, ModelConfig, NgramBatch, NgramConfig, Output,
 };
 
+use crate::ensemble;
+use crate::history::{BaselineRecord, Figures};
 use crate::history::{EpochRecord, ModelMetrics, StepRecord};
+use crate::linear::{LinearExample, LinearModel, LinearOptions};
 use crate::metrics::{top_k, Evaluator, Metric, Metrics, TOP_K};
 use crate::{
     model_text, plan_batches, Batch, BatchLimits, Dataset, Document, Example, Labels, NgramHasher,
-    TextTokenizer,
+    SplitPlan, TextTokenizer,
 };
 
 /// Names of the files a trained model is made of, in its directory.
@@ -33,9 +36,18 @@ pub mod files {
     pub const METRICS: &str = "metrics.json";
     /// The training report page.
     pub const REPORT: &str = "report.html";
+    /// The linear model combined with the transformer.
+    pub const LINEAR: &str = crate::linear::FILE;
+    /// The combination's weight.
+    pub const ENSEMBLE: &str = crate::ensemble::FILE;
     /// Every file of a model, in upload order (the weights last but one, the
     /// metrics last, so a reader that sees `metrics.json` sees a whole model).
-    pub const ALL: [&str; 6] = [CONFIG, TOKENIZER, LABELS, REPORT, MODEL, METRICS];
+    pub const ALL: [&str; 8] = [
+        CONFIG, TOKENIZER, LABELS, REPORT, LINEAR, ENSEMBLE, MODEL, METRICS,
+    ];
+    /// Files a model trained before they existed lacks; it scores with the
+    /// transformer alone.
+    pub const OPTIONAL: [&str; 2] = [LINEAR, ENSEMBLE];
 }
 
 /// Model sizes to start from.
@@ -105,8 +117,12 @@ pub struct TrainOptions {
     pub batch: BatchLimits,
     /// Seed of the weights, the batch order and dropout.
     pub seed: u64,
-    /// Share of documents (by id hash) held out for validation, percent.
-    pub validation_percent: u8,
+    /// How documents are split into training, tuning, validation and
+    /// seen-source parts (by source, then by id).
+    pub split: SplitPlan,
+    /// The linear anchor trained beside the transformer, scored on the same
+    /// documents and combined with it; None = the transformer alone.
+    pub linear: Option<LinearOptions>,
     /// Figure that picks the best epoch (default: the mean of the three; on
     /// the full debtags set, hit@5 alone kept epoch 2 of 6 for a 0.002 edge
     /// while epoch 4 was 0.030 better on P@1).
@@ -162,7 +178,8 @@ impl TrainOptions {
             clip_norm: 1.0,
             batch,
             seed: 42,
-            validation_percent: Dataset::DEFAULT_VALIDATION_PERCENT,
+            split: SplitPlan::default(),
+            linear: Some(LinearOptions::default()),
             selection: Metric::Mean,
             device: Device::Cpu,
             progress: false,
@@ -193,6 +210,9 @@ pub enum TrainError {
         /// The error.
         source: std::io::Error,
     },
+    /// Saving the linear model failed.
+    #[error(transparent)]
+    Linear(#[from] crate::linear::LinearError),
     /// The loss became NaN or infinite.
     #[error("the training loss diverged ({loss}) at step {step}; lower the learning rate")]
     Diverged {
@@ -316,6 +336,50 @@ pub fn evaluate(
         loss_sum / loss_docs as f64
     };
     Ok((evaluator.finish(labels), loss))
+}
+
+/// The anchor's name in reports.
+pub const BASELINE_NAME: &str = "TF-IDF (1,2)-grams + one-vs-rest linear SVM";
+
+/// A part's examples and the text of each, aligned.
+#[derive(Default)]
+struct Encoded {
+    examples: Vec<Example>,
+    texts: Vec<String>,
+}
+
+/// What the shipped model scored on each held-out part.
+struct Shipped {
+    validation: Metrics,
+    tuning: Metrics,
+    seen: Option<Figures>,
+    baseline: Option<BaselineRecord>,
+    ensemble: Option<crate::EnsembleRecord>,
+}
+
+/// Every label's score (probabilities for softmax, sigmoids otherwise) for
+/// each of `examples`, in their order.
+fn score_rows(
+    model: &Classifier,
+    examples: &[Example],
+    limits: BatchLimits,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    let config = model.config();
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let mut out = vec![Vec::new(); examples.len()];
+    for indices in plan_batches(&lengths, limits, 0) {
+        let batch = Batch::collate(examples, &indices, config.num_labels);
+        let tensors = BatchTensors::new(batch, config.ngrams.is_some(), device)?;
+        let logits = model.forward(&tensors.ids, &tensors.mask, tensors.ngrams.as_ref(), false)?;
+        let scores = ops::scores(&logits, config.output)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for (row, i) in scores.into_iter().zip(indices) {
+            out[i] = row;
+        }
+    }
+    Ok(out)
 }
 
 /// Learning rate at `step` of `total`: linear warmup, then cosine decay to 0.
@@ -459,7 +523,8 @@ pub fn train(
             "no document carries a label; every line needs a non-empty `tags` array".into(),
         ));
     }
-    let (train_set, validation_set) = Dataset { documents }.split(options.validation_percent);
+    let [train_set, tuning_set, validation_set, seen_set] =
+        Dataset { documents }.split_parts(&options.split);
     let validation_fingerprint = fingerprint(&validation_set.documents);
 
     // Tokenizer: the pretrained one, a given one, or one trained on the
@@ -503,26 +568,32 @@ pub fn train(
         .ngrams
         .map(|n| NgramHasher::new(u32::try_from(n.buckets).unwrap_or(u32::MAX)));
 
-    let encode_all = |set: &Dataset| -> Result<Vec<Example>, TrainError> {
-        let mut out = Vec::with_capacity(set.len());
+    // Examples and, aligned with them, the text the linear model reads.
+    let encode_all = |set: &Dataset, labelled_only: bool| -> Result<Encoded, TrainError> {
+        let mut out = Encoded::default();
         for doc in &set.documents {
             if let Some(example) = encode(doc, &tokenizer, hasher.as_ref(), &labels)? {
-                out.push(example);
+                if labelled_only && example.labels.is_empty() {
+                    continue;
+                }
+                out.texts.push(model_text(&doc.full_text()).to_owned());
+                out.examples.push(example);
             }
         }
         Ok(out)
     };
-    let train_examples = encode_all(&train_set)?;
-    let validation_examples: Vec<Example> = encode_all(&validation_set)?
-        .into_iter()
-        .filter(|e| !e.labels.is_empty())
-        .collect();
-    if train_examples.is_empty() || validation_examples.is_empty() {
+    let train_encoded = encode_all(&train_set, false)?;
+    let train_examples = &train_encoded.examples;
+    let tuning = encode_all(&tuning_set, true)?;
+    let validation = encode_all(&validation_set, true)?;
+    let seen = encode_all(&seen_set, true)?;
+    if train_examples.is_empty() || validation.examples.is_empty() || tuning.examples.is_empty() {
         return Err(TrainError::Data(format!(
-            "{} training and {} validation documents with labels; both splits need some \
-             (add data or raise the validation share)",
+            "{} training, {} tuning and {} validation documents with labels; each part needs \
+             some (add data, or data from more sources, or raise the shares)",
             train_examples.len(),
-            validation_examples.len()
+            tuning.examples.len(),
+            validation.examples.len()
         )));
     }
 
@@ -640,7 +711,7 @@ pub fn train(
         let (mut epoch_loss, mut epoch_batches, mut epoch_tokens) = (0f64, 0u64, 0u64);
         let (mut window_loss, mut window_steps) = (0f64, 0u64);
         for indices in &plan {
-            let batch = Batch::collate(&train_examples, indices, labels.len());
+            let batch = Batch::collate(train_examples, indices, labels.len());
             let lists = batch.ngrams.clone();
             let tensors = BatchTensors::new(batch, false, device)?;
             let bag = match (&sparse, config.ngrams) {
@@ -712,8 +783,10 @@ pub fn train(
 
         bar.set_message("evaluating");
         sync_ngrams(&sparse)?;
+        // The tuning split picks the epoch; the validation split is only
+        // reported, so its figures are not chosen for.
         let (metrics, validation_loss) =
-            evaluate(&model, &validation_examples, &labels, options.batch, device)?;
+            evaluate(&model, &tuning.examples, &labels, options.batch, device)?;
         // Best by the selection metric, ties going to the lower validation
         // loss. Patience counts epochs in which neither improved: the
         // metric can sit on a plateau (the most frequent labels) while the
@@ -770,8 +843,107 @@ pub fn train(
     }
     bar.finish_and_clear();
 
-    let (_, _, validation) =
-        best.expect("at least one epoch ran, and the first always counts as best");
+    best.expect("at least one epoch ran, and the first always counts as best");
+    // The kept epoch's weights back into the model, then every held-out
+    // part scored with them.
+    {
+        let mut varmap = varmap.clone();
+        varmap.load(&model_path)?;
+    }
+    let truth = |part: &Encoded| -> Vec<Vec<u32>> {
+        part.examples.iter().map(|e| e.labels.clone()).collect()
+    };
+    let rows = |part: &Encoded| score_rows(&model, &part.examples, options.batch, device);
+    let (tuning_p, validation_p, seen_p) = (rows(&tuning)?, rows(&validation)?, rows(&seen)?);
+    let transformer = ensemble::evaluate_rows(&validation_p, &truth(&validation), &labels);
+    let mut shipped = Shipped {
+        validation: transformer.clone(),
+        tuning: ensemble::evaluate_rows(&tuning_p, &truth(&tuning), &labels),
+        seen: (!seen.examples.is_empty())
+            .then(|| Figures::from(&ensemble::evaluate_rows(&seen_p, &truth(&seen), &labels))),
+        baseline: None,
+        ensemble: None,
+    };
+    if let Some(linear_options) = &options.linear {
+        bar.set_message("training the linear model");
+        let linear_started = Instant::now();
+        let examples: Vec<LinearExample<'_>> = train_encoded
+            .texts
+            .iter()
+            .zip(train_examples)
+            .map(|(text, e)| LinearExample {
+                text,
+                labels: &e.labels,
+                rejected: &e.rejected,
+            })
+            .collect();
+        let linear = LinearModel::train(&examples, labels.len(), linear_options);
+        let linear_seconds = linear_started.elapsed().as_secs_f64();
+        let scores = |part: &Encoded| -> Vec<Vec<f32>> {
+            use rayon::prelude::*;
+            part.texts.par_iter().map(|t| linear.scores(t)).collect()
+        };
+        let (tuning_s, validation_s, seen_s) =
+            (scores(&tuning), scores(&validation), scores(&seen));
+        let (choice, grid) = ensemble::fit(
+            &tuning_p,
+            &tuning_s,
+            &truth(&tuning),
+            &labels,
+            options.selection,
+        );
+        let combined = |p: &[Vec<f32>], s: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            p.iter()
+                .zip(s)
+                .map(|(p, s)| ensemble::combine(p, s, choice.linear_weight))
+                .collect()
+        };
+        shipped.validation = ensemble::evaluate_rows(
+            &combined(&validation_p, &validation_s),
+            &truth(&validation),
+            &labels,
+        );
+        shipped.tuning =
+            ensemble::evaluate_rows(&combined(&tuning_p, &tuning_s), &truth(&tuning), &labels);
+        if !seen.examples.is_empty() {
+            shipped.seen = Some(Figures::from(&ensemble::evaluate_rows(
+                &combined(&seen_p, &seen_s),
+                &truth(&seen),
+                &labels,
+            )));
+        }
+        shipped.baseline = Some(BaselineRecord {
+            name: BASELINE_NAME.to_owned(),
+            validation: Figures::from(&ensemble::evaluate_rows(
+                &validation_s,
+                &truth(&validation),
+                &labels,
+            )),
+            seen: (!seen.examples.is_empty())
+                .then(|| Figures::from(&ensemble::evaluate_rows(&seen_s, &truth(&seen), &labels))),
+            seconds: linear_seconds,
+            features: linear.num_features() as u64,
+            weights: linear.num_weights() as u64,
+        });
+        linear.save(&out_dir.join(files::LINEAR))?;
+        let path = out_dir.join(files::ENSEMBLE);
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&choice).expect("a number always serialises"),
+        )
+        .map_err(io_error(&path))?;
+        shipped.ensemble = Some(crate::EnsembleRecord {
+            linear_weight: choice.linear_weight,
+            grid,
+        });
+    }
+    let Shipped {
+        validation: validation_metrics,
+        tuning: tuning_metrics,
+        seen: seen_figures,
+        baseline,
+        ensemble: ensemble_record,
+    } = shipped;
     let write = |name: &str, bytes: &[u8]| -> Result<(), TrainError> {
         let path = out_dir.join(name);
         std::fs::write(&path, bytes).map_err(io_error(&path))
@@ -784,14 +956,21 @@ pub fn train(
         .save(out_dir.join(files::LABELS))
         .map_err(crate::Error::from)?;
     let metrics = ModelMetrics {
-        validation,
+        validation: validation_metrics,
         selection_metric: options.selection.name().to_owned(),
         best_epoch,
         stopped_early,
         tokens_per_second: train_tokens_total as f64 / train_seconds_total.max(1e-9),
         wall_seconds: started.elapsed().as_secs_f64(),
         train_documents: train_examples.len() as u64,
-        validation_documents: validation_examples.len() as u64,
+        validation_documents: validation.examples.len() as u64,
+        split: Some(options.split),
+        tuning_documents: tuning.examples.len() as u64,
+        transformer: Some(Figures::from(&transformer)),
+        baseline,
+        ensemble: ensemble_record,
+        tuning: Some(Figures::from(&tuning_metrics)),
+        seen: seen_figures,
         validation_fingerprint,
         feedback_documents,
         preset: if options.pretrained.is_some() {

@@ -37,6 +37,7 @@ fn corpus(n: usize) -> Vec<Document> {
                 title: format!("{} {}", words[0], words[1]),
                 text: words.join(" "),
                 tags,
+                source: String::new(),
                 rejected: Vec::new(),
             }
         })
@@ -53,7 +54,7 @@ fn options(epochs: u32) -> TrainOptions {
         buckets: 4096,
         dim: 16,
     });
-    o.validation_percent = 20;
+    o.split.validation_percent = 20;
     o.learning_rate = 3e-3;
     o.batch = BatchLimits {
         max_batch_tokens: 1024,
@@ -152,6 +153,7 @@ fn feedback_amends_and_extends_the_dataset() -> Result<()> {
         id: id.to_owned(),
         title: String::new(),
         text: "reviewed text".to_owned(),
+        source: String::new(),
         tags: tags.iter().map(|t| t.to_string()).collect(),
         rejected: rejected.iter().map(|t| t.to_string()).collect(),
     };
