@@ -431,6 +431,141 @@ async fn a_promotion_mid_run_swaps_the_model_without_losing_documents() -> Resul
     Ok(())
 }
 
+/// Writes an analyst's decision on row `id` (the champion's top 5 reviewed).
+async fn decide(table: &dyn Table, id: &str, label: &str, champion: &str) -> Result<()> {
+    use sift::backends::table::RowPut;
+    let row = RowPut::new(id.to_owned())
+        .cell(documents::REVIEW, documents::review::DECISION, "choose")
+        .cell(documents::REVIEW, documents::review::LABEL, label.to_owned())
+        .cell(documents::REVIEW, documents::review::REVIEWER, "ann")
+        .cell(documents::REVIEW, documents::review::AT_MS, "1700000000000")
+        .cell(
+            documents::REVIEW,
+            documents::review::MODEL_VERSION,
+            champion.to_owned(),
+        );
+    table.put(documents::TABLE, vec![row]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_scores_every_document_and_live_evidence_decides_its_promotion() -> Result<()> {
+    use sift::train::models::{self, ModelsCommand};
+    let models = models().await?;
+    let dir = tempfile::tempdir()?;
+    let mut cfg = config(dir.path());
+    cfg.infer.shadow_model = "challenger".into();
+    // Live evidence is judged on top 1 here.
+    cfg.train.gate_metric = "p_at_1".into();
+    let log: Arc<dyn Log> = open_log(dir.path())?;
+    let objects: Arc<dyn ObjectStore> =
+        Arc::new(EmbeddedObjects::open(&dir.path().join("objects"))?);
+    // LATEST, a refused challenger (newer), and an older version the
+    // challenger rule must pass over.
+    let champion = "20260101-000000-aaaaaa";
+    let challenger = "20260102-000000-bbbbbb";
+    promote(objects.clone(), &(champion.to_owned(), models.a.1.clone())).await?;
+    let registry = Registry::new(objects.clone(), "models");
+    // The challenger is model B's transformer alone: both models share the
+    // deterministic linear half, which makes their combined top 1 agree
+    // too often to tell them apart on a few documents.
+    let alone = dir.path().join("b-alone");
+    std::fs::create_dir_all(&alone)?;
+    for file in sift_training::files::ALL {
+        std::fs::copy(models.b.1.join(file), alone.join(file))?;
+    }
+    std::fs::write(
+        alone.join(sift_training::files::ENSEMBLE),
+        r#"{"linear_weight": 0.0}"#,
+    )?;
+    registry.publish(&alone, challenger).await?;
+    registry.publish(&models.b.1, "20251231-000000-cccccc").await?;
+    ensure!(registry.challenger().await?.as_deref() == Some(challenger));
+    log.create_topic(topics::CLEAN, 4).await?;
+    let ids = produce(log.as_ref(), &documents(0, 120)?).await?;
+
+    let disagree = {
+        let table: Arc<dyn Table> =
+            Arc::new(EmbeddedTable::open(&dir.path().join("table.redb"))?);
+        let s = infer::run(
+            log.clone(),
+            table.clone(),
+            objects.clone(),
+            &cfg,
+            ModelChoice::Latest,
+            Until::caught_up(),
+        )
+        .await?;
+        ensure!(s.scored == 120, "{s:?}");
+        let all = rows(table.as_ref()).await?;
+        ensure!(all.len() == 120);
+        // Every document carries the champion's scores for analysts and the
+        // shadow's beside them, and the words behind each of the 5.
+        let mut disagree = Vec::new();
+        for row in &all {
+            check_complete(row)?;
+            ensure!(cell(row, documents::CATEGORIES, categories::MODEL_VERSION) == champion);
+            ensure!(cell(row, documents::CATEGORIES, categories::SHADOW_VERSION) == challenger);
+            let theirs: Vec<serde_json::Value> =
+                serde_json::from_str(&cell(row, documents::CATEGORIES, categories::SHADOW_TOP5))?;
+            ensure!(theirs.len() == 5);
+            let why: Vec<Vec<String>> =
+                serde_json::from_str(&cell(row, documents::CATEGORIES, categories::WHY))?;
+            ensure!(why.len() == 5, "{why:?}");
+            let ours = infer::top5_of(row).context("top5")?;
+            let shadow_first = theirs[0]["label"].as_str().unwrap_or_default().to_owned();
+            if ours[0].label != shadow_first {
+                disagree.push((
+                    String::from_utf8_lossy(&row.key).into_owned(),
+                    ours[0].label.clone(),
+                    shadow_first,
+                ));
+            }
+        }
+        ensure!(
+            disagree.len() >= 10,
+            "the two models disagree on only {} documents: no evidence to test with",
+            disagree.len()
+        );
+        ensure!(ids.len() == 120);
+
+        // Decisions that side with the champion: the shadow is behind.
+        for (id, ours, _) in disagree.iter().take(10) {
+            decide(table.as_ref(), id, ours, champion).await?;
+        }
+        disagree
+    };
+    let promote_live = |min: u64| ModelsCommand::Promote {
+        model_version: challenger.to_owned(),
+        force: false,
+        data: Vec::new(),
+        live_min: Some(min),
+    };
+    let refused = models::main(&cfg, promote_live(20)).await;
+    ensure!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("only 10 reviewed")),
+        "{refused:?}"
+    );
+    let behind = models::main(&cfg, promote_live(5)).await;
+    ensure!(
+        behind.as_ref().is_err_and(|e| e.to_string().contains("not ahead")),
+        "{behind:?}"
+    );
+    ensure!(registry.latest().await?.context("LATEST")?.0.version == champion);
+
+    // The analysts side with the shadow on the same documents: promoted.
+    {
+        let table = EmbeddedTable::open(&dir.path().join("table.redb"))?;
+        for (id, _, theirs) in disagree.iter().take(10) {
+            decide(&table, id, theirs, champion).await?;
+        }
+    }
+    models::main(&cfg, promote_live(10)).await?;
+    let latest = registry.latest().await?.context("LATEST")?.0;
+    ensure!(latest.version == challenger && latest.reason == "live", "{latest:?}");
+    Ok(())
+}
+
 /// Failed model loads counted in this process's metrics.
 fn load_failures() -> u64 {
     let text = sift::metrics::global().render();

@@ -63,7 +63,15 @@ struct Seeded {
     text: String,
     fetched_at_ms: i64,
     top5: Vec<(String, f64)>,
+    /// Per label, the words that weighed most (`c:why`).
+    why: Vec<Vec<String>>,
 }
+
+/// Words of every non-markup document's text, handed out as the words
+/// that weighed for its labels.
+const WHY_WORDS: [&str; 4] = ["install", "configure", "package", "read"];
+/// The shadow model that scored every document a second time.
+const SHADOW_VERSION: &str = "20250302-120000-shadow";
 
 /// 30 documents in queue order (lowest top-1 score first); the last one, the
 /// most certain, carries the markup.
@@ -111,6 +119,14 @@ fn seed_documents() -> Vec<Seeded> {
                     ),
                 )
             };
+            // The markup document keeps none, so its page shows none.
+            let why = if markup {
+                Vec::new()
+            } else {
+                (0..5)
+                    .map(|k| vec![WHY_WORDS[(i + k) % WHY_WORDS.len()].to_owned()])
+                    .collect()
+            };
             Seeded {
                 id: document_id(&source, &url),
                 source,
@@ -119,6 +135,7 @@ fn seed_documents() -> Vec<Seeded> {
                 text,
                 fetched_at_ms: 1_740_000_000_000 + 60_000 * i as i64,
                 top5,
+                why,
             }
         })
         .collect()
@@ -137,6 +154,8 @@ async fn seed_table(dir: &Path, docs: &[Seeded]) -> Result<()> {
                 .iter()
                 .map(|(l, s)| json!({"label": l, "score": s}))
                 .collect();
+            // The shadow ranks the champion's 5 the other way round.
+            let shadow = Value::from(top5.iter().rev().cloned().collect::<Vec<_>>()).to_string();
             RowPut::new(d.id.clone())
                 .cell(META, "source", d.source.clone())
                 .cell(META, "url", d.url.clone())
@@ -146,6 +165,9 @@ async fn seed_table(dir: &Path, docs: &[Seeded]) -> Result<()> {
                 .cell(META, "fetched_at_ms", d.fetched_at_ms.to_string())
                 .cell(CATEGORIES, categories::TOP5, Value::from(top5).to_string())
                 .cell(CATEGORIES, categories::MODEL_VERSION, MODEL_VERSION)
+                .cell(CATEGORIES, categories::WHY, json!(d.why).to_string())
+                .cell(CATEGORIES, categories::SHADOW_TOP5, shadow)
+                .cell(CATEGORIES, categories::SHADOW_VERSION, SHADOW_VERSION)
                 .cell(
                     CATEGORIES,
                     categories::SCORED_AT_MS,
@@ -419,7 +441,15 @@ fn review_ui_in_headless_chromium() -> Result<()> {
             "id": d.id, "source": d.source, "url": d.url, "title": d.title,
             "fetched_at_ms": d.fetched_at_ms,
             "top5": d.top5.iter().map(|(l, s)| json!({"label": l, "score": s})).collect::<Vec<_>>(),
+            "why": d.why,
         })).collect::<Vec<_>>(),
+        // What each seeded label means, from the compiled-in vocabulary.
+        "categories": docs.iter().flat_map(|d| d.top5.iter().map(|(l, _)| l.clone()))
+            .filter_map(|l| sift::categories::get(&l).map(|c| (l, json!({"name": c.name, "description": c.description}))))
+            .collect::<serde_json::Map<String, Value>>(),
+        "description_query": "executable",
+        "description_label": "role::program",
+        "shadow_version": SHADOW_VERSION,
         "xss_id": docs.last().context("seeded documents")?.id,
         "category_filter": "use::browsing",
         "choose_label": CHOOSE_LABEL,

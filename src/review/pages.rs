@@ -619,11 +619,23 @@ mod tests {
         assert!(!page.contains("<img src=x"), "{page}");
         assert!(!page.contains("<b>src"), "{page}");
         assert!(!page.contains("href=\"javascript:"), "{page}");
+        // The text stays escaped around the highlighted word, and the
+        // words shown for a label are escaped too.
         assert!(
-            page.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            page.contains("&lt;<mark class=\"why why-1\">img</mark> src=x onerror=alert(1)&gt;"),
             "{page}"
         );
+        assert!(page.contains("<mark class=\"why why-1\">&lt;b&gt;</mark>"), "{page}");
         assert!(page.contains("data-label=\"a&quot;b&lt;\""), "{page}");
+        let plain = DocView {
+            why: Vec::new(),
+            ..d
+        };
+        let page = doc(&s, &plain, &Filters::default()).into_string();
+        assert!(
+            page.contains("&lt;img src=x onerror=alert(1)&gt;") && !page.contains("<mark"),
+            "{page}"
+        );
         assert_eq!(time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(doc_path("a b/c"), "/doc/a%20b%2Fc");
     }

@@ -300,7 +300,10 @@ fn options(config: &Config, args: &TrainArgs) -> Result<TrainOptions, TrainComma
     }
     o.seed = args.seed.unwrap_or(config.train.seed);
     o.split = split_plan(config);
-    o.linear = config.train.linear.then(LinearOptions::default);
+    o.linear = config.train.linear.then(|| LinearOptions {
+        seed: o.seed,
+        ..LinearOptions::default()
+    });
     // The gate metric is checked here so a typo fails before training; the
     // best epoch within the run is picked by the preset's selection.
     gate_metric(config)?;
@@ -557,8 +560,8 @@ fn print_outcome(outcome: &TrainOutcome, json: bool) {
         outcome.dataset_documents, outcome.feedback_documents
     );
     println!(
-        "  split              {} training, {} validation",
-        m.train_documents, m.validation_documents
+        "  split              {} training, {} tuning, {} validation (unseen sources)",
+        m.train_documents, m.tuning_documents, m.validation_documents
     );
     println!(
         "  validation         P@1 {:.3} · hit@5 {:.3} · recall@5 {:.3} (best epoch {} of {})",
@@ -568,6 +571,38 @@ fn print_outcome(outcome: &TrainOutcome, json: bool) {
         m.best_epoch,
         m.epochs.len()
     );
+    let figures = |name: &str, f: &sift_training::Figures| {
+        println!(
+            "  {name:<18} P@1 {:.3} · hit@5 {:.3} · recall@5 {:.3}",
+            f.p_at_1, f.hit_at_5, f.recall_at_5
+        );
+    };
+    if let Some(t) = &m.transformer {
+        figures("transformer alone", t);
+    }
+    if let Some(b) = &m.baseline {
+        figures("baseline", &b.validation);
+        let v = &m.validation;
+        let behind: Vec<&str> = [
+            ("P@1", v.p_at_1 < b.validation.p_at_1),
+            ("hit@5", v.hit_at_5 < b.validation.hit_at_5),
+            ("recall@5", v.recall_at_5 < b.validation.recall_at_5),
+        ]
+        .into_iter()
+        .filter(|(_, lost)| *lost)
+        .map(|(name, _)| name)
+        .collect();
+        if !behind.is_empty() {
+            println!(
+                "  NOTE               the baseline ({}) beats this model on {}",
+                b.name,
+                behind.join(", ")
+            );
+        }
+    }
+    if let Some(s) = &m.seen {
+        figures("seen sources", s);
+    }
     println!(
         "  throughput         {:.0} tokens/s on {}",
         m.tokens_per_second, m.device

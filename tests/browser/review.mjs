@@ -125,6 +125,33 @@ async function readDocument(page, id) {
   for (const sel of ['a#url', '#fetched-at', '#model-version', '#text', 'form#reject', 'form#choose', 'form#skip']) {
     ensure(await page.$(sel), `/doc/${id}: ${sel} is missing`);
   }
+  // Each of the 5 with its category's name and description, and the words
+  // that weighed for it, highlighted in the text in its colour.
+  const meaning = await page.$$eval('ol#top5 li.label', (lis) => lis.map((li) => ({
+    name: li.querySelector('.cat-name')?.textContent ?? null,
+    description: li.querySelector('.description')?.textContent ?? null,
+    why: [...li.querySelectorAll('.why mark')].map((m) => m.textContent.trim()),
+  })));
+  meaning.forEach((m, i) => {
+    const label = seed.top5[i].label;
+    const c = SEED.categories[label];
+    if (c) {
+      ensure(m.name === c.name, `/doc/${id}: ${label} is named ${JSON.stringify(m.name)}, expected ${JSON.stringify(c.name)}`);
+      if (c.description) ensure(m.description && m.description.includes(c.description), `/doc/${id}: ${label} shows no description ${JSON.stringify(c.description)}`);
+    } else {
+      ensure(m.name === null, `/doc/${id}: ${label} is outside the vocabulary but shows a name ${m.name}`);
+    }
+    const want = (seed.why[i] ?? []);
+    ensure(JSON.stringify(m.why) === JSON.stringify(want), `/doc/${id}: ${label} shows the words ${JSON.stringify(m.why)}, expected ${JSON.stringify(want)}`);
+  });
+  const marked = await page.$$eval('#text mark.why', (ms) => ms.map((m) => [m.textContent, m.className]));
+  seed.why.forEach((words, i) => {
+    for (const w of words) {
+      ensure(marked.some(([t, cls]) => t.toLowerCase() === w && cls.includes('why-')),
+        `/doc/${id}: "${w}" (label ${i + 1}) is not highlighted in #text: ${JSON.stringify(marked)}`);
+    }
+  });
+  if (!seed.why.length) ensure(marked.length === 0, `/doc/${id}: highlights without words: ${JSON.stringify(marked)}`);
   const accepts = await page.$$eval('form.accept', (fs) => fs.map((f) => f.getAttribute('data-key')));
   ensure(JSON.stringify(accepts) === JSON.stringify(['1', '2', '3', '4', '5']),
     `/doc/${id}: expected five form.accept with data-key 1..5, found ${JSON.stringify(accepts)}`);
@@ -308,6 +335,12 @@ async function run(browser) {
     ensure(Array.isArray(found) && found.length <= 20 && found.includes(label)
       && found.every((l) => l.toLowerCase().includes(SEED.choose_query.toLowerCase())),
       `/labels?q=${SEED.choose_query.toUpperCase()} answered ${JSON.stringify(found)}, expected at most 20 labels containing it, ${label} among them`);
+    // Words of a category's description find it too, with its name.
+    const described = await alice.request.get(`${BASE}/labels?detail=1&q=${encodeURIComponent(SEED.description_query)}`);
+    const byWords = await described.json();
+    ensure(described.status() === 200 && Array.isArray(byWords)
+      && byWords.some((f) => f.label === SEED.description_label && f.name === SEED.categories[SEED.description_label].name),
+      `/labels?detail=1&q=${SEED.description_query} answered ${JSON.stringify(byWords)}, expected ${SEED.description_label} with its name`);
 
     await page.keyboard.press('/');
     ensure(await page.evaluate(() => document.activeElement?.id) === 'label-search', '/ did not focus #label-search');
@@ -479,6 +512,20 @@ async function run(browser) {
     const rejected = await page.textContent('table#rejected');
     const rej = record.decisions.find((d) => d.decision === 'reject');
     for (const l of rej.rejected) ensure(rejected.includes(l), `table#rejected does not list ${l}`);
+    // The charts: reviews per day, accuracy per model version, the most
+    // rejected categories, and the champion against its shadow.
+    const bars = await page.$$eval('svg#chart-per-day rect.bar', (rs) => rs.map((r) => r.querySelector('title').textContent));
+    ensure(bars.length === perDay.length, `svg#chart-per-day has ${bars.length} bars for ${perDay.length} days`);
+    ensure(await page.$('svg#chart-accuracy polyline.series'), 'svg#chart-accuracy draws no line');
+    const rejectedBars = await page.$$eval('svg#chart-rejected rect.bar', (rs) => rs.length);
+    ensure(rejectedBars === (await page.$$eval('table#rejected tbody tr', (t) => t.length)), `svg#chart-rejected has ${rejectedBars} bars`);
+    const shadow = await page.$$eval('table#shadow tbody tr', (trs) => trs.map((tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent.trim())));
+    const labelled = record.decisions.filter((d) => d.label);
+    const shadowTop1 = labelled.filter((d) => d.key === '5').length;
+    ensure(shadow.length === 1 && shadow[0][0] === SEED.model_version && shadow[0][1] === SEED.shadow_version
+      && parseInt(shadow[0][2], 10) === labelled.length && shadow[0][4] === `${(100 * shadowTop1 / labelled.length).toFixed(1)}%`,
+      `table#shadow shows ${JSON.stringify(shadow)}, expected ${SEED.model_version} against ${SEED.shadow_version} on ${labelled.length} decisions, shadow top 1 on ${shadowTop1}`);
+    ensure(await page.$$eval('svg#chart-shadow-0 rect.bar', (rs) => rs.length) > 0, 'svg#chart-shadow-0 draws no bars');
     await page.screenshot({ path: join(ARTIFACTS, 'stats.png'), fullPage: true });
   });
 
