@@ -436,7 +436,11 @@ async fn decide(table: &dyn Table, id: &str, label: &str, champion: &str) -> Res
     use sift::backends::table::RowPut;
     let row = RowPut::new(id.to_owned())
         .cell(documents::REVIEW, documents::review::DECISION, "choose")
-        .cell(documents::REVIEW, documents::review::LABEL, label.to_owned())
+        .cell(
+            documents::REVIEW,
+            documents::review::LABEL,
+            label.to_owned(),
+        )
         .cell(documents::REVIEW, documents::review::REVIEWER, "ann")
         .cell(documents::REVIEW, documents::review::AT_MS, "1700000000000")
         .cell(
@@ -479,14 +483,15 @@ async fn a_shadow_scores_every_document_and_live_evidence_decides_its_promotion(
         r#"{"linear_weight": 0.0}"#,
     )?;
     registry.publish(&alone, challenger).await?;
-    registry.publish(&models.b.1, "20251231-000000-cccccc").await?;
+    registry
+        .publish(&models.b.1, "20251231-000000-cccccc")
+        .await?;
     ensure!(registry.challenger().await?.as_deref() == Some(challenger));
     log.create_topic(topics::CLEAN, 4).await?;
     let ids = produce(log.as_ref(), &documents(0, 120)?).await?;
 
     let disagree = {
-        let table: Arc<dyn Table> =
-            Arc::new(EmbeddedTable::open(&dir.path().join("table.redb"))?);
+        let table: Arc<dyn Table> = Arc::new(EmbeddedTable::open(&dir.path().join("table.redb"))?);
         let s = infer::run(
             log.clone(),
             table.clone(),
@@ -543,12 +548,16 @@ async fn a_shadow_scores_every_document_and_live_evidence_decides_its_promotion(
     };
     let refused = models::main(&cfg, promote_live(20)).await;
     ensure!(
-        refused.as_ref().is_err_and(|e| e.to_string().contains("only 10 reviewed")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("only 10 reviewed")),
         "{refused:?}"
     );
     let behind = models::main(&cfg, promote_live(5)).await;
     ensure!(
-        behind.as_ref().is_err_and(|e| e.to_string().contains("not ahead")),
+        behind
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not ahead")),
         "{behind:?}"
     );
     ensure!(registry.latest().await?.context("LATEST")?.0.version == champion);
@@ -562,7 +571,10 @@ async fn a_shadow_scores_every_document_and_live_evidence_decides_its_promotion(
     }
     models::main(&cfg, promote_live(10)).await?;
     let latest = registry.latest().await?.context("LATEST")?.0;
-    ensure!(latest.version == challenger && latest.reason == "live", "{latest:?}");
+    ensure!(
+        latest.version == challenger && latest.reason == "live",
+        "{latest:?}"
+    );
     Ok(())
 }
 

@@ -100,7 +100,7 @@ dl.meta dd { margin: 0; overflow-wrap: anywhere; }
 #top5 form { margin: 0; }
 #top5 button { width: 100%; text-align: left; }
 .track { display: block; background: #e8e8e8; height: .7rem; border-radius: 3px; }
-.bar { display: block; background: #3b73d9; height: 100%; border-radius: 3px; }
+span.bar { display: block; background: #3b73d9; height: 100%; border-radius: 3px; }
 .score { font-variant-numeric: tabular-nums; text-align: right; }
 svg.chart { display: block; max-width: 100%; height: auto; margin: .5rem 0 1rem; }
 svg.chart text { font-size: 11px; fill: #333; }

@@ -32,7 +32,7 @@ pub fn bars(id: &str, title: &str, items: &[(String, f64)]) -> Markup {
     let max = if max > 0.0 { max } else { 1.0 };
     let n = items.len().max(1) as f64;
     let slot = (WIDTH - LEFT - RIGHT) / n;
-    let bar_w = (slot * 0.7).max(1.0);
+    let bar_w = (slot * 0.7).clamp(1.0, 48.0);
     // Label every k-th bar so the dates do not overlap.
     let every = ((n * 70.0 / (WIDTH - LEFT - RIGHT)).ceil() as usize).max(1);
     html! {

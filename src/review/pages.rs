@@ -326,19 +326,17 @@ pub fn doc(session: &Session, d: &DocView, filters: &Filters) -> Markup {
                                     button type="submit" title=(format!("Accept (key {})", i + 1)) {
                                         kbd { (i + 1) } " "
                                         @if let Some(c) = category {
-                                            span .cat-name { (c.name) } " "
+                                            span .cat-name title=(c.facet_name) { (c.name) } " "
                                         }
                                         span .name { (label) }
                                     }
                                 }
                                 span .score { (format!("{score:.3}")) }
                                 span .track { span .bar style=(format!("width: {:.1}%", (score.clamp(0.0, 1.0) * 100.0))) {} }
-                                @if let Some(c) = category {
-                                    @if !c.description.is_empty() || !c.facet_name.is_empty() {
-                                        p .description {
-                                            @if !c.facet_name.is_empty() { span .facet { (c.facet_name) } ": " }
-                                            (c.description)
-                                        }
+                                @if let Some(c) = category.filter(|c| !c.description.is_empty()) {
+                                    p .description {
+                                        @if !c.facet_name.is_empty() { span .facet { (c.facet_name) } ": " }
+                                        (c.description)
                                     }
                                 }
                                 @if let Some(words) = d.why.get(i).filter(|w| !w.is_empty()) {
@@ -625,7 +623,10 @@ mod tests {
             page.contains("&lt;<mark class=\"why why-1\">img</mark> src=x onerror=alert(1)&gt;"),
             "{page}"
         );
-        assert!(page.contains("<mark class=\"why why-1\">&lt;b&gt;</mark>"), "{page}");
+        assert!(
+            page.contains("<mark class=\"why why-1\">&lt;b&gt;</mark>"),
+            "{page}"
+        );
         assert!(page.contains("data-label=\"a&quot;b&lt;\""), "{page}");
         let plain = DocView {
             why: Vec::new(),
