@@ -330,38 +330,43 @@ pub fn run(args: &FeedbackBenchArgs) -> Result<FeedbackReport, TrainCommandError
     })
 }
 
-/// The curves as a standalone SVG: hit@5 and P@1 by day, per order.
+/// The curves as a standalone SVG: hit@5 by day per order above, P@1
+/// below, each on an axis fitted to its values.
 pub fn plot(report: &FeedbackReport) -> String {
+    use crate::review::charts::{lines_in, Series};
     let days: Vec<String> = report
         .curves
         .first()
         .map(|(_, d)| d.iter().map(|d| format!("day {}", d.day)).collect())
         .unwrap_or_default();
-    let mut series = Vec::new();
-    for (strategy, curve) in &report.curves {
-        for (figure, of) in [("hit@5", 0), ("P@1", 1)] {
-            series.push(crate::review::charts::Series {
-                name: format!("{figure}, {}", strategy.name()),
-                points: curve
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| (i, if of == 0 { d.hit_at_5 } else { d.p_at_1 }))
-                    .collect(),
-            });
-        }
-    }
-    let svg = crate::review::charts::lines(
-        "feedback",
-        "Test hit@5 and P@1 by simulated day of reviews",
-        &days,
-        &series,
-    )
-    .into_string();
-    // A standalone file needs the namespace and its own text style.
-    svg.replacen(
-        "<svg ",
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" font-family=\"sans-serif\" font-size=\"11\" ",
-        1,
+    let panel = |id: &str, title: &str, figure: fn(&Day) -> f64| {
+        let series: Vec<Series> = report
+            .curves
+            .iter()
+            .map(|(strategy, curve)| Series {
+                name: strategy.name().to_owned(),
+                points: curve.iter().enumerate().map(|(i, d)| (i, figure(d))).collect(),
+            })
+            .collect();
+        let values = report.curves.iter().flat_map(|(_, c)| c.iter().map(figure));
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+        let pad = ((hi - lo) * 0.1).max(0.002);
+        lines_in(id, title, &days, &series, (lo - pad, hi + pad)).into_string()
+    };
+    let hit = panel("feedback-hit", "Test hit@5 by day of simulated reviews", |d| d.hit_at_5);
+    let p1 = panel("feedback-p1", "Test P@1 by day of simulated reviews", |d| d.p_at_1);
+    // Two panels stacked in one standalone file, with their own text style.
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" font-family=\"sans-serif\" font-size=\"11\" \
+         viewBox=\"0 0 720 640\" width=\"720\" height=\"640\">\
+         <text x=\"48\" y=\"14\" font-size=\"13\">hit@5 on the test set</text>\
+         <g transform=\"translate(0,20)\">{}</g>\
+         <text x=\"48\" y=\"334\" font-size=\"13\">P@1 on the test set</text>\
+         <g transform=\"translate(0,340)\">{}</g></svg>",
+        hit.replacen("<svg ", "<svg width=\"720\" height=\"300\" ", 1),
+        p1.replacen("<svg ", "<svg width=\"720\" height=\"300\" ", 1)
     )
 }
 

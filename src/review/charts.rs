@@ -89,19 +89,35 @@ pub struct Series {
 
 /// Lines over shared x labels (e.g. days), y in [0, 1] (shares).
 pub fn lines(id: &str, title: &str, x_labels: &[String], series: &[Series]) -> Markup {
+    lines_in(id, title, x_labels, series, (0.0, 1.0))
+}
+
+/// Lines with the y axis on `range` (shares), for curves whose differences
+/// a [0, 1] axis would flatten.
+pub fn lines_in(
+    id: &str,
+    title: &str,
+    x_labels: &[String],
+    series: &[Series],
+    range: (f64, f64),
+) -> Markup {
+    let (lo, hi) = (finite(range.0), finite(range.1));
+    let (lo, hi) = if hi > lo { (lo, hi) } else { (0.0, 1.0) };
     let height = 240.0;
     let legend_h = 18.0 * series.len() as f64;
     let plot_h = height - TOP - BOTTOM;
     let n = x_labels.len().max(2) as f64 - 1.0;
     let x_of = |i: usize| LEFT + (WIDTH - LEFT - RIGHT) * i as f64 / n;
-    let y_of = |v: f64| TOP + plot_h * (1.0 - finite(v).clamp(0.0, 1.0));
+    let y_of = |v: f64| TOP + plot_h * (1.0 - ((finite(v) - lo) / (hi - lo)).clamp(0.0, 1.0));
     let every = ((x_labels.len() as f64 * 70.0 / (WIDTH - LEFT - RIGHT)).ceil() as usize).max(1);
+    let ticks: Vec<f64> = (0..=4).map(|k| lo + (hi - lo) * f64::from(k) / 4.0).collect();
+    let decimals = if hi - lo < 0.2 { 1 } else { 0 };
     html! {
         svg id=(id) class="chart" role="img" aria-label=(title) viewBox=(format!("0 0 {WIDTH} {}", height + legend_h)) {
             title { (title) }
-            @for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            @for tick in ticks {
                 line .grid x1=(LEFT) x2=(WIDTH - RIGHT) y1=(format!("{:.1}", y_of(tick))) y2=(format!("{:.1}", y_of(tick))) {}
-                text x=(LEFT - 6.0) y=(format!("{:.1}", y_of(tick) + 4.0)) text-anchor="end" { (format!("{:.0}%", tick * 100.0)) }
+                text x=(LEFT - 6.0) y=(format!("{:.1}", y_of(tick) + 4.0)) text-anchor="end" { (format!("{:.*}%", decimals, tick * 100.0)) }
             }
             @for (i, label) in x_labels.iter().enumerate() {
                 @if i % every == 0 {
