@@ -345,7 +345,11 @@ pub fn plot(report: &FeedbackReport) -> String {
             .iter()
             .map(|(strategy, curve)| Series {
                 name: strategy.name().to_owned(),
-                points: curve.iter().enumerate().map(|(i, d)| (i, figure(d))).collect(),
+                points: curve
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (i, figure(d)))
+                    .collect(),
             })
             .collect();
         let values = report.curves.iter().flat_map(|(_, c)| c.iter().map(figure));
@@ -355,8 +359,14 @@ pub fn plot(report: &FeedbackReport) -> String {
         let pad = ((hi - lo) * 0.1).max(0.002);
         lines_in(id, title, &days, &series, (lo - pad, hi + pad)).into_string()
     };
-    let hit = panel("feedback-hit", "Test hit@5 by day of simulated reviews", |d| d.hit_at_5);
-    let p1 = panel("feedback-p1", "Test P@1 by day of simulated reviews", |d| d.p_at_1);
+    let hit = panel(
+        "feedback-hit",
+        "Test hit@5 by day of simulated reviews",
+        |d| d.hit_at_5,
+    );
+    let p1 = panel("feedback-p1", "Test P@1 by day of simulated reviews", |d| {
+        d.p_at_1
+    });
     // Two panels stacked in one standalone file, with their own text style.
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" font-family=\"sans-serif\" font-size=\"11\" \

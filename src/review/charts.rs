@@ -110,7 +110,9 @@ pub fn lines_in(
     let x_of = |i: usize| LEFT + (WIDTH - LEFT - RIGHT) * i as f64 / n;
     let y_of = |v: f64| TOP + plot_h * (1.0 - ((finite(v) - lo) / (hi - lo)).clamp(0.0, 1.0));
     let every = ((x_labels.len() as f64 * 70.0 / (WIDTH - LEFT - RIGHT)).ceil() as usize).max(1);
-    let ticks: Vec<f64> = (0..=4).map(|k| lo + (hi - lo) * f64::from(k) / 4.0).collect();
+    let ticks: Vec<f64> = (0..=4)
+        .map(|k| lo + (hi - lo) * f64::from(k) / 4.0)
+        .collect();
     let decimals = if hi - lo < 0.2 { 1 } else { 0 };
     html! {
         svg id=(id) class="chart" role="img" aria-label=(title) viewBox=(format!("0 0 {WIDTH} {}", height + legend_h)) {

@@ -50,6 +50,9 @@ fn main() -> anyhow::Result<()> {
             serde_json::json!({"part": format!("{part:?}"), "tags": doc.tags, "p": p, "s": s})
         )?;
     }
-    std::fs::write(format!("{out}.labels.json"), serde_json::to_string(labels.names())?)?;
+    std::fs::write(
+        format!("{out}.labels.json"),
+        serde_json::to_string(labels.names())?,
+    )?;
     Ok(())
 }

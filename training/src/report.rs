@@ -207,12 +207,18 @@ fn render_comparison(out: &mut String, m: &ModelMetrics) {
         put!(out, "<td class=\"n {class}\">{}</td>", signed3(diff));
     }
     out.push_str("</tr>\n</tbody>\n</table>\n");
-    let losses: Vec<&str> = ["P@1", "hit@5", "recall@5"]
-        .into_iter()
-        .zip(ours.into_iter().zip(theirs))
-        .filter(|(_, (o, t))| round3(o - t).is_some_and(|d| d < 0.0))
-        .map(|(name, _)| name)
-        .collect();
+    let names = ["P@1", "hit@5", "recall@5"];
+    let compared = |keep: fn(f64) -> bool| -> Vec<&str> {
+        names
+            .into_iter()
+            .zip(ours.into_iter().zip(theirs))
+            .filter(|(_, (o, t))| round3(o - t).is_some_and(keep))
+            .map(|(name, _)| name)
+            .collect()
+    };
+    let losses = compared(|d| d < 0.0);
+    let level = compared(|d| d == 0.0);
+    let ahead = compared(|d| d > 0.0);
     put!(
         out,
         "<p class=\"note\">The baseline was trained in this run on the same training \
@@ -220,9 +226,21 @@ fn render_comparison(out: &mut String, m: &ModelMetrics) {
          are better.</p>\n",
         human_duration(baseline.seconds)
     );
-    if losses.is_empty() {
+    if losses.is_empty() && level.is_empty() {
         out.push_str(
             "<p class=\"verdict up\">This model beats the baseline on every figure.</p>\n",
+        );
+    } else if losses.is_empty() {
+        put!(
+            out,
+            "<p class=\"verdict same\">This model is ahead of the baseline on {} and level with \
+             it on {}.</p>\n",
+            if ahead.is_empty() {
+                "nothing".to_owned()
+            } else {
+                ahead.join(", ")
+            },
+            level.join(", ")
         );
     } else {
         put!(
@@ -1235,6 +1253,16 @@ mod tests {
         assert!(html.contains("The baseline beats this model on recall@5."));
         assert!(html.contains("Transformer alone"));
         assert!(html.contains("Seen sources: 3% of documents by id"));
+        // Level on two figures is not beating the baseline.
+        let mut level = sample();
+        level.validation.p_at_1 = 0.8461;
+        level.validation.hit_at_5 = 0.955;
+        level.validation.recall_at_5 = 0.786;
+        let html = render_report(&level, "level");
+        assert!(
+            html.contains("ahead of the baseline on hit@5 and level with it on P@1, recall@5"),
+            "{html}"
+        );
         let order = [
             "<header>",
             "Training loss",
