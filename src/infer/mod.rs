@@ -1007,35 +1007,49 @@ fn score(mut docs: Vec<Doc>, slot: &Slot) -> Vec<Outcome> {
                 .unwrap_or_else(|| "the model panicked".into())),
         }
     };
-    let scored = |doc: Doc, top: &[(u32, f32)]| {
-        let why = model
+    let why_of = |doc: &Doc, top: &[(u32, f32)]| -> Vec<Vec<String>> {
+        model
             .predictor
             .explain(&doc.model_text(), top, WHY_WORDS)
             .into_iter()
             .map(|words| words.into_iter().map(|(w, _)| w).collect())
-            .collect();
-        Outcome {
-            doc,
-            result: Ok(Scoring {
-                version: version.clone(),
-                top: model.predictor.name(top).top,
-                why,
-                shadow: None,
-                scored_at_ms: crate::now_ms(),
-            }),
-        }
+            .collect()
+    };
+    let scored = |doc: Doc, top: &[(u32, f32)], why: Vec<Vec<String>>| Outcome {
+        doc,
+        result: Ok(Scoring {
+            version: version.clone(),
+            top: model.predictor.name(top).top,
+            why,
+            shadow: None,
+            scored_at_ms: crate::now_ms(),
+        }),
     };
     match forward(&docs) {
-        Ok(tops) => docs
-            .into_iter()
-            .zip(tops)
-            .map(|(doc, top)| scored(doc, &top))
-            .collect(),
+        Ok(tops) => {
+            // The words behind each label are found on the rayon pool: the
+            // model thread is the stage's bottleneck.
+            let whys: Vec<Vec<Vec<String>>> = {
+                use rayon::prelude::*;
+                docs.par_iter()
+                    .zip(tops.par_iter())
+                    .map(|(doc, top)| why_of(doc, top))
+                    .collect()
+            };
+            docs.into_iter()
+                .zip(tops)
+                .zip(whys)
+                .map(|((doc, top), why)| scored(doc, &top, why))
+                .collect()
+        }
         Err(e) if docs.len() > 1 => {
             tracing::warn!(error = %e, documents = docs.len(), "A batch failed; scoring its documents one at a time.");
             docs.into_iter()
                 .map(|doc| match forward(std::slice::from_ref(&doc)) {
-                    Ok(tops) => scored(doc, &tops[0]),
+                    Ok(tops) => {
+                        let why = why_of(&doc, &tops[0]);
+                        scored(doc, &tops[0], why)
+                    }
                     Err(e) => Outcome {
                         doc,
                         result: Err(Rejection::new(

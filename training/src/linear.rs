@@ -348,6 +348,30 @@ impl LinearModel {
                 cursor[f as usize] += 1;
             }
         }
+        Self::from_parts(
+            hashes,
+            idf,
+            offsets,
+            entry_labels,
+            entry_weights,
+            per_label.iter().map(|(_, b)| *b).collect(),
+        )
+    }
+
+    /// A model from its stored parts; the hash index is derived.
+    fn from_parts(
+        hashes: Vec<u64>,
+        idf: Vec<f32>,
+        offsets: Vec<u32>,
+        entry_labels: Vec<u32>,
+        entry_weights: Vec<f32>,
+        bias: Vec<f32>,
+    ) -> Self {
+        let index = hashes
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| (h, i as u32))
+            .collect();
         Self {
             index,
             hashes,
@@ -355,7 +379,7 @@ impl LinearModel {
             offsets,
             entry_labels,
             entry_weights,
-            bias: per_label.iter().map(|(_, b)| *b).collect(),
+            bias,
         }
     }
 
@@ -532,20 +556,14 @@ impl LinearModel {
         {
             return Err(invalid("its tensors do not fit together".to_owned()));
         }
-        let index = hashes
-            .iter()
-            .enumerate()
-            .map(|(i, &h)| (h, i as u32))
-            .collect();
-        Ok(Self {
-            index,
+        Ok(Self::from_parts(
             hashes,
             idf,
             offsets,
             entry_labels,
             entry_weights,
             bias,
-        })
+        ))
     }
 }
 
