@@ -24,6 +24,8 @@ pub struct Category {
     pub name: String,
     /// A paragraph or two; may be empty.
     pub description: String,
+    /// Lowercased words of the tag and name, which rank first in search.
+    name_words: Vec<String>,
     /// Lowercased words of the tag, names and description, for search.
     words: Vec<String>,
 }
@@ -42,10 +44,9 @@ impl Category {
     /// not a prefix of any of its words; otherwise higher for matches in
     /// the tag and name than in the description.
     pub fn matches(&self, query_words: &[String]) -> u32 {
-        let name_words = words(&format!("{} {}", self.tag, self.name));
         let mut score = 0;
         for q in query_words {
-            if name_words.iter().any(|w| w.starts_with(q.as_str())) {
+            if self.name_words.iter().any(|w| w.starts_with(q.as_str())) {
                 score += 3;
             } else if self.words.iter().any(|w| w.starts_with(q.as_str())) {
                 score += 1;
@@ -77,6 +78,7 @@ pub fn all() -> &'static HashMap<String, Category> {
                     facet_name: facet_name.to_owned(),
                     name: name.to_owned(),
                     description: description.to_owned(),
+                    name_words: words(&format!("{tag} {name}")),
                     words: words(&format!("{tag} {facet_name} {name} {description}")),
                 },
             );

@@ -1010,7 +1010,7 @@ fn score(mut docs: Vec<Doc>, slot: &Slot) -> Vec<Outcome> {
     let why_of = |doc: &Doc, top: &[(u32, f32)]| -> Vec<Vec<String>> {
         model
             .predictor
-            .explain(&doc.model_text(), top, WHY_WORDS)
+            .explain(&doc.model_text(), &doc.encoded, top, WHY_WORDS)
             .into_iter()
             .map(|words| words.into_iter().map(|(w, _)| w).collect())
             .collect()

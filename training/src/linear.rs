@@ -443,8 +443,15 @@ impl LinearModel {
     /// The `n` grams of `text` that add most to each of `labels`' scores,
     /// largest first, positive contributions only: what the review UI
     /// highlights. One list per label, in the order given.
-    pub fn explain(&self, text: &str, labels: &[u32], n: usize) -> Vec<Vec<(String, f32)>> {
-        let features = self.features(text);
+    /// `features` are the text's own ([`features`](Self::features)),
+    /// passed in because the scorer computed them already.
+    pub fn explain(
+        &self,
+        text: &str,
+        features: &Features,
+        labels: &[u32],
+        n: usize,
+    ) -> Vec<Vec<(String, f32)>> {
         let value_of = |f: u32| {
             features
                 .indices
@@ -623,7 +630,8 @@ mod tests {
         let s = model.scores("an arcade puzzle game");
         assert!(s[1] > 0.0 && s[0] < 0.0, "{s:?}");
         // The words that weigh for each label are its own.
-        let why = model.explain("a vim editor with an arcade", &[0, 1], 3);
+        let text = "a vim editor with an arcade";
+        let why = model.explain(text, &model.features(text), &[0, 1], 3);
         assert!(
             why[0].iter().any(|(g, _)| g == "vim" || g == "editor"),
             "{why:?}"

@@ -287,10 +287,18 @@ impl Predictor {
     /// For each label of `top`, the `n` words or word pairs of `text` that
     /// raised its score most (the linear model's contributions); empty
     /// lists for a model without a linear half.
-    pub fn explain(&self, text: &str, top: &[(u32, f32)], n: usize) -> Vec<Vec<(String, f32)>> {
+    /// `encoded` is the text as [`encode`](Self::encode) made it, whose
+    /// linear features are reused.
+    pub fn explain(
+        &self,
+        text: &str,
+        encoded: &Encoded,
+        top: &[(u32, f32)],
+        n: usize,
+    ) -> Vec<Vec<(String, f32)>> {
         let positions: Vec<u32> = top.iter().map(|&(p, _)| p).collect();
         match &self.linear {
-            Some((linear, _)) => linear.explain(model_text(text), &positions, n),
+            Some((linear, _)) => linear.explain(model_text(text), &encoded.features, &positions, n),
             None => vec![Vec::new(); positions.len()],
         }
     }
