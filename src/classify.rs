@@ -1,7 +1,9 @@
 //! `sift classify`: the top categories of documents given on the command
 //! line (HTML, PDF, text or JSON files, through the ingest extractor) or as
-//! JSON lines `{id, title, text}` on stdin, with the registry's LATEST model
-//! or a model directory.
+//! JSON lines `{id, title, text, section?, url?}` on stdin (the dataset's
+//! format), with the registry's LATEST model or a model directory. The
+//! model reads what training read: the section and the page's name (the
+//! URL's last segment, else a string id) before the title and text.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ pub enum Format {
 #[derive(Debug, Clone, Args)]
 pub struct ClassifyArgs {
     /// HTML, PDF, text or JSON files. Without files (or with `-`), JSON lines
-    /// `{id, title, text}` are read from stdin.
+    /// `{id, title, text, section?, url?}` are read from stdin.
     pub files: Vec<PathBuf>,
     /// A model directory (model.safetensors, config.json, tokenizer.json, labels.json) instead
     /// of the registry's LATEST.
@@ -60,6 +62,10 @@ struct InputLine {
     title: String,
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    section: String,
+    #[serde(default)]
+    url: String,
 }
 
 /// One output line in JSON.
@@ -184,16 +190,33 @@ fn file_input(path: &Path) -> Input {
             crate::ingest::extract::extract(&body, None, &path.to_string_lossy())
                 .map_err(|e| e.to_string())
         })
-        .map(|x| format!("{}\n{}", x.title, x.text));
+        .map(|x| {
+            let name = sift_training::page_name(&path.to_string_lossy());
+            let fields = sift_training::Fields {
+                section: x.section.as_deref().unwrap_or_default(),
+                name: &name,
+            };
+            sift_training::model_input(&x.title, &x.text, &fields)
+        });
     Input { id, text }
 }
 
 fn line_input(number: usize, line: &str) -> Input {
     match serde_json::from_str::<InputLine>(line) {
-        Ok(doc) => Input {
-            id: doc.id,
-            text: Ok(format!("{}\n{}", doc.title, doc.text)),
-        },
+        Ok(doc) => {
+            let as_document = sift_training::Document {
+                id: doc.id.as_str().unwrap_or_default().to_owned(),
+                title: doc.title,
+                text: doc.text,
+                section: doc.section,
+                url: doc.url,
+                ..Default::default()
+            };
+            Input {
+                id: doc.id,
+                text: Ok(as_document.full_text()),
+            }
+        }
         Err(e) => Input {
             id: serde_json::Value::String(format!("line {number}")),
             text: Err(format!("not a JSON object with `id`, `title`, `text`: {e}")),

@@ -146,6 +146,15 @@ pub fn feedback_document(row: &Row) -> Option<sift_training::Document> {
         source: text(row, META, "source").unwrap_or_default(),
         tags,
         rejected,
+        section: text(row, META, "metadata")
+            .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+            .and_then(|m| {
+                m.get(crate::envelope::meta::SECTION)?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default(),
+        url: text(row, META, "url").unwrap_or_default(),
     })
 }
 

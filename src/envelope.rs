@@ -89,7 +89,38 @@ pub struct Envelope {
     pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
+/// Metadata keys that more than one stage reads.
+pub mod meta {
+    /// The section the site filed the page under (its `article:section`,
+    /// its feed item's category, or the source's `[source.metadata]`
+    /// default); the model reads it.
+    pub const SECTION: &str = "section";
+}
+
 impl Envelope {
+    /// The page's section ([`meta::SECTION`]), or "" when none is known.
+    pub fn section(&self) -> &str {
+        self.metadata
+            .get(meta::SECTION)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// What the model reads of this document, as training builds it from a
+    /// dataset row: the section and page-name line, the title, the text
+    /// (empty while a claim-checked body is unresolved).
+    pub fn model_input(&self) -> String {
+        let name = sift_training::page_name(&self.url);
+        sift_training::model_input(
+            &self.title,
+            self.text.as_deref().unwrap_or_default(),
+            &sift_training::Fields {
+                section: self.section(),
+                name: &name,
+            },
+        )
+    }
+
     /// The headers of this envelope's record on `sift.raw`: source, content
     /// type, schema version and URL, so consumers can route and filter
     /// without parsing the value.

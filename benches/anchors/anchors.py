@@ -13,6 +13,11 @@ is unused: neither has a hyperparameter chosen here) and are scored on the
 validation and seen-source parts with sift's definitions of P@1, hit@5 and
 recall@5.
 
+Each anchor is run twice: on the title and text alone, and on the text
+sift's models read (training/src/lib.rs, model_input): a `section …` line
+and a `page …` line (the package name) before them, so the comparison with
+sift is on the same information either way.
+
 Usage: anchors.py DATA.jsonl [--json OUT.json] [--threads N]
 """
 
@@ -39,8 +44,17 @@ def part(doc, validation=10, tuning=5, seen=3):
     return "train"
 
 
+FIELDS = False
+
+
 def text(doc):
-    return doc.get("title", "") + "\n" + doc["text"]
+    """What the anchor reads: with FIELDS, sift's model input."""
+    head = ""
+    if FIELDS:
+        for key, value in (("section", doc.get("section", "")), ("page", doc["id"])):
+            if value.strip():
+                head += key + " " + value.strip() + "\n"
+    return head + doc.get("title", "") + "\n" + doc["text"]
 
 
 def figures(ranked, docs):
@@ -118,13 +132,17 @@ def main():
     print(f"{len(split['train'])} training, {len(split['tuning'])} tuning, "
           f"{len(parts['validation'])} validation, {len(parts['seen'])} seen-source documents",
           file=sys.stderr)
+    global FIELDS
     result = {}
-    for name, fn in [("svm", svm), ("fasttext", fasttext_anchor)]:
-        figs, seconds = fn(split["train"], parts, args.threads)
-        result[name] = {"seconds": seconds, **figs}
-        v = figs["validation"]
-        print(f"{name:<9} validation P@1 {v['p_at_1']:.4f} hit@5 {v['hit_at_5']:.4f} "
-              f"recall@5 {v['recall_at_5']:.4f}  (trained in {seconds:.0f} s)")
+    for fields in (False, True):
+        FIELDS = fields
+        for name, fn in [("svm", svm), ("fasttext", fasttext_anchor)]:
+            key = name + ("_fields" if fields else "")
+            figs, seconds = fn(split["train"], parts, args.threads)
+            result[key] = {"seconds": seconds, **figs}
+            v = figs["validation"]
+            print(f"{key:<15} validation P@1 {v['p_at_1']:.4f} hit@5 {v['hit_at_5']:.4f} "
+                  f"recall@5 {v['recall_at_5']:.4f}  (trained in {seconds:.0f} s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

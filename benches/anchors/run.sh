@@ -22,6 +22,6 @@ fi
 echo "== anchors on sift's split"
 "$venv/bin/python" benches/anchors/anchors.py "$data" --json "$out/anchors.json"
 echo "== sift train (default preset) on the same data"
-cargo run --locked --quiet -p sift-training --example train_jsonl -- "$data" "$out/model"
+cargo run --locked --quiet --release -p sift-training --example train_jsonl -- "$data" "$out/model"
 echo "== files in $out"
 ls "$out" "$out/model"

@@ -168,6 +168,8 @@ fn decide(doc: &Document, top: &[(u32, f32)], labels: &Labels) -> (Document, usi
         source: doc.source.clone(),
         tags: Vec::new(),
         rejected: Vec::new(),
+        section: doc.section.clone(),
+        url: doc.url.clone(),
     };
     if let Some(&(hit, _)) = top.iter().find(|(p, _)| known.contains(p)) {
         decision.tags = vec![labels.name(hit as usize).unwrap_or_default().to_owned()];

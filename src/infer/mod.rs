@@ -283,9 +283,9 @@ impl Doc {
     }
 }
 
-/// The text the model reads: title and text, as training joins them.
+/// The text the model reads, as training builds it ([`Envelope::model_input`]).
 fn model_text(env: &Envelope) -> String {
-    format!("{}\n{}", env.title, env.text.as_deref().unwrap_or_default())
+    env.model_input()
 }
 
 /// A document queued for the model thread.

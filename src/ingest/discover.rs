@@ -125,6 +125,9 @@ pub struct FeedItem {
     pub title: Option<String>,
     /// When it was published, as RFC 3339.
     pub published: Option<String>,
+    /// Its first category (RSS `<category>`, Atom `<category term>`): the
+    /// section the site filed it under.
+    pub section: Option<String>,
 }
 
 /// Parses an RSS or Atom feed into the pages its items link to.
@@ -143,6 +146,9 @@ pub fn feed(body: &[u8]) -> Result<Vec<FeedItem>, DiscoverError> {
                 url: link.href.clone(),
                 title: e.title.map(|t| t.content),
                 published: e.published.or(e.updated).map(|d| d.to_rfc3339()),
+                section: e.categories.iter().find_map(|c| {
+                    super::extract::section_value(c.label.as_deref().unwrap_or(&c.term))
+                }),
             })
         })
         .collect())
@@ -218,21 +224,25 @@ mod tests {
     fn rss_and_atom() -> anyhow::Result<()> {
         let rss = feed(
             br#"<?xml version="1.0"?><rss version="2.0"><channel><title>c</title>
-<item><title>One</title><link>https://a.example/1</link><pubDate>Mon, 01 Jan 2024 00:00:00 GMT</pubDate></item>
+<item><title>One</title><link>https://a.example/1</link><pubDate>Mon, 01 Jan 2024 00:00:00 GMT</pubDate><category> Science </category><category>Space</category></item>
 <item><title>Two</title><link>https://a.example/2</link></item></channel></rss>"#,
         )?;
         assert_eq!(rss.len(), 2);
         assert_eq!(rss[0].url, "https://a.example/1");
         assert_eq!(rss[0].title.as_deref(), Some("One"));
         assert!(rss[0].published.is_some());
+        assert_eq!(rss[0].section.as_deref(), Some("Science"));
+        assert_eq!(rss[1].section, None);
         let atom = feed(
             br#"<?xml version="1.0" encoding="utf-8"?><feed xmlns="http://www.w3.org/2005/Atom">
 <title>t</title><id>urn:x</id><updated>2024-01-01T00:00:00Z</updated>
 <entry><title>E</title><id>urn:e</id><updated>2024-01-01T00:00:00Z</updated>
+<category term="sports" label="Sport"/>
 <link rel="alternate" href="https://b.example/e"/></entry></feed>"#,
         )?;
         assert_eq!(atom.len(), 1);
         assert_eq!(atom[0].url, "https://b.example/e");
+        assert_eq!(atom[0].section.as_deref(), Some("Sport"));
         assert!(feed(b"<html></html>").is_err());
         Ok(())
     }

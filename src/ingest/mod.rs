@@ -429,6 +429,9 @@ impl Ingest {
                                 if let Some(p) = item.published {
                                     extra.insert("published".into(), p.into());
                                 }
+                                if let Some(section) = item.section {
+                                    extra.insert(envelope::meta::SECTION.into(), section.into());
+                                }
                                 out.push(Target {
                                     url: u.to_string(),
                                     extra,
@@ -667,6 +670,11 @@ impl Ingest {
         let id = envelope::document_id(&source.tag, &final_url);
         let mut metadata = source.metadata.clone();
         metadata.extend(target.extra);
+        // The page's own section wins over its feed's category and the
+        // source's default.
+        if let Some(section) = doc.section.clone() {
+            metadata.insert(envelope::meta::SECTION.into(), section.into());
+        }
         metadata.insert("content_hash".into(), hash[..32].into());
         if final_url != target.url {
             metadata.insert("requested_url".into(), target.url.clone().into());

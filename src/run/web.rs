@@ -751,8 +751,21 @@ fn site_name(site: usize) -> String {
     format!("Package notes {site:03}")
 }
 
+/// What a page's `<head>` says about it.
+struct Head<'a> {
+    title: &'a str,
+    description: &'a str,
+    /// The Debian archive section, as a news site's `article:section`.
+    section: Option<&'a str>,
+}
+
 /// The parts every page of a site shares: head, navigation, header, footer.
-fn layout(site: usize, title: &str, description: &str, main: Markup) -> Markup {
+fn layout(site: usize, head: Head<'_>, main: Markup) -> Markup {
+    let Head {
+        title,
+        description,
+        section,
+    } = head;
     let name = site_name(site);
     let listing = SiteKind::of(site).listing();
     html! {
@@ -763,6 +776,9 @@ fn layout(site: usize, title: &str, description: &str, main: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) }
                 meta name="description" content=(description);
+                @if let Some(section) = section.filter(|s| !s.is_empty()) {
+                    meta property="article:section" content=(section);
+                }
                 style { "body{font-family:sans-serif;max-width:46rem;margin:auto}nav a{margin-right:1em}" }
             }
             body {
@@ -805,7 +821,15 @@ fn document_page(site: usize, doc: &LabeledDoc) -> Markup {
             }
         }
     };
-    layout(site, &doc.title, &summary_of(&doc.text), main)
+    layout(
+        site,
+        Head {
+            title: &doc.title,
+            description: &summary_of(&doc.text),
+            section: Some(&doc.section),
+        },
+        main,
+    )
 }
 
 /// A site's home page, listing its pages.
@@ -819,7 +843,15 @@ fn home_page(site: usize, entries: &[Entry]) -> Markup {
             }
         }
     };
-    layout(site, &name, "Descriptions of Debian packages.", main)
+    layout(
+        site,
+        Head {
+            title: &name,
+            description: "Descriptions of Debian packages.",
+            section: None,
+        },
+        main,
+    )
 }
 
 /// A page with next to no text.
@@ -828,7 +860,15 @@ fn about_page(site: usize) -> Markup {
         h1 { "About" }
         p { "Notes, soon." }
     };
-    layout(site, "About", "About this site.", main)
+    layout(
+        site,
+        Head {
+            title: "About",
+            description: "About this site.",
+            section: None,
+        },
+        main,
+    )
 }
 
 /// A news feed whose XML is not well-formed: an item is never closed.
@@ -946,6 +986,19 @@ mod tests {
         let (title, text) = crate::ingest::extract::html::extract_str(&page);
         assert_eq!(title, doc.title);
         ensure!(text.starts_with(&doc.title), "{text}");
+        // The model's fields survive the trip: the section as the page's
+        // article:section, the package name as its URL's last segment.
+        let extracted = crate::ingest::extract::html::extract(page.as_bytes(), None, "x.html");
+        ensure!(!doc.section.is_empty());
+        assert_eq!(extracted.section.as_deref(), Some(doc.section.as_str()));
+        for id in [doc.id.as_str(), "libstdc++6", "g++-12"] {
+            let url = format!(
+                "http://{}:18480/packages/{}.html",
+                site_ip(5),
+                escape_path_segment(id)
+            );
+            assert_eq!(sift_training::page_name(&url), id, "{url}");
+        }
         ensure!(text.contains(&format!("Package: {}", doc.id)), "{text}");
         let last = paragraphs(&doc.text).last().unwrap_or_default();
         let last_words: Vec<&str> = last.split_whitespace().collect();

@@ -114,7 +114,8 @@ pub struct TrainArgs {
     /// Use this tokenizer.json instead of training one on the corpus.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Most epochs (default: the preset's).
+    /// Epochs to run (default: the preset's daily budget, `tiny`: 84,000
+    /// documents shown, between 3 and 20 epochs).
     #[arg(long)]
     pub epochs: Option<u32>,
     /// Stop after this many epochs without improvement.
@@ -243,6 +244,8 @@ pub fn bundled_documents() -> crate::Result<Vec<Document>> {
             source: d.source,
             tags: d.tags,
             rejected: Vec::new(),
+            section: d.section,
+            url: String::new(),
         })
         .collect())
 }
@@ -281,6 +284,7 @@ fn options(config: &Config, args: &TrainArgs) -> Result<TrainOptions, TrainComma
     o.tokenizer = args.tokenizer.clone();
     if let Some(v) = args.epochs {
         o.max_epochs = v.max(1);
+        o.epoch_budget_documents = None;
     }
     if let Some(v) = args.patience {
         o.patience = v;

@@ -19,6 +19,10 @@ fn main() -> anyhow::Result<()> {
     let mut options = TrainOptions::for_preset(Preset::Tiny);
     if let Some(epochs) = args.get(3) {
         options.max_epochs = epochs.parse()?;
+        options.epoch_budget_documents = None;
+    }
+    if let Ok(percent) = std::env::var("SIFT_FIELD_DROPOUT") {
+        options.field_dropout_percent = percent.parse()?;
     }
     let mut documents = Dataset::open(data)?.documents;
     if let Some(limit) = args.get(4) {
@@ -32,6 +36,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Ok(scale) = std::env::var("SIFT_NGRAM_LR_SCALE") {
         options.ngram_learning_rate_scale = scale.parse()?;
+    }
+    if let Ok(len) = std::env::var("SIFT_MAX_LEN") {
+        options.max_len = Some(len.parse()?);
     }
     if let Ok(lr) = std::env::var("SIFT_LR") {
         options.learning_rate = lr.parse()?;
@@ -77,6 +84,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(s) = &m.seen {
         line("seen", s);
+    }
+    if let Some(t) = &m.text_alone {
+        line("no fields", t);
     }
     if let Some(e) = &m.ensemble {
         println!("ensemble linear weight {}", e.linear_weight);

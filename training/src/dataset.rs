@@ -29,7 +29,7 @@ pub enum DataError {
 
 /// One labeled document. Fields other than these are ignored, so richer
 /// exports can be read as they are.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Document {
     /// Stable identifier; decides the split.
     pub id: String,
@@ -51,12 +51,46 @@ pub struct Document {
     /// only.
     #[serde(default)]
     pub rejected: Vec<String>,
+    /// The section the site filed it under (a Debian archive section, a
+    /// news site's `article:section`). Empty when unknown.
+    #[serde(default)]
+    pub section: String,
+    /// Where it was fetched from; its last path segment names the page.
+    /// Empty for datasets, whose id is the page's name.
+    #[serde(default)]
+    pub url: String,
 }
 
 impl Document {
-    /// The text the model sees: title, a newline, then the body.
+    /// The text the model sees: the line of its fields ([`crate::model_input`]),
+    /// the title, a newline, then the body.
     pub fn full_text(&self) -> String {
-        format!("{}\n{}", self.title, self.text)
+        let name = self.name();
+        let fields = crate::Fields {
+            section: &self.section,
+            name: &name,
+        };
+        crate::model_input(&self.title, &self.text, &fields)
+    }
+
+    /// The same text without the fields line: what a model must still
+    /// score well when a site says nothing about its pages.
+    pub fn text_alone(&self) -> String {
+        crate::model_input(&self.title, &self.text, &crate::Fields::default())
+    }
+
+    /// Its page's name: the last path segment of its URL, else its id.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        if self.url.is_empty() {
+            std::borrow::Cow::Borrowed(&self.id)
+        } else {
+            std::borrow::Cow::Owned(crate::page_name(&self.url))
+        }
+    }
+
+    /// Whether it says anything about itself besides its words.
+    pub fn has_fields(&self) -> bool {
+        !self.section.trim().is_empty() || !self.name().trim().is_empty()
     }
 
     /// What decides the document's side of the split: its source when it
@@ -249,8 +283,9 @@ mod tests {
         let first = &dataset.documents[0];
         assert_eq!(first.id, "a");
         assert_eq!(first.tags, ["role::program", "use::editing"]);
-        assert_eq!(first.full_text(), "Vim\ntext editor");
-        assert_eq!(dataset.documents[1].full_text(), "\nlibrary");
+        assert_eq!(first.full_text(), "page a\nVim\ntext editor");
+        assert_eq!(first.text_alone(), "Vim\ntext editor");
+        assert_eq!(dataset.documents[1].full_text(), "page b\n\nlibrary");
         Ok(())
     }
 
@@ -281,6 +316,7 @@ mod tests {
                 tags: Vec::new(),
                 source: String::new(),
                 rejected: Vec::new(),
+                ..Default::default()
             })
             .collect();
         let dataset = Dataset { documents };
@@ -324,6 +360,7 @@ mod tests {
                         format!("src-{source}")
                     },
                     rejected: Vec::new(),
+                    ..Default::default()
                 });
             }
         }

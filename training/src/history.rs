@@ -156,6 +156,16 @@ pub struct ModelMetrics {
     /// what an id split would have reported.
     #[serde(default)]
     pub seen: Option<Figures>,
+    /// The shipped model on the validation documents with their fields
+    /// (section, page name) taken away; absent when they had none.
+    #[serde(default)]
+    pub text_alone: Option<Figures>,
+    /// Epochs the run planned (the learning rate's schedule spans them).
+    #[serde(default)]
+    pub epochs_planned: u32,
+    /// Share of training documents, in percent, shown without their fields.
+    #[serde(default)]
+    pub field_dropout_percent: u8,
     /// Per epoch (figures on the tuning split).
     pub epochs: Vec<EpochRecord>,
     /// The training-loss curve.

@@ -141,6 +141,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             source: String::new(),
             rejected: Vec::new(),
+            ..Default::default()
         }
     }
 

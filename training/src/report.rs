@@ -117,8 +117,17 @@ fn render_header(out: &mut String, m: &ModelMetrics, title_html: &str) {
         ("Training documents", thousands(m.train_documents), false),
         ("Feedback documents", thousands(m.feedback_documents), false),
         (
-            "Best epoch / epochs run",
-            format!("{} / {}", m.best_epoch, m.epochs.len()),
+            "Best epoch / run / planned",
+            if m.epochs_planned > 0 {
+                format!(
+                    "{} / {} / {}",
+                    m.best_epoch,
+                    m.epochs.len(),
+                    m.epochs_planned
+                )
+            } else {
+                format!("{} / {}", m.best_epoch, m.epochs.len())
+            },
             false,
         ),
         (
@@ -309,11 +318,24 @@ fn render_splits(out: &mut String, m: &ModelMetrics) {
             s,
         );
     }
+    if let Some(t) = &m.text_alone {
+        row("Validation without section and page name".to_owned(), t);
+    }
     out.push_str(
         "</tbody>\n</table>\n<p class=\"note\">Validation and tuning hold whole sources the \
          model never saw; the seen-source part is what a split by document id would report, \
-         and the gap to validation is how much such a split flatters.</p>\n",
+         and the gap to validation is how much such a split flatters.",
     );
+    if m.text_alone.is_some() {
+        put!(
+            out,
+            " Both models read each document's section and page name before its words; the \
+             last row is the validation documents with those taken away, as for a site that \
+             gives neither ({}% of training documents were shown that way).",
+            m.field_dropout_percent
+        );
+    }
+    out.push_str("</p>\n");
 }
 
 /// A weight as written in the report.
@@ -1130,6 +1152,9 @@ mod tests {
             ensemble: None,
             tuning: None,
             seen: None,
+            text_alone: None,
+            epochs_planned: 0,
+            field_dropout_percent: 0,
             epochs: Vec::new(),
             steps: Vec::new(),
         }
@@ -1218,6 +1243,9 @@ mod tests {
             }),
             tuning: Some(figures(0.85, 0.95, 0.78)),
             seen: Some(figures(0.88, 0.97, 0.80)),
+            text_alone: Some(figures(0.79, 0.93, 0.74)),
+            epochs_planned: 4,
+            field_dropout_percent: 15,
             epochs,
             steps,
         }
@@ -1253,6 +1281,8 @@ mod tests {
         assert!(html.contains("The baseline beats this model on recall@5."));
         assert!(html.contains("Transformer alone"));
         assert!(html.contains("Seen sources: 3% of documents by id"));
+        assert!(html.contains("Validation without section and page name"));
+        assert!(html.contains("15% of training documents"));
         // Level on two figures is not beating the baseline.
         let mut level = sample();
         level.validation.p_at_1 = 0.8461;

@@ -39,6 +39,7 @@ fn corpus(n: usize) -> Vec<Document> {
                 tags,
                 source: String::new(),
                 rejected: Vec::new(),
+                ..Default::default()
             }
         })
         .collect()
@@ -47,6 +48,7 @@ fn corpus(n: usize) -> Vec<Document> {
 fn options(epochs: u32) -> TrainOptions {
     let mut o = TrainOptions::for_preset(Preset::Tiny);
     o.max_epochs = epochs;
+    o.epoch_budget_documents = None;
     o.patience = epochs;
     o.vocab_size = 300;
     o.max_len = Some(32);
@@ -162,6 +164,7 @@ fn feedback_amends_and_extends_the_dataset() -> Result<()> {
         source: String::new(),
         tags: tags.iter().map(|t| t.to_string()).collect(),
         rejected: rejected.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
     };
     let touched = merge_feedback(
         &mut docs,

@@ -45,18 +45,37 @@ pub fn meta_charset(body: &[u8]) -> Option<&'static encoding_rs::Encoding> {
 pub fn extract(body: &[u8], header_charset: Option<&str>, name: &str) -> Extracted {
     let tld = charset::tld_of(name);
     let decoded = charset::decode(body, header_charset, meta_charset(body), tld.as_deref());
-    let (title, text) = extract_str(&decoded.text);
+    let doc = Html::parse_document(&decoded.text);
+    let (title, text) = title_and_text(&doc);
     Extracted {
         content_type: super::Kind::Html.content_type(),
         title,
         text,
         pages: None,
+        section: section_of(doc.tree.root()),
     }
 }
 
 /// Title and main text of an already decoded HTML document.
 pub fn extract_str(source: &str) -> (String, String) {
-    let doc = Html::parse_document(source);
+    title_and_text(&Html::parse_document(source))
+}
+
+/// The page's `<meta property="article:section">` (Open Graph's article
+/// section; `name=` is accepted too), when it has one.
+fn section_of(root: NodeRef<'_, Node>) -> Option<String> {
+    root.descendants()
+        .filter_map(|node| node.value().as_element())
+        .filter(|e| e.name() == "meta")
+        .filter(|e| {
+            e.attr("property")
+                .or_else(|| e.attr("name"))
+                .is_some_and(|k| k.eq_ignore_ascii_case("article:section"))
+        })
+        .find_map(|e| e.attr("content").and_then(super::section_value))
+}
+
+fn title_and_text(doc: &Html) -> (String, String) {
     let root = doc.tree.root();
     let title = title_of(root);
 
@@ -359,6 +378,35 @@ mod tests {
         );
         assert_eq!(extract_str("<h1>H <i>1</i></h1>").0, "H 1");
         assert_eq!(extract_str("<p>none</p>").0, "");
+    }
+
+    #[test]
+    fn section_from_article_section_meta() {
+        let section = |html: &str| extract(html.as_bytes(), None, "x.html").section;
+        assert_eq!(
+            section("<meta property='article:section' content=' libs \n devel '><p>x</p>"),
+            Some("libs devel".into())
+        );
+        assert_eq!(
+            section("<meta name='ARTICLE:SECTION' content='games'><p>x</p>"),
+            Some("games".into())
+        );
+        assert_eq!(
+            section("<meta property='article:section' content=' '><p>x</p>"),
+            None
+        );
+        assert_eq!(
+            section("<meta name='description' content='d'><p>x</p>"),
+            None
+        );
+        let long = format!(
+            "<meta property='article:section' content='{}'>",
+            "a".repeat(500)
+        );
+        assert_eq!(
+            section(&long).map(|s| s.chars().count()),
+            Some(super::super::MAX_SECTION_CHARS)
+        );
     }
 
     #[test]

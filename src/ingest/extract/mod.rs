@@ -57,6 +57,20 @@ pub struct Extracted {
     pub text: String,
     /// Number of pages, for PDFs; `None` for the other kinds.
     pub pages: Option<usize>,
+    /// The section the site filed the page under (HTML `article:section`,
+    /// JSON `section`), when it says; the model reads it.
+    pub section: Option<String>,
+}
+
+/// Longest section kept, in characters: a label, not a text.
+pub const MAX_SECTION_CHARS: usize = 80;
+
+/// A section as the model gets it: whitespace collapsed, at most
+/// [`MAX_SECTION_CHARS`]; None when blank.
+pub fn section_value(raw: &str) -> Option<String> {
+    let collapsed = raw.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cut: String = collapsed.chars().take(MAX_SECTION_CHARS).collect();
+    (!cut.is_empty()).then_some(cut)
 }
 
 /// Why a body could not be extracted.
@@ -161,9 +175,14 @@ pub fn main(args: ExtractArgs) -> crate::Result<()> {
         };
         let chars = x.text.chars().count();
         let sep = if i > 0 { "\n" } else { "" };
+        let section = x
+            .section
+            .as_deref()
+            .map(|s| format!("Section: {s}\n"))
+            .unwrap_or_default();
         writeln!(
             out,
-            "{sep}== {shown} ({}{pages}, {chars} chars)\nTitle: {}\n\n{}",
+            "{sep}== {shown} ({}{pages}, {chars} chars)\nTitle: {}\n{section}\n{}",
             x.content_type, x.title, x.text
         )
         .and_then(|()| out.flush())

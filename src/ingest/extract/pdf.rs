@@ -110,6 +110,7 @@ fn extract_inner(body: &[u8]) -> Result<Extracted, ExtractError> {
         title,
         text: texts.join("\n\n"),
         pages: Some(page_ids.len()),
+        section: None,
     })
 }
 

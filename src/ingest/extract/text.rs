@@ -28,6 +28,7 @@ pub fn extract_text(body: &[u8], header_charset: Option<&str>, name: &str) -> Ex
         title,
         text,
         pages: None,
+        section: None,
     }
 }
 
@@ -61,11 +62,16 @@ pub fn extract_json(body: &[u8], header_charset: Option<&str>) -> Result<Extract
         .and_then(serde_json::Value::as_str)
         .map(|t| t.split_whitespace().collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
+    let section = obj
+        .get("section")
+        .and_then(serde_json::Value::as_str)
+        .and_then(super::section_value);
     Ok(Extracted {
         content_type: Kind::Json.content_type(),
         title,
         text,
         pages: None,
+        section,
     })
 }
 
