@@ -2,7 +2,9 @@
 //! people parsed and cached (the same handle is not paid for twice), queued
 //! lookups re-asked, misses cached, 429 and 503 retried with backoff, a wrong
 //! key rejected without the key leaking, the client-side rate limit shared
-//! by concurrent callers; and the generator's canned answers served back.
+//! by concurrent callers; answers paid once (stored in the table across
+//! runs, one call per handle however many lookups are in flight), counted
+//! for `sift enrich stats`; and the generator's canned answers served back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,10 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use sift::backends::cache::EmbeddedCache;
+use sift::backends::table::EmbeddedTable;
 use sift::backends::Cache;
 use sift::config::EnrichConfig;
 use sift::dbusa::generate::{corruptions, generate, Profile, Spec};
-use sift::matching::enrich::{EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment};
+use sift::matching::enrich::{
+    AnswerStore, EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment,
+};
 use sift::matching::standin::{self, Answer, StandIn, StandInOptions};
 
 const KEY: &str = "test-key-5b1d2e";
@@ -247,7 +252,7 @@ async fn a_wrong_key_is_rejected_without_showing_any_key() -> Result<()> {
         Ok(answer) => bail!("a wrong key was accepted: {answer:?}"),
     };
     ensure!(
-        matches!(err, EnrichError::Rejected { status: 401, .. }),
+        matches!(err, EnrichError::KeyRefused { status: 401, .. }),
         "{err:?}"
     );
     let shown = format!("{err} {err:?} {enricher:?}");
@@ -452,6 +457,130 @@ async fn the_generators_answers_serve_missing_profiles() -> Result<()> {
     );
     ensure!(
         person.city.as_deref() == Some(row[5]) && person.region_code.as_deref() == Some(row[6])
+    );
+    server.stop().await;
+    Ok(())
+}
+
+/// A client with a fresh cache over the table of stored answers in `dir`:
+/// what a new `sift match` process starts with.
+async fn stored_client(config: &EnrichConfig, table: &Arc<EmbeddedTable>) -> Result<Enricher> {
+    let store = AnswerStore::open(table.clone()).await?;
+    Ok(client(config)?.with_store(store))
+}
+
+#[tokio::test]
+async fn answers_are_paid_once_across_runs() -> Result<()> {
+    let answers: Vec<Answer> = (0..6).map(|i| answer(&format!("user{i}"), &[])).collect();
+    let server = serve(answers, fast()).await?;
+    let dir = tempfile::tempdir()?;
+    let table = Arc::new(EmbeddedTable::open(&dir.path().join("t.redb"))?);
+    // Six found, four not found; asked twice each in the first run.
+    let handles: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
+    let first = stored_client(&config(&server.url()), &table).await?;
+    for round in 0..2 {
+        for h in &handles {
+            let (_, source) = first.enrich(&twitter(h)).await?;
+            ensure!(source.paid() == (round == 0), "{h} round {round}: {source}");
+        }
+    }
+    ensure!(server.requests() == 10, "{} calls", server.requests());
+    first.flush_stats("first").await?;
+
+    // A second run, its cache empty: every answer from the table, no call.
+    let second = stored_client(&config(&server.url()), &table).await?;
+    for h in &handles {
+        let (answer, source) = second.enrich(&twitter(h)).await?;
+        ensure!(source == EnrichSource::Stored, "{h}: {source}");
+        let found = h.trim_start_matches("user").parse::<u32>()? < 6;
+        ensure!(
+            matches!(answer, Enrichment::Found(_)) == found,
+            "{h}: {answer:?}"
+        );
+        // Then from its own cache.
+        let (_, source) = second.enrich(&twitter(h)).await?;
+        ensure!(source == EnrichSource::Cache, "{h}: {source}");
+    }
+    ensure!(
+        server.requests() == 10,
+        "the second run paid: {} calls",
+        server.requests()
+    );
+    second.flush_stats("second").await?;
+
+    let summary = AnswerStore::open(table.clone()).await?.summary().await?;
+    ensure!(
+        (summary.found, summary.not_found, summary.stored_calls) == (6, 4, 10),
+        "{summary:?}"
+    );
+    ensure!(summary.instances == 2, "{summary:?}");
+    let c = summary.counted;
+    ensure!(
+        (c.lookups, c.calls, c.cache_hits, c.stored_hits) == (40, 10, 20, 10),
+        "{c:?}"
+    );
+    ensure!(c.hit_rate() == Some(0.75), "{c:?}");
+
+    // An answer older than its time to live is asked again.
+    let stale = stored_client(
+        &EnrichConfig {
+            cache_ttl: Duration::from_millis(1),
+            not_found_ttl: Duration::from_millis(1),
+            ..config(&server.url())
+        },
+        &table,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (_, source) = stale.enrich(&twitter("user0")).await?;
+    ensure!(source == EnrichSource::Api, "{source}");
+    ensure!(server.requests() == 11);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_lookups_of_one_handle_pay_once() -> Result<()> {
+    // Queued once, then found: the first lookup holds its handle for a
+    // re-ask while fifteen others of the same handle arrive.
+    let answers: Vec<Answer> = (0..10)
+        .map(|i| answer(&format!("user{i}"), &[202, 200]))
+        .collect();
+    let server = serve(answers, fast()).await?;
+    let dir = tempfile::tempdir()?;
+    let table = Arc::new(EmbeddedTable::open(&dir.path().join("t.redb"))?);
+    let enricher = Arc::new(stored_client(&config(&server.url()), &table).await?);
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..16 {
+        for i in 0..10 {
+            let enricher = Arc::clone(&enricher);
+            // Case differs by round: the same handle however it is written.
+            let handle = if round % 2 == 0 {
+                format!("user{i}")
+            } else {
+                format!("USER{i}")
+            };
+            tasks.spawn(async move { enricher.enrich(&twitter(&handle)).await });
+        }
+    }
+    let mut paid = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (answer, source) = done??;
+        ensure!(matches!(answer, Enrichment::Found(_)), "{answer:?}");
+        paid += usize::from(source.paid());
+    }
+    ensure!(paid == 10, "{paid} lookups paid");
+    // Two calls per handle: the queued answer and the re-ask.
+    for i in 0..10 {
+        let calls = server.requests_for("twitter", &format!("user{i}"));
+        ensure!(calls == 2, "user{i}: {calls} calls");
+    }
+    ensure!(server.requests() == 20, "{} calls", server.requests());
+    let stats = enricher.stats();
+    ensure!(stats.lookups == 160 && stats.calls == 20, "{stats:?}");
+    ensure!(
+        stats.joined + stats.cache_hits + stats.stored_hits == 150,
+        "{stats:?}"
     );
     server.stop().await;
     Ok(())

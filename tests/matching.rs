@@ -127,22 +127,88 @@ fn matching_meets_its_accuracy_floors_on_a_generated_database() -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = dir.path().join("matches.jsonl");
-    let matched = run_ok(
-        sift()
-            .arg("--data-dir")
+    let match_run = |key: &str, output: &Path| {
+        let mut cmd = sift();
+        cmd.arg("--data-dir")
             .arg(&sift_dir)
             .env("SIFT__ENRICH__URL", format!("http://127.0.0.1:{port}"))
-            .env("SIFT__ENRICH__API_KEY", "test-key")
+            .env("SIFT__ENRICH__API_KEY", key)
             .env("SIFT__ENRICH__RATE_PER_MINUTE", "600000")
             .env("SIFT__ENRICH__PENDING_WAIT", "50ms")
+            .env("SIFT__ENRICH__MAX_ATTEMPTS", "2")
             .args(["match", "--input"])
             .arg(data.join("profiles.jsonl"))
             .arg("--output")
-            .arg(&out),
-    );
+            .arg(output);
+        cmd
+    };
+    let stats = || -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&run_ok(
+            sift()
+                .arg("--data-dir")
+                .arg(&sift_dir)
+                .args(["enrich", "stats", "--json"]),
+        )?)?)
+    };
+    // A refused key stops the matcher with an error that says so.
+    let refused = match_run("wrong-key", &dir.path().join("refused.jsonl"))
+        .stderr(Stdio::piped())
+        .output()?;
+    let matched = run_ok(&mut match_run("test-key", &out));
+    let after_first = stats();
+    // The second run, with the API gone: every answer it needs was paid
+    // for by the first and stored, so it decides the same without a call.
     server.kill()?;
     server.wait()?;
     matched?;
+    ensure!(!refused.status.success(), "a refused key exited 0");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        said.contains("refused the key") && !said.contains("wrong-key"),
+        "{said}"
+    );
+    ensure!(
+        !dir.path().join("refused.jsonl").exists(),
+        "a refused run wrote output"
+    );
+    let again = dir.path().join("again.jsonl");
+    run_ok(&mut match_run("test-key", &again))?;
+    let decisions = |path: &Path| -> Result<Vec<(String, String, String, String)>> {
+        std::fs::read_to_string(path)?
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)?;
+                let field = |k: &str| v[k].to_string();
+                Ok((
+                    field("id"),
+                    field("dbusa_id"),
+                    field("reason"),
+                    field("score"),
+                ))
+            })
+            .collect()
+    };
+    let (first_run, second_run) = (decisions(&out)?, decisions(&again)?);
+    ensure!(first_run.len() == second_run.len());
+    for (a, b) in first_run.iter().zip(&second_run) {
+        ensure!(
+            a == b,
+            "decided differently without the API: {a:?} then {b:?}"
+        );
+    }
+    let (first, second) = (after_first?, stats()?);
+    let paid = first["summary"]["counted"]["calls"].as_u64().unwrap_or(0);
+    let stored = first["summary"]["found"].as_u64().unwrap_or(0)
+        + first["summary"]["not_found"].as_u64().unwrap_or(0);
+    ensure!(paid > 0 && stored > 0, "{first}");
+    ensure!(
+        second["summary"]["counted"]["calls"].as_u64() == Some(paid),
+        "the second run paid: {second}"
+    );
+    ensure!(
+        second["summary"]["counted"]["stored_hits"].as_u64() >= Some(stored),
+        "{second}"
+    );
     let profiles = read_profiles(&data.join("profiles.jsonl"))?;
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)?
         .lines()
@@ -252,7 +318,9 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         .map(|p| format!("{}:{}", p.network, p.handle.to_lowercase()))
         .collect();
 
-    let (matcher, _) = sift::matching::matcher_on(&config, search.clone()).await?;
+    let (matcher, _) =
+        sift::matching::matcher_on(&config, search.clone(), table.clone() as Arc<dyn Table>)
+            .await?;
     let cache: Arc<dyn Cache> = Arc::new(EmbeddedCache::new(100_000));
     let parts = || Parts {
         log: log.clone() as Arc<dyn Log>,
@@ -638,8 +706,10 @@ async fn matching_on_elasticsearch_decides_like_the_embedded_index() -> Result<(
     es.refresh(&index).await?;
     let mut es_config = config(dir.path());
     es_config.dbusa.index = index;
-    let (on_es, _) = sift::matching::matcher_on(&es_config, Arc::new(es)).await?;
-    let (on_embedded, _) = sift::matching::matcher_on(&config(dir.path()), embedded).await?;
+    // Enrichment is off here, so the table is never written.
+    let table: Arc<dyn Table> = Arc::new(EmbeddedTable::open(&dir.path().join("answers.redb"))?);
+    let (on_es, _) = sift::matching::matcher_on(&es_config, Arc::new(es), table.clone()).await?;
+    let (on_embedded, _) = sift::matching::matcher_on(&config(dir.path()), embedded, table).await?;
     let inputs: Vec<_> = profiles.iter().map(profile_in).collect();
     let mut same = 0;
     let mut outcomes = Vec::new();

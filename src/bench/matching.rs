@@ -145,7 +145,13 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
         )
         .await?;
         config.enrich.url = server.url();
-        let (matcher, _) = crate::matching::matcher_on(&config, search.clone()).await?;
+        // A fresh table of stored answers too: nothing carried over.
+        let answers_dir =
+            tempfile::tempdir().map_err(|e| crate::Error::io("creating a scratch directory", e))?;
+        let table = Arc::new(crate::backends::table::EmbeddedTable::open(
+            &answers_dir.path().join("enrichment.redb"),
+        )?);
+        let (matcher, _) = crate::matching::matcher_on(&config, search.clone(), table).await?;
         let started = Instant::now();
         let results: Vec<crate::Result<(Outcome, f64)>> =
             crate::matching::unordered_map(inputs.iter().collect(), concurrency, |p| {

@@ -153,6 +153,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
+                parts.matcher.flush_enrich_stats().await;
                 tracing::info!(
                     consumed = summary.consumed,
                     matched = summary.decided.get("matched").copied().unwrap_or(0),
@@ -212,6 +213,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
             metrics.stage(STAGE, handled.decided.len() as u64);
             FAILURES.store(0, Ordering::Relaxed);
         }
+        parts.matcher.flush_enrich_stats().await;
         consumer.close().await?;
         Ok(())
     }
@@ -251,14 +253,16 @@ async fn handle(
             }
         }
     }
-    let outcomes: Vec<Option<Outcome>> =
+    let outcomes: Vec<crate::Result<Option<Outcome>>> =
         super::unordered_map(profiles.iter().collect(), concurrency, |p| {
             decide(&parts.matcher, p, stop)
         })
         .await;
     let mut decided = Vec::with_capacity(outcomes.len());
     for (p, o) in profiles.into_iter().zip(outcomes) {
-        let Some(outcome) = o else { return Ok(None) };
+        // A refused enrichment key stops the stage: nothing of the poll is
+        // committed, and the exit is non-zero.
+        let Some(outcome) = o? else { return Ok(None) };
         decided.push(Decided {
             profile: p,
             outcome,
@@ -298,19 +302,23 @@ async fn handle(
 }
 
 /// Matches one profile, retrying while the search index fails; None if
-/// shutdown was asked for meanwhile.
-async fn decide(matcher: &Matcher, p: &ProfileIn, stop: &Stop) -> Option<Outcome> {
+/// shutdown was asked for meanwhile; an error when retrying cannot help
+/// (the enrichment API refused the key).
+async fn decide(matcher: &Matcher, p: &ProfileIn, stop: &Stop) -> crate::Result<Option<Outcome>> {
     let mut s = stop.clone();
     let mut backoff = Backoff::new(&FAILURES);
     loop {
         match matcher.match_profile(p).await {
-            Ok(o) => return Some(o),
+            Ok(o) => return Ok(Some(o)),
+            Err(e @ super::matcher::MatchError::EnrichmentKey(_)) => {
+                return Err(crate::Error::Invalid(e.to_string()))
+            }
             Err(e) => {
                 if !backoff
                     .wait(&mut s, "search the consumer database", &e)
                     .await
                 {
-                    return None;
+                    return Ok(None);
                 }
             }
         }

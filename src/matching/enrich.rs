@@ -4,11 +4,21 @@
 //! the API may know the person behind a handle (or an email, or a phone) and
 //! answer with a name and a home location to search the database with.
 //!
-//! Every lookup costs money, so answers are cached per network and handle
-//! (found people for `cache_ttl`, misses for `not_found_ttl`), and one
-//! [`Enricher`] keeps its callers under the account's rate with a shared
-//! [`RateLimiter`]. The API key travels only in the `Authorization` header:
-//! it is never logged, shown by `Debug`, or put in an error message.
+//! Every lookup costs money, so it is paid once:
+//! - answers (found and not found, with when they were fetched) are stored
+//!   durably in the table `enrichment` ([`AnswerStore`], row = network and
+//!   handle), with the cache in front; found people stay good for
+//!   `cache_ttl`, misses for `not_found_ttl`, across restarts;
+//! - one request is in flight per handle: concurrent lookups of the same
+//!   handle wait for the first and take its answer;
+//! - a refused key (401, 403) is [`EnrichError::KeyRefused`], which stops
+//!   `sift match` with a non-zero exit instead of marking every profile.
+//!
+//! One [`Enricher`] keeps its callers under the account's rate with a shared
+//! [`RateLimiter`] and counts what it paid and what it reused
+//! ([`EnrichStats`], flushed to the table for `sift enrich stats`). The API
+//! key travels only in the `Authorization` header: it is never logged, shown
+//! by `Debug`, or put in an error message.
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::backends::table::{RowPut, Table, TableError};
 use crate::backends::Cache;
 use crate::config::EnrichConfig;
 use crate::dbusa::names;
@@ -225,16 +236,259 @@ pub enum Enrichment {
 pub enum EnrichSource {
     /// The cache: nothing was paid for.
     Cache,
+    /// The table of stored answers (paid for before, perhaps by another
+    /// instance or an earlier run): nothing was paid for.
+    Stored,
     /// The API was called.
     Api,
+}
+
+impl EnrichSource {
+    /// Whether this answer cost a call.
+    pub fn paid(self) -> bool {
+        self == EnrichSource::Api
+    }
 }
 
 impl fmt::Display for EnrichSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             EnrichSource::Cache => "cache",
+            EnrichSource::Stored => "stored",
             EnrichSource::Api => "api",
         })
+    }
+}
+
+/// The table of answers paid for.
+pub const TABLE: &str = "enrichment";
+/// Its one column family.
+pub const FAMILY: &str = "e";
+/// Row-key prefix of each instance's counters (`~` sorts after every
+/// network name, so answers and counters never mix in a scan).
+pub const STATS_PREFIX: &str = "~stats/";
+
+/// This process's name among the instances that write counters: host,
+/// process id and start time, so a restart counts as a new instance and
+/// nothing counted before is overwritten.
+pub fn instance() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".to_owned());
+        format!("{host}-{}-{}", std::process::id(), crate::now_ms())
+    })
+}
+
+/// An answer as stored: what the API said, when, and what it cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// Found or not found (pending answers are not stored).
+    pub answer: Enrichment,
+    /// When it was fetched, ms since the Unix epoch.
+    pub fetched_at_ms: i64,
+    /// Calls it took (re-asks of a queued lookup included).
+    pub calls: u64,
+}
+
+/// Answers kept durably in the table `enrichment`, one row per
+/// [`EnrichRequest::cache_key`]: `e:answer` (JSON), `e:fetched_at_ms`,
+/// `e:calls`. The cache in front of it is only a cache.
+#[derive(Clone)]
+pub struct AnswerStore {
+    table: Arc<dyn Table>,
+}
+
+impl fmt::Debug for AnswerStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnswerStore").finish_non_exhaustive()
+    }
+}
+
+impl AnswerStore {
+    /// The store in `table`, created on first use.
+    pub async fn open(table: Arc<dyn Table>) -> Result<Self, TableError> {
+        table.ensure_table(TABLE, &[FAMILY]).await?;
+        Ok(AnswerStore { table })
+    }
+
+    /// The stored answer for `key`; None when there is none or it cannot be
+    /// read (then it is asked again, and overwritten).
+    pub async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, TableError> {
+        let Some(row) = self.table.get(TABLE, key.as_bytes(), None).await? else {
+            return Ok(None);
+        };
+        let text = |q: &str| {
+            row.get(FAMILY, q.as_bytes())
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let answer = text("answer").and_then(|a| serde_json::from_str::<Enrichment>(&a).ok());
+        let fetched = text("fetched_at_ms").and_then(|t| t.parse::<i64>().ok());
+        Ok(match (answer, fetched) {
+            (Some(answer), Some(fetched_at_ms)) => Some(StoredAnswer {
+                answer,
+                fetched_at_ms,
+                calls: text("calls").and_then(|c| c.parse().ok()).unwrap_or(1),
+            }),
+            _ => {
+                tracing::warn!(key, "Ignoring an unreadable stored enrichment answer.");
+                None
+            }
+        })
+    }
+
+    /// Stores an answer (found or not found) under `key`.
+    pub async fn put(&self, key: &str, stored: &StoredAnswer) -> Result<(), TableError> {
+        let answer = serde_json::to_string(&stored.answer).unwrap_or_default();
+        let row = RowPut::new(key.to_owned())
+            .cell(FAMILY, "answer", answer)
+            .cell(FAMILY, "fetched_at_ms", stored.fetched_at_ms.to_string())
+            .cell(FAMILY, "calls", stored.calls.to_string());
+        self.table.put(TABLE, vec![row]).await
+    }
+
+    /// Writes one instance's counters (its own row, overwritten each time).
+    pub async fn put_stats(&self, instance: &str, stats: &EnrichStats) -> Result<(), TableError> {
+        let mut row = RowPut::new(format!("{STATS_PREFIX}{instance}"));
+        for (name, value) in stats.fields() {
+            row = row.cell(FAMILY, name, value.to_string());
+        }
+        self.table.put(TABLE, vec![row]).await
+    }
+
+    /// What the table holds: answers by outcome, calls paid for them, and
+    /// every instance's counters added up.
+    pub async fn summary(&self) -> Result<StoreSummary, TableError> {
+        let mut summary = StoreSummary::default();
+        crate::backends::table::scan_pages(self.table.as_ref(), TABLE, None, 1000, |row| {
+            let text = |q: &str| {
+                row.get(FAMILY, q.as_bytes())
+                    .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+            };
+            if row.key.starts_with(STATS_PREFIX.as_bytes()) {
+                summary.instances += 1;
+                let mut each = EnrichStats::default();
+                each.set_fields(|name| text(name).unwrap_or(0));
+                summary.counted.add(&each);
+                return;
+            }
+            let answer = row
+                .get(FAMILY, b"answer")
+                .and_then(|a| serde_json::from_slice::<Enrichment>(a).ok());
+            match answer {
+                Some(Enrichment::Found(_)) => summary.found += 1,
+                Some(Enrichment::NotFound) => summary.not_found += 1,
+                _ => summary.unreadable += 1,
+            }
+            summary.stored_calls += text("calls").unwrap_or(1);
+        })
+        .await?;
+        Ok(summary)
+    }
+}
+
+/// What one [`Enricher`] did since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EnrichStats {
+    /// Lookups asked of it.
+    pub lookups: u64,
+    /// Answered by the cache.
+    pub cache_hits: u64,
+    /// Answered by the table of stored answers.
+    pub stored_hits: u64,
+    /// Answered by waiting for the same handle's lookup in flight.
+    pub joined: u64,
+    /// Requests sent to the API (each retry and re-ask counts: each may be
+    /// billed).
+    pub calls: u64,
+    /// Lookups that ended in an error.
+    pub failed: u64,
+}
+
+impl EnrichStats {
+    fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("lookups", self.lookups),
+            ("cache_hits", self.cache_hits),
+            ("stored_hits", self.stored_hits),
+            ("joined", self.joined),
+            ("calls", self.calls),
+            ("failed", self.failed),
+        ]
+    }
+
+    fn set_fields(&mut self, mut value: impl FnMut(&str) -> u64) {
+        self.lookups = value("lookups");
+        self.cache_hits = value("cache_hits");
+        self.stored_hits = value("stored_hits");
+        self.joined = value("joined");
+        self.calls = value("calls");
+        self.failed = value("failed");
+    }
+
+    fn add(&mut self, other: &EnrichStats) {
+        self.lookups += other.lookups;
+        self.cache_hits += other.cache_hits;
+        self.stored_hits += other.stored_hits;
+        self.joined += other.joined;
+        self.calls += other.calls;
+        self.failed += other.failed;
+    }
+
+    /// Share of lookups answered without a call (cache, table, or a
+    /// lookup in flight); None before the first lookup.
+    pub fn hit_rate(&self) -> Option<f64> {
+        (self.lookups > 0).then(|| {
+            (self.cache_hits + self.stored_hits + self.joined) as f64 / self.lookups as f64
+        })
+    }
+}
+
+/// The table's contents, for `sift enrich stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StoreSummary {
+    /// Stored answers that found a person.
+    pub found: u64,
+    /// Stored answers that found no one.
+    pub not_found: u64,
+    /// Rows that could not be read.
+    pub unreadable: u64,
+    /// Calls the stored answers took.
+    pub stored_calls: u64,
+    /// Instances that flushed counters.
+    pub instances: u64,
+    /// Their counters, added up.
+    pub counted: EnrichStats,
+}
+
+#[derive(Default)]
+struct Counters {
+    lookups: std::sync::atomic::AtomicU64,
+    cache_hits: std::sync::atomic::AtomicU64,
+    stored_hits: std::sync::atomic::AtomicU64,
+    joined: std::sync::atomic::AtomicU64,
+    calls: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> EnrichStats {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        EnrichStats {
+            lookups: get(&self.lookups),
+            cache_hits: get(&self.cache_hits),
+            stored_hits: get(&self.stored_hits),
+            joined: get(&self.joined),
+            calls: get(&self.calls),
+            failed: get(&self.failed),
+        }
     }
 }
 
@@ -254,13 +508,19 @@ pub enum EnrichError {
     /// after every attempt; the profile can be tried again later.
     #[error("the enrichment API is unavailable: {0}")]
     Unavailable(String),
+    /// The API refused the key (401 or 403): every further lookup would
+    /// fail the same way, so the matcher stops.
+    #[error("the enrichment API refused the key with status {status}: {message} (check enrich.api_key, best set as SIFT__ENRICH__API_KEY, and the account's plan)")]
+    KeyRefused {
+        /// HTTP status.
+        status: u16,
+        /// The API's message.
+        message: String,
+    },
 }
 
 fn rejected_hint(status: &u16) -> &'static str {
     match status {
-        401 | 403 => {
-            " (check enrich.api_key, best set as SIFT__ENRICH__API_KEY, and the account's plan)"
-        }
         400 | 422 => " (the request was malformed: check the network name and the handle)",
         _ => "",
     }
@@ -368,6 +628,11 @@ pub struct Enricher {
     pending_wait: Duration,
     cache_ttl: Duration,
     not_found_ttl: Duration,
+    /// Answers paid for, kept across restarts; None = the cache alone.
+    store: Option<AnswerStore>,
+    /// One gate per handle with a lookup in flight.
+    in_flight: parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    counters: Counters,
 }
 
 impl fmt::Debug for Enricher {
@@ -446,7 +711,36 @@ impl Enricher {
             pending_wait: config.pending_wait,
             cache_ttl: config.cache_ttl,
             not_found_ttl: config.not_found_ttl,
+            store: None,
+            in_flight: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            counters: Counters::default(),
         }))
+    }
+
+    /// Keeps answers in `store` too, so they outlive the cache and the
+    /// process.
+    pub fn with_store(mut self, store: AnswerStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The table of stored answers, when there is one.
+    pub fn store(&self) -> Option<&AnswerStore> {
+        self.store.as_ref()
+    }
+
+    /// What this client did since it started.
+    pub fn stats(&self) -> EnrichStats {
+        self.counters.snapshot()
+    }
+
+    /// Writes this client's counters to the table (row `~stats/INSTANCE`),
+    /// for `sift enrich stats`; nothing without a store.
+    pub async fn flush_stats(&self, instance: &str) -> Result<(), TableError> {
+        match &self.store {
+            Some(store) => store.put_stats(instance, &self.stats()).await,
+            None => Ok(()),
+        }
     }
 
     /// The URL requests go to.
@@ -454,34 +748,128 @@ impl Enricher {
         &self.endpoint
     }
 
-    /// Looks a profile up: from the cache when it was looked up before, else
-    /// from the API (found people and misses are cached; pending lookups are not).
+    /// Looks a profile up: from the cache, else the table of stored answers,
+    /// else (one lookup per handle at a time) from the API. Found people and
+    /// misses are stored and cached; pending lookups are not.
     #[tracing::instrument(name = "enrich", skip_all, fields(network = %req.network, handle = %req.handle))]
     pub async fn enrich(
         &self,
         req: &EnrichRequest,
     ) -> Result<(Enrichment, EnrichSource), EnrichError> {
+        Counters::bump(&self.counters.lookups);
         let key = req.cache_key();
-        match self.cache.get(CACHE_NAMESPACE, &key).await {
-            Ok(Some(bytes)) => match serde_json::from_slice::<Enrichment>(&bytes) {
-                Ok(e) => {
+        if let Some(hit) = self.known(&key).await {
+            match hit.1 {
+                EnrichSource::Stored => Counters::bump(&self.counters.stored_hits),
+                _ => {
                     crate::metrics::global().enrich_cache_hit();
-                    return Ok((e, EnrichSource::Cache));
+                    Counters::bump(&self.counters.cache_hits);
                 }
-                Err(e) => tracing::warn!(error = %e, "Ignoring an unreadable cached enrichment."),
-            },
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "The enrichment cache failed; asking the API."),
+            }
+            return Ok(hit);
         }
         if req.body().as_object().is_none_or(|b| b.is_empty()) {
+            Counters::bump(&self.counters.failed);
             return Err(EnrichError::Rejected {
                 status: 400,
                 message: "the profile has no handle, email or phone to look up".into(),
             });
         }
+        // One lookup per handle in flight: the others wait here, then find
+        // its answer stored.
+        let gate = Arc::clone(self.in_flight.lock().entry(key.clone()).or_default());
+        let result = {
+            let _turn = gate.lock().await;
+            // Whoever held the handle before may have paid for it meanwhile.
+            match self.known(&key).await {
+                Some(hit) => {
+                    Counters::bump(&self.counters.joined);
+                    Ok(hit)
+                }
+                None => self.fetch(req, &key).await,
+            }
+        };
+        self.release(&key, &gate);
+        if result.is_err() {
+            Counters::bump(&self.counters.failed);
+        }
+        result
+    }
+
+    /// Forgets a handle's gate once nobody else holds it.
+    fn release(&self, key: &str, gate: &Arc<tokio::sync::Mutex<()>>) {
+        let mut in_flight = self.in_flight.lock();
+        // The map's reference and ours: no one else waits.
+        if Arc::strong_count(gate) <= 2 {
+            in_flight.remove(key);
+        }
+    }
+
+    /// The answer already paid for: the cache's, else a fresh stored one
+    /// (which goes back into the cache). Counted by the caller.
+    async fn known(&self, key: &str) -> Option<(Enrichment, EnrichSource)> {
+        match self.cache.get(CACHE_NAMESPACE, key).await {
+            Ok(Some(bytes)) => match serde_json::from_slice::<Enrichment>(&bytes) {
+                Ok(e) => return Some((e, EnrichSource::Cache)),
+                Err(e) => tracing::warn!(error = %e, "Ignoring an unreadable cached enrichment."),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "The enrichment cache failed; reading the table."),
+        }
+        let store = self.store.as_ref()?;
+        let stored = match store.get(key).await {
+            Ok(stored) => stored?,
+            Err(e) => {
+                tracing::warn!(error = %e, "The table of enrichment answers could not be read; asking the API.");
+                return None;
+            }
+        };
+        let ttl = self.ttl(&stored.answer);
+        let age = Duration::from_millis(
+            u64::try_from(crate::now_ms().saturating_sub(stored.fetched_at_ms)).unwrap_or(0),
+        );
+        if age >= ttl {
+            return None;
+        }
+        self.cache_answer(key, &stored.answer, ttl - age).await;
+        Some((stored.answer, EnrichSource::Stored))
+    }
+
+    fn ttl(&self, answer: &Enrichment) -> Duration {
+        match answer {
+            Enrichment::NotFound => self.not_found_ttl,
+            _ => self.cache_ttl,
+        }
+    }
+
+    async fn cache_answer(&self, key: &str, answer: &Enrichment, ttl: Duration) {
+        match serde_json::to_vec(answer) {
+            Ok(bytes) => {
+                if let Err(e) = self
+                    .cache
+                    .set(CACHE_NAMESPACE, key, Bytes::from(bytes), Some(ttl))
+                    .await
+                {
+                    tracing::warn!(error = %e, "Could not cache an enrichment answer.");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not encode an enrichment answer for the cache.")
+            }
+        }
+    }
+
+    /// Asks the API (with re-asks while the lookup is queued), then stores
+    /// and caches the answer.
+    async fn fetch(
+        &self,
+        req: &EnrichRequest,
+        key: &str,
+    ) -> Result<(Enrichment, EnrichSource), EnrichError> {
+        let mut calls = 0u64;
         let mut asked_again = 0;
         let outcome = loop {
-            match self.ask(req).await? {
+            match self.ask(req, &mut calls).await? {
                 Reply::Found(p) => break Enrichment::Found(p),
                 Reply::NotFound => break Enrichment::NotFound,
                 Reply::Queued if asked_again >= self.pending_attempts => {
@@ -497,30 +885,24 @@ impl Enricher {
                 }
             }
         };
-        let ttl = match outcome {
-            Enrichment::NotFound => self.not_found_ttl,
-            _ => self.cache_ttl,
-        };
-        match serde_json::to_vec(&outcome) {
-            Ok(bytes) => {
-                if let Err(e) = self
-                    .cache
-                    .set(CACHE_NAMESPACE, &key, Bytes::from(bytes), Some(ttl))
-                    .await
-                {
-                    tracing::warn!(error = %e, "Could not cache an enrichment answer; the next lookup will call the API again.");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Could not encode an enrichment answer for the cache.")
+        if let Some(store) = &self.store {
+            let stored = StoredAnswer {
+                answer: outcome.clone(),
+                fetched_at_ms: crate::now_ms(),
+                calls,
+            };
+            if let Err(e) = store.put(key, &stored).await {
+                tracing::warn!(error = %e, "Could not store an enrichment answer; it stays in the cache only.");
             }
         }
+        self.cache_answer(key, &outcome, self.ttl(&outcome)).await;
         Ok((outcome, EnrichSource::Api))
     }
 
     /// One question to the API, attempted up to `max_attempts` times while it
     /// answers 429 or 5xx or cannot be reached.
-    async fn ask(&self, req: &EnrichRequest) -> Result<Reply, EnrichError> {
+    /// `calls` counts the requests sent.
+    async fn ask(&self, req: &EnrichRequest, calls: &mut u64) -> Result<Reply, EnrichError> {
         let metrics = crate::metrics::global();
         let body = serde_json::to_vec(&req.body())
             .map_err(|e| EnrichError::Unavailable(format!("cannot encode the request: {e}")))?;
@@ -532,6 +914,8 @@ impl Enricher {
             if !waited.is_zero() {
                 metrics.enrich_rate_limited(waited.as_secs_f64());
             }
+            Counters::bump(&self.counters.calls);
+            *calls += 1;
             let sent = self
                 .http
                 .post(&self.endpoint)
@@ -586,6 +970,12 @@ impl Enricher {
                             format!("the API answered {status}: {}", self.message(&text)),
                             retry_after,
                         ),
+                        401 | 403 => {
+                            return Err(EnrichError::KeyRefused {
+                                status,
+                                message: self.message(&text),
+                            })
+                        }
                         _ => {
                             return Err(EnrichError::Rejected {
                                 status,

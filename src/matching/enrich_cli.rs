@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::enrich::{EnrichRequest, Enricher};
+use super::enrich::{AnswerStore, EnrichRequest, Enricher, StoreSummary};
 use super::standin::{self, StandInOptions};
 use crate::dbusa::generate::NETWORKS;
 
@@ -17,6 +17,16 @@ pub enum EnrichCommand {
     Standin(StandinArgs),
     /// Look one profile up through the configured client (`[enrich]`) and print the answer as JSON.
     Lookup(LookupArgs),
+    /// What enrichment cost: answers stored, calls paid, and how many lookups were answered without one.
+    Stats(StatsArgs),
+}
+
+/// `sift enrich stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `sift enrich standin`.
@@ -100,19 +110,26 @@ pub async fn main(config: crate::config::Config, command: EnrichCommand) -> crat
         }
         EnrichCommand::Lookup(a) => {
             let cache = crate::backends::open_cache(&config).await?;
-            let enricher = Enricher::new(&config.enrich, cache)?.ok_or_else(|| {
-                crate::Error::Invalid(
-                    "enrichment is off: set enrich.api_key (best as SIFT__ENRICH__API_KEY) and enrich.url"
-                        .into(),
-                )
-            })?;
+            let store = AnswerStore::open(crate::backends::open_table(&config).await?).await?;
+            let enricher = Enricher::new(&config.enrich, cache)?
+                .ok_or_else(|| {
+                    crate::Error::Invalid(
+                        "enrichment is off: set enrich.api_key (best as SIFT__ENRICH__API_KEY) and enrich.url"
+                            .into(),
+                    )
+                })?
+                .with_store(store);
             let request = EnrichRequest {
                 network: a.network,
                 handle: a.handle,
                 email: a.email,
                 phone: a.phone,
             };
-            let (enrichment, source) = enricher.enrich(&request).await?;
+            let answer = enricher.enrich(&request).await;
+            if let Err(e) = enricher.flush_stats(super::enrich::instance()).await {
+                tracing::warn!(error = %e, "Could not write the enrichment counters.");
+            }
+            let (enrichment, source) = answer?;
             let out = serde_json::json!({
                 "network": request.network,
                 "handle": request.handle,
@@ -126,10 +143,59 @@ pub async fn main(config: crate::config::Config, command: EnrichCommand) -> crat
                 "answered from the {}",
                 match source {
                     super::enrich::EnrichSource::Cache => "cache (nothing paid)",
+                    super::enrich::EnrichSource::Stored => "stored answer (nothing paid)",
                     super::enrich::EnrichSource::Api => "API",
                 }
             );
             Ok(())
         }
+        EnrichCommand::Stats(a) => {
+            let store = AnswerStore::open(crate::backends::open_table(&config).await?).await?;
+            let summary = store.summary().await?;
+            if a.json {
+                let text = serde_json::to_string_pretty(&serde_json::json!({
+                    "summary": summary,
+                    "hit_rate": summary.counted.hit_rate(),
+                }))
+                .map_err(|e| crate::Error::Invalid(format!("cannot print the stats: {e}")))?;
+                println!("{text}");
+            } else {
+                print!("{}", stats_text(&summary));
+            }
+            Ok(())
+        }
     }
+}
+
+/// `sift enrich stats` as text.
+fn stats_text(s: &StoreSummary) -> String {
+    let c = &s.counted;
+    let rate = c
+        .hit_rate()
+        .map_or("n/a (no lookups counted)".to_owned(), |r| {
+            format!("{:.1}%", r * 100.0)
+        });
+    let mut out = format!(
+        "answers stored      {} ({} found, {} not found)\n\
+         calls they took     {}\n",
+        s.found + s.not_found,
+        s.found,
+        s.not_found,
+        s.stored_calls
+    );
+    if s.unreadable > 0 {
+        out += &format!("unreadable rows     {}\n", s.unreadable);
+    }
+    out += &format!(
+        "counted by {} matcher run(s):\n\
+         \x20 lookups           {}\n\
+         \x20 calls paid        {}\n\
+         \x20 from the cache    {}\n\
+         \x20 from the table    {}\n\
+         \x20 joined in flight  {}\n\
+         \x20 failed            {}\n\
+         \x20 hit rate          {rate}\n",
+        s.instances, c.lookups, c.calls, c.cache_hits, c.stored_hits, c.joined, c.failed
+    );
+    out
 }

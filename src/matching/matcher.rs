@@ -161,6 +161,9 @@ pub enum MatchError {
     /// The search index failed.
     #[error("searching the consumer database: {0}")]
     Search(#[from] SearchError),
+    /// The enrichment API refused the key: every lookup would fail alike.
+    #[error("{0}")]
+    EnrichmentKey(super::enrich::EnrichError),
 }
 
 /// Matches profiles. Cheap to share: every part is behind an `Arc` or immutable.
@@ -219,6 +222,21 @@ impl Matcher {
         }
     }
 
+    /// The enrichment client, when enrichment is on.
+    pub fn enricher(&self) -> Option<&Enricher> {
+        self.enricher.as_ref()
+    }
+
+    /// Writes the enrichment client's counters to the table of answers (for
+    /// `sift enrich stats`); a failure is logged, never fatal.
+    pub async fn flush_enrich_stats(&self) {
+        if let Some(enricher) = &self.enricher {
+            if let Err(e) = enricher.flush_stats(super::enrich::instance()).await {
+                tracing::warn!(error = %e, "Could not write the enrichment counters.");
+            }
+        }
+    }
+
     /// The weights in use.
     pub fn weights(&self) -> &Weights {
         &self.weights
@@ -252,12 +270,15 @@ impl Matcher {
                             method = "enrichment+search";
                         }
                         match source {
-                            EnrichSource::Cache => Enriched::FoundCached,
+                            EnrichSource::Cache | EnrichSource::Stored => Enriched::FoundCached,
                             EnrichSource::Api => Enriched::Found,
                         }
                     }
                     Ok((Enrichment::NotFound, _)) => Enriched::NotFound,
                     Ok((Enrichment::Pending, _)) => Enriched::Pending,
+                    Err(e @ EnrichError::KeyRefused { .. }) => {
+                        return Err(MatchError::EnrichmentKey(e))
+                    }
                     Err(e) => {
                         log_enrich_error(&e);
                         Enriched::Failed

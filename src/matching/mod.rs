@@ -36,7 +36,7 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 
 use crate::backends::search::SearchError;
-use crate::backends::{Cache, SearchIndex};
+use crate::backends::{Cache, SearchIndex, Table};
 use crate::config::Config;
 use crate::daemon::Until;
 use matcher::{Matcher, Outcome, ProfileIn, Rules};
@@ -95,16 +95,22 @@ pub fn weights(config: &Config) -> crate::Result<Weights> {
     }
 }
 
-/// Builds the matcher the configuration describes, with its cache.
-pub async fn matcher(config: &Config) -> crate::Result<(Arc<Matcher>, Arc<dyn Cache>)> {
+/// Builds the matcher the configuration describes, with its cache; `table`
+/// keeps the enrichment answers paid for.
+pub async fn matcher(
+    config: &Config,
+    table: Arc<dyn Table>,
+) -> crate::Result<(Arc<Matcher>, Arc<dyn Cache>)> {
     let search: Arc<dyn SearchIndex> = crate::backends::open_search(config).await?;
-    matcher_on(config, search).await
+    matcher_on(config, search, table).await
 }
 
-/// Builds the matcher the configuration describes over an open search index.
+/// Builds the matcher the configuration describes over an open search index
+/// and table.
 pub async fn matcher_on(
     config: &Config,
     search: Arc<dyn SearchIndex>,
+    table: Arc<dyn Table>,
 ) -> crate::Result<(Arc<Matcher>, Arc<dyn Cache>)> {
     let index = config.dbusa.index.clone();
     match search.count(&index).await {
@@ -121,10 +127,16 @@ pub async fn matcher_on(
         Err(e) => return Err(e.into()),
     }
     let cache = crate::backends::open_cache(config).await?;
-    let enricher = enrich::Enricher::new(&config.enrich, cache.clone())
+    let mut enricher = enrich::Enricher::new(&config.enrich, cache.clone())
         .map_err(|e| crate::Error::Invalid(format!("the enrichment client: {e}")))?;
-    if enricher.is_none() {
-        tracing::info!("Enrichment is off (enrich.api_key is empty).");
+    match enricher.take() {
+        None => tracing::info!("Enrichment is off (enrich.api_key is empty)."),
+        Some(client) => {
+            // Answers paid for are kept in the table, so a restart, another
+            // instance or tomorrow's run does not pay for them again.
+            let store = enrich::AnswerStore::open(table).await?;
+            enricher = Some(client.with_store(store));
+        }
     }
     let m = &config.matching;
     let rules = Rules {
@@ -145,7 +157,8 @@ pub async fn main(config: &Config, args: MatchArgs) -> crate::Result<()> {
         return fit::main(a);
     }
     if let (Some(input), Some(output)) = (&args.input, &args.output) {
-        let (matcher, _) = matcher(config).await?;
+        let table = crate::backends::open_table(config).await?;
+        let (matcher, _) = matcher(config, table).await?;
         let s = batch(
             &matcher,
             input,
@@ -168,9 +181,9 @@ pub async fn main(config: &Config, args: MatchArgs) -> crate::Result<()> {
         }
         return Ok(());
     }
-    let (matcher, cache) = matcher(config).await?;
-    let log = crate::backends::open_log(config).await?;
     let table = crate::backends::open_table(config).await?;
+    let (matcher, cache) = matcher(config, table.clone()).await?;
+    let log = crate::backends::open_log(config).await?;
     crate::daemon::serve_metrics(config, daemon::health()).await?;
     let until = if args.once {
         Until::caught_up().or_stopped_by(crate::daemon::shutdown_signal())
@@ -367,6 +380,7 @@ pub async fn batch(
         )
     })?;
     summary.seconds = started.elapsed().as_secs_f64();
+    matcher.flush_enrich_stats().await;
     Ok(summary)
 }
 
@@ -399,6 +413,7 @@ impl From<matcher::MatchError> for crate::Error {
     fn from(e: matcher::MatchError) -> Self {
         match e {
             matcher::MatchError::Search(s) => crate::Error::Search(s),
+            e @ matcher::MatchError::EnrichmentKey(_) => crate::Error::Invalid(e.to_string()),
         }
     }
 }

@@ -733,7 +733,8 @@ pub(crate) async fn matching_parts(
     config: &Config,
     shared: &Shared,
 ) -> crate::Result<crate::matching::daemon::Parts> {
-    let (matcher, cache) = crate::matching::matcher_on(config, shared.search.clone()).await?;
+    let (matcher, cache) =
+        crate::matching::matcher_on(config, shared.search.clone(), shared.table.clone()).await?;
     Ok(crate::matching::daemon::Parts {
         log: shared.log.clone(),
         table: shared.table.clone(),

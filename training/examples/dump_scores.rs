@@ -1,6 +1,7 @@
 //! Writes, for the tuning and validation parts of a dataset, every label's
 //! transformer probability and linear decision value, as JSON lines: for
-//! studying how to combine the two outside the training run.
+//! studying how to combine the two outside the training run. Each document
+//! twice: as the models read it, and without its fields (part `…Bare`).
 //!
 //! `cargo run -p sift-training --example dump_scores -- MODEL_DIR DATA.jsonl OUT.jsonl`
 
@@ -36,19 +37,22 @@ fn main() -> anyhow::Result<()> {
         if !matches!(part, Part::Tuning | Part::Validation) || doc.tags.is_empty() {
             continue;
         }
-        let text = doc.full_text();
-        let encoded = predictor.encode(&text)?;
-        let top = predictor.predict_encoded(&[&encoded], labels.len())?;
-        let mut p = vec![0f32; labels.len()];
-        for &(i, score) in &top[0] {
-            p[i as usize] = score;
+        // Each document as the model reads it, then (as part
+        // "<Part>Bare") without its section and page name.
+        for (text, bare) in [(doc.full_text(), ""), (doc.text_alone(), "Bare")] {
+            let encoded = predictor.encode(&text)?;
+            let top = predictor.predict_encoded(&[&encoded], labels.len())?;
+            let mut p = vec![0f32; labels.len()];
+            for &(i, score) in &top[0] {
+                p[i as usize] = score;
+            }
+            let s = linear.scores(sift_training::model_text(&text));
+            writeln!(
+                file,
+                "{}",
+                serde_json::json!({"part": format!("{part:?}{bare}"), "tags": doc.tags, "p": p, "s": s})
+            )?;
         }
-        let s = linear.scores(sift_training::model_text(&text));
-        writeln!(
-            file,
-            "{}",
-            serde_json::json!({"part": format!("{part:?}"), "tags": doc.tags, "p": p, "s": s})
-        )?;
     }
     std::fs::write(
         format!("{out}.labels.json"),
