@@ -18,15 +18,16 @@ use sift::documents;
 use sift::train::registry::Registry;
 use sift::train::{self, TrainArgs};
 
-/// What the shipped tiny model (transformer + linear) must reach on the
-/// bundled sample's validation sources (2,129 documents). Measured with
-/// this test: P@1 0.785, hit@5 0.961, recall@5 0.752 after 7 epochs
-/// (training is deterministic on the CPU); the bars leave room for
-/// floating-point differences between machines, not for regressions.
+/// What the shipped tiny model (transformer + linear, reading each
+/// document's section and package name) must reach on the bundled sample's
+/// validation sources (2,129 documents). Measured with this test: P@1
+/// 0.898, hit@5 0.976, recall@5 0.782 after 8 epochs (training is
+/// deterministic on the CPU); the bars leave room for floating-point
+/// differences between machines, not for regressions.
 /// Always answering the 5 most frequent labels scores about 0.80 hit@5 and
 /// 0.35 P@1 here.
-const MIN_HIT_AT_5: f64 = 0.94;
-const MIN_P_AT_1: f64 = 0.75;
+const MIN_HIT_AT_5: f64 = 0.96;
+const MIN_P_AT_1: f64 = 0.87;
 
 fn config(dir: &Path) -> Config {
     let mut c = Config {
