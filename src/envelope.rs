@@ -151,6 +151,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_model_reads_an_envelope_as_training_reads_its_dataset_row() {
+        let mut env = Envelope {
+            v: SCHEMA_VERSION,
+            id: document_id("site-001", "http://x/packages/libz1.html"),
+            source: "site-001".into(),
+            url: "http://x/packages/libz1.html".into(),
+            fetched_at_ms: 0,
+            content_type: "text/html".into(),
+            title: "zlib".into(),
+            text: Some("compression library".into()),
+            body_uri: None,
+            metadata: BTreeMap::new(),
+        };
+        env.metadata
+            .insert(meta::SECTION.into(), serde_json::Value::from("libs"));
+        let row = sift_training::Document {
+            id: "libz1".into(),
+            title: "zlib".into(),
+            text: "compression library".into(),
+            section: "libs".into(),
+            ..Default::default()
+        };
+        assert_eq!(env.model_input(), row.full_text());
+        assert_eq!(
+            env.model_input(),
+            "section libs\npage libz1\nzlib\ncompression library"
+        );
+        // No section: only the page's name.
+        env.metadata.clear();
+        assert_eq!(env.section(), "");
+        assert_eq!(env.model_input(), "page libz1\nzlib\ncompression library");
+    }
+
+    #[test]
     fn ids_are_stable_and_distinct() {
         let a = document_id("debian", "https://packages.debian.org/x");
         assert_eq!(a, document_id("debian", "https://packages.debian.org/x"));

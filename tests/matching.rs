@@ -707,9 +707,10 @@ async fn matching_on_elasticsearch_decides_like_the_embedded_index() -> Result<(
     let mut es_config = config(dir.path());
     es_config.dbusa.index = index;
     // Enrichment is off here, so the table is never written.
-    let table: Arc<dyn Table> = Arc::new(EmbeddedTable::open(&dir.path().join("answers.redb"))?);
-    let (on_es, _) = sift::matching::matcher_on(&es_config, Arc::new(es), table.clone()).await?;
-    let (on_embedded, _) = sift::matching::matcher_on(&config(dir.path()), embedded, table).await?;
+    let answers: Arc<dyn Table> = Arc::new(EmbeddedTable::open(&dir.path().join("answers.redb"))?);
+    let (on_es, _) = sift::matching::matcher_on(&es_config, Arc::new(es), answers.clone()).await?;
+    let (on_embedded, _) =
+        sift::matching::matcher_on(&config(dir.path()), embedded, answers).await?;
     let inputs: Vec<_> = profiles.iter().map(profile_in).collect();
     let mut same = 0;
     let mut outcomes = Vec::new();
