@@ -257,20 +257,75 @@ impl Place {
     }
 }
 
-/// Parses a free-text location into a [`Place`]. Country suffixes (`USA`,
-/// `United States`) are ignored.
+/// Words around a place that are not the place: `Greater Austin Area`,
+/// `based in Denver`, `Austin Metro`, `Seattle, WA, United States`.
+const PLACE_PREFIXES: [&str; 7] = [
+    "the greater ",
+    "greater ",
+    "based in ",
+    "living in ",
+    "lives in ",
+    "located in ",
+    "from ",
+];
+const PLACE_SUFFIXES: [&str; 8] = [
+    " metropolitan area",
+    " metro area",
+    " bay area",
+    " area",
+    " metroplex",
+    " metro",
+    " region",
+    " city area",
+];
+const COUNTRIES: [&str; 5] = [
+    "united states of america",
+    "united states",
+    "usa",
+    "us",
+    "america",
+];
+
+/// One comma-separated part of a location with what is not the place cut
+/// away; empty when nothing is left (a bare country).
+fn place_part(part: &str) -> String {
+    let mut p = normalize(part);
+    loop {
+        let before = p.len();
+        for prefix in PLACE_PREFIXES {
+            if let Some(rest) = p.strip_prefix(prefix) {
+                p = rest.to_owned();
+            }
+        }
+        for country in COUNTRIES {
+            if p == country {
+                p.clear();
+            } else if let Some(rest) = p.strip_suffix(&format!(" {country}")) {
+                p = rest.to_owned();
+            }
+        }
+        for suffix in PLACE_SUFFIXES {
+            // "Bay Area" alone names a region, not a city: nothing is left.
+            if let Some(rest) = p.strip_suffix(suffix) {
+                p = rest.to_owned();
+            }
+        }
+        if p.len() == before {
+            return p;
+        }
+    }
+}
+
+/// Parses a free-text location into a [`Place`], however people write it:
+/// `Austin, TX`, `austin tx 78701`, `Austin, Texas, United States`,
+/// `Greater Austin Area`, `Based in Austin`. Country names and the words
+/// around a metro area are dropped.
 pub fn parse_location(text: &str) -> Place {
     let mut place = Place::default();
     let mut parts: Vec<String> = text
-        .split([',', ';', '|', '/'])
-        .map(normalize)
+        .split([',', ';', '|', '/', '·', '•', '(', ')'])
+        .map(place_part)
         .filter(|p| !p.is_empty())
-        .filter(|p| {
-            !matches!(
-                p.as_str(),
-                "usa" | "us" | "united states" | "united states of america"
-            )
-        })
         .collect();
     // A ZIP code anywhere.
     for part in parts.iter_mut() {
@@ -370,5 +425,45 @@ mod tests {
         let p = parse_location("New York");
         assert_eq!((p.city.as_str(), p.state.as_str()), ("", "ny"));
         assert!(parse_location("").is_empty());
+    }
+
+    /// Every way people write a place in a profile, and what it means.
+    #[test]
+    fn every_way_people_write_a_place() {
+        let table = [
+            ("Austin, TX", "austin", "tx", ""),
+            ("austin, tx", "austin", "tx", ""),
+            ("Austin TX", "austin", "tx", ""),
+            ("Austin, Texas", "austin", "tx", ""),
+            ("Austin Texas", "austin", "tx", ""),
+            ("Austin, Texas, United States", "austin", "tx", ""),
+            ("Austin, TX, USA", "austin", "tx", ""),
+            ("austin texas usa", "austin", "tx", ""),
+            ("Austin, TX 78701", "austin", "tx", "78701"),
+            ("Austin", "austin", "", ""),
+            ("Greater Austin Area", "austin", "", ""),
+            ("Austin Metro", "austin", "", ""),
+            ("Austin, Texas Metropolitan Area", "austin", "tx", ""),
+            ("Based in Austin, TX", "austin", "tx", ""),
+            ("Austin | Texas", "austin", "tx", ""),
+            ("Austin · TX", "austin", "tx", ""),
+            ("Austin (TX)", "austin", "tx", ""),
+            ("Greater Minneapolis-St. Paul Area", "minneapolis st paul", "", ""),
+            ("San Francisco Bay Area", "san francisco", "", ""),
+            ("Saint Paul, Minnesota, U.S.A.", "saint paul", "mn", ""),
+            ("Salt Lake City, UT", "salt lake city", "ut", ""),
+            ("Kansas City, Missouri", "kansas city", "mo", ""),
+            ("Texas", "", "tx", ""),
+            ("United States", "", "", ""),
+            ("🌵 Tucson, AZ 🌵", "tucson", "az", ""),
+        ];
+        for (text, city, state, zip) in table {
+            let p = parse_location(text);
+            assert_eq!(
+                (p.city.as_str(), p.state.as_str(), p.zip.as_str()),
+                (city, state, zip),
+                "{text}"
+            );
+        }
     }
 }
