@@ -225,6 +225,15 @@ fn matching_meets_its_accuracy_floors_on_a_generated_database() -> Result<()> {
         if o.dbusa_id.is_some() {
             ensure!(o.reason == Reason::Matched && o.evidence.len() == 5);
         }
+        // The decision explains itself: the best candidates with their
+        // scores and levels, the winner first, the runner-up second.
+        ensure!(o.top.len() == o.candidates.min(3), "{}: {:?}", p.id, o.top);
+        if let Some(first) = o.top.first() {
+            ensure!(Some(&first.dbusa_id) == o.best.as_ref() && Some(first.score) == o.score);
+            ensure!(first.evidence == o.evidence);
+            ensure!(o.top.get(1).map(|c| c.score) == o.runner_up, "{:?}", o.top);
+            ensure!(o.top.windows(2).all(|w| w[0].score >= w[1].score));
+        }
         outcomes.push(o);
     }
     let report = evaluate(&profiles, &outcomes, &[]);
@@ -380,6 +389,12 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         }
         matched += 1;
         ensure!(cached.as_ref() == Some(id), "cache for {key}");
+        // A match is explained by its candidates, the winner first.
+        let top: Vec<sift::matching::matcher::CandidateScore> = serde_json::from_slice(
+            r.get(HANDLES_FAMILY, b"top")
+                .context("the top candidates")?,
+        )?;
+        ensure!(top.first().map(|c| c.dbusa_id.as_bytes()) == Some(id.as_ref()));
         let identity = table
             .get(IDENTITIES, id, None)
             .await?

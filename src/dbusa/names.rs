@@ -448,7 +448,12 @@ mod tests {
             ("Austin | Texas", "austin", "tx", ""),
             ("Austin · TX", "austin", "tx", ""),
             ("Austin (TX)", "austin", "tx", ""),
-            ("Greater Minneapolis-St. Paul Area", "minneapolis st paul", "", ""),
+            (
+                "Greater Minneapolis-St. Paul Area",
+                "minneapolis st paul",
+                "",
+                "",
+            ),
             ("San Francisco Bay Area", "san francisco", "", ""),
             ("Saint Paul, Minnesota, U.S.A.", "saint paul", "mn", ""),
             ("Salt Lake City, UT", "salt lake city", "ut", ""),

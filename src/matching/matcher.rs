@@ -150,9 +150,28 @@ pub struct Outcome {
     pub best: Option<String>,
     /// Per-field levels and weights of the best candidate.
     pub evidence: Vec<Evidence>,
+    /// The best [`TOP_CANDIDATES`] candidates with their scores and levels,
+    /// best first: why the winner won, or why no one did (a tie, a
+    /// relative just below).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<CandidateScore>,
     /// Ids of every candidate, best first (for measuring blocking; not written out).
     #[serde(skip)]
     pub candidate_ids: Vec<String>,
+}
+
+/// Candidates an [`Outcome`] explains.
+pub const TOP_CANDIDATES: usize = 3;
+
+/// One candidate as the decision saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateScore {
+    /// The person's id.
+    pub dbusa_id: String,
+    /// Sum of the weights, log2 odds (rounded to 0.01).
+    pub score: f64,
+    /// Per field.
+    pub evidence: Vec<Evidence>,
 }
 
 /// A failure that stops a profile from being decided now; the caller retries.
@@ -296,6 +315,7 @@ impl Matcher {
             candidates: 0,
             best: None,
             evidence: Vec::new(),
+            top: Vec::new(),
             candidate_ids: Vec::new(),
         };
         let Some(query) = block::query(&probe, self.candidates) else {
@@ -320,6 +340,15 @@ impl Matcher {
         scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
         let candidates = scored.len();
         let candidate_ids: Vec<String> = scored.iter().map(|(id, _)| id.clone()).collect();
+        let top: Vec<CandidateScore> = scored
+            .iter()
+            .take(TOP_CANDIDATES)
+            .map(|(id, s)| CandidateScore {
+                dbusa_id: id.clone(),
+                score: round2(s.score),
+                evidence: s.evidence.clone(),
+            })
+            .collect();
         let mut scored = scored.into_iter();
         let Some((best_id, best)) = scored.next() else {
             return Ok(unmatched(Reason::NoCandidates));
@@ -336,6 +365,7 @@ impl Matcher {
             candidates,
             best: Some(best_id),
             evidence: best.evidence,
+            top,
             candidate_ids,
         })
     }

@@ -38,6 +38,9 @@ pub mod columns {
     pub const MATCHED_AT: &str = "matched_at_ms";
     /// Per-field evidence, JSON.
     pub const EVIDENCE: &str = "evidence";
+    /// The best candidates with their scores and levels, JSON (absent when
+    /// the search returned none).
+    pub const TOP: &str = "top";
     /// The profile's id in its source, when it had one.
     pub const PROFILE_ID: &str = "profile_id";
 }
@@ -119,6 +122,13 @@ impl Decided {
                 columns::EVIDENCE,
                 serde_json::to_vec(&o.evidence).unwrap_or_default(),
             );
+        if !o.top.is_empty() {
+            row = row.cell(
+                f,
+                columns::TOP,
+                serde_json::to_vec(&o.top).unwrap_or_default(),
+            );
+        }
         if let Some(id) = &self.profile.id {
             row = row.cell(f, columns::PROFILE_ID, id.clone());
         }
