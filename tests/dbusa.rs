@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{ensure, Context, Result};
 use sift::dbusa::generate::{corruptions, generate, Profile, Spec, COLUMNS};
+use sift::dbusa::names::{normalize, surname_key};
 
 fn spec(seed: u64) -> Spec {
     Spec {
@@ -14,7 +15,63 @@ fn spec(seed: u64) -> Spec {
         seed,
         profiles: 800,
         outsiders: 200,
+        housemates: 0,
     }
+}
+
+#[test]
+fn housemates_share_a_members_surname_and_place_but_are_not_in_the_database() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let g = generate(
+        &Spec {
+            housemates: 300,
+            ..spec(3)
+        },
+        dir.path(),
+    )?;
+    ensure!(g.profile_count == 1_300);
+    let csv = std::fs::read_to_string(dir.path().join("dbusa.csv"))?;
+    // (surname, city, state) → first names of the members living there.
+    let mut members: HashMap<(String, String, String), Vec<String>> = HashMap::new();
+    for line in csv.lines().skip(1) {
+        let c: Vec<&str> = line.split(',').collect();
+        members
+            .entry((surname_key(c[3]), normalize(c[5]), c[6].to_lowercase()))
+            .or_default()
+            .push(normalize(c[1]));
+    }
+    let profiles: Vec<Profile> = std::fs::read_to_string(dir.path().join("profiles.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let housemates: Vec<&Profile> = profiles
+        .iter()
+        .filter(|p| p.corruption == corruptions::HOUSEMATE)
+        .collect();
+    ensure!(housemates.len() == 300);
+    let mut beside_a_member = 0;
+    for p in &housemates {
+        ensure!(p.dbusa_id.is_none(), "{p:?}");
+        let (Some(name), Some(location)) = (&p.name, &p.location) else {
+            continue;
+        };
+        let parts = sift::dbusa::names::split_name(name).context("a full name")?;
+        let place = sift::dbusa::names::parse_location(location);
+        let key = (parts.last.clone(), place.city.clone(), place.state.clone());
+        if let Some(firsts) = members.get(&key) {
+            beside_a_member += 1;
+            ensure!(
+                !firsts.contains(&parts.first),
+                "{p:?} is a member's namesake"
+            );
+        }
+    }
+    // Names and places are written in many ways; most still parse back.
+    ensure!(
+        beside_a_member >= 200,
+        "{beside_a_member} of 300 beside a member"
+    );
+    Ok(())
 }
 
 #[test]

@@ -372,6 +372,7 @@ async fn the_generators_answers_serve_missing_profiles() -> Result<()> {
             seed: 11,
             profiles: 800,
             outsiders: 200,
+            housemates: 0,
         },
         dir.path(),
     )?;

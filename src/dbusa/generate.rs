@@ -57,6 +57,11 @@ pub mod corruptions {
     pub const BOTH_MISSING: &str = "both_missing";
     /// A person who is not in the database.
     pub const NOT_IN_DB: &str = "not_in_db";
+    /// A person who is not in the database but lives with someone who is:
+    /// the same surname and address, another first name, their own phone,
+    /// email and birth year. Real consumer databases hold one adult of many
+    /// households, so these are the hardest non-members.
+    pub const HOUSEMATE: &str = "housemate";
     /// Every label given to people in the database.
     pub const ALL: [&str; 8] = [
         NONE,
@@ -129,6 +134,9 @@ pub struct Spec {
     pub profiles: u64,
     /// Profiles of people not in the database.
     pub outsiders: u64,
+    /// Profiles of people not in the database who live with someone who is
+    /// ([`corruptions::HOUSEMATE`]); the enrichment API knows none of them.
+    pub housemates: u64,
 }
 
 /// What was written.
@@ -324,6 +332,40 @@ impl<'a> Generator<'a> {
             email,
             birth_year,
         }
+    }
+
+    /// Someone who lives with `member` and is not in the database: the
+    /// same surname and address, another first name, their own phone,
+    /// email and birth year. Drawn from streams 6 and 8.
+    fn housemate(&self, k: u64, member: &Person) -> Person {
+        let mut rng = self.rng(8, k);
+        let names = if rng.random_bool(0.5) {
+            &self.male
+        } else {
+            &self.female
+        };
+        let first = loop {
+            let f = title(names.sample(&mut rng));
+            if !f.eq_ignore_ascii_case(&member.first) {
+                break f;
+            }
+        };
+        // Everything else from a person of the outsiders' stream, so the
+        // phone, email and birth year are a stranger's.
+        let mut mate = self.person(6, k);
+        mate.dbusa_id = String::new();
+        mate.first = first;
+        mate.last = member.last.clone();
+        mate.address = member.address.clone();
+        mate.city = member.city.clone();
+        mate.state = member.state.clone();
+        mate.zip = member.zip.clone();
+        if !mate.email.is_empty() {
+            let (f, l) = (mate.first.to_lowercase(), mate.last.to_lowercase());
+            let domain = mate.email.split_once('@').map_or("example.com", |(_, d)| d);
+            mate.email = format!("{f}.{l}{}@{domain}", rng.random_range(1..100));
+        }
+        mate
     }
 
     /// A profile of `person`, corrupted as `corruption` says where it can be.
@@ -582,6 +624,8 @@ fn enrichment_answers(g: &Generator<'_>, rows: &[u64], profiles: &[Profile]) -> 
                     | corruptions::BOTH_MISSING => (g.person(0, rows[n]), KNOWN_INSIDER),
                     _ => return None,
                 }
+            } else if p.corruption == corruptions::HOUSEMATE {
+                return None;
             } else {
                 (g.person(1, (n - rows.len()) as u64), KNOWN_OUTSIDER)
             };
@@ -663,6 +707,15 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
         let mut p = g.profile(n, &stranger, corruptions::NONE);
         p.dbusa_id = None;
         p.corruption = corruptions::NOT_IN_DB.to_owned();
+        profiles.push(p);
+    }
+    let mut pick_member = g.rng(7, 0);
+    for k in 0..spec.housemates {
+        let n = insiders + spec.outsiders + k;
+        let member = g.person(0, pick_member.random_range(0..spec.rows));
+        let mut p = g.profile(n, &g.housemate(k, &member), corruptions::NONE);
+        p.dbusa_id = None;
+        p.corruption = corruptions::HOUSEMATE.to_owned();
         profiles.push(p);
     }
     let rows: Vec<u64> = chosen.iter().copied().collect();

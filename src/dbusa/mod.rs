@@ -43,6 +43,10 @@ pub struct GenerateArgs {
     /// Profiles of people who are not in the database.
     #[arg(long, default_value_t = 1_000)]
     pub outsiders: u64,
+    /// Profiles of people who are not in the database but live with someone
+    /// who is (same surname and address, another first name).
+    #[arg(long, default_value_t = 0)]
+    pub housemates: u64,
     /// Output directory (dbusa.csv, profiles.jsonl, enrichment.jsonl).
     #[arg(long, default_value = "dbusa")]
     pub out: PathBuf,
@@ -67,6 +71,7 @@ pub async fn main(config: crate::config::Config, command: DbusaCommand) -> crate
                     seed: a.seed,
                     profiles: a.profiles,
                     outsiders: a.outsiders,
+                    housemates: a.housemates,
                 },
                 &a.out,
             )?;

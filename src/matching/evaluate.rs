@@ -162,9 +162,22 @@ pub fn table(report: &Report) -> String {
         )
     };
     out.push_str(&row("all", &report.overall));
-    for c in corruptions::ALL.iter().chain([&corruptions::NOT_IN_DB]) {
+    for c in corruptions::ALL
+        .iter()
+        .chain([&corruptions::NOT_IN_DB, &corruptions::HOUSEMATE])
+    {
         if let Some(a) = report.by_corruption.get(*c) {
             out.push_str(&row(c, a));
+        }
+    }
+    for c in [corruptions::NOT_IN_DB, corruptions::HOUSEMATE] {
+        if let Some(a) = report.by_corruption.get(c) {
+            out.push_str(&format!(
+                "\n{c}: {} of {} matched to someone ({:.4})",
+                a.false_positives,
+                a.profiles,
+                a.false_positives as f64 / a.profiles.max(1) as f64
+            ));
         }
     }
     out.push_str(&format!(

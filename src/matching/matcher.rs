@@ -93,6 +93,10 @@ pub enum Reason {
     EnrichmentUnavailable,
     /// No usable name, email or phone, and enrichment is off.
     NoUsableFields,
+    /// The best candidate cleared the threshold on surname and place, but
+    /// the full first names disagree and no email or phone ties them: a
+    /// relative in the household (or a namesake's sibling), not the person.
+    Relative,
 }
 
 impl Reason {
@@ -107,6 +111,7 @@ impl Reason {
             Reason::EnrichmentPending => "enrichment_pending",
             Reason::EnrichmentUnavailable => "enrichment_unavailable",
             Reason::NoUsableFields => "no_usable_fields",
+            Reason::Relative => "relative",
         }
     }
 }
@@ -329,32 +334,48 @@ impl Matcher {
         let hits = self.search.search(&self.index, &query).await?;
         let metrics = crate::metrics::global();
         metrics.match_candidates(hits.len());
-        let mut scored: Vec<(String, super::score::Scored)> = hits
+        let mut scored: Vec<(String, super::score::Scored, bool)> = hits
             .iter()
             .filter_map(|h| person_of(&h.source))
             .map(|person| {
                 let id = person.dbusa_id.clone();
-                (id, self.weights.score(&probe, &Candidate::new(person)))
+                let s = self.weights.score(&probe, &Candidate::new(person.clone()));
+                let other = first_name_contradicts(&probe, &person, &s.evidence);
+                (id, s, other)
             })
             .collect();
         scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
         let candidates = scored.len();
-        let candidate_ids: Vec<String> = scored.iter().map(|(id, _)| id.clone()).collect();
+        let candidate_ids: Vec<String> = scored.iter().map(|(id, _, _)| id.clone()).collect();
         let top: Vec<CandidateScore> = scored
             .iter()
             .take(TOP_CANDIDATES)
-            .map(|(id, s)| CandidateScore {
+            .map(|(id, s, _)| CandidateScore {
                 dbusa_id: id.clone(),
                 score: round2(s.score),
                 evidence: s.evidence.clone(),
             })
             .collect();
-        let mut scored = scored.into_iter();
-        let Some((best_id, best)) = scored.next() else {
+        let Some((best_id, best, _)) = scored.first().cloned() else {
             return Ok(unmatched(Reason::NoCandidates));
         };
-        let runner_up = scored.next().map(|(_, s)| s.score);
-        let reason = decide(best.score, runner_up, self.threshold, self.margin);
+        // Candidates whose full first name contradicts the profile's are
+        // someone else; the decision is among the others.
+        let mut people = scored.into_iter().filter(|(_, _, other)| !other);
+        let chosen = people.next();
+        let runner_up = people.next().map(|(_, s, _)| s.score);
+        let (reason, best_id, best) = match chosen {
+            Some((id, s, _)) => {
+                let reason = decide(s.score, runner_up, self.threshold, self.margin);
+                if reason != Reason::Matched && best.score >= self.threshold && id != best_id {
+                    (Reason::Relative, best_id, best)
+                } else {
+                    (reason, id, s)
+                }
+            }
+            None if best.score >= self.threshold => (Reason::Relative, best_id, best),
+            None => (Reason::BelowThreshold, best_id, best),
+        };
         Ok(Outcome {
             dbusa_id: (reason == Reason::Matched).then(|| best_id.clone()),
             score: Some(round2(best.score)),
@@ -369,6 +390,36 @@ impl Matcher {
             candidate_ids,
         })
     }
+}
+
+/// Whether `person` is someone other than the profile's person though
+/// surname and place may agree: both full first names are known and
+/// disagree (not a nickname, typo or sound-alike: level `other`), the
+/// profile's first name is not the person's middle name (people go by
+/// either), and no exact email or phone ties the two.
+pub fn first_name_contradicts(
+    probe: &Probe,
+    person: &crate::dbusa::generate::Person,
+    evidence: &[Evidence],
+) -> bool {
+    use super::score::{Field, Level};
+    let level = |f: Field| evidence.iter().find(|e| e.field == f).map(|e| e.level);
+    if level(Field::First) != Some(Level::Other)
+        || level(Field::Email) == Some(Level::Exact)
+        || level(Field::Phone) == Some(Level::Exact)
+    {
+        return false;
+    }
+    let Some(name) = &probe.name else {
+        return false;
+    };
+    if name.first.len() < 2 {
+        return false;
+    }
+    !normalize(&person.middle)
+        .split(' ')
+        .chain(name.middle.split(' '))
+        .any(|m| m == name.first || m == normalize(&person.first))
 }
 
 /// The decision rule: matched when the best score clears `threshold` and
@@ -472,4 +523,79 @@ fn fill(probe: &mut Probe, person: &super::enrich::EnrichedPerson) -> bool {
         }
     }
     filled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dbusa::generate::Person;
+
+    fn member(first: &str, middle: &str, email: &str) -> Person {
+        Person {
+            dbusa_id: "DB0000000001".into(),
+            first: first.into(),
+            middle: middle.into(),
+            last: "Okonkwo".into(),
+            address: "12 Elm St".into(),
+            city: "Austin".into(),
+            state: "TX".into(),
+            zip: "78701".into(),
+            phone: "512-555-0101".into(),
+            email: email.into(),
+            birth_year: 1980,
+        }
+    }
+
+    fn profile(name: &str, email: Option<&str>) -> ProfileIn {
+        ProfileIn {
+            id: None,
+            network: "twitter".into(),
+            handle: "someone".into(),
+            name: Some(name.into()),
+            location: Some("Greater Austin Area".into()),
+            email: email.map(str::to_owned),
+            phone: None,
+        }
+    }
+
+    /// Scores `name` against the member and says whether the member is
+    /// ruled out as someone else, with the total score.
+    fn relative(name: &str, email: Option<&str>, person: &Person) -> anyhow::Result<(bool, f64)> {
+        let probe = probe_of(&profile(name, email));
+        let scored = Weights::built_in()?.score(&probe, &Candidate::new(person.clone()));
+        Ok((
+            first_name_contradicts(&probe, person, &scored.evidence),
+            scored.score,
+        ))
+    }
+
+    /// The household case: a housemate with the member's rare surname and
+    /// place, another first name. The surname and place alone clear the
+    /// threshold; the first name says it is someone else.
+    #[test]
+    fn a_housemate_is_not_the_member() -> anyhow::Result<()> {
+        let person = member("Chinedu", "", "chinedu.okonkwo@example.com");
+        let (other, score) = relative("Adaeze Okonkwo", None, &person)?;
+        assert!(other, "a housemate taken for the member (score {score})");
+        // The member, as people write them: exactly, by a nickname-free
+        // typo of the surname, by the middle name they go by, or with their
+        // email.
+        assert!(!relative("Chinedu Okonkwo", None, &person)?.0);
+        assert!(!relative("Chinedu Okonkwu", None, &person)?.0);
+        let goes_by_middle = member("Samuel", "Chinedu", "");
+        assert!(!relative("Chinedu Okonkwo", None, &goes_by_middle)?.0);
+        assert!(
+            !relative(
+                "Adaeze Okonkwo",
+                Some("chinedu.okonkwo@example.com"),
+                &person
+            )?
+            .0,
+            "an exact email ties the profile to the member"
+        );
+        let william = member("William", "", "");
+        assert!(!relative("Bill Okonkwo", None, &william)?.0, "a nickname");
+        assert!(!relative("W. Okonkwo", None, &william)?.0, "an initial");
+        Ok(())
+    }
 }

@@ -418,6 +418,7 @@ pub(crate) async fn prepare(
         seed: args.seed,
         profiles: args.profiles,
         outsiders: args.outsiders,
+        housemates: 0,
     };
     let generated = generate(&spec, run_dir)?;
 
