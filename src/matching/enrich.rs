@@ -352,10 +352,11 @@ impl AnswerStore {
 
     /// Writes one instance's counters (its own row, overwritten each time).
     pub async fn put_stats(&self, instance: &str, stats: &EnrichStats) -> Result<(), TableError> {
-        let mut row = RowPut::new(format!("{STATS_PREFIX}{instance}"));
-        for (name, value) in stats.fields() {
-            row = row.cell(FAMILY, name, value.to_string());
-        }
+        let row = RowPut::new(format!("{STATS_PREFIX}{instance}")).cell(
+            FAMILY,
+            "stats",
+            serde_json::to_vec(stats).unwrap_or_default(),
+        );
         self.table.put(TABLE, vec![row]).await
     }
 
@@ -364,14 +365,12 @@ impl AnswerStore {
     pub async fn summary(&self) -> Result<StoreSummary, TableError> {
         let mut summary = StoreSummary::default();
         crate::backends::table::scan_pages(self.table.as_ref(), TABLE, None, 1000, |row| {
-            let text = |q: &str| {
-                row.get(FAMILY, q.as_bytes())
-                    .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
-            };
             if row.key.starts_with(STATS_PREFIX.as_bytes()) {
                 summary.instances += 1;
-                let mut each = EnrichStats::default();
-                each.set_fields(|name| text(name).unwrap_or(0));
+                let each: EnrichStats = row
+                    .get(FAMILY, b"stats")
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or_default();
                 summary.counted.add(&each);
                 return;
             }
@@ -383,7 +382,10 @@ impl AnswerStore {
                 Some(Enrichment::NotFound) => summary.not_found += 1,
                 _ => summary.unreadable += 1,
             }
-            summary.stored_calls += text("calls").unwrap_or(1);
+            summary.stored_calls += row
+                .get(FAMILY, b"calls")
+                .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+                .unwrap_or(1);
         })
         .await?;
         Ok(summary)
@@ -391,7 +393,8 @@ impl AnswerStore {
 }
 
 /// What one [`Enricher`] did since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EnrichStats {
     /// Lookups asked of it.
     pub lookups: u64,
@@ -409,26 +412,6 @@ pub struct EnrichStats {
 }
 
 impl EnrichStats {
-    fn fields(&self) -> [(&'static str, u64); 6] {
-        [
-            ("lookups", self.lookups),
-            ("cache_hits", self.cache_hits),
-            ("stored_hits", self.stored_hits),
-            ("joined", self.joined),
-            ("calls", self.calls),
-            ("failed", self.failed),
-        ]
-    }
-
-    fn set_fields(&mut self, mut value: impl FnMut(&str) -> u64) {
-        self.lookups = value("lookups");
-        self.cache_hits = value("cache_hits");
-        self.stored_hits = value("stored_hits");
-        self.joined = value("joined");
-        self.calls = value("calls");
-        self.failed = value("failed");
-    }
-
     fn add(&mut self, other: &EnrichStats) {
         self.lookups += other.lookups;
         self.cache_hits += other.cache_hits;
@@ -462,34 +445,6 @@ pub struct StoreSummary {
     pub instances: u64,
     /// Their counters, added up.
     pub counted: EnrichStats,
-}
-
-#[derive(Default)]
-struct Counters {
-    lookups: std::sync::atomic::AtomicU64,
-    cache_hits: std::sync::atomic::AtomicU64,
-    stored_hits: std::sync::atomic::AtomicU64,
-    joined: std::sync::atomic::AtomicU64,
-    calls: std::sync::atomic::AtomicU64,
-    failed: std::sync::atomic::AtomicU64,
-}
-
-impl Counters {
-    fn bump(counter: &std::sync::atomic::AtomicU64) {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> EnrichStats {
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        EnrichStats {
-            lookups: get(&self.lookups),
-            cache_hits: get(&self.cache_hits),
-            stored_hits: get(&self.stored_hits),
-            joined: get(&self.joined),
-            calls: get(&self.calls),
-            failed: get(&self.failed),
-        }
-    }
 }
 
 /// Why a lookup failed.
@@ -632,7 +587,7 @@ pub struct Enricher {
     store: Option<AnswerStore>,
     /// One gate per handle with a lookup in flight.
     in_flight: parking_lot::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    counters: Counters,
+    counters: parking_lot::Mutex<EnrichStats>,
 }
 
 impl fmt::Debug for Enricher {
@@ -713,7 +668,7 @@ impl Enricher {
             not_found_ttl: config.not_found_ttl,
             store: None,
             in_flight: parking_lot::Mutex::new(std::collections::HashMap::new()),
-            counters: Counters::default(),
+            counters: parking_lot::Mutex::new(EnrichStats::default()),
         }))
     }
 
@@ -724,14 +679,13 @@ impl Enricher {
         self
     }
 
-    /// The table of stored answers, when there is one.
-    pub fn store(&self) -> Option<&AnswerStore> {
-        self.store.as_ref()
-    }
-
     /// What this client did since it started.
     pub fn stats(&self) -> EnrichStats {
-        self.counters.snapshot()
+        *self.counters.lock()
+    }
+
+    fn count(&self, counter: impl FnOnce(&mut EnrichStats) -> &mut u64) {
+        *counter(&mut self.counters.lock()) += 1;
     }
 
     /// Writes this client's counters to the table (row `~stats/INSTANCE`),
@@ -756,20 +710,20 @@ impl Enricher {
         &self,
         req: &EnrichRequest,
     ) -> Result<(Enrichment, EnrichSource), EnrichError> {
-        Counters::bump(&self.counters.lookups);
+        self.count(|c| &mut c.lookups);
         let key = req.cache_key();
         if let Some(hit) = self.known(&key).await {
             match hit.1 {
-                EnrichSource::Stored => Counters::bump(&self.counters.stored_hits),
+                EnrichSource::Stored => self.count(|c| &mut c.stored_hits),
                 _ => {
                     crate::metrics::global().enrich_cache_hit();
-                    Counters::bump(&self.counters.cache_hits);
+                    self.count(|c| &mut c.cache_hits);
                 }
             }
             return Ok(hit);
         }
         if req.body().as_object().is_none_or(|b| b.is_empty()) {
-            Counters::bump(&self.counters.failed);
+            self.count(|c| &mut c.failed);
             return Err(EnrichError::Rejected {
                 status: 400,
                 message: "the profile has no handle, email or phone to look up".into(),
@@ -783,7 +737,7 @@ impl Enricher {
             // Whoever held the handle before may have paid for it meanwhile.
             match self.known(&key).await {
                 Some(hit) => {
-                    Counters::bump(&self.counters.joined);
+                    self.count(|c| &mut c.joined);
                     Ok(hit)
                 }
                 None => self.fetch(req, &key).await,
@@ -791,7 +745,7 @@ impl Enricher {
         };
         self.release(&key, &gate);
         if result.is_err() {
-            Counters::bump(&self.counters.failed);
+            self.count(|c| &mut c.failed);
         }
         result
     }
@@ -914,7 +868,7 @@ impl Enricher {
             if !waited.is_zero() {
                 metrics.enrich_rate_limited(waited.as_secs_f64());
             }
-            Counters::bump(&self.counters.calls);
+            self.count(|c| &mut c.calls);
             *calls += 1;
             let sent = self
                 .http

@@ -246,11 +246,6 @@ impl Matcher {
         }
     }
 
-    /// The enrichment client, when enrichment is on.
-    pub fn enricher(&self) -> Option<&Enricher> {
-        self.enricher.as_ref()
-    }
-
     /// Writes the enrichment client's counters to the table of answers (for
     /// `sift enrich stats`); a failure is logged, never fatal.
     pub async fn flush_enrich_stats(&self) {
@@ -338,10 +333,10 @@ impl Matcher {
             .iter()
             .filter_map(|h| person_of(&h.source))
             .map(|person| {
-                let id = person.dbusa_id.clone();
-                let s = self.weights.score(&probe, &Candidate::new(person.clone()));
-                let other = first_name_contradicts(&probe, &person, &s.evidence);
-                (id, s, other)
+                let candidate = Candidate::new(person);
+                let s = self.weights.score(&probe, &candidate);
+                let other = first_name_contradicts(&probe, &candidate.person, &s.evidence);
+                (candidate.person.dbusa_id, s, other)
             })
             .collect();
         scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));

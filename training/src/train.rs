@@ -988,8 +988,7 @@ pub fn train(
                 &truth(&validation),
                 &labels,
             )),
-            seen: (!seen.examples.is_empty())
-                .then(|| Figures::from(&ensemble::evaluate_rows(&seen_s, &truth(&seen), &labels))),
+            seen: figures_of(&seen_s, &seen),
             seconds: linear_seconds,
             features: linear.num_features() as u64,
             weights: linear.num_weights() as u64,
