@@ -692,9 +692,12 @@ pub struct MatchConfig {
     pub candidates: u32,
     /// Field weights (JSON written by `sift match fit`); empty = the weights built into sift.
     pub weights: String,
-    /// Accept the best candidate when its match weight (log2 odds) is at least this.
+    /// Accept the best candidate when its match probability is at least
+    /// this (0 to 1). The probability is its score with the prior of the
+    /// database loaded: one person among the people in the index, so the
+    /// same setting holds at 200,000 and at 30 million people.
     pub threshold: f64,
-    /// ... and beats the runner-up by at least this much (log2 odds).
+    /// ... and beats the runner-up by at least this much (log2 Bayes factor).
     pub margin: f64,
     /// How long a handle → person entry lives in the cache; 0 = until the next refresh.
     #[serde(with = "humantime_serde")]
@@ -709,7 +712,7 @@ impl Default for MatchConfig {
             concurrency: 16,
             candidates: 20,
             weights: String::new(),
-            threshold: 15.0,
+            threshold: 0.5,
             margin: 2.0,
             cache_ttl: Duration::ZERO,
         }
@@ -895,6 +898,17 @@ impl Config {
             return Err(ConfigError::Value {
                 field: "review.lease, review.session_ttl, review.queue_refresh",
                 message: "must be positive durations such as \"5m\"".into(),
+            });
+        }
+        let t = self.matching.threshold;
+        if !(t > 0.0 && t < 1.0) {
+            return Err(ConfigError::Value {
+                field: "match.threshold",
+                message: format!(
+                    "is a match probability between 0 and 1 (exclusive), not {t}; \
+                     it was a score in log2 odds before, which now follows from the probability \
+                     and the size of the database (sift match logs the score it needs)"
+                ),
             });
         }
         if self.review.login_attempts_per_minute == 0 {

@@ -62,21 +62,25 @@ fn config(dir: &Path) -> Config {
 }
 
 /// Floors of precision and recall per corruption type, measured with the
-/// built-in weights, threshold 15 and margin 2 on seed 7 (`sift bench
-/// match`): precision 1.000 in every group but moved_city (0.998); recall
-/// none 1.000, nickname 0.995, typo 0.989, transposed 0.997, moved_city
-/// 0.890, missing_name 0.915, missing_location 0.994, both_missing 0.890;
-/// overall F1 0.976, false-match rate on strangers 0.031. The floors leave
-/// about two points.
-const FLOORS: [(&str, f64, f64); 8] = [
-    ("none", 0.99, 0.98),
-    ("nickname", 0.99, 0.97),
-    ("typo", 0.99, 0.97),
-    ("transposed", 0.99, 0.97),
-    ("moved_city", 0.98, 0.87),
-    ("missing_name", 0.98, 0.89),
-    ("missing_location", 0.99, 0.97),
-    ("both_missing", 0.98, 0.87),
+/// built-in weights (fitted without labels on seed 42), threshold 0.5 and
+/// margin 2 on seed 7 with 1,000 strangers and 1,000 housemates (`sift
+/// bench match`): precision 1.000 in every group but moved_nearby (0.992);
+/// recall none 0.994, nickname 0.988, typo 0.983, transposed 0.986,
+/// moved_city 0.934, missing_name 0.890, missing_location 0.986,
+/// both_missing 0.856, first_typo 0.990, moved_nearby 0.964; overall F1
+/// 0.973, name present 0.983; strangers and housemates matched 2.2 % each.
+/// The floors leave about two points.
+const FLOORS: [(&str, f64, f64); 10] = [
+    ("none", 0.99, 0.97),
+    ("nickname", 0.99, 0.96),
+    ("typo", 0.99, 0.96),
+    ("transposed", 0.99, 0.96),
+    ("moved_city", 0.98, 0.89),
+    ("missing_name", 0.98, 0.87),
+    ("missing_location", 0.99, 0.96),
+    ("both_missing", 0.98, 0.83),
+    ("first_typo", 0.99, 0.97),
+    ("moved_nearby", 0.97, 0.93),
 ];
 
 #[test]
@@ -94,7 +98,8 @@ fn matching_meets_its_accuracy_floors_on_a_generated_database() -> Result<()> {
                 "--profiles",
                 "5000",
             ])
-            .args(["--outsiders", "1000", "--seed", "7", "--out"])
+            .args(["--outsiders", "1000", "--housemates", "1000"])
+            .args(["--seed", "7", "--out"])
             .arg(&data),
     )?;
     run_ok(
@@ -223,12 +228,17 @@ fn matching_meets_its_accuracy_floors_on_a_generated_database() -> Result<()> {
         );
         let o: Outcome = serde_json::from_value(l.clone()).context("an output line")?;
         if o.dbusa_id.is_some() {
-            ensure!(o.reason == Reason::Matched && o.evidence.len() == 5);
+            ensure!(o.reason == Reason::Matched && o.evidence.len() == 7);
         }
         // The decision explains itself: the best candidates with their
         // scores and levels, best first; the decided one among them with
         // its own score (a relative ranked above it is shown, not chosen).
-        ensure!(o.top.len() == o.candidates.min(3), "{}: {:?}", p.id, o.top);
+        ensure!(
+            o.top.len() >= o.candidates.min(3) && o.top.len() <= 3,
+            "{}: {:?}",
+            p.id,
+            o.top
+        );
         if let Some(first) = o.top.first() {
             ensure!(o.score.is_some_and(|s| first.score >= s));
             if let Some(shown) = o.top.iter().find(|c| Some(&c.dbusa_id) == o.best.as_ref()) {
@@ -254,12 +264,75 @@ fn matching_meets_its_accuracy_floors_on_a_generated_database() -> Result<()> {
     }
     ensure!(report.overall.f1 >= 0.96, "F1 {:.3}", report.overall.f1);
     ensure!(
-        report.false_match_rate <= 0.05,
+        report.name_present.f1 >= 0.97,
+        "name-present F1 {:.3}",
+        report.name_present.f1
+    );
+    // Strangers and the housemates of members alike: at most 3 % matched.
+    ensure!(
+        report.false_match_rate <= 0.03,
         "false-match rate {:.3}",
         report.false_match_rate
     );
     // Strangers whom the enrichment API knows must not be matched by it alone.
     ensure!(report.reasons.contains_key("enrichment_not_found"));
+
+    // Weights fitted without labels decide close to weights fitted with
+    // them, on the same database, here without enrichment (measured on seed
+    // 7: 0.888 and 0.899; with enrichment on seed 2026 the gap is under
+    // 0.01, see the README); the unlabelled fit is deterministic.
+    let fit = |out: &Path, labels: bool| -> Result<String> {
+        let mut cmd = sift();
+        cmd.arg("--data-dir")
+            .arg(&sift_dir)
+            .args(["match", "fit", "--db"])
+            .arg(data.join("dbusa.csv"))
+            .arg("--profiles")
+            .arg(data.join("profiles.jsonl"))
+            .arg("--out")
+            .arg(out);
+        if labels {
+            cmd.arg("--labels");
+        }
+        run_ok(&mut cmd)
+    };
+    let (unlabelled, again, labelled) = (
+        dir.path().join("em.json"),
+        dir.path().join("em-again.json"),
+        dir.path().join("labels.json"),
+    );
+    let said = fit(&unlabelled, false)?;
+    ensure!(said.contains("expectation-maximisation"), "{said}");
+    fit(&again, false)?;
+    fit(&labelled, true)?;
+    ensure!(
+        std::fs::read(&unlabelled)? == std::fs::read(&again)?,
+        "two unlabelled fits differ"
+    );
+    let f1_with = |weights: &Path| -> Result<f64> {
+        let out = weights.with_extension("jsonl");
+        run_ok(
+            sift()
+                .arg("--data-dir")
+                .arg(&sift_dir)
+                .env("SIFT__MATCH__WEIGHTS", weights)
+                .args(["match", "--input"])
+                .arg(data.join("profiles.jsonl"))
+                .arg("--output")
+                .arg(&out),
+        )?;
+        let outcomes: Vec<Outcome> = std::fs::read_to_string(&out)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        Ok(evaluate(&profiles, &outcomes, &[]).overall.f1)
+    };
+    let (without, with) = (f1_with(&unlabelled)?, f1_with(&labelled)?);
+    eprintln!("F1 without enrichment: weights fitted without labels {without:.4}, with {with:.4}");
+    ensure!(
+        (without - with).abs() <= 0.02,
+        "unlabelled {without:.4} vs labelled {with:.4}"
+    );
     Ok(())
 }
 

@@ -64,8 +64,10 @@ pub struct SpeedRow {
 /// One point of the threshold sweep.
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepPoint {
-    /// Threshold.
+    /// Threshold (match probability).
     pub threshold: f64,
+    /// The score it takes in this database (log2 Bayes factor).
+    pub threshold_bits: f64,
     /// Margin.
     pub margin: f64,
     /// Precision.
@@ -87,8 +89,10 @@ pub struct MatchBench {
     pub people: u64,
     /// Accuracy at the configured threshold and margin.
     pub accuracy: Report,
-    /// Threshold and margin used.
+    /// Threshold used (match probability).
     pub threshold: f64,
+    /// The score it takes in this database (log2 Bayes factor).
+    pub threshold_bits: f64,
     /// Margin used.
     pub margin: f64,
     /// Speed per concurrency.
@@ -132,6 +136,8 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
     let inputs: Vec<_> = profiles.iter().map(profile_in).collect();
     let mut speed = Vec::new();
     let mut last: Vec<Outcome> = Vec::new();
+    let mut prior_bits = 0.0;
+    let mut threshold_bits = 0.0;
     for &concurrency in &args.concurrency {
         // A fresh stand-in (its 202-then-200 scripts start over) and a fresh
         // matcher (and enrichment cache) per run, so every run pays for the same calls.
@@ -152,6 +158,8 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
             &answers_dir.path().join("enrichment.redb"),
         )?);
         let (matcher, _) = crate::matching::matcher_on(&config, search.clone(), table).await?;
+        prior_bits = matcher.prior_bits();
+        threshold_bits = matcher.threshold_bits();
         let started = Instant::now();
         let results: Vec<crate::Result<(Outcome, f64)>> =
             crate::matching::unordered_map(inputs.iter().collect(), concurrency, |p| {
@@ -191,15 +199,25 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
     let candidates: Vec<Vec<String>> = last.iter().map(|o| o.candidate_ids.clone()).collect();
     let accuracy = evaluate(&profiles, &last, &candidates);
     let mut sweep = Vec::new();
-    for t in 0..=30 {
+    const PROBABILITIES: [f64; 17] = [
+        0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99,
+        0.999,
+    ];
+    for threshold in PROBABILITIES {
+        let bits = crate::matching::score::score_for(threshold, prior_bits);
         for m in 0..=8 {
-            let (threshold, margin) = (t as f64, m as f64 * 0.5);
+            let margin = m as f64 * 0.5;
             let decided: Vec<Outcome> = last
                 .iter()
                 .map(|o| {
                     let mut o = o.clone();
+                    // A relative is set aside by its first name, whatever
+                    // the threshold; the rest are decided again.
+                    if o.reason == Reason::Relative {
+                        return o;
+                    }
                     if let (Some(score), Some(best)) = (o.score, o.best.clone()) {
-                        o.reason = decide(score, o.runner_up, threshold, margin);
+                        o.reason = decide(score, o.runner_up, bits, margin);
                         o.dbusa_id = (o.reason == Reason::Matched).then_some(best);
                     }
                     o
@@ -208,6 +226,7 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
             let r = evaluate(&profiles, &decided, &candidates);
             sweep.push(SweepPoint {
                 threshold,
+                threshold_bits: (bits * 100.0).round() / 100.0,
                 margin,
                 precision: r.overall.precision,
                 recall: r.overall.recall,
@@ -221,17 +240,19 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
         people,
         accuracy,
         threshold: config.matching.threshold,
+        threshold_bits,
         margin: config.matching.margin,
         speed,
         sweep,
         enrichment_requests,
     };
     println!(
-        "{} profiles against {} people ({} index), threshold {} margin {}:\n",
+        "{} profiles against {} people ({} index), threshold {} (score {:.2}) margin {}:\n",
         profiles.len(),
         bench.people,
         bench.backend,
         bench.threshold,
+        bench.threshold_bits,
         bench.margin
     );
     println!("{}", table(&bench.accuracy));
@@ -241,8 +262,8 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
     println!("\nbest threshold/margin by F1:");
     for p in best.iter().take(5) {
         println!(
-            "  threshold {:>4.1} margin {:>3.1}: precision {:.4} recall {:.4} F1 {:.4} false-match rate {:.4}",
-            p.threshold, p.margin, p.precision, p.recall, p.f1, p.false_match_rate
+            "  threshold {:>5.3} (score {:>5.2}) margin {:>3.1}: precision {:.4} recall {:.4} F1 {:.4} false-match rate {:.4}",
+            p.threshold, p.threshold_bits, p.margin, p.precision, p.recall, p.f1, p.false_match_rate
         );
     }
     println!("\n| concurrency | profiles/s | p50 ms | p99 ms |\n|---:|---:|---:|---:|");

@@ -55,6 +55,11 @@ pub mod corruptions {
     pub const MISSING_LOCATION: &str = "missing_location";
     /// Neither name nor location (only the handle, perhaps an email).
     pub const BOTH_MISSING: &str = "both_missing";
+    /// One letter of the first name replaced, inserted or deleted.
+    pub const FIRST_TYPO: &str = "first_typo";
+    /// The location is another city of the same state, within 40 km where
+    /// there is one.
+    pub const MOVED_NEARBY: &str = "moved_nearby";
     /// A person who is not in the database.
     pub const NOT_IN_DB: &str = "not_in_db";
     /// A person who is not in the database but lives with someone who is:
@@ -63,7 +68,7 @@ pub mod corruptions {
     /// households, so these are the hardest non-members.
     pub const HOUSEMATE: &str = "housemate";
     /// Every label given to people in the database.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         NONE,
         NICKNAME,
         TYPO,
@@ -72,6 +77,8 @@ pub mod corruptions {
         MISSING_NAME,
         MISSING_LOCATION,
         BOTH_MISSING,
+        FIRST_TYPO,
+        MOVED_NEARBY,
     ];
 }
 
@@ -372,7 +379,8 @@ impl<'a> Generator<'a> {
     fn profile(&self, n: u64, person: &Person, corruption: &'static str) -> Profile {
         let mut rng = self.rng(2, n);
         let (f, l) = (person.first.to_lowercase(), person.last.to_lowercase());
-        let handle = match rng.random_range(0..4) {
+        let local = person.email.split_once('@').map(|(l, _)| l.to_owned());
+        let handle = match rng.random_range(0..6) {
             0 => format!("{f}{l}"),
             1 => format!(
                 "{}{l}{}",
@@ -380,11 +388,14 @@ impl<'a> Generator<'a> {
                 person.birth_year % 100
             ),
             2 => format!("{f}_{l}{}", rng.random_range(1..1000)),
+            3 => format!("{f}{l}{}", person.birth_year),
+            // People reuse their email's local part as a handle.
+            4 if local.is_some() => local.clone().unwrap_or_default(),
             _ => format!("{l}.{f}"),
         };
         let mut first = person.first.clone();
         let mut last = person.last.clone();
-        let mut location = Some(format!("{}, {}", person.city, person.state));
+        let mut location = Some(written_place(&person.city, &person.state, &mut rng));
         let mut label = corruption;
         match corruption {
             corruptions::NICKNAME => match reference().nicknames.get(&f) {
@@ -397,6 +408,29 @@ impl<'a> Generator<'a> {
                 }
             },
             corruptions::TYPO => last = typo(&last, &mut rng),
+            corruptions::FIRST_TYPO => first = typo(&first, &mut rng),
+            corruptions::MOVED_NEARBY => {
+                let home = self
+                    .zips
+                    .iter()
+                    .find(|z| z.zip == person.zip)
+                    .map(|z| z.point);
+                let state: Vec<&Zip> = self
+                    .zips
+                    .iter()
+                    .filter(|z| z.state == person.state && z.city != person.city)
+                    .collect();
+                let near: Vec<&Zip> = state
+                    .iter()
+                    .copied()
+                    .filter(|z| home.is_some_and(|h| super::names::distance_km(h, z.point) <= 40.0))
+                    .collect();
+                let pool = if near.is_empty() { &state } else { &near };
+                if !pool.is_empty() {
+                    let place = pool[rng.random_range(0..pool.len())];
+                    location = Some(written_place(&place.city, &place.state, &mut rng));
+                }
+            }
             corruptions::TRANSPOSED => {
                 let chars: Vec<char> = last.chars().collect();
                 // Positions after the first letter whose neighbour differs.
@@ -415,7 +449,7 @@ impl<'a> Generator<'a> {
             }
             corruptions::MOVED => {
                 let place = &self.zips[rng.random_range(0..self.zips.len())];
-                location = Some(format!("{}, {}", place.city, place.state));
+                location = Some(written_place(&place.city, &place.state, &mut rng));
             }
             _ => {}
         }
@@ -438,6 +472,21 @@ impl<'a> Generator<'a> {
             dbusa_id: Some(person.dbusa_id.clone()),
             corruption: label.to_owned(),
         }
+    }
+}
+
+/// A place as people write it on a profile: `Austin, TX`, `Austin, Texas`,
+/// `Austin TX`, `austin, tx`, `Austin, Texas, United States`, `Greater
+/// Austin Area`, or the city alone.
+fn written_place(city: &str, state: &str, rng: &mut impl Rng) -> String {
+    match rng.random_range(0..7) {
+        0 => format!("{city}, {state}"),
+        1 => format!("{city}, {}", state_name(state)),
+        2 => format!("{city} {state}"),
+        3 => format!("{city}, {state}").to_lowercase(),
+        4 => format!("{city}, {}, United States", state_name(state)),
+        5 => format!("Greater {city} Area"),
+        _ => city.to_owned(),
     }
 }
 

@@ -15,7 +15,7 @@ pub const INDEX: &str = "dbusa";
 
 /// Searchable fields: keyword fields for exact, fuzzy and phonetic clauses,
 /// one text field with the whole name for full-text matching.
-pub const FIELDS: [(&str, FieldKind); 14] = [
+pub const FIELDS: [(&str, FieldKind); 15] = [
     ("first", FieldKind::Keyword),
     ("first_canon", FieldKind::Keyword),
     ("first_dm", FieldKind::Keyword),
@@ -30,6 +30,7 @@ pub const FIELDS: [(&str, FieldKind); 14] = [
     ("email", FieldKind::Keyword),
     ("phone", FieldKind::Keyword),
     ("birth_year", FieldKind::Integer),
+    ("household", FieldKind::Keyword),
 ];
 
 /// The layout of a `dbusa` index called `name`.
@@ -53,6 +54,17 @@ pub fn phone_digits(phone: &str) -> String {
         Some(rest) if digits.len() == 11 => rest.to_owned(),
         _ => digits,
     }
+}
+
+/// Who lives together: the ZIP code, the street address and the surname,
+/// normalised (`55101|12 elm st|okonkwo`); empty without an address.
+pub fn household_key(p: &Person) -> String {
+    let address = normalize(&p.address);
+    if address.is_empty() {
+        return String::new();
+    }
+    let zip: String = p.zip.chars().take(5).collect();
+    format!("{zip}|{address}|{}", surname_key(&p.last))
 }
 
 /// The search document of one person: the normalised, searchable fields
@@ -86,6 +98,7 @@ pub fn person_doc(p: &Person) -> SearchDoc {
     put("email", json!(p.email.trim().to_ascii_lowercase()));
     put("phone", json!(phone_digits(&p.phone)));
     put("birth_year", json!(p.birth_year));
+    put("household", json!(household_key(p)));
     put("person", serde_json::to_value(p).unwrap_or(Value::Null));
     SearchDoc {
         id: p.dbusa_id.clone(),

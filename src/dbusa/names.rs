@@ -369,6 +369,64 @@ pub fn parse_location(text: &str) -> Place {
     place
 }
 
+/// Where places are: the centre of each ZIP code, and of each city (the
+/// mean of its ZIP codes' centres), from the reference data.
+struct Points {
+    zips: HashMap<String, (f64, f64)>,
+    cities: HashMap<(String, String), (f64, f64)>,
+}
+
+fn points() -> &'static Points {
+    static POINTS: OnceLock<Points> = OnceLock::new();
+    POINTS.get_or_init(|| {
+        let mut zips = HashMap::new();
+        let mut sums: HashMap<(String, String), (f64, f64, f64)> = HashMap::new();
+        for z in &reference().zips {
+            if z.point == (0.0, 0.0) {
+                continue;
+            }
+            zips.insert(z.zip.clone(), z.point);
+            let s = sums
+                .entry((normalize(&z.city), z.state.to_ascii_lowercase()))
+                .or_default();
+            s.0 += z.point.0;
+            s.1 += z.point.1;
+            s.2 += 1.0;
+        }
+        let cities = sums
+            .into_iter()
+            .map(|(k, (lat, lon, n))| (k, (lat / n, lon / n)))
+            .collect();
+        Points { zips, cities }
+    })
+}
+
+/// The centre of a ZIP code.
+pub fn zip_point(zip: &str) -> Option<(f64, f64)> {
+    points().zips.get(zip.get(..5).unwrap_or(zip)).copied()
+}
+
+/// The centre of a normalised city in a state (lower-case code).
+pub fn city_point(city: &str, state: &str) -> Option<(f64, f64)> {
+    points()
+        .cities
+        .get(&(city.to_owned(), state.to_owned()))
+        .copied()
+}
+
+/// Great-circle distance between two points, km.
+pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (la1, lo1, la2, lo2) = (
+        a.0.to_radians(),
+        a.1.to_radians(),
+        b.0.to_radians(),
+        b.1.to_radians(),
+    );
+    let h = ((la2 - la1) / 2.0).sin().powi(2)
+        + la1.cos() * la2.cos() * ((lo2 - lo1) / 2.0).sin().powi(2);
+    2.0 * 6371.0 * h.sqrt().min(1.0).asin()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,8 @@ pub struct Zip {
     pub city: String,
     /// Two-letter state.
     pub state: String,
+    /// Latitude and longitude of its centre, degrees (0, 0 when unknown).
+    pub point: (f64, f64),
 }
 
 /// Everything in `data/reference/`, parsed once.
@@ -82,6 +84,10 @@ pub fn reference() -> &'static Reference {
                 zip: r[0].clone(),
                 city: r[3].clone(),
                 state: r[4].clone(),
+                point: (
+                    r.get(6).and_then(|v| v.parse().ok()).unwrap_or(0.0),
+                    r.get(7).and_then(|v| v.parse().ok()).unwrap_or(0.0),
+                ),
             })
             .collect();
         let mut nicknames: BTreeMap<String, Vec<String>> = BTreeMap::new();

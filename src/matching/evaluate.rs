@@ -69,6 +69,8 @@ impl Accuracy {
 pub struct Report {
     /// Every profile.
     pub overall: Accuracy,
+    /// Profiles that show a name (members and non-members).
+    pub name_present: Accuracy,
     /// Per corruption type (outsiders under `not_in_db`).
     pub by_corruption: BTreeMap<String, Accuracy>,
     /// Share of outsiders matched to someone.
@@ -78,6 +80,9 @@ pub struct Report {
     /// Whether candidates were known, so that blocking recall means something.
     pub blocking_measured: bool,
 }
+
+/// The group key of profiles that show a name (never a corruption label).
+const NAME_PRESENT: &str = "\u{0}name";
 
 /// Scores outcomes against the truth. `candidates[i]` lists the ids the
 /// search returned for profile `i` (empty when unknown).
@@ -94,12 +99,17 @@ pub fn evaluate(profiles: &[Profile], outcomes: &[Outcome], candidates: &[Vec<St
             .reasons
             .entry(o.reason.name().to_owned())
             .or_default() += 1;
-        let groups = [p.corruption.clone(), String::new()];
-        for g in &groups {
-            let a = if g.is_empty() {
-                &mut report.overall
-            } else {
-                report.by_corruption.entry(g.clone()).or_default()
+        let named = p.name.as_deref().is_some_and(|n| !n.trim().is_empty());
+        let groups = [
+            Some(p.corruption.as_str()),
+            Some(""),
+            named.then_some(NAME_PRESENT),
+        ];
+        for g in groups.into_iter().flatten() {
+            let a = match g {
+                "" => &mut report.overall,
+                NAME_PRESENT => &mut report.name_present,
+                g => report.by_corruption.entry(g.to_owned()).or_default(),
             };
             a.profiles += 1;
             match (&p.dbusa_id, &o.dbusa_id) {
@@ -122,6 +132,9 @@ pub fn evaluate(profiles: &[Profile], outcomes: &[Outcome], candidates: &[Vec<St
             Some(_) => {
                 *insiders.entry(p.corruption.clone()).or_default() += 1;
                 *insiders.entry(String::new()).or_default() += 1;
+                if named {
+                    *insiders.entry(NAME_PRESENT.to_owned()).or_default() += 1;
+                }
             }
             None => {
                 outsiders += 1;
@@ -134,6 +147,9 @@ pub fn evaluate(profiles: &[Profile], outcomes: &[Outcome], candidates: &[Vec<St
     report
         .overall
         .finish(insiders.get("").copied().unwrap_or(0));
+    report
+        .name_present
+        .finish(insiders.get(NAME_PRESENT).copied().unwrap_or(0));
     for (g, a) in &mut report.by_corruption {
         a.finish(insiders.get(g).copied().unwrap_or(0));
     }
@@ -162,6 +178,7 @@ pub fn table(report: &Report) -> String {
         )
     };
     out.push_str(&row("all", &report.overall));
+    out.push_str(&row("name present", &report.name_present));
     for c in corruptions::ALL
         .iter()
         .chain([&corruptions::NOT_IN_DB, &corruptions::HOUSEMATE])

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::block;
 use super::enrich::{EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment};
-use super::score::{Candidate, Evidence, Probe, Weights};
-use crate::backends::search::{SearchError, SearchIndex};
-use crate::dbusa::index::{person_of, phone_digits};
+use super::score::{
+    handle_key, prior_bits, probability, score_for, Candidate, Evidence, Probe, Weights,
+};
+use crate::backends::search::{Clause, Query, SearchError, SearchIndex};
+use crate::dbusa::index::{household_key, person_of, phone_digits};
 use crate::dbusa::names::{normalize, parse_location, split_name, NameParts, Place};
 
 /// A profile to match: what a social network shows about an account.
@@ -139,8 +141,12 @@ pub enum Enriched {
 pub struct Outcome {
     /// The person, when matched.
     pub dbusa_id: Option<String>,
-    /// Score of the best candidate (log2 odds), when there was one.
+    /// Score of the best candidate (log2 Bayes factor), when there was one.
     pub score: Option<f64>,
+    /// Its match probability: the score with the prior of a database of
+    /// this size (rounded to 0.0001).
+    #[serde(default)]
+    pub probability: Option<f64>,
     /// Score of the runner-up.
     pub runner_up: Option<f64>,
     /// Why.
@@ -197,6 +203,8 @@ pub struct Matcher {
     weights: Weights,
     candidates: usize,
     threshold: f64,
+    prior_bits: f64,
+    threshold_bits: f64,
     margin: f64,
     enricher: Option<Enricher>,
 }
@@ -207,6 +215,7 @@ impl std::fmt::Debug for Matcher {
             .field("index", &self.index)
             .field("candidates", &self.candidates)
             .field("threshold", &self.threshold)
+            .field("threshold_bits", &self.threshold_bits)
             .field("margin", &self.margin)
             .field("enrichment", &self.enricher.is_some())
             .finish_non_exhaustive()
@@ -220,10 +229,12 @@ pub struct Rules {
     pub index: String,
     /// Candidates per profile.
     pub candidates: usize,
-    /// Accept at or above this score...
+    /// Accept at or above this match probability...
     pub threshold: f64,
-    /// ... when the runner-up is at least this much lower.
+    /// ... when the runner-up is at least this much lower (log2).
     pub margin: f64,
+    /// People in the index: with the weights' member share, the prior.
+    pub people: u64,
 }
 
 impl Matcher {
@@ -235,15 +246,29 @@ impl Matcher {
         rules: Rules,
         enricher: Option<Enricher>,
     ) -> Self {
+        let prior = prior_bits(weights.member_share, rules.people);
         Matcher {
             search,
             index: rules.index,
-            weights,
             candidates: rules.candidates.max(1),
             threshold: rules.threshold,
+            prior_bits: prior,
+            threshold_bits: score_for(rules.threshold, prior),
             margin: rules.margin,
+            weights,
             enricher,
         }
+    }
+
+    /// The score (log2 Bayes factor) a candidate needs: the probability
+    /// threshold under the prior of this database's size.
+    pub fn threshold_bits(&self) -> f64 {
+        self.threshold_bits
+    }
+
+    /// The log2 prior odds of a pair in this database.
+    pub fn prior_bits(&self) -> f64 {
+        self.prior_bits
     }
 
     /// Writes the enrichment client's counters to the table of answers (for
@@ -308,6 +333,7 @@ impl Matcher {
         let unmatched = |reason: Reason| Outcome {
             dbusa_id: None,
             score: None,
+            probability: None,
             runner_up: None,
             reason,
             method: method.to_owned(),
@@ -329,62 +355,199 @@ impl Matcher {
         let hits = self.search.search(&self.index, &query).await?;
         let metrics = crate::metrics::global();
         metrics.match_candidates(hits.len());
-        let mut scored: Vec<(String, super::score::Scored, bool)> = hits
+        let mut scored: Vec<Scoring> = hits
             .iter()
             .filter_map(|h| person_of(&h.source))
-            .map(|person| {
-                let candidate = Candidate::new(person);
-                let s = self.weights.score(&probe, &candidate);
-                let other = first_name_contradicts(&probe, &candidate.person, &s.evidence);
-                (candidate.person.dbusa_id, s, other)
-            })
+            .map(|person| self.scoring(&probe, person))
             .collect();
-        scored.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
+        if scored.is_empty() {
+            return Ok(unmatched(Reason::NoCandidates));
+        }
+        sort_scored(&mut scored);
         let candidates = scored.len();
-        let candidate_ids: Vec<String> = scored.iter().map(|(id, _, _)| id.clone()).collect();
+        let candidate_ids: Vec<String> = scored.iter().map(|s| s.id().to_owned()).collect();
+        let mut choice = self.choose(&scored);
+        // A near first name (a typo, a sound-alike, an initial) decided the
+        // match: the others of the person's household, from the index, may
+        // fit the profile as well, and then no one can tell which it is.
+        if choice.reason == Reason::Matched && near_first(&scored[choice.best].scored) {
+            let household = household_key(&scored[choice.best].candidate.person);
+            if !household.is_empty() {
+                let query = Query {
+                    should: vec![Clause::Term {
+                        field: "household".to_owned(),
+                        value: serde_json::json!(household),
+                        boost: 1.0,
+                    }],
+                    min_should_match: 1,
+                    k: 20,
+                    ..Query::default()
+                };
+                let known: std::collections::HashSet<String> =
+                    candidate_ids.iter().cloned().collect();
+                let before = scored.len();
+                for person in self
+                    .search
+                    .search(&self.index, &query)
+                    .await?
+                    .iter()
+                    .filter_map(|h| person_of(&h.source))
+                {
+                    if !known.contains(&person.dbusa_id) {
+                        scored.push(self.scoring(&probe, person));
+                    }
+                }
+                if scored.len() > before {
+                    sort_scored(&mut scored);
+                    choice = self.choose(&scored);
+                }
+                if choice.reason == Reason::Matched {
+                    let chosen = &scored[choice.best];
+                    let rank = |s: &Scoring| first_rank(&s.scored);
+                    if scored.iter().any(|s| {
+                        s.id() != chosen.id()
+                            && household_key(&s.candidate.person) == household
+                            && rank(s) <= rank(chosen)
+                    }) {
+                        choice.reason = Reason::Ambiguous;
+                    }
+                }
+            }
+        }
         let top: Vec<CandidateScore> = scored
             .iter()
             .take(TOP_CANDIDATES)
-            .map(|(id, s, _)| CandidateScore {
-                dbusa_id: id.clone(),
-                score: round2(s.score),
-                evidence: s.evidence.clone(),
+            .map(|s| CandidateScore {
+                dbusa_id: s.id().to_owned(),
+                score: round2(s.scored.score),
+                evidence: s.scored.evidence.clone(),
             })
             .collect();
-        let Some((best_id, best, _)) = scored.first().cloned() else {
-            return Ok(unmatched(Reason::NoCandidates));
-        };
-        // Candidates whose full first name contradicts the profile's are
-        // someone else; the decision is among the others.
-        let mut people = scored.into_iter().filter(|(_, _, other)| !other);
-        let chosen = people.next();
-        let runner_up = people.next().map(|(_, s, _)| s.score);
-        let (reason, best_id, best) = match chosen {
-            Some((id, s, _)) => {
-                let reason = decide(s.score, runner_up, self.threshold, self.margin);
-                if reason != Reason::Matched && best.score >= self.threshold && id != best_id {
-                    (Reason::Relative, best_id, best)
-                } else {
-                    (reason, id, s)
-                }
-            }
-            None if best.score >= self.threshold => (Reason::Relative, best_id, best),
-            None => (Reason::BelowThreshold, best_id, best),
-        };
+        let Choice {
+            reason,
+            best,
+            runner_up,
+        } = choice;
+        let best = &scored[best];
+        let best_id = best.id().to_owned();
         Ok(Outcome {
             dbusa_id: (reason == Reason::Matched).then(|| best_id.clone()),
-            score: Some(round2(best.score)),
+            score: Some(round2(best.scored.score)),
+            probability: Some(
+                (probability(best.scored.score, self.prior_bits) * 1e4).round() / 1e4,
+            ),
             runner_up: runner_up.map(round2),
             reason,
             method: method.to_owned(),
             enrichment: enriched,
             candidates,
             best: Some(best_id),
-            evidence: best.evidence,
+            evidence: best.scored.evidence.clone(),
             top,
             candidate_ids,
         })
     }
+
+    fn scoring(&self, probe: &Probe, person: crate::dbusa::generate::Person) -> Scoring {
+        let candidate = Candidate::new(person);
+        let scored = self.weights.score(probe, &candidate);
+        let other = first_name_contradicts(probe, &candidate.person, &scored.evidence);
+        Scoring {
+            candidate,
+            scored,
+            other,
+        }
+    }
+
+    /// The decision among scored candidates, best first. Candidates whose
+    /// full first name contradicts the profile's are someone else; the
+    /// decision is among the others.
+    fn choose(&self, scored: &[Scoring]) -> Choice {
+        let top = &scored[0];
+        let mut people = scored.iter().enumerate().filter(|(_, s)| !s.other);
+        let chosen = people.next();
+        let runner_up = people.next().map(|(_, s)| s.scored.score);
+        let (reason, best) = match chosen {
+            Some((i, s)) => {
+                let reason = decide(s.scored.score, runner_up, self.threshold_bits, self.margin);
+                if reason != Reason::Matched && top.scored.score >= self.threshold_bits && i != 0 {
+                    (Reason::Relative, 0)
+                } else {
+                    (reason, i)
+                }
+            }
+            None if top.scored.score >= self.threshold_bits => (Reason::Relative, 0),
+            None => (Reason::BelowThreshold, 0),
+        };
+        Choice {
+            reason,
+            best,
+            runner_up,
+        }
+    }
+}
+
+/// A candidate as scored for one profile.
+struct Scoring {
+    candidate: Candidate,
+    scored: super::score::Scored,
+    /// Whose full first name contradicts the profile's.
+    other: bool,
+}
+
+impl Scoring {
+    fn id(&self) -> &str {
+        &self.candidate.person.dbusa_id
+    }
+}
+
+/// Best score first; ties by id, so decisions do not depend on the order
+/// of the hits.
+fn sort_scored(scored: &mut [Scoring]) {
+    scored.sort_by(|a, b| {
+        b.scored
+            .score
+            .total_cmp(&a.scored.score)
+            .then_with(|| a.id().cmp(b.id()))
+    });
+}
+
+/// A decision: the reason, the index of the candidate it is about, and the
+/// runner-up's score.
+struct Choice {
+    reason: Reason,
+    best: usize,
+    runner_up: Option<f64>,
+}
+
+/// The first-name level of a scored pair.
+fn first_of(s: &super::score::Scored) -> super::score::Level {
+    use super::score::{Field, Level};
+    s.evidence
+        .iter()
+        .find(|e| e.field == Field::First)
+        .map_or(Level::Missing, |e| e.level)
+}
+
+/// Whether the first names only nearly agree: a typo, a similar spelling,
+/// a sound-alike or an initial.
+fn near_first(s: &super::score::Scored) -> bool {
+    use super::score::Level;
+    matches!(
+        first_of(s),
+        Level::Typo | Level::Jw92 | Level::Jw88 | Level::Phonetic | Level::Initial
+    )
+}
+
+/// How well the first names agree, 0 best (the order of the field's levels).
+fn first_rank(s: &super::score::Scored) -> usize {
+    use super::score::Field;
+    let level = first_of(s);
+    Field::First
+        .levels()
+        .iter()
+        .position(|l| *l == level)
+        .unwrap_or(usize::MAX)
 }
 
 /// Whether `person` is someone other than the profile's person though
@@ -411,10 +574,14 @@ pub fn first_name_contradicts(
     if name.first.len() < 2 {
         return false;
     }
-    !normalize(&person.middle)
+    // People go by their middle name: the profile's first name may be the
+    // person's middle name, or the person's first the profile's middle.
+    let goes_by_middle = normalize(&person.middle)
         .split(' ')
-        .chain(name.middle.split(' '))
-        .any(|m| m == name.first || m == normalize(&person.first))
+        .any(|m| !m.is_empty() && m == name.first);
+    let first = normalize(&person.first);
+    let middle_is_first = name.middle.split(' ').any(|m| !m.is_empty() && m == first);
+    !goes_by_middle && !middle_is_first
 }
 
 /// The decision rule: matched when the best score clears `threshold` and
@@ -459,6 +626,7 @@ pub fn probe_of(p: &ProfileIn) -> Probe {
         place,
         email,
         phone,
+        handle: handle_key(&p.handle),
     }
 }
 
@@ -579,6 +747,10 @@ mod tests {
         assert!(!relative("Chinedu Okonkwu", None, &person)?.0);
         let goes_by_middle = member("Samuel", "Chinedu", "");
         assert!(!relative("Chinedu Okonkwo", None, &goes_by_middle)?.0);
+        // A member whose middle name repeats the first is no one's middle
+        // name match: a housemate is still a housemate.
+        let james_james = member("James", "James", "");
+        assert!(relative("Leslie Okonkwo", None, &james_james)?.0);
         assert!(
             !relative(
                 "Adaeze Okonkwo",
@@ -591,6 +763,91 @@ mod tests {
         let william = member("William", "", "");
         assert!(!relative("Bill Okonkwo", None, &william)?.0, "a nickname");
         assert!(!relative("W. Okonkwo", None, &william)?.0, "an initial");
+        Ok(())
+    }
+
+    /// The household in the index: two sisters who are both members, a
+    /// sister who is not, and a namesake of one of them in another state.
+    /// A profile with a member's full name is that member; a name that
+    /// fits both sisters equally is not decided; the sister who is not a
+    /// member is nobody's match.
+    #[tokio::test]
+    async fn the_household_decides_who_a_near_name_is() -> anyhow::Result<()> {
+        use crate::backends::search::EmbeddedSearch;
+        let dir = tempfile::tempdir()?;
+        let search = Arc::new(EmbeddedSearch::open(dir.path())?);
+        let index = "dbusa";
+        search
+            .ensure_index(&crate::dbusa::index::spec(index))
+            .await?;
+        let mut people = vec![
+            Person {
+                dbusa_id: "DB0000000001".into(),
+                ..member("Christina", "", "")
+            },
+            Person {
+                dbusa_id: "DB0000000002".into(),
+                phone: "512-555-0199".into(),
+                birth_year: 1983,
+                ..member("Christine", "", "")
+            },
+            Person {
+                dbusa_id: "DB0000000003".into(),
+                address: "9 Oak Ave".into(),
+                city: "Tulsa".into(),
+                state: "OK".into(),
+                zip: "74103".into(),
+                phone: "918-555-0101".into(),
+                ..member("Christina", "", "")
+            },
+        ];
+        // Strangers with other surnames, so the index is not all family.
+        for i in 4..40 {
+            people.push(Person {
+                dbusa_id: format!("DB{i:010}"),
+                last: format!("Stranger{i}"),
+                ..member("John", "", "")
+            });
+        }
+        let docs = people.iter().map(crate::dbusa::index::person_doc).collect();
+        search.bulk(index, docs).await?;
+        search.refresh(index).await?;
+        // One candidate per search: what the household adds comes from the
+        // household lookup alone.
+        let rules = Rules {
+            index: index.into(),
+            candidates: 1,
+            threshold: 0.5,
+            margin: 2.0,
+            people: 200_000,
+        };
+        let matcher = Matcher::new(search, Weights::built_in()?, rules, None);
+        let decide = |name: &'static str| {
+            let p = ProfileIn {
+                location: Some("Austin, TX".into()),
+                ..profile(name, None)
+            };
+            let matcher = &matcher;
+            async move { matcher.match_profile(&p).await }
+        };
+        let exact = decide("Christine Okonkwo").await?;
+        assert_eq!(exact.dbusa_id.as_deref(), Some("DB0000000002"), "{exact:?}");
+        let exact = decide("Christina Okonkwo").await?;
+        assert_eq!(exact.dbusa_id.as_deref(), Some("DB0000000001"), "{exact:?}");
+        // One letter from each sister: either could have written it. The
+        // search returned one sister; her household brings the other.
+        let near = decide("Christin Okonkwo").await?;
+        assert!(near.dbusa_id.is_none(), "{near:?}");
+        assert_eq!(near.reason, Reason::Ambiguous, "{near:?}");
+        assert_eq!(near.candidates, 1);
+        assert!(near.top.len() == 2, "{near:?}");
+        // The sister who is not in the database.
+        let housemate = decide("Adaeze Okonkwo").await?;
+        assert!(housemate.dbusa_id.is_none(), "{housemate:?}");
+        assert!(
+            matches!(housemate.reason, Reason::Relative | Reason::BelowThreshold),
+            "{housemate:?}"
+        );
         Ok(())
     }
 }

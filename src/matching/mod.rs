@@ -67,7 +67,7 @@ pub struct MatchArgs {
 /// `sift match` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum MatchCommand {
-    /// Estimate the field weights from labelled profiles (`sift dbusa generate` output) and write them as JSON.
+    /// Estimate the field weights, without labels from the loaded database's candidate pairs (or with `--labels`), and write them as JSON.
     Fit(fit::FitArgs),
 }
 
@@ -113,11 +113,12 @@ pub async fn matcher_on(
     table: Arc<dyn Table>,
 ) -> crate::Result<(Arc<Matcher>, Arc<dyn Cache>)> {
     let index = config.dbusa.index.clone();
-    match search.count(&index).await {
+    let people = match search.count(&index).await {
         Ok(0) => {
-            tracing::warn!(index = %index, "The consumer database index is empty; nothing can match.")
+            tracing::warn!(index = %index, "The consumer database index is empty; nothing can match.");
+            0
         }
-        Ok(_) => {}
+        Ok(n) => n,
         Err(SearchError::NoSuchIndex(_)) => {
             return Err(crate::Error::Invalid(format!(
                 "the search index `{index}` does not exist: load the consumer database first \
@@ -125,7 +126,7 @@ pub async fn matcher_on(
             )))
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     let cache = crate::backends::open_cache(config).await?;
     let mut enricher = enrich::Enricher::new(&config.enrich, cache.clone())
         .map_err(|e| crate::Error::Invalid(format!("the enrichment client: {e}")))?;
@@ -144,17 +145,22 @@ pub async fn matcher_on(
         candidates: m.candidates as usize,
         threshold: m.threshold,
         margin: m.margin,
+        people,
     };
-    Ok((
-        Arc::new(Matcher::new(search, weights(config)?, rules, enricher)),
-        cache,
-    ))
+    let matcher = Matcher::new(search, weights(config)?, rules, enricher);
+    tracing::info!(
+        people,
+        threshold = m.threshold,
+        score_needed = format!("{:.2}", matcher.threshold_bits()),
+        "A match needs this probability; with this many people loaded, that is this score (log2)."
+    );
+    Ok((Arc::new(matcher), cache))
 }
 
 /// Runs `sift match`.
 pub async fn main(config: &Config, args: MatchArgs) -> crate::Result<()> {
     if let Some(MatchCommand::Fit(a)) = &args.command {
-        return fit::main(a);
+        return fit::main(config, a).await;
     }
     if let (Some(input), Some(output)) = (&args.input, &args.output) {
         let table = crate::backends::open_table(config).await?;

@@ -18,12 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::dbusa::generate::Person;
 use crate::dbusa::index::phone_digits;
 use crate::dbusa::names::{
-    first_frequency, nickname_equivalent, normalize, phonetic, surname_frequency, surname_key,
-    NameParts, Place,
+    city_point, distance_km, first_frequency, nickname_equivalent, normalize, phonetic,
+    surname_frequency, surname_key, zip_point, NameParts, Place,
 };
 
 /// The compared fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Field {
     /// First name.
@@ -36,26 +36,52 @@ pub enum Field {
     Email,
     /// Phone number.
     Phone,
+    /// The handle against the local part of the person's email
+    /// (`jdoe84` and `jdoe84@example.com`).
+    Handle,
+    /// Year-like digits in the handle against the birth year
+    /// (`maria1984`, `jsmith84`).
+    BirthYear,
 }
 
 impl Field {
     /// Every field, in evidence order.
-    pub const ALL: [Field; 5] = [
+    pub const ALL: [Field; FIELDS] = [
         Field::First,
         Field::Last,
         Field::Location,
         Field::Email,
         Field::Phone,
+        Field::Handle,
+        Field::BirthYear,
     ];
 
     /// The levels of this field, most similar first (`Missing` excluded).
     pub fn levels(self) -> &'static [Level] {
         use Level::*;
         match self {
-            Field::First => &[Exact, Nickname, Jw92, Jw88, Phonetic, Initial, Other],
+            Field::First => &[Exact, Nickname, Typo, Jw92, Jw88, Phonetic, Initial, Other],
             Field::Last => &[Exact, Jw92, Jw88, Phonetic, Other],
-            Field::Location => &[Zip, CityState, City, State, Other],
+            Field::Location => &[Zip, CityState, City, Nearby, State, Other],
             Field::Email | Field::Phone => &[Exact, Other],
+            Field::Handle => &[Exact, Contains, Other],
+            Field::BirthYear => &[Exact, TwoDigits, Other],
+        }
+    }
+
+    /// Chains of levels whose weights must not increase along the chain:
+    /// agreeing on more never weighs less than agreeing on less. Location
+    /// goes by distance: the ZIP code, the city, another city within 50 km,
+    /// the state, another state.
+    fn monotone(self) -> &'static [&'static [Level]] {
+        use Level::*;
+        match self {
+            Field::Location => &[&[Zip, CityState, Nearby, State, Other], &[City, Other]],
+            Field::First => &[&[Exact, Typo, Other], &[Jw92, Jw88, Other]],
+            Field::Last => &[&[Exact, Jw92, Jw88, Other], &[Phonetic, Other]],
+            Field::Handle => &[&[Exact, Contains, Other]],
+            Field::BirthYear => &[&[Exact, Other], &[TwoDigits, Other]],
+            Field::Email | Field::Phone => &[&[Exact, Other]],
         }
     }
 
@@ -67,6 +93,8 @@ impl Field {
             Field::Location => "location",
             Field::Email => "email",
             Field::Phone => "phone",
+            Field::Handle => "handle",
+            Field::BirthYear => "birth_year",
         }
     }
 }
@@ -77,6 +105,9 @@ impl fmt::Display for Field {
     }
 }
 
+/// How many fields are compared.
+pub const FIELDS: usize = 7;
+
 /// Comparison levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,6 +116,9 @@ pub enum Level {
     Exact,
     /// First names equivalent through the nickname table.
     Nickname,
+    /// One letter replaced, inserted, deleted, or two adjacent letters
+    /// swapped (names of four letters or more).
+    Typo,
     /// Jaro-Winkler similarity at least 0.92.
     Jw92,
     /// Jaro-Winkler similarity at least 0.88.
@@ -99,8 +133,15 @@ pub enum Level {
     CityState,
     /// Same city; the state is unknown on one side.
     City,
+    /// Another city within 50 km (in the same state or across its line).
+    Nearby,
     /// Same state only.
     State,
+    /// The handle contains the email's local part or the other way round
+    /// (five characters or more in common).
+    Contains,
+    /// Two digits in the handle equal the birth year's last two.
+    TwoDigits,
     /// Known on both sides and different.
     Other,
     /// Unknown on either side; weighs 0.
@@ -113,6 +154,7 @@ impl Level {
         match self {
             Level::Exact => "exact",
             Level::Nickname => "nickname",
+            Level::Typo => "typo",
             Level::Jw92 => "jw92",
             Level::Jw88 => "jw88",
             Level::Phonetic => "phonetic",
@@ -120,7 +162,10 @@ impl Level {
             Level::Zip => "zip",
             Level::CityState => "city_state",
             Level::City => "city",
+            Level::Nearby => "nearby",
             Level::State => "state",
+            Level::Contains => "contains",
+            Level::TwoDigits => "two_digits",
             Level::Other => "other",
             Level::Missing => "missing",
         }
@@ -138,6 +183,8 @@ pub struct Probe {
     pub email: Option<String>,
     /// Phone digits.
     pub phone: Option<String>,
+    /// The handle's letters and digits, lower case (empty when unknown).
+    pub handle: String,
 }
 
 impl Probe {
@@ -158,6 +205,9 @@ pub struct Candidate {
     state: String,
     email: String,
     phone: String,
+    /// The email's local part, letters and digits only.
+    local: String,
+    point: Option<(f64, f64)>,
 }
 
 impl Candidate {
@@ -170,6 +220,12 @@ impl Candidate {
             state: person.state.to_ascii_lowercase(),
             email: person.email.trim().to_ascii_lowercase(),
             phone: phone_digits(&person.phone),
+            local: person
+                .email
+                .split_once('@')
+                .map(|(local, _)| handle_key(local))
+                .unwrap_or_default(),
+            point: zip_point(&person.zip),
             person,
         }
     }
@@ -191,6 +247,23 @@ fn phonetic_match(a: &str, b: &str) -> bool {
     !pa.is_empty() && phonetic(b).iter().any(|c| pa.contains(c))
 }
 
+/// Letters and digits of a handle or an email's local part, lower case
+/// (`J.Doe_84` → `jdoe84`).
+pub fn handle_key(s: &str) -> String {
+    s.trim()
+        .trim_start_matches('@')
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// Whether `a` and `b` differ by one typing slip: a letter replaced,
+/// inserted or deleted, or two neighbours swapped.
+fn one_slip(a: &str, b: &str) -> bool {
+    a.len().min(b.len()) >= 4 && strsim::osa_distance(a, b) == 1
+}
+
 /// The level of the first names `a` (profile) and `b` (person).
 pub fn first_level(a: &str, b: &str) -> Level {
     if a.is_empty() || b.is_empty() {
@@ -199,6 +272,8 @@ pub fn first_level(a: &str, b: &str) -> Level {
         Level::Exact
     } else if nickname_equivalent(a, b) {
         Level::Nickname
+    } else if one_slip(a, b) {
+        Level::Typo
     } else if a.len() == 1 || b.len() == 1 {
         if a[..1] == b[..1] {
             Level::Initial
@@ -240,9 +315,89 @@ pub fn location_level(p: Option<&Place>, c: &Candidate) -> Level {
     match (city, state) {
         (true, true) => Level::CityState,
         (true, false) if p.state.is_empty() => Level::City,
+        (false, _) if near(p, c) => Level::Nearby,
         (false, true) => Level::State,
         _ => Level::Other,
     }
+}
+
+/// How far another city may be to count as [`Level::Nearby`], km.
+pub const NEARBY_KM: f64 = 50.0;
+
+/// Whether the profile's city (with its state) lies within [`NEARBY_KM`]
+/// of the person's ZIP code: a move across town or across a state line
+/// nearby, not across the country.
+fn near(p: &Place, c: &Candidate) -> bool {
+    if p.city.is_empty() || p.state.is_empty() {
+        return false;
+    }
+    match (city_point(&p.city, &p.state), c.point) {
+        (Some(a), Some(b)) => distance_km(a, b) <= NEARBY_KM,
+        _ => false,
+    }
+}
+
+/// Whether an email's local part is nothing but the person's names (and an
+/// initial): `robertwright`, `wright.robert`, `rwright`. A handle that
+/// agrees with such a local part agrees with the names, which are scored
+/// already; only what is left over (digits, other words) tells people
+/// apart.
+pub fn name_only(local: &str, first: &str, last: &str) -> bool {
+    let mut rest = local.to_owned();
+    for name in [last, first] {
+        if name.len() >= 2 {
+            rest = rest.replacen(name, "", 1);
+        }
+    }
+    rest.is_empty() || (rest.len() == 1 && first.starts_with(rest.as_str()))
+}
+
+/// The level of a handle (letters and digits) against the local part of the
+/// person's email.
+pub fn handle_level(handle: &str, local: &str) -> Level {
+    if handle.is_empty() || local.is_empty() {
+        Level::Missing
+    } else if handle == local {
+        Level::Exact
+    } else if handle.len().min(local.len()) >= 5
+        && (handle.contains(local) || local.contains(handle))
+    {
+        Level::Contains
+    } else {
+        Level::Other
+    }
+}
+
+/// The level of the year-like digits in a handle against a birth year: a
+/// run of four digits from 1900 to 2029 compares whole, a run of two with
+/// the year's last two; other runs say nothing.
+pub fn birth_year_level(handle: &str, birth_year: u16) -> Level {
+    if birth_year == 0 {
+        return Level::Missing;
+    }
+    let mut level = Level::Missing;
+    for run in handle
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|r| !r.is_empty())
+    {
+        let agrees = match run.len() {
+            4 => match run.parse::<u16>() {
+                Ok(y) if (1900..2030).contains(&y) => y == birth_year,
+                _ => continue,
+            },
+            2 => run.parse::<u16>().is_ok_and(|y| y == birth_year % 100),
+            _ => continue,
+        };
+        if agrees {
+            return if run.len() == 4 {
+                Level::Exact
+            } else {
+                Level::TwoDigits
+            };
+        }
+        level = Level::Other;
+    }
+    level
 }
 
 fn exact_level(a: Option<&str>, b: &str) -> Level {
@@ -259,7 +414,7 @@ fn exact_level(a: Option<&str>, b: &str) -> Level {
 }
 
 /// The comparison vector of a profile and a person.
-pub fn compare(probe: &Probe, c: &Candidate) -> [Level; 5] {
+pub fn compare(probe: &Probe, c: &Candidate) -> [Level; FIELDS] {
     let (first, last) = match &probe.name {
         Some(n) => (
             first_level(&n.first, &c.first),
@@ -273,6 +428,14 @@ pub fn compare(probe: &Probe, c: &Candidate) -> [Level; 5] {
         location_level(probe.place.as_ref(), c),
         exact_level(probe.email.as_deref(), &c.email),
         exact_level(probe.phone.as_deref(), &c.phone),
+        // A known email is compared whole; its local part against the
+        // handle would count the same evidence twice.
+        if probe.email.is_some() || name_only(&c.local, &c.first, &c.last) {
+            Level::Missing
+        } else {
+            handle_level(&probe.handle, &c.local)
+        },
+        birth_year_level(&probe.handle, c.person.birth_year),
     ]
 }
 
@@ -294,13 +457,40 @@ pub struct Weights {
     pub fields: BTreeMap<Field, BTreeMap<Level, Probabilities>>,
     /// Smallest `u` used for a surname's frequency (names the census does not list).
     pub tf_floor: f64,
+    /// Share of profiles whose person is in the database, as fitted: with
+    /// the number of people loaded it makes the prior of a pair, so a
+    /// match probability means the same at 200,000 and at 30 million.
+    #[serde(default = "default_member_share")]
+    pub member_share: f64,
     /// What the weights were estimated from, for people reading the file.
     pub fitted_on: String,
 }
 
-/// Weights fitted on `sift dbusa generate --rows 100000 --profiles 5000
-/// --outsiders 1000 --seed 42` (see `sift match fit`); used when
-/// `match.weights` names no file.
+fn default_member_share() -> f64 {
+    0.8
+}
+
+/// The log2 prior odds that a given candidate is the profile's person, in a
+/// database of `people`: a member's person is one of them.
+pub fn prior_bits(member_share: f64, people: u64) -> f64 {
+    member_share.clamp(1e-9, 1.0).log2() - (people.max(1) as f64).log2()
+}
+
+/// The match probability of a score (log2 Bayes factor) given the prior.
+pub fn probability(score: f64, prior_bits: f64) -> f64 {
+    1.0 / (1.0 + (-(score + prior_bits)).exp2())
+}
+
+/// The score (log2 Bayes factor) at which the match probability is `p`.
+pub fn score_for(p: f64, prior_bits: f64) -> f64 {
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    (p / (1.0 - p)).log2() - prior_bits
+}
+
+/// Weights fitted without labels on `sift dbusa generate --rows 100000
+/// --profiles 5000 --outsiders 1000 --housemates 1000 --seed 42`, loaded
+/// (`sift match fit`, no `--labels`); used when `match.weights` names no
+/// file.
 const BUILT_IN: &str = include_str!("../../data/match/weights.json");
 
 impl Weights {
@@ -319,21 +509,29 @@ impl Weights {
     fn parse(text: &str, what: &str) -> crate::Result<Self> {
         let w: Weights = serde_json::from_str(text)
             .map_err(|e| crate::Error::Invalid(format!("{what} are not a weights file: {e}")))?;
+        let mut absent = Vec::new();
         for field in Field::ALL {
-            let levels = w.fields.get(&field).ok_or_else(|| {
-                crate::Error::Invalid(format!("{what} have no levels for field `{field}`"))
-            })?;
             for level in field.levels() {
-                match levels.get(level) {
+                match w.fields.get(&field).and_then(|l| l.get(level)) {
                     Some(p) if p.m > 0.0 && p.u > 0.0 => {}
-                    _ => {
+                    Some(_) => {
                         return Err(crate::Error::Invalid(format!(
                             "{what}: field `{field}` level `{}` needs m > 0 and u > 0",
                             level.name()
                         )))
                     }
+                    None => absent.push(format!("{field} {}", level.name())),
                 }
             }
+        }
+        if !absent.is_empty() {
+            // A file fitted before a level existed: that level weighs 0
+            // until `sift match fit` is run again.
+            tracing::warn!(
+                weights = what,
+                levels = %absent.join(", "),
+                "The weights have no figures for these levels; they weigh 0. Refit with `sift match fit`."
+            );
         }
         Ok(w)
     }
@@ -404,12 +602,18 @@ pub struct Scored {
 /// Counts of levels, per field, for estimating probabilities.
 #[derive(Debug, Clone, Default)]
 pub struct LevelCounts {
-    counts: BTreeMap<Field, BTreeMap<Level, u64>>,
+    counts: BTreeMap<Field, BTreeMap<Level, f64>>,
 }
 
 impl LevelCounts {
     /// Counts one comparison vector (missing levels are not counted).
-    pub fn add(&mut self, levels: &[Level; 5]) {
+    pub fn add(&mut self, levels: &[Level; FIELDS]) {
+        self.add_weighted(levels, 1.0);
+    }
+
+    /// Counts one comparison vector `share` times (expectation-maximisation
+    /// counts a pair by its probability of being a match).
+    pub fn add_weighted(&mut self, levels: &[Level; FIELDS], share: f64) {
         for (field, level) in Field::ALL.into_iter().zip(levels) {
             if *level != Level::Missing {
                 *self
@@ -417,18 +621,18 @@ impl LevelCounts {
                     .entry(field)
                     .or_default()
                     .entry(*level)
-                    .or_default() += 1;
+                    .or_default() += share;
             }
         }
     }
 
     /// How often `level` of `field` was counted.
-    pub fn count(&self, field: Field, level: Level) -> u64 {
+    pub fn count(&self, field: Field, level: Level) -> f64 {
         self.counts
             .get(&field)
             .and_then(|c| c.get(&level))
             .copied()
-            .unwrap_or(0)
+            .unwrap_or(0.0)
     }
 
     /// Adds another set of counts.
@@ -446,7 +650,7 @@ impl LevelCounts {
     pub fn probabilities(&self, field: Field) -> BTreeMap<Level, f64> {
         let levels = field.levels();
         let counts = self.counts.get(&field);
-        let count = |l: &Level| counts.and_then(|c| c.get(l)).copied().unwrap_or(0) as f64;
+        let count = |l: &Level| counts.and_then(|c| c.get(l)).copied().unwrap_or(0.0);
         let total: f64 = levels.iter().map(count).sum::<f64>() + 0.5 * levels.len() as f64;
         levels
             .iter()
@@ -455,38 +659,93 @@ impl LevelCounts {
     }
 }
 
-/// Builds weights from `m` counts (pairs known to be the same person) and
-/// `u` counts (random pairs of different people).
-pub fn weights_from(m: &LevelCounts, u: &LevelCounts, fitted_on: String) -> Weights {
+/// Builds weights from `m` counts (pairs of the same person) and `u`
+/// counts (random pairs of different people); `member_share` is the share
+/// of profiles whose person is in the database.
+pub fn weights_from(
+    m: &LevelCounts,
+    u: &LevelCounts,
+    member_share: f64,
+    fitted_on: String,
+) -> Weights {
     let fields = Field::ALL
         .into_iter()
         .map(|field| {
             let (pm, pu) = (m.probabilities(field), u.probabilities(field));
-            let levels = field
+            let mut levels: BTreeMap<Level, Probabilities> = field
                 .levels()
                 .iter()
                 .map(|l| {
                     // A level never seen on either side has no evidence
                     // either way: weight 0, not the ratio of two smoothings.
-                    let unseen = m.count(field, *l) == 0 && u.count(field, *l) == 0;
+                    let unseen = m.count(field, *l) == 0.0 && u.count(field, *l) == 0.0;
                     let (pm, pu) = (pm[l], pu[l]);
                     (
                         *l,
                         Probabilities {
-                            m: round(if unseen { pu } else { pm }),
-                            u: round(pu),
+                            m: if unseen { pu } else { pm },
+                            u: pu,
                         },
                     )
                 })
                 .collect();
+            make_monotone(field, &mut levels);
+            for p in levels.values_mut() {
+                p.m = round(p.m);
+                p.u = round(p.u);
+            }
             (field, levels)
         })
         .collect();
     Weights {
-        version: 1,
+        version: 2,
         fields,
         tf_floor: 1e-6,
+        member_share: round(member_share.clamp(1e-6, 1.0)),
         fitted_on,
+    }
+}
+
+/// Pools neighbouring levels of each of the field's [`Field::monotone`]
+/// chains whose weights go the wrong way (pool-adjacent-violators on
+/// m / u): the pooled levels share one weight, their `u` unchanged and
+/// their `m` summing as before. A few samples of a rare level cannot make
+/// moving within the state cost more than moving out of it.
+fn make_monotone(field: Field, levels: &mut BTreeMap<Level, Probabilities>) {
+    for _ in 0..8 {
+        let mut changed = false;
+        for chain in field.monotone() {
+            // Blocks of (levels, sum m, sum u), in chain order.
+            let mut blocks: Vec<(Vec<Level>, f64, f64)> = Vec::new();
+            for l in *chain {
+                let Some(p) = levels.get(l) else { continue };
+                blocks.push((vec![*l], p.m, p.u));
+                while blocks.len() >= 2 {
+                    let n = blocks.len();
+                    let (a, b) = (&blocks[n - 2], &blocks[n - 1]);
+                    if a.1 / a.2 >= b.1 / b.2 * (1.0 - 1e-9) {
+                        break;
+                    }
+                    let Some(b) = blocks.pop() else { break };
+                    if let Some(a) = blocks.last_mut() {
+                        a.0.extend(b.0);
+                        a.1 += b.1;
+                        a.2 += b.2;
+                    }
+                    changed = true;
+                }
+            }
+            for (members, m, u) in blocks {
+                for l in members {
+                    if let Some(p) = levels.get_mut(&l) {
+                        p.m = p.u * m / u;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
     }
 }
 
@@ -523,8 +782,35 @@ mod tests {
     fn levels_follow_the_comparison_rules() {
         assert_eq!(first_level("william", "william"), Level::Exact);
         assert_eq!(first_level("bill", "william"), Level::Nickname);
-        assert_eq!(first_level("abcdefgh", "abcdefgx"), Level::Jw92);
+        assert_eq!(first_level("abcdefgh", "abcdefgx"), Level::Typo);
+        assert_eq!(first_level("christopher", "christophe"), Level::Typo);
+        assert_eq!(first_level("christina", "christine"), Level::Typo);
+        assert_eq!(
+            first_level("abcdefghij", "abcdefghyx"),
+            Level::Jw92,
+            "two slips"
+        );
         assert_eq!(first_level("w", "william"), Level::Initial);
+        assert_eq!(
+            first_level("wiliam", "william"),
+            Level::Typo,
+            "a letter dropped"
+        );
+        assert_eq!(
+            first_level("wlliam", "william"),
+            Level::Typo,
+            "a letter replaced"
+        );
+        assert_eq!(
+            first_level("wililam", "william"),
+            Level::Typo,
+            "neighbours swapped"
+        );
+        assert_ne!(
+            first_level("jon", "joan"),
+            Level::Typo,
+            "short names are not typos"
+        );
         assert_eq!(first_level("mary", "william"), Level::Other);
         assert_eq!(first_level("", "william"), Level::Missing);
         assert_eq!(last_level("smith", "smith"), Level::Exact);
@@ -548,6 +834,11 @@ mod tests {
         assert_eq!(
             location_level(Some(&place("duluth", "mn")), &c),
             Level::State
+        );
+        // Minneapolis is 15 km from Saint Paul; Duluth 220.
+        assert_eq!(
+            location_level(Some(&place("minneapolis", "mn")), &c),
+            Level::Nearby
         );
         assert_eq!(
             location_level(Some(&place("austin", "tx")), &c),
@@ -573,6 +864,7 @@ mod tests {
             }),
             email: None,
             phone: None,
+            handle: String::new(),
         };
         let same = w.score(&probe("william", "smith", "saint paul"), &c).score;
         let nick = w.score(&probe("bill", "smith", "saint paul"), &c).score;
@@ -591,6 +883,102 @@ mod tests {
     }
 
     #[test]
+    fn handles_are_compared_with_the_email_and_the_birth_year() {
+        assert_eq!(handle_key("@J.Doe_84"), "jdoe84");
+        assert_eq!(handle_level("jdoe84", "jdoe84"), Level::Exact);
+        assert_eq!(handle_level("realjdoe84", "jdoe84"), Level::Contains);
+        assert_eq!(
+            handle_level("jdoe", "jdoe84"),
+            Level::Other,
+            "too short to contain"
+        );
+        assert_eq!(handle_level("", "jdoe84"), Level::Missing);
+        assert_eq!(handle_level("jdoe84", ""), Level::Missing);
+        // A local part made of the names alone adds nothing to them.
+        assert!(name_only("robertwright", "robert", "wright"));
+        assert!(name_only("wrightrobert", "robert", "wright"));
+        assert!(name_only("rwright", "robert", "wright"));
+        assert!(!name_only("rwright84", "robert", "wright"));
+        assert!(!name_only("bobthebuilder", "robert", "wright"));
+        assert_eq!(birth_year_level("maria1984", 1984), Level::Exact);
+        assert_eq!(birth_year_level("maria1985", 1984), Level::Other);
+        assert_eq!(birth_year_level("jsmith84", 1984), Level::TwoDigits);
+        assert_eq!(birth_year_level("jsmith85", 1984), Level::Other);
+        assert_eq!(
+            birth_year_level("jsmith7", 1984),
+            Level::Missing,
+            "one digit says nothing"
+        );
+        assert_eq!(birth_year_level("jsmith123", 1984), Level::Missing);
+        assert_eq!(birth_year_level("jsmith", 1984), Level::Missing);
+        assert_eq!(
+            birth_year_level("x84y1990", 1984),
+            Level::TwoDigits,
+            "any run agreeing"
+        );
+    }
+
+    /// Weights out of order (moving within the state costing more than
+    /// moving out of it) are pooled until they are monotone, and the pool
+    /// keeps the total `m`.
+    #[test]
+    fn location_weights_fall_with_distance() {
+        let mut m = LevelCounts::default();
+        let mut u = LevelCounts::default();
+        let loc = |l: Level| {
+            let mut v = [Level::Missing; FIELDS];
+            v[2] = l;
+            v
+        };
+        for (level, nm, nu) in [
+            (Level::Zip, 10.0, 1.0),
+            (Level::CityState, 500.0, 10.0),
+            (Level::City, 100.0, 10.0),
+            (Level::Nearby, 5.0, 200.0),
+            (Level::State, 20.0, 2000.0),
+            (Level::Other, 100.0, 8000.0),
+        ] {
+            m.add_weighted(&loc(level), nm);
+            u.add_weighted(&loc(level), nu);
+        }
+        let w = weights_from(&m, &u, 0.8, "test".into());
+        let weight = |l: Level| w.weight(Field::Location, l, "");
+        let chain = [
+            Level::Zip,
+            Level::CityState,
+            Level::Nearby,
+            Level::State,
+            Level::Other,
+        ];
+        for pair in chain.windows(2) {
+            assert!(
+                weight(pair[0]) >= weight(pair[1]) - 1e-3,
+                "{:?} {} < {:?} {}",
+                pair[0],
+                weight(pair[0]),
+                pair[1],
+                weight(pair[1])
+            );
+        }
+        assert!(weight(Level::City) >= weight(Level::Other) - 1e-3);
+        let m_total: f64 = w.fields[&Field::Location].values().map(|p| p.m).sum();
+        assert!((m_total - 1.0).abs() < 1e-3, "{m_total}");
+    }
+
+    #[test]
+    fn the_prior_follows_the_size_of_the_database() {
+        // The same score is less sure among more people.
+        let small = probability(20.0, prior_bits(0.8, 200_000));
+        let large = probability(20.0, prior_bits(0.8, 30_000_000));
+        assert!(small > 0.8 && large < 0.05, "{small} {large}");
+        for people in [1_000, 200_000, 30_000_000] {
+            let prior = prior_bits(0.8, people);
+            let needed = score_for(0.9, prior);
+            assert!((probability(needed, prior) - 0.9).abs() < 1e-9);
+        }
+    }
+
+    #[test]
     fn probabilities_are_smoothed_shares() {
         let mut counts = LevelCounts::default();
         for _ in 0..9 {
@@ -600,11 +988,15 @@ mod tests {
                 Level::Missing,
                 Level::Missing,
                 Level::Missing,
+                Level::Missing,
+                Level::Missing,
             ]);
         }
         counts.add(&[
             Level::Other,
             Level::Exact,
+            Level::Missing,
+            Level::Missing,
             Level::Missing,
             Level::Missing,
             Level::Missing,
