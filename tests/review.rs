@@ -97,6 +97,7 @@ async fn start(docs: usize, refresh: Duration) -> anyhow::Result<Harness> {
             table: table.clone(),
             log: log.clone(),
             objects: Some(objects),
+            cache: None,
         },
         "127.0.0.1:0",
     )
@@ -341,6 +342,9 @@ async fn every_route_sends_a_stranger_to_the_login_page() -> anyhow::Result<()> 
         "/doc/doc-001",
         "/labels?q=lab",
         "/stats",
+        "/identities",
+        "/identities/next",
+        "/identity/twitter%3Asomeone",
         "/nowhere",
     ];
     for path in gets {
@@ -359,7 +363,13 @@ async fn every_route_sends_a_stranger_to_the_login_page() -> anyhow::Result<()> 
             r.location()
         );
     }
-    for path in ["/doc/doc-001/decide", "/doc/doc-001/skip", "/logout"] {
+    for path in [
+        "/doc/doc-001/decide",
+        "/doc/doc-001/skip",
+        "/identity/twitter%3Asomeone/decide",
+        "/identity/twitter%3Asomeone/skip",
+        "/logout",
+    ] {
         let r = c.post(path, &[("decision", "reject")]).await?;
         ensure!(
             r.status == StatusCode::SEE_OTHER && r.location().starts_with("/login?next="),
@@ -796,6 +806,7 @@ async fn tls_serves_https_with_secure_cookies() -> anyhow::Result<()> {
             table,
             log: sift::backends::open_log(&config).await?,
             objects: None,
+            cache: None,
         },
         "127.0.0.1:0",
     )
@@ -847,4 +858,258 @@ async fn tls_serves_https_with_secure_cookies() -> anyhow::Result<()> {
     ensure!(plain.map_or(true, |r| !r.status().is_success()));
     server.shutdown().await?;
     Ok(())
+}
+
+/// A person of the consumer database, for identity decisions.
+fn person(id: &str, first: &str, city: &str) -> sift::dbusa::generate::Person {
+    sift::dbusa::generate::Person {
+        dbusa_id: id.into(),
+        first: first.into(),
+        middle: String::new(),
+        last: "Okonkwo".into(),
+        address: "12 Elm St".into(),
+        city: city.into(),
+        state: "TX".into(),
+        zip: "78701".into(),
+        phone: String::new(),
+        email: String::new(),
+        birth_year: 1980,
+    }
+}
+
+/// A matcher decision as the daemon's sink writes it.
+fn identity_decision(
+    handle: &str,
+    name: &str,
+    reason: sift::matching::matcher::Reason,
+    probability: f64,
+    candidates: &[(&str, &str)],
+) -> sift::matching::sink::Decided {
+    use sift::matching::matcher::{CandidateScore, Enriched, Outcome, ProfileIn, Reason};
+    let top: Vec<CandidateScore> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, (id, first))| CandidateScore {
+            dbusa_id: (*id).into(),
+            score: 30.0 - i as f64,
+            evidence: Vec::new(),
+            person: Some(person(id, first, "Austin")),
+        })
+        .collect();
+    let matched = reason == Reason::Matched;
+    sift::matching::sink::Decided {
+        profile: ProfileIn {
+            id: Some(format!("p-{handle}")),
+            network: "twitter".into(),
+            handle: handle.into(),
+            name: Some(name.into()),
+            location: Some("Austin, TX".into()),
+            ..ProfileIn::default()
+        },
+        outcome: Outcome {
+            dbusa_id: matched.then(|| candidates[0].0.to_owned()),
+            score: Some(30.0),
+            probability: Some(probability),
+            runner_up: Some(29.0),
+            reason,
+            method: "search".into(),
+            enrichment: Enriched::NotCalled,
+            candidates: top.len(),
+            best: Some(candidates[0].0.to_owned()),
+            evidence: Vec::new(),
+            top,
+            candidate_ids: Vec::new(),
+        },
+        at_ms: 1_700_000_000_000,
+    }
+}
+
+/// The identity queue over HTTP: only uncertain decisions, least certain
+/// first; the profile beside its candidates, escaped; leases; CSRF; a
+/// decision rewrites `handles`, `identities` and `sift.matches`, survives
+/// the matcher deciding again, and is a label for `sift match fit`.
+#[tokio::test]
+async fn identity_reviews_decide_who_a_profile_is() -> anyhow::Result<()> {
+    use sift::matching::matcher::Reason;
+    use sift::matching::sink;
+    let h = start(2, Duration::from_millis(200)).await?;
+    let cache: Arc<dyn sift::backends::Cache> =
+        Arc::new(sift::backends::cache::EmbeddedCache::new(1000));
+    const EVIL_NAME: &str = "<script>alert('id')</script> Okonkwo";
+    let decisions = vec![
+        identity_decision(
+            "amb",
+            EVIL_NAME,
+            Reason::Ambiguous,
+            0.97,
+            &[("DB0000000001", "Christina"), ("DB0000000002", "Christine")],
+        ),
+        identity_decision(
+            "near",
+            "Chris Okonkwo",
+            Reason::Matched,
+            0.7,
+            &[("DB0000000003", "Chris")],
+        ),
+        identity_decision(
+            "sure",
+            "Ada Okonkwo",
+            Reason::Matched,
+            0.999,
+            &[("DB0000000004", "Ada")],
+        ),
+        identity_decision(
+            "low",
+            "Obi Okonkwo",
+            Reason::BelowThreshold,
+            0.01,
+            &[("DB0000000005", "Obinna")],
+        ),
+    ];
+    h.table
+        .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
+        .await?;
+    h.table
+        .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
+        .await?;
+    sink::write(&h.table, &cache, &decisions, None).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let mut ann = h.login("ann").await?;
+    let mut bob = h.login("bob").await?;
+    let list = ann.get("/identities").await?;
+    ensure!(list.status == StatusCode::OK, "{}", list.status);
+    let rows = list.select("#identities tbody tr td:first-child")?;
+    ensure!(rows == ["twitter:amb", "twitter:near"], "{rows:?}");
+    let r = ann.get("/identities/next").await?;
+    ensure!(
+        r.status == StatusCode::SEE_OTHER && r.location() == "/identity/twitter%3Aamb",
+        "{} {}",
+        r.status,
+        r.location()
+    );
+    let page = ann.get(r.location()).await?;
+    ensure!(page.status == StatusCode::OK, "{}", page.body);
+    ensure!(page.select("#profile-name")? == [EVIL_NAME]);
+    ensure!(
+        !page.body.contains("<script>alert"),
+        "the name is not escaped"
+    );
+    let picks = page.attrs("#candidates form.pick input[name=choice]", "value")?;
+    ensure!(picks == ["DB0000000001", "DB0000000002"], "{picks:?}");
+    ensure!(page.attrs("#candidates form.pick", "data-key")? == ["1", "2"]);
+    ensure!(page
+        .select("#candidates .person")?
+        .join(" ")
+        .contains("Christine"));
+    // Bob cannot open or decide the profile Ann holds; /next gives him another.
+    ensure!(bob.get("/identity/twitter%3Aamb").await?.status == StatusCode::CONFLICT);
+    let r = bob.get("/identities/next").await?;
+    ensure!(
+        r.location() == "/identity/twitter%3Anear",
+        "{}",
+        r.location()
+    );
+    // No token, a person who was not a candidate: refused, nothing written.
+    let action = page.attr("form#none", "action")?;
+    let r = ann.post(&action, &[("choice", "none")]).await?;
+    ensure!(r.status == StatusCode::FORBIDDEN, "{}", r.status);
+    let token = page.attr("form#none input[name=csrf]", "value")?;
+    let r = ann
+        .post(&action, &[("choice", "DB0000000009"), ("csrf", &token)])
+        .await?;
+    ensure!(r.status == StatusCode::BAD_REQUEST, "{}", r.status);
+    let cell = |row: &sift::backends::table::Row, q: &str| {
+        row.get(sink::HANDLES_FAMILY, q.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let handle = |key: &'static str| {
+        let table = h.table.clone();
+        async move {
+            table
+                .get(sink::HANDLES, key.as_bytes(), None)
+                .await?
+                .context("no handles row")
+        }
+    };
+    ensure!(cell(&handle("twitter:amb").await?, "reviewed_by").is_empty());
+    // Ann picks the second sister (key 2).
+    let r = ann
+        .submit(&page, "#candidates form.pick[data-key=\"2\"]", &[])
+        .await?;
+    ensure!(
+        r.status == StatusCode::SEE_OTHER && r.location() == "/identities/next",
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let row = handle("twitter:amb").await?;
+    ensure!(cell(&row, "dbusa_id") == "DB0000000002");
+    ensure!(cell(&row, "reason") == "reviewed");
+    ensure!(cell(&row, "reviewed_by") == "ann" && cell(&row, "review") == "DB0000000002");
+    let identity = h
+        .table
+        .get(sink::IDENTITIES, b"DB0000000002", None)
+        .await?
+        .context("no identities row")?;
+    ensure!(
+        identity
+            .get(sink::IDENTITIES_FAMILY, b"twitter")
+            .map(|v| v.as_ref())
+            == Some(&b"amb"[..])
+    );
+    // "None of these" for the profile the matcher had matched: the person
+    // no longer holds the handle.
+    bob.get("/identities/next").await?;
+    let near = bob.get("/identity/twitter%3Anear").await?;
+    let r = bob.submit(&near, "form#none", &[]).await?;
+    ensure!(r.status == StatusCode::SEE_OTHER, "{} {}", r.status, r.body);
+    let row = handle("twitter:near").await?;
+    ensure!(cell(&row, "dbusa_id").is_empty() && cell(&row, "review") == "none");
+    let former = h.table.get(sink::IDENTITIES, b"DB0000000003", None).await?;
+    ensure!(
+        former.is_none_or(|r| r.get(sink::IDENTITIES_FAMILY, b"twitter").is_none()),
+        "the former match still holds the handle"
+    );
+    // Both decisions went to sift.matches as reviewed.
+    let mut reviewed = 0;
+    for w in h.log.watermarks("sift.matches").await? {
+        for m in h.log.fetch("sift.matches", w.partition, w.low, 100).await? {
+            let v: serde_json::Value = serde_json::from_slice(&m.value)?;
+            if v["reason"] == "reviewed" {
+                reviewed += 1;
+            }
+        }
+    }
+    ensure!(reviewed == 2, "{reviewed} reviewed records on sift.matches");
+    // The matcher deciding the handle again leaves the reviewer's decision.
+    sink::write(&h.table, &cache, &decisions[..1], None).await?;
+    let row = handle("twitter:amb").await?;
+    ensure!(cell(&row, "dbusa_id") == "DB0000000002" && cell(&row, "reason") == "reviewed");
+    // The reviews are labels for `sift match fit --reviews`.
+    let labels = sift::matching::fit::reviewed_profiles(h.table.as_ref()).await?;
+    let mut got: Vec<(String, Option<String>)> = labels
+        .iter()
+        .map(|p| (p.handle.clone(), p.dbusa_id.clone()))
+        .collect();
+    got.sort();
+    ensure!(
+        got == [
+            ("amb".to_owned(), Some("DB0000000002".to_owned())),
+            ("near".to_owned(), None)
+        ],
+        "{got:?}"
+    );
+    // Nothing uncertain is left.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let list = ann.get("/identities").await?;
+    ensure!(
+        list.select("#identities tbody tr")?.is_empty(),
+        "{}",
+        list.body
+    );
+    let r = ann.get("/identities/next").await?;
+    ensure!(r.location() == "/identities?empty=1", "{}", r.location());
+    h.stop().await
 }

@@ -176,6 +176,113 @@ async fn seed_table(dir: &Path, docs: &[Seeded]) -> Result<()> {
         })
         .collect();
     table.put(documents::TABLE, rows).await?;
+    seed_identities(std::sync::Arc::new(table)).await
+}
+
+/// Uncertain identity decisions, least certain first, as `seed.json` gives
+/// them to the script: the handle's row, the profile's name, the
+/// candidates shown and the key the script presses.
+fn identities_seed() -> Vec<(&'static str, &'static str, Vec<&'static str>, &'static str)> {
+    vec![
+        (
+            "twitter:sisters",
+            "<img src=x onerror=\"window.__pwned=5\"> Okonkwo",
+            vec!["DB0000000001", "DB0000000002"],
+            "2",
+        ),
+        ("twitter:chris", "Chris Okonkwo", vec!["DB0000000003"], "0"),
+    ]
+}
+
+/// Writes [`identities_seed`] to `handles` through the matcher's sink.
+async fn seed_identities(table: std::sync::Arc<EmbeddedTable>) -> Result<()> {
+    use sift::matching::matcher::{CandidateScore, Enriched, Outcome, ProfileIn, Reason};
+    use sift::matching::score::{Evidence, Field, Level};
+    use sift::matching::sink;
+    let table: std::sync::Arc<dyn Table> = table;
+    table
+        .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
+        .await?;
+    table
+        .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
+        .await?;
+    let cache: std::sync::Arc<dyn sift::backends::Cache> =
+        std::sync::Arc::new(sift::backends::cache::EmbeddedCache::new(100));
+    let decided: Vec<sink::Decided> = identities_seed()
+        .into_iter()
+        .enumerate()
+        .map(|(n, (row, name, candidates, _))| {
+            let handle = row.split_once(':').map_or(row, |(_, h)| h);
+            let top: Vec<CandidateScore> = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, id)| CandidateScore {
+                    dbusa_id: (*id).into(),
+                    score: 25.0 - i as f64,
+                    evidence: [
+                        (
+                            Field::First,
+                            if i == 0 { Level::Typo } else { Level::Jw92 },
+                            6.5 - i as f64,
+                        ),
+                        (Field::Last, Level::Exact, 12.0),
+                        (Field::Location, Level::CityState, 12.6),
+                    ]
+                    .into_iter()
+                    .map(|(field, level, weight)| Evidence {
+                        field,
+                        level,
+                        weight,
+                    })
+                    .collect(),
+                    person: Some(sift::dbusa::generate::Person {
+                        dbusa_id: (*id).into(),
+                        first: ["Christina", "Christine", "Christopher"][i + n * 2 % 3].into(),
+                        middle: String::new(),
+                        last: "Okonkwo".into(),
+                        address: "12 Elm St".into(),
+                        city: "Austin".into(),
+                        state: "TX".into(),
+                        zip: "78701".into(),
+                        phone: String::new(),
+                        email: String::new(),
+                        birth_year: 1980,
+                    }),
+                })
+                .collect();
+            let (reason, probability) = if n == 0 {
+                (Reason::Ambiguous, 0.9)
+            } else {
+                (Reason::Matched, 0.8)
+            };
+            sink::Decided {
+                profile: ProfileIn {
+                    id: None,
+                    network: "twitter".into(),
+                    handle: handle.into(),
+                    name: Some(name.into()),
+                    location: Some("Austin, TX".into()),
+                    ..ProfileIn::default()
+                },
+                outcome: Outcome {
+                    dbusa_id: (reason == Reason::Matched).then(|| candidates[0].to_owned()),
+                    score: Some(25.0),
+                    probability: Some(probability),
+                    runner_up: None,
+                    reason,
+                    method: "search".into(),
+                    enrichment: Enriched::NotCalled,
+                    candidates: top.len(),
+                    best: Some(candidates[0].to_owned()),
+                    evidence: Vec::new(),
+                    top,
+                    candidate_ids: Vec::new(),
+                },
+                at_ms: 1_700_000_000_000,
+            }
+        })
+        .collect();
+    sink::write(&table, &cache, &decided, None).await?;
     Ok(())
 }
 
@@ -350,9 +457,17 @@ fn run_script(cmd: &mut Command, dir: &Path) -> Result<(Option<ExitStatus>, Stri
 #[derive(Deserialize)]
 struct Report {
     decisions: Vec<Made>,
+    #[serde(default)]
+    identities: Vec<IdentityMade>,
     skipped: Vec<String>,
     refused: Vec<String>,
     timings: Vec<Timing>,
+}
+
+#[derive(Deserialize, Debug)]
+struct IdentityMade {
+    row: String,
+    choice: String,
 }
 
 #[derive(Deserialize, Debug)]
@@ -456,6 +571,9 @@ fn review_ui_in_headless_chromium() -> Result<()> {
         "choose_query": "with::ima",
         "markup_query": "onerror",
         "model_version": MODEL_VERSION,
+        "identities": identities_seed().iter().map(|(row, name, candidates, key)| json!({
+            "row": row, "name": name, "candidates": candidates, "key": key,
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(
         artifacts.join("seed.json"),
@@ -537,6 +655,7 @@ fn review_ui_in_headless_chromium() -> Result<()> {
     }
 
     rt.block_on(check_table(&dir, &by_id, &decided))?;
+    rt.block_on(check_identities(&dir, &report.identities))?;
     let sent = rt.block_on(check_feedback(&dir, &by_id, &decided))?;
     println!(
         "{} decisions in `r` and {sent} records in {FEEDBACK_TOPIC}, as the browser made them",
@@ -559,6 +678,59 @@ fn review_ui_in_headless_chromium() -> Result<()> {
         started.elapsed().as_secs_f64(),
         artifacts.display()
     );
+    Ok(())
+}
+
+/// Every seeded identity was decided as the script reports, by alice, in
+/// `handles`.
+async fn check_identities(dir: &Path, made: &[IdentityMade]) -> Result<()> {
+    use sift::matching::sink::{columns, HANDLES, HANDLES_FAMILY};
+    let seeded = identities_seed();
+    ensure!(
+        made.len() == seeded.len(),
+        "the script decided {} identities, expected {}",
+        made.len(),
+        seeded.len()
+    );
+    let table = EmbeddedTable::open(&dir.join("table.redb"))?;
+    for (m, (row, _, candidates, key)) in made.iter().zip(&seeded) {
+        ensure!(m.row == *row, "decided {} where {row} was expected", m.row);
+        let expected = if *key == "0" {
+            "none".to_owned()
+        } else {
+            candidates[key.parse::<usize>()? - 1].to_owned()
+        };
+        ensure!(m.choice == expected, "{row}: the script chose {}", m.choice);
+        let stored = table
+            .get(HANDLES, row.as_bytes(), None)
+            .await?
+            .with_context(|| format!("no handles row {row}"))?;
+        let cell = |q: &str| {
+            stored
+                .get(HANDLES_FAMILY, q.as_bytes())
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        ensure!(
+            cell(columns::REVIEW) == expected
+                && cell(columns::REVIEWED_BY) == ALICE.0
+                && cell(columns::REASON) == "reviewed",
+            "{row}: handles holds review {:?} by {:?}, reason {:?}",
+            cell(columns::REVIEW),
+            cell(columns::REVIEWED_BY),
+            cell(columns::REASON)
+        );
+        let person = if expected == "none" {
+            String::new()
+        } else {
+            expected
+        };
+        ensure!(
+            cell(columns::DBUSA_ID) == person,
+            "{row}: dbusa_id {:?}",
+            cell(columns::DBUSA_ID)
+        );
+    }
     Ok(())
 }
 

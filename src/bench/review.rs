@@ -384,6 +384,7 @@ pub async fn main(config: &Config, args: ReviewBenchArgs) -> crate::Result<()> {
             table: table.clone(),
             log,
             objects: None,
+            cache: None,
         },
         "127.0.0.1:0",
     )

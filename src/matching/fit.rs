@@ -52,6 +52,10 @@ pub struct FitArgs {
     /// pairs of the loaded database.
     #[arg(long)]
     pub labels: bool,
+    /// Add the identity reviews (rows of `handles` a reviewer decided) to
+    /// the labelled profiles; implies `--labels`.
+    #[arg(long)]
+    pub reviews: bool,
     /// Profiles whose candidate pairs the unlabelled fit reads.
     #[arg(long, default_value_t = 3000)]
     pub sample: usize,
@@ -388,17 +392,64 @@ pub fn em(pairs: &[Vec<Pair>], u_random: &LevelCounts, max_iterations: usize) ->
     }
 }
 
+/// The profiles a reviewer decided, from `handles`, labelled with the
+/// reviewer's choice (`dbusa_id` None for "none of these").
+pub async fn reviewed_profiles(table: &dyn crate::backends::Table) -> crate::Result<Vec<Profile>> {
+    use super::sink::{columns, HANDLES, HANDLES_FAMILY};
+    let mut out = Vec::new();
+    let families = [HANDLES_FAMILY];
+    let scanned =
+        crate::backends::table::scan_pages(table, HANDLES, Some(&families), 2_000, |row| {
+            let cell = |q: &str| {
+                row.get(HANDLES_FAMILY, q.as_bytes())
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            let (Some(choice), Some(profile)) = (
+                cell(columns::REVIEW),
+                row.get(HANDLES_FAMILY, columns::PROFILE.as_bytes())
+                    .and_then(|v| serde_json::from_slice::<ProfileIn>(v).ok()),
+            ) else {
+                return;
+            };
+            out.push(Profile {
+                id: profile
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| String::from_utf8_lossy(&row.key).into_owned()),
+                network: profile.network,
+                handle: profile.handle,
+                name: profile.name,
+                location: profile.location,
+                email: profile.email,
+                dbusa_id: (choice != "none").then_some(choice),
+                corruption: "reviewed".to_owned(),
+            });
+        })
+        .await;
+    match scanned {
+        Ok(()) | Err(crate::backends::table::TableError::NoSuchTable(_)) => Ok(out),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `sift match fit`.
 pub async fn main(config: &Config, args: &FitArgs) -> crate::Result<()> {
     let started = std::time::Instant::now();
-    let profiles = read_profiles(&args.profiles)?;
-    let wanted: HashSet<String> = if args.labels {
+    let mut profiles = read_profiles(&args.profiles)?;
+    let labelled = args.labels || args.reviews;
+    if args.reviews {
+        let table = crate::backends::open_table(config).await?;
+        let reviewed = reviewed_profiles(table.as_ref()).await?;
+        println!("{} identity reviews read as labels", reviewed.len());
+        profiles.extend(reviewed);
+    }
+    let wanted: HashSet<String> = if labelled {
         profiles.iter().filter_map(|p| p.dbusa_id.clone()).collect()
     } else {
         HashSet::new()
     };
     let (random, truth, people) = sample_people(&args.db, args.random_people, &wanted, args.seed)?;
-    let weights = if args.labels {
+    let weights = if labelled {
         fit_labelled(
             &truth,
             &random,

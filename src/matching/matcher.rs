@@ -99,6 +99,8 @@ pub enum Reason {
     /// the full first names disagree and no email or phone ties them: a
     /// relative in the household (or a namesake's sibling), not the person.
     Relative,
+    /// A reviewer decided (the person, or none of the candidates).
+    Reviewed,
 }
 
 impl Reason {
@@ -114,6 +116,7 @@ impl Reason {
             Reason::EnrichmentUnavailable => "enrichment_unavailable",
             Reason::NoUsableFields => "no_usable_fields",
             Reason::Relative => "relative",
+            Reason::Reviewed => "reviewed",
         }
     }
 }
@@ -183,6 +186,9 @@ pub struct CandidateScore {
     pub score: f64,
     /// Per field.
     pub evidence: Vec<Evidence>,
+    /// The person as stored, so a reviewer sees what was compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person: Option<crate::dbusa::generate::Person>,
 }
 
 /// A failure that stops a profile from being decided now; the caller retries.
@@ -421,6 +427,7 @@ impl Matcher {
                 dbusa_id: s.id().to_owned(),
                 score: round2(s.scored.score),
                 evidence: s.scored.evidence.clone(),
+                person: Some(s.candidate.person.clone()),
             })
             .collect();
         let Choice {

@@ -43,6 +43,19 @@ pub mod columns {
     pub const TOP: &str = "top";
     /// The profile's id in its source, when it had one.
     pub const PROFILE_ID: &str = "profile_id";
+    /// The profile as matched (network, handle, name, location, email,
+    /// phone), JSON: what a reviewer sees, and a label for `sift match fit`
+    /// once reviewed.
+    pub const PROFILE: &str = "profile";
+    /// The best candidate's match probability.
+    pub const PROBABILITY: &str = "probability";
+    /// Who reviewed the decision (absent until someone does). A reviewed
+    /// row is the reviewer's: the matcher does not overwrite it.
+    pub const REVIEWED_BY: &str = "reviewed_by";
+    /// When, ms since the Unix epoch.
+    pub const REVIEWED_AT: &str = "reviewed_at_ms";
+    /// What the reviewer chose: a person's id, or `none`.
+    pub const REVIEW: &str = "review";
 }
 
 /// The cache namespace of a network.
@@ -132,7 +145,14 @@ impl Decided {
         if let Some(id) = &self.profile.id {
             row = row.cell(f, columns::PROFILE_ID, id.clone());
         }
-        row
+        if let Some(p) = o.probability {
+            row = row.cell(f, columns::PROBABILITY, p.to_string());
+        }
+        row.cell(
+            f,
+            columns::PROFILE,
+            serde_json::to_vec(&self.profile).unwrap_or_default(),
+        )
     }
 }
 
@@ -150,9 +170,17 @@ pub async fn write(
     for d in decided {
         let (network, handle) = d.profile.key();
         let row = handle_row(&network, &handle);
-        let previous = table
-            .get(HANDLES, row.as_bytes(), None)
-            .await?
+        let stored = table.get(HANDLES, row.as_bytes(), None).await?;
+        let reviewed = stored.as_ref().is_some_and(|r| {
+            r.get(HANDLES_FAMILY, columns::REVIEWED_BY.as_bytes())
+                .is_some()
+        });
+        if reviewed && d.outcome.reason != super::matcher::Reason::Reviewed {
+            // A person decided this handle; the machine does not overrule them.
+            tracing::debug!(row, "Kept the reviewed decision of a handle matched again.");
+            continue;
+        }
+        let previous = stored
             .and_then(|r| r.get(HANDLES_FAMILY, columns::DBUSA_ID.as_bytes()).cloned())
             .filter(|v| !v.is_empty());
         if let Some(prev) = previous {
@@ -189,6 +217,7 @@ pub async fn write(
             ));
         }
     }
+    let written: std::collections::HashSet<Bytes> = handles.iter().map(|h| h.row.clone()).collect();
     table.put(HANDLES, handles).await?;
     if !identities.is_empty() {
         table.put(IDENTITIES, identities).await?;
@@ -196,6 +225,10 @@ pub async fn write(
     for d in decided {
         if let Some(id) = &d.outcome.dbusa_id {
             let (network, handle) = d.profile.key();
+            let row = handle_row(&network, &handle);
+            if !written.contains(row.as_bytes()) {
+                continue;
+            }
             cache
                 .set(
                     &namespace(&network),

@@ -2,7 +2,8 @@
 //! served under `/assets/` (the pages allow scripts from this server only).
 //!
 //! Keys on a document's page: `1`–`5` accept that label, `r` rejects all
-//! five, `n` skips, `/` focuses the label search. Keys typed into a field,
+//! five, `n` skips, `/` focuses the label search. On a profile's page:
+//! `1`–`3` pick that person, `0` none of these, `n` skips. Keys typed into a field,
 //! or with Ctrl, Alt or Meta held, are left alone.
 
 use axum::http::header;
@@ -30,8 +31,19 @@ pub const JS: &str = r#""use strict";
   }
   document.addEventListener("keydown", function (e) {
     if (e.ctrlKey || e.altKey || e.metaKey || e.isComposing || typing(e.target)) return;
-    if (!document.getElementById("top5")) return;
     var done = false;
+    if (document.getElementById("candidates")) {
+      if (e.key >= "1" && e.key <= "9") {
+        done = submit(document.querySelector('form.pick[data-key="' + e.key + '"]'));
+      } else if (e.key === "0") {
+        done = submit(document.getElementById("none"));
+      } else if (e.key === "n") {
+        done = submit(document.getElementById("skip"));
+      }
+      if (done) e.preventDefault();
+      return;
+    }
+    if (!document.getElementById("top5")) return;
     if (e.key >= "1" && e.key <= "5") {
       done = submit(document.querySelector('form.accept[data-key="' + e.key + '"]'));
     } else if (e.key === "r") {
@@ -95,6 +107,11 @@ th, td { text-align: left; padding: .35rem .6rem; border-bottom: 1px solid #e2e2
 dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; }
 dl.meta dt { font-weight: 600; }
 dl.meta dd { margin: 0; overflow-wrap: anywhere; }
+#candidates form { margin: 0; }
+#candidates td.level-exact, #candidates td.level-zip, #candidates td.level-city_state { background: #e3f4e1; }
+#candidates td.level-other { background: #fbe3e1; }
+#candidates td.level-missing { color: #999; }
+#candidates small { color: #666; }
 #top5 { list-style: none; padding: 0; display: grid; gap: .35rem; }
 #top5 li { display: grid; grid-template-columns: minmax(14rem, 26rem) 4rem 1fr; gap: .75rem; align-items: center; }
 #top5 form { margin: 0; }

@@ -19,6 +19,7 @@ pub mod assets;
 pub mod auth;
 pub mod charts;
 pub mod decide;
+pub mod identity;
 pub mod pages;
 pub mod queue;
 pub mod stats;
@@ -198,6 +199,9 @@ pub struct Backends {
     pub log: Arc<dyn Log>,
     /// The model registry, for its labels; None = labels from the table.
     pub objects: Option<Arc<dyn ObjectStore>>,
+    /// The matcher's cache (handle → person), which identity decisions
+    /// update; None = a cache of the server's own.
+    pub cache: Option<Arc<dyn crate::backends::Cache>>,
 }
 
 impl Backends {
@@ -207,6 +211,7 @@ impl Backends {
             table: crate::backends::open_table(config).await?,
             log: crate::backends::open_log(config).await?,
             objects: Some(crate::backends::open_objects(config).await?),
+            cache: Some(crate::backends::open_cache(config).await?),
         })
     }
 }
@@ -219,6 +224,8 @@ pub(crate) struct App {
     queue: Queue,
     leases: Leases,
     labels: Labels,
+    identities: identity::IdentityQueue,
+    cache: Arc<dyn crate::backends::Cache>,
 }
 
 pub(crate) type AppState = Arc<App>;
@@ -268,12 +275,28 @@ impl Server {
             table,
             log,
             objects,
+            cache,
         } = backends;
         table
             .ensure_table(documents::TABLE, &crate::documents::FAMILIES)
             .await?;
         log.create_topic(topics::FEEDBACK, config.log.default_partitions)
             .await?;
+        use crate::matching::sink;
+        table
+            .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
+            .await?;
+        table
+            .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
+            .await?;
+        log.create_topic(topics::MATCHES, config.log.default_partitions)
+            .await?;
+        let cache = match cache {
+            Some(cache) => cache,
+            None => crate::backends::open_cache(config).await?,
+        };
+        let identities = identity::IdentityQueue::default();
+        identities.replace(identity::IdentityQueue::build(table.as_ref()).await?);
         let auth = Auth::new(table.clone(), review, tls).await?;
         let started = Instant::now();
         let snapshot = queue::build(table.as_ref(), None).await?;
@@ -302,6 +325,8 @@ impl Server {
             queue: Queue::new(snapshot),
             leases: Leases::new(review.lease),
             labels,
+            identities,
+            cache,
         });
         let refresher = tokio::spawn(refresh_loop(
             Arc::downgrade(&app),
@@ -438,6 +463,12 @@ async fn refresh_loop(app: std::sync::Weak<App>, every: Duration, labels: Option
                 tracing::warn!(error = %e, "Cannot rebuild the review queue; keeping the last one.")
             }
         }
+        match identity::IdentityQueue::build(app.table.as_ref()).await {
+            Ok(items) => app.identities.replace(items),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot rebuild the identity queue; keeping the last one.")
+            }
+        }
         app.leases.sweep();
     }
 }
@@ -457,6 +488,17 @@ fn router(app: AppState) -> Router {
         .route(
             "/doc/{id}/skip",
             post(decide::skip).get(decide::back_to_doc),
+        )
+        .route("/identities", get(identity::list))
+        .route("/identities/next", get(identity::next))
+        .route("/identity/{row}", get(identity::page))
+        .route(
+            "/identity/{row}/decide",
+            post(identity::decide).get(identity::back),
+        )
+        .route(
+            "/identity/{row}/skip",
+            post(identity::skip).get(identity::back),
         )
         .route("/labels", get(labels))
         .route("/stats", get(stats_page))
@@ -489,6 +531,11 @@ fn page_of(method: &Method, path: &str) -> &'static str {
         p if p.starts_with("/doc/") && p.ends_with("/decide") => "decide",
         p if p.starts_with("/doc/") && p.ends_with("/skip") => "skip",
         p if p.starts_with("/doc/") => "doc",
+        "/identities" => "identities",
+        "/identities/next" => "identity_next",
+        p if p.starts_with("/identity/") && p.ends_with("/decide") => "identity_decide",
+        p if p.starts_with("/identity/") && p.ends_with("/skip") => "identity_skip",
+        p if p.starts_with("/identity/") => "identity",
         _ => "other",
     }
 }

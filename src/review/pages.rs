@@ -18,6 +18,8 @@ pub enum Nav {
     Queue,
     /// Statistics.
     Stats,
+    /// The identity queue and profiles.
+    Identities,
     /// Neither.
     None,
 }
@@ -39,6 +41,7 @@ pub fn layout(title: &str, session: Option<&Session>, nav: Nav, body: Markup) ->
                 @if let Some(s) = session {
                     nav #nav {
                         a #nav-queue href="/queue" aria-current=[(nav == Nav::Queue).then_some("page")] { "Queue" }
+                        a #nav-identities href="/identities" aria-current=[(nav == Nav::Identities).then_some("page")] { "Identities" }
                         a #nav-stats href="/stats" aria-current=[(nav == Nav::Stats).then_some("page")] { "Stats" }
                         span .who { (s.user) " (" (s.role.as_str()) ")" }
                         form #logout method="post" action="/logout" {

@@ -276,6 +276,7 @@ pub async fn main(config: &Config, args: RunArgs) -> crate::Result<bool> {
             table: shared.table.clone(),
             log: shared.log.clone(),
             objects: Some(shared.objects.clone()),
+            cache: None,
         },
         &listen,
     )

@@ -45,7 +45,7 @@ const BY_ID = new Map(SEED.documents.map((d) => [d.id, d]));
 const KEYS = ['1', '2', '3', '4', '5', '1', 'r', '2', '3', '1'];
 const FILTERS = 'order=uncertainty';
 
-const record = { decisions: [], skipped: [], refused: [], untouched: [] };
+const record = { decisions: [], skipped: [], refused: [], untouched: [], identities: [] };
 const timings = [];
 let current = null; // the page a failure is reported from
 
@@ -527,6 +527,35 @@ async function run(browser) {
       `table#shadow shows ${JSON.stringify(shadow)}, expected ${SEED.model_version} against ${SEED.shadow_version} on ${labelled.length} decisions, shadow top 1 on ${shadowTop1}`);
     ensure(await page.$$eval('svg#chart-shadow-0 rect.bar', (rs) => rs.length) > 0, 'svg#chart-shadow-0 draws no bars');
     await page.screenshot({ path: join(ARTIFACTS, 'stats.png'), fullPage: true });
+  });
+
+  await step('identities: the profile beside its candidates, decided with the keyboard (1-3, 0)', async () => {
+    const want = SEED.identities;
+    await page.goto(`${BASE}/identities`);
+    const rows = await page.$$eval('table#identities tbody tr td:first-child', (tds) => tds.map((td) => td.textContent.trim()));
+    ensure(JSON.stringify(rows) === JSON.stringify(want.map((w) => w.row)),
+      `/identities lists ${JSON.stringify(rows)}, expected ${JSON.stringify(want.map((w) => w.row))} (least certain first)`);
+    ensure(await page.evaluate(() => window.__pwned) === undefined, '/identities ran markup from a profile name');
+    await Promise.all([page.waitForURL(/\/identity\//), page.click('a#identity-next')]);
+    for (const [i, w] of want.entries()) {
+      const row = decodeURIComponent(new URL(page.url()).pathname.replace(/^\/identity\//, ''));
+      ensure(row === w.row, `profile ${i + 1} handed out is ${row}, expected ${w.row}`);
+      const name = await page.textContent('#profile-name');
+      ensure(name === w.name, `#profile-name shows ${JSON.stringify(name)}, expected the literal ${JSON.stringify(w.name)}`);
+      ensure(await page.evaluate(() => window.__pwned) === undefined, `the profile ${w.row} ran its name's markup`);
+      const shown = await page.$$eval('#candidates tr.candidate', (trs) => trs.map((tr) => tr.dataset.id));
+      ensure(JSON.stringify(shown) === JSON.stringify(w.candidates),
+        `#candidates shows ${JSON.stringify(shown)}, expected ${JSON.stringify(w.candidates)}`);
+      const levels = await page.$$eval('#candidates tr.candidate td.level', (tds) => tds.length);
+      ensure(levels === shown.length * 7, `#candidates shows ${levels} field levels for ${shown.length} candidates, expected 7 each`);
+      if (i === 0) await page.screenshot({ path: join(ARTIFACTS, 'identity.png'), fullPage: true });
+      const before = page.url();
+      await Promise.all([page.waitForURL((u) => u.toString() !== before), page.keyboard.press(w.key)]);
+      record.identities.push({ row: w.row, key: w.key, choice: w.key === '0' ? 'none' : w.candidates[Number(w.key) - 1] });
+    }
+    ensure(new URL(page.url()).pathname === '/identities', `after the last profile the browser is at ${page.url()}, expected /identities`);
+    const left = await page.$$eval('table#identities tbody tr', (t) => t.length);
+    ensure(left === 0, `/identities still lists ${left} profiles after they were all decided`);
   });
 
   await step('log out', async () => {
