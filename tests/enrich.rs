@@ -373,6 +373,7 @@ async fn the_generators_answers_serve_missing_profiles() -> Result<()> {
             profiles: 800,
             outsiders: 200,
             housemates: 0,
+            profile_rows: 0,
         },
         dir.path(),
     )?;

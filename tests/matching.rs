@@ -350,6 +350,7 @@ async fn small_world(
             profiles,
             outsiders: profiles / 5,
             housemates: 0,
+            profile_rows: 0,
         },
         &data,
     )?;

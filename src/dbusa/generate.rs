@@ -144,6 +144,11 @@ pub struct Spec {
     /// Profiles of people not in the database who live with someone who is
     /// ([`corruptions::HOUSEMATE`]); the enrichment API knows none of them.
     pub housemates: u64,
+    /// Draw the profiles' people (and the housemates' members) from the
+    /// first this many rows; 0 = all rows. Row `i` is the same person at
+    /// every size, so databases of 200,000 and 30 million people with the
+    /// same seed and `profile_rows` share their profiles exactly.
+    pub profile_rows: u64,
 }
 
 /// What was written.
@@ -736,10 +741,21 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
     db.flush().map_err(|e| io(&database, e))?;
 
     // Which people get a profile: distinct rows drawn from the seed.
+    let pool = if spec.profile_rows == 0 {
+        spec.rows
+    } else {
+        spec.profile_rows.min(spec.rows)
+    };
+    if spec.profiles > pool {
+        return Err(crate::Error::Invalid(format!(
+            "--profiles {} is more than the {pool} rows profiles are drawn from",
+            spec.profiles
+        )));
+    }
     let mut chosen = BTreeSet::new();
     let mut pick = g.rng(3, 0);
     while (chosen.len() as u64) < spec.profiles {
-        chosen.insert(pick.random_range(0..spec.rows));
+        chosen.insert(pick.random_range(0..pool));
     }
     let mut profiles: Vec<Profile> = chosen
         .iter()
@@ -761,7 +777,7 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
     let mut pick_member = g.rng(7, 0);
     for k in 0..spec.housemates {
         let n = insiders + spec.outsiders + k;
-        let member = g.person(0, pick_member.random_range(0..spec.rows));
+        let member = g.person(0, pick_member.random_range(0..pool));
         let mut p = g.profile(n, &g.housemate(k, &member), corruptions::NONE);
         p.dbusa_id = None;
         p.corruption = corruptions::HOUSEMATE.to_owned();

@@ -47,6 +47,11 @@ pub struct GenerateArgs {
     /// who is (same surname and address, another first name).
     #[arg(long, default_value_t = 0)]
     pub housemates: u64,
+    /// Draw the profiles from the first this many rows (0 = all): the same
+    /// seed and value give the same profiles at every --rows, for measuring
+    /// how accuracy changes as the database grows.
+    #[arg(long, default_value_t = 0)]
+    pub profile_rows: u64,
     /// Output directory (dbusa.csv, profiles.jsonl, enrichment.jsonl).
     #[arg(long, default_value = "dbusa")]
     pub out: PathBuf,
@@ -72,6 +77,7 @@ pub async fn main(config: crate::config::Config, command: DbusaCommand) -> crate
                     profiles: a.profiles,
                     outsiders: a.outsiders,
                     housemates: a.housemates,
+                    profile_rows: a.profile_rows,
                 },
                 &a.out,
             )?;

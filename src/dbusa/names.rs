@@ -322,11 +322,23 @@ fn place_part(part: &str) -> String {
 /// around a metro area are dropped.
 pub fn parse_location(text: &str) -> Place {
     let mut place = Place::default();
-    let mut parts: Vec<String> = text
+    let raw: Vec<&str> = text
         .split([',', ';', '|', '/', '·', '•', '(', ')'])
-        .map(place_part)
-        .filter(|p| !p.is_empty())
+        .filter(|p| !place_part(p).is_empty())
         .collect();
+    let mut parts: Vec<String> = raw.iter().map(|p| place_part(p)).collect();
+    // "Greater New York Area", "New York Metro": a metro area named after
+    // its city, even when a state has the same name.
+    if let [only] = raw.as_slice() {
+        let bare = normalize(only);
+        if bare != parts[0]
+            && state_code(&parts[0]).is_some()
+            && !bare.ends_with(&format!(" {}", parts[0]))
+        {
+            place.city = parts[0].clone();
+            return place;
+        }
+    }
     // A ZIP code anywhere.
     for part in parts.iter_mut() {
         let words: Vec<&str> = part.split(' ').collect();
@@ -500,6 +512,10 @@ mod tests {
             ("Austin, TX 78701", "austin", "tx", "78701"),
             ("Austin", "austin", "", ""),
             ("Greater Austin Area", "austin", "", ""),
+            ("Greater New York Area", "new york", "", ""),
+            ("New York Metro", "new york", "", ""),
+            ("Based in Texas", "", "tx", ""),
+            ("Texas, United States", "", "tx", ""),
             ("Austin Metro", "austin", "", ""),
             ("Austin, Texas Metropolitan Area", "austin", "tx", ""),
             ("Based in Austin, TX", "austin", "tx", ""),

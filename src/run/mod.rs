@@ -420,6 +420,7 @@ pub(crate) async fn prepare(
         profiles: args.profiles,
         outsiders: args.outsiders,
         housemates: 0,
+        profile_rows: 0,
     };
     let generated = generate(&spec, run_dir)?;
 
