@@ -352,6 +352,25 @@ pub fn name_only(local: &str, first: &str, last: &str) -> bool {
     rest.is_empty() || (rest.len() == 1 && first.starts_with(rest.as_str()))
 }
 
+/// The handle's level against the local part, when what they share says
+/// more than the person's names: a handle `howardjeffrey` inside the local
+/// part `howardjeffrey47` shares only the names, which are scored already,
+/// and every namesake's email would share it too.
+fn handle_evidence(handle: &str, local: &str, first: &str, last: &str) -> Level {
+    let level = handle_level(handle, local);
+    let shared = match level {
+        Level::Exact => local,
+        Level::Contains if handle.len() < local.len() => handle,
+        Level::Contains => local,
+        _ => return level,
+    };
+    if name_only(shared, first, last) {
+        Level::Missing
+    } else {
+        level
+    }
+}
+
 /// The level of a handle (letters and digits) against the local part of the
 /// person's email.
 pub fn handle_level(handle: &str, local: &str) -> Level {
@@ -430,10 +449,10 @@ pub fn compare(probe: &Probe, c: &Candidate) -> [Level; FIELDS] {
         exact_level(probe.phone.as_deref(), &c.phone),
         // A known email is compared whole; its local part against the
         // handle would count the same evidence twice.
-        if probe.email.is_some() || name_only(&c.local, &c.first, &c.last) {
+        if probe.email.is_some() {
             Level::Missing
         } else {
-            handle_level(&probe.handle, &c.local)
+            handle_evidence(&probe.handle, &c.local, &c.first, &c.last)
         },
         birth_year_level(&probe.handle, c.person.birth_year),
     ]
@@ -900,6 +919,28 @@ mod tests {
         assert!(name_only("rwright", "robert", "wright"));
         assert!(!name_only("rwright84", "robert", "wright"));
         assert!(!name_only("bobthebuilder", "robert", "wright"));
+        // Only what handle and local part share counts: the names alone,
+        // inside a longer local part, do not.
+        assert_eq!(
+            handle_evidence("wrightrobert", "wrightrobert47", "robert", "wright"),
+            Level::Missing
+        );
+        assert_eq!(
+            handle_evidence("wrightrobert47x", "wrightrobert47", "robert", "wright"),
+            Level::Contains
+        );
+        assert_eq!(
+            handle_evidence("rwright84", "rwright84", "robert", "wright"),
+            Level::Exact
+        );
+        assert_eq!(
+            handle_evidence("robertwright", "robertwright", "robert", "wright"),
+            Level::Missing
+        );
+        assert_eq!(
+            handle_evidence("bobby", "robertwright", "robert", "wright"),
+            Level::Other
+        );
         assert_eq!(birth_year_level("maria1984", 1984), Level::Exact);
         assert_eq!(birth_year_level("maria1985", 1984), Level::Other);
         assert_eq!(birth_year_level("jsmith84", 1984), Level::TwoDigits);
