@@ -966,12 +966,7 @@ async fn identity_reviews_decide_who_a_profile_is() -> anyhow::Result<()> {
             &[("DB0000000005", "Obinna")],
         ),
     ];
-    h.table
-        .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
-        .await?;
-    h.table
-        .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
-        .await?;
+    sink::ensure_tables(h.table.as_ref()).await?;
     sink::write(&h.table, &cache, &decisions, None).await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
 

@@ -200,12 +200,7 @@ async fn seed_identities(table: std::sync::Arc<EmbeddedTable>) -> Result<()> {
     use sift::matching::score::{Evidence, Field, Level};
     use sift::matching::sink;
     let table: std::sync::Arc<dyn Table> = table;
-    table
-        .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
-        .await?;
-    table
-        .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
-        .await?;
+    sink::ensure_tables(table.as_ref()).await?;
     let cache: std::sync::Arc<dyn sift::backends::Cache> =
         std::sync::Arc::new(sift::backends::cache::EmbeddedCache::new(100));
     let decided: Vec<sink::Decided> = identities_seed()

@@ -104,13 +104,7 @@ pub async fn prepare(config: &Config, log: &dyn Log, table: &dyn Table) -> crate
     log.create_topic(topics::MATCHES, config.log.default_partitions)
         .await?;
     log.create_topic(topics::DLQ, 1).await?;
-    table
-        .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
-        .await?;
-    table
-        .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
-        .await?;
-    Ok(())
+    sink::ensure_tables(table).await
 }
 
 /// Consumes `sift.profiles` until `until`.

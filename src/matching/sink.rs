@@ -58,6 +58,13 @@ pub mod columns {
     pub const REVIEW: &str = "review";
 }
 
+/// Creates the tables decisions are written to (`handles`, `identities`).
+pub async fn ensure_tables(table: &dyn Table) -> crate::Result<()> {
+    table.ensure_table(HANDLES, &[HANDLES_FAMILY]).await?;
+    table.ensure_table(IDENTITIES, &[IDENTITIES_FAMILY]).await?;
+    Ok(())
+}
+
 /// The cache namespace of a network.
 pub fn namespace(network: &str) -> String {
     format!("handles.{network}")

@@ -282,13 +282,7 @@ impl Server {
             .await?;
         log.create_topic(topics::FEEDBACK, config.log.default_partitions)
             .await?;
-        use crate::matching::sink;
-        table
-            .ensure_table(sink::HANDLES, &[sink::HANDLES_FAMILY])
-            .await?;
-        table
-            .ensure_table(sink::IDENTITIES, &[sink::IDENTITIES_FAMILY])
-            .await?;
+        crate::matching::sink::ensure_tables(table.as_ref()).await?;
         log.create_topic(topics::MATCHES, config.log.default_partitions)
             .await?;
         let cache = match cache {
