@@ -482,3 +482,61 @@ async fn create_index(url: &str, index: &str) -> Result<()> {
     es.ensure_index(&sift::dbusa::index::spec(index)).await?;
     Ok(())
 }
+
+/// An index an earlier sift made with other fields (here without
+/// `household`) is refused before anything is written, with the way out;
+/// `--recreate` rebuilds it with today's fields and every row.
+#[test]
+fn an_index_with_older_fields_is_refused_then_rebuilt() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path();
+    let file = data.join("people.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "{HEADER}\n{}{}",
+            row("P1", "Lee", "1970"),
+            row("P2", "Kim", "1981")
+        ),
+    )?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let search = EmbeddedSearch::open(&data.join("search"))?;
+        let mut old = sift::dbusa::index::spec("dbusa");
+        old.fields.retain(|f| f.name != "household");
+        ensure!(old.fields.len() + 1 == sift::dbusa::index::spec("dbusa").fields.len());
+        search.ensure_index(&old).await?;
+        Ok(())
+    })?;
+
+    let out = sift(data).args(["dbusa", "load"]).arg(&file).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "the load into the old index succeeded"
+    );
+    ensure!(
+        err.contains("household") && err.contains("--recreate"),
+        "the refusal should name the missing field and the way out: {err}"
+    );
+    ensure!(
+        read_checkpoint(data, "dbusa")?.is_none(),
+        "a checkpoint was written"
+    );
+
+    let out = run(sift(data)
+        .args(["dbusa", "load", "--recreate", "--json"])
+        .arg(&file))?;
+    let s = summary(&out)?;
+    ensure!(s.rows_loaded == 2 && s.index_count == 2, "{s:?}");
+    runtime.block_on(async {
+        let search = EmbeddedSearch::open(&data.join("search"))?;
+        search
+            .ensure_index(&sift::dbusa::index::spec("dbusa"))
+            .await
+            .context("the rebuilt index has today's fields")?;
+        let p1 = search.get("dbusa", "P1").await?.context("P1")?;
+        ensure!(p1.source.contains_key("household"), "{:?}", p1.source);
+        Ok(())
+    })
+}

@@ -87,6 +87,10 @@ pub struct LoadArgs {
     /// Start from the first row even where a checkpoint says where to continue.
     #[arg(long)]
     pub from_scratch: bool,
+    /// Delete the index first, then load the file from its first row: the
+    /// way to rebuild an index made by an earlier sift with other fields.
+    #[arg(long)]
+    pub recreate: bool,
     /// Shortest time between two checkpoint writes (0s: after every
     /// acknowledged bulk request); a crash makes the next run send at most
     /// this much work again [default: 500ms].
@@ -110,6 +114,8 @@ pub struct LoadOptions {
     pub workers: usize,
     /// Ignore the checkpoint and start from the first row.
     pub from_scratch: bool,
+    /// Delete the index before loading (implies `from_scratch`).
+    pub recreate: bool,
     /// Shortest time between two checkpoint writes.
     pub checkpoint_every: Duration,
     /// Folder of the checkpoint, the rejects file and the lock
@@ -130,7 +136,8 @@ impl LoadOptions {
                 .unwrap_or_else(|| config.dbusa.index.clone()),
             bulk_docs: args.bulk_docs.unwrap_or(config.dbusa.bulk_docs) as usize,
             workers: args.workers.unwrap_or(config.dbusa.workers) as usize,
-            from_scratch: args.from_scratch,
+            from_scratch: args.from_scratch || args.recreate,
+            recreate: args.recreate,
             checkpoint_every: args.checkpoint_every.unwrap_or(CHECKPOINT_EVERY),
             state_dir: config.data_dir.join(STATE_DIR),
             progress: true,
@@ -348,16 +355,36 @@ pub async fn load(
     let same_file = previous.as_ref().is_some_and(|c| {
         c.version == CHECKPOINT_VERSION && c.file == identity && c.index == options.index
     });
+    if options.recreate && search.drop_index(&options.index).await? {
+        tracing::info!(index = %options.index, "--recreate: deleted the index");
+    }
     // A checkpoint of an index removed since describes documents that are gone.
     let index_count = match search.count(&options.index).await {
         Ok(count) => Some(count),
         Err(SearchError::NoSuchIndex(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    if index_count.is_some() {
+        // An index made by an earlier sift with other fields is refused
+        // before anything is written, with the way out.
+        search
+            .ensure_index(&spec(&options.index))
+            .await
+            .map_err(|e| match e {
+                SearchError::SchemaMismatch { .. } => Error::Invalid(format!(
+                    "{e}. It was made by an earlier sift or by another program; \
+                     rebuild it with `sift dbusa load --recreate {}`",
+                    options.file.display()
+                )),
+                other => other.into(),
+            })?;
+    }
     let mut started_over = None;
     let mut resume = None;
     if let Some(prev) = &previous {
-        if options.from_scratch {
+        if options.recreate {
+            started_over = Some("--recreate: loading the file into a new index".to_owned());
+        } else if options.from_scratch {
             started_over = Some("--from-scratch: loading the file from its first row".to_owned());
         } else if index_count.is_none() {
             started_over = Some(format!(

@@ -686,6 +686,21 @@ pub(crate) async fn load_database(
     shared: &Shared,
     generated: &crate::dbusa::generate::Generated,
 ) -> crate::Result<crate::dbusa::load::LoadSummary> {
+    // The demonstration owns its index: one an earlier sift made with other
+    // fields is rebuilt rather than refused.
+    let index = &config.dbusa.index;
+    let recreate = match shared
+        .search
+        .ensure_index(&crate::dbusa::index::spec(index))
+        .await
+    {
+        Ok(()) => false,
+        Err(e @ crate::backends::search::SearchError::SchemaMismatch { .. }) => {
+            tracing::warn!(%index, "{e}; rebuilding it");
+            true
+        }
+        Err(e) => return Err(e.into()),
+    };
     let options = crate::dbusa::load::LoadOptions {
         progress: false,
         ..crate::dbusa::load::LoadOptions::new(
@@ -696,6 +711,7 @@ pub(crate) async fn load_database(
                 bulk_docs: None,
                 workers: None,
                 from_scratch: false,
+                recreate,
                 checkpoint_every: None,
                 json: false,
             },

@@ -178,6 +178,36 @@ async fn index_lifecycle(s: &dyn SearchIndex) -> Result<()> {
         "adding a field must be a SchemaMismatch, got {err:?}"
     );
 
+    // Dropping rebuilds: the documents go with the index, the new fields hold.
+    let doc = SearchDoc {
+        id: "p1".to_owned(),
+        source: json!({ "first": "Ada", "last": "Lovelace" })
+            .as_object()
+            .cloned()
+            .context("an object")?,
+    };
+    s.bulk(&name, vec![doc]).await?;
+    s.refresh(&name).await?;
+    ensure!(s.count(&name).await? == 1, "one document before the drop");
+    ensure!(
+        s.drop_index(&name).await?,
+        "dropping an index that exists says so"
+    );
+    let err = s.count(&name).await;
+    ensure!(
+        matches!(err, Err(SearchError::NoSuchIndex(_))),
+        "a dropped index must be gone, got {err:?}"
+    );
+    ensure!(
+        !s.drop_index(&name).await?,
+        "dropping it again is false, not an error"
+    );
+    s.ensure_index(&extra)
+        .await
+        .context("after a drop, the index is made with the new fields")?;
+    ensure!(s.count(&name).await? == 0, "the rebuilt index starts empty");
+    ensure!(s.drop_index(&name).await?);
+
     let err = s.ensure_index(&person_spec("Not A Valid Name!")).await;
     ensure!(
         matches!(err, Err(SearchError::InvalidName(_))),

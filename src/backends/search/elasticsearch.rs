@@ -39,8 +39,8 @@ use ::elasticsearch::http::response::Response;
 use ::elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use ::elasticsearch::http::{StatusCode, Url};
 use ::elasticsearch::indices::{
-    IndicesCreateParts, IndicesGetMappingParts, IndicesGetSettingsParts, IndicesPutSettingsParts,
-    IndicesRefreshParts,
+    IndicesCreateParts, IndicesDeleteParts, IndicesGetMappingParts, IndicesGetSettingsParts,
+    IndicesPutSettingsParts, IndicesRefreshParts,
 };
 use ::elasticsearch::{BulkParts, CountParts, DeleteParts, Elasticsearch, GetParts, SearchParts};
 use async_trait::async_trait;
@@ -581,6 +581,26 @@ impl SearchIndex for ElasticsearchIndex {
             return Ok(());
         }
         Err(self.failure_error(&what, Some(index), failure))
+    }
+
+    async fn drop_index(&self, index: &str) -> Result<bool, SearchError> {
+        validate_name(index)?;
+        let what = format!("deleting index `{index}`");
+        let (api, indices) = (self.client.indices(), [index]);
+        let response = self
+            .call(&what, || {
+                api.delete(IndicesDeleteParts::Index(&indices)).send()
+            })
+            .await?;
+        self.specs.write().remove(index);
+        if response.status_code().is_success() {
+            tracing::info!(index, url = %self.url, "deleted search index");
+            return Ok(true);
+        }
+        match self.failure(&what, Some(index), response).await {
+            SearchError::NoSuchIndex(_) => Ok(false),
+            other => Err(other),
+        }
     }
 
     async fn refresh(&self, index: &str) -> Result<(), SearchError> {

@@ -113,6 +113,11 @@ impl SearchIndex for EmbeddedSearch {
         self.blocking(move |inner| inner.ensure_index(&spec)).await
     }
 
+    async fn drop_index(&self, index: &str) -> Result<bool, SearchError> {
+        let index = index.to_owned();
+        self.blocking(move |inner| inner.drop_index(&index)).await
+    }
+
     async fn bulk(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError> {
         let index = index.to_owned();
         self.blocking(move |inner| inner.handle(&index)?.bulk(docs))
@@ -196,6 +201,27 @@ impl Inner {
         write_spec(&spec_path, spec)?;
         open.insert(spec.name.clone(), Arc::new(index));
         Ok(())
+    }
+
+    /// Closes and removes the index `name`. The spec file goes first, so a
+    /// crash in the middle leaves a folder the next `ensure_index` recreates.
+    fn drop_index(&self, name: &str) -> Result<bool, SearchError> {
+        validate_name(name)?;
+        let mut open = self.open.lock();
+        open.remove(name);
+        let path = self.dir.join(name);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let spec_path = path.join(SPEC_FILE);
+        match fs::remove_file(&spec_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error(&spec_path, source)),
+        }
+        fs::remove_dir_all(&path).map_err(|source| io_error(&path, source))?;
+        tracing::info!(index = name, folder = %path.display(), "dropped search index");
+        Ok(true)
     }
 
     /// The open index `name`, opening it from disk if it was created earlier.

@@ -196,6 +196,10 @@ pub struct Hit {
 pub trait SearchIndex: Send + Sync + 'static {
     /// Creates the index if missing; an existing index must have the same fields.
     async fn ensure_index(&self, spec: &IndexSpec) -> Result<(), SearchError>;
+    /// Deletes the whole index, documents and fields; true when it existed.
+    /// An index whose fields changed (a newer sift asks for more) is rebuilt
+    /// this way: dropped, then created and loaded again.
+    async fn drop_index(&self, index: &str) -> Result<bool, SearchError>;
     /// Indexes (inserts or replaces) documents; per-document failures are reported, not fatal.
     async fn bulk(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError>;
     /// Deletes a document; deleting a missing id is not an error.
