@@ -224,7 +224,40 @@ enum ObjectsCommand {
     },
 }
 
+/// Exit status of a command whose reader went away, as a shell reports a
+/// tool ended by SIGPIPE (128 + 13): `sift topics list | head` ends quietly.
+const CLOSED_PIPE: u8 = 141;
+
+/// `println!` panics when stdout is a closed pipe; end the process quietly
+/// instead, as other command-line tools do. Every other panic is reported as
+/// before.
+fn quiet_on_closed_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(i32::from(CLOSED_PIPE));
+        }
+        report(info);
+    }));
+}
+
+/// True when `e` comes from writing to a reader that went away.
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     let loaded = match config::load(&Sources::from_cli(cli.config.clone(), cli.data_dir.clone())) {
         Ok(l) => l,
@@ -246,6 +279,7 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(dispatch(cli.command, loaded)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if is_closed_pipe(&e) => std::process::ExitCode::from(CLOSED_PIPE),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -159,3 +159,52 @@ fn every_subcommand_has_help() -> Result<()> {
     }
     Ok(())
 }
+
+/// A reader that goes away (`sift … | head`, `| true`) ends the command
+/// quietly, as other command-line tools end: no panic, no error message, the
+/// status a shell gives a tool ended by SIGPIPE.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() -> Result<()> {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path();
+    std::fs::write(data.join("page.html"), "<p>hello</p>".repeat(2_000))?;
+    for args in [
+        &["topics", "create", "sift.example"][..],
+        &["objects", "put", "raw/a.html", "page.html"],
+        &["objects", "put", "raw/b.html", "page.html"],
+    ] {
+        let (ok, _, err) = sift(data, args)?;
+        ensure!(ok, "{args:?}: {err}");
+    }
+    for args in [
+        &["config", "show"][..],
+        &["topics", "list"],
+        &["objects", "ls", "raw/"],
+        &["objects", "get", "raw/a.html"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sift"))
+            .args(args)
+            .env("SIFT_DATA_DIR", data)
+            .env_remove("SIFT_CONFIG")
+            .env("RUST_LOG", "warn")
+            .current_dir(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // The reader is gone before the command writes a line.
+        drop(child.stdout.take());
+        let out = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(141) || out.status.success(),
+            "{args:?} on a closed pipe exited {:?}: {err}",
+            out.status
+        );
+        ensure!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?} on a closed pipe was not quiet: {err}"
+        );
+    }
+    Ok(())
+}

@@ -414,8 +414,26 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         cache: cache.clone(),
         matcher: matcher.clone(),
     };
+    let counted = |reason: &str| {
+        let line = format!("sift_pipeline_dead_letters_total{{reason=\"{reason}\"}} ");
+        sift::metrics::global()
+            .render()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&line)
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = counted("bad_profile");
     let summary = daemon::run(parts(), &config, Until::caught_up()).await?;
     ensure!(summary.consumed == profiles.len() as u64 + 4, "{summary:?}");
+    // Each dead letter is counted once, where it is sent.
+    ensure!(
+        counted("bad_profile") == before + 1,
+        "one bad profile counted {} times",
+        counted("bad_profile") - before
+    );
     let mut want_dead = BTreeMap::new();
     for (_, reason) in bad {
         *want_dead.entry(reason.to_owned()).or_insert(0u64) += 1;

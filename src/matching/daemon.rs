@@ -242,7 +242,6 @@ async fn handle(
         match parse_profile(&m.value) {
             Ok(p) => profiles.push(p),
             Err(r) => {
-                crate::metrics::global().dead_letter(r.reason);
                 dead.push(dead_letter(STAGE, m, r));
             }
         }
