@@ -135,6 +135,13 @@ pub struct LogConfig {
     pub backend: LogBackend,
     /// Partitions given to topics sift creates on its own.
     pub default_partitions: u32,
+    /// What a consumer does when its group's committed offset lies outside
+    /// what a partition stores (beyond its end, or below its start after
+    /// retention): `fail`, `earliest` or `latest`.
+    pub on_offset_out_of_range: OffsetOutOfRange,
+    /// What a reader of the embedded log does with a record that fails its
+    /// checksum: `fail` or `skip` (quarantine it and dead-letter the range).
+    pub on_corruption: OnCorruption,
     /// Settings of the embedded log.
     pub embedded: EmbeddedLogConfig,
     /// Settings of the Kafka client.
@@ -146,10 +153,39 @@ impl Default for LogConfig {
         LogConfig {
             backend: LogBackend::Embedded,
             default_partitions: 4,
+            on_offset_out_of_range: OffsetOutOfRange::default(),
+            on_corruption: OnCorruption::default(),
             embedded: EmbeddedLogConfig::default(),
             kafka: KafkaConfig::default(),
         }
     }
+}
+
+/// `log.on_offset_out_of_range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetOutOfRange {
+    /// Stop the stage with an error that names the fix (`sift topics offsets
+    /// GROUP --reset-to …`): records may have been skipped or lost.
+    #[default]
+    Fail,
+    /// Continue from the earliest stored offset, logged and counted.
+    Earliest,
+    /// Continue from the end, logged and counted.
+    Latest,
+}
+
+/// `log.on_corruption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCorruption {
+    /// Stop with an error that names the file, the offsets and the fix
+    /// (`sift log check --repair`).
+    #[default]
+    Fail,
+    /// Move the bad range to a quarantine file, count it, send a dead letter
+    /// naming the topic, partition and offsets, and go on.
+    Skip,
 }
 
 /// When the embedded log forces written records to disk.

@@ -525,7 +525,11 @@ pub struct ReplaySummary {
 
 /// Runs `sift dlq`.
 pub async fn main(config: &Config, command: DlqCommand) -> crate::Result<()> {
-    let log = crate::backends::open_log(config).await?;
+    let log = match command {
+        // Listing only reads: beside the daemons, and changing no file.
+        DlqCommand::List(_) => crate::backends::open_log_read_only(config).await?,
+        _ => crate::backends::open_log(config).await?,
+    };
     match command {
         DlqCommand::List(args) => {
             let listing = list(log.as_ref(), &args.filter, args.latest).await?;

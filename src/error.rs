@@ -44,6 +44,10 @@ pub enum Error {
     /// Input that sift could not understand.
     #[error("{0}")]
     Invalid(String),
+    /// A one-pass run (`--once`) gave up after failing the same step too
+    /// many times in a row; a daemon would have kept retrying.
+    #[error("gave up: {0}")]
+    GaveUp(String),
 }
 
 /// Shorthand for results carrying [`Error`].

@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod error;
 pub mod infer;
 pub mod ingest;
+pub mod logcmd;
 pub mod matching;
 pub mod metrics;
 pub mod review;

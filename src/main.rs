@@ -41,6 +41,9 @@ enum Command {
     /// Inspect and manage log topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Check the embedded log's files, and repair what can be repaired.
+    #[command(subcommand)]
+    Log(sift::logcmd::LogCommand),
     /// Inspect the wide-column table.
     #[command(subcommand)]
     Table(TableCommand),
@@ -110,6 +113,27 @@ enum TopicsCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Partitions, offsets, segments, quarantine files and damage of the log.
+    Describe {
+        /// Only this topic.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A consumer group's committed offsets beside what each partition holds;
+    /// move them with --reset-to.
+    Offsets {
+        /// Consumer group (e.g. sift-infer).
+        group: String,
+        /// Only this topic (needed with --reset-to).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Move the group: `earliest`, `latest` or an offset (no member of the
+        /// group may be running).
+        #[arg(long)]
+        reset_to: Option<sift::logcmd::ResetTo>,
     },
     /// Create a topic (no-op if it exists).
     Create {
@@ -312,6 +336,7 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topics(cmd) => topics(config, cmd).await,
+        Command::Log(cmd) => sift::logcmd::log_command(config, cmd),
         Command::Table(cmd) => table(config, cmd).await,
         Command::Objects(cmd) => objects(config, cmd).await,
         Command::Ingest(args) => Ok(sift::ingest::main(config, args).await?),
@@ -345,8 +370,32 @@ fn text(b: &Bytes, full: bool) -> String {
 }
 
 async fn topics(config: &config::Config, cmd: TopicsCommand) -> anyhow::Result<()> {
-    let log = backends::open_log(config).await?;
+    match &cmd {
+        TopicsCommand::Describe { name, json } => {
+            return sift::logcmd::describe(config, name.as_deref(), *json).await;
+        }
+        TopicsCommand::Offsets {
+            group,
+            topic,
+            reset_to,
+        } => return sift::logcmd::offsets(config, group, topic.as_deref(), *reset_to).await,
+        _ => {}
+    }
+    // Reading commands change nothing, and run beside the daemons; following
+    // a topic needs the records other processes append, so it opens the log
+    // as its owner.
+    let reads_only = match &cmd {
+        TopicsCommand::List { .. } => true,
+        TopicsCommand::Tail { follow, .. } => !follow,
+        _ => false,
+    };
+    let log = if reads_only {
+        backends::open_log_read_only(config).await?
+    } else {
+        backends::open_log(config).await?
+    };
     match cmd {
+        TopicsCommand::Describe { .. } | TopicsCommand::Offsets { .. } => Ok(()),
         TopicsCommand::List { json } => {
             let mut rows = Vec::new();
             for t in log.list_topics().await? {

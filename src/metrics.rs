@@ -56,6 +56,12 @@ pub struct Metrics {
     pub log_consumed_records: Counter,
     /// Torn tails cut off log segments during recovery.
     pub log_torn_tails: Counter,
+    /// Damaged byte ranges of the embedded log moved to quarantine files.
+    pub log_quarantined_ranges: Counter,
+    /// Bytes moved to quarantine files.
+    pub log_quarantined_bytes: Counter,
+    /// Consumer positions reset by `log.on_offset_out_of_range`.
+    pub log_offset_resets: Counter,
     /// Bytes written to the embedded object store.
     pub objects_written_bytes: Counter,
     /// Cells written to the embedded table.
@@ -171,6 +177,9 @@ impl Metrics {
             log_produced_bytes: Counter::default(),
             log_consumed_records: Counter::default(),
             log_torn_tails: Counter::default(),
+            log_quarantined_ranges: Counter::default(),
+            log_quarantined_bytes: Counter::default(),
+            log_offset_resets: Counter::default(),
             objects_written_bytes: Counter::default(),
             table_cells_written: Counter::default(),
             documents: Family::default(),
@@ -227,6 +236,21 @@ impl Metrics {
             "sift_log_torn_tails",
             "Torn segment tails cut off during log recovery",
             m.log_torn_tails.clone(),
+        );
+        registry.register(
+            "sift_log_quarantined_ranges",
+            "Damaged byte ranges of the embedded log moved to quarantine files",
+            m.log_quarantined_ranges.clone(),
+        );
+        registry.register(
+            "sift_log_quarantined_bytes",
+            "Bytes of the embedded log moved to quarantine files",
+            m.log_quarantined_bytes.clone(),
+        );
+        registry.register(
+            "sift_log_offset_resets",
+            "Consumer positions reset because they lay outside the stored offsets",
+            m.log_offset_resets.clone(),
         );
         registry.register(
             "sift_objects_written_bytes",
@@ -611,11 +635,26 @@ async fn metrics_handler() -> impl IntoResponse {
     )
 }
 
+/// The last failure a stage retried, for `/healthz` to say why it fails.
+static LAST_FAILURE: parking_lot::Mutex<Option<String>> = parking_lot::Mutex::new(None);
+
+/// Records what last failed (a stage's backoff calls this before it waits).
+pub fn note_failure(what: String) {
+    *LAST_FAILURE.lock() = Some(what);
+}
+
 async fn health_handler(State(health): State<Health>) -> impl IntoResponse {
     if health() {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+        let why = LAST_FAILURE
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "too many failures in a row".to_owned());
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
     }
 }
 

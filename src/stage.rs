@@ -38,32 +38,97 @@ pub mod reasons {
 }
 
 /// Resolves once shutdown was asked for; never when it cannot be.
+///
+/// A bounded stop ([`Stop::bounded`], for one-pass runs) also ends the run
+/// when one step has failed too many times in a row, and keeps why: a
+/// `--once` run exits non-zero instead of retrying forever.
 #[derive(Clone)]
-pub struct Stop(watch::Receiver<bool>);
+pub struct Stop {
+    rx: watch::Receiver<bool>,
+    bound: Option<Arc<GiveUp>>,
+}
+
+struct GiveUp {
+    /// Failed attempts in a row after which the run gives up.
+    after: u32,
+    tx: Arc<watch::Sender<bool>>,
+    why: parking_lot::Mutex<Option<String>>,
+}
+
+/// Failed attempts in a row after which a one-pass run gives up: with the
+/// backoff doubling from 100 ms, about 25 seconds of retrying.
+pub const ONCE_ATTEMPTS: u32 = 8;
 
 impl Stop {
     /// A stop that is set once `signal` resolves (never without one), and the task watching it.
     pub fn new(
         signal: Option<BoxFuture<'static, ()>>,
     ) -> (Self, Option<tokio::task::JoinHandle<()>>) {
+        Self::bounded(signal, None)
+    }
+
+    /// As [`Stop::new`]; with `give_up_after`, a step that fails that many
+    /// times in a row also sets it, and [`Stop::gave_up`] says why.
+    pub fn bounded(
+        signal: Option<BoxFuture<'static, ()>>,
+        give_up_after: Option<u32>,
+    ) -> (Self, Option<tokio::task::JoinHandle<()>>) {
         let (tx, rx) = watch::channel(false);
+        let tx = Arc::new(tx);
         let watcher = signal.map(|f| {
+            let tx = Arc::clone(&tx);
             tokio::spawn(async move {
                 f.await;
                 let _ = tx.send(true);
             })
         });
-        (Stop(rx), watcher)
+        let bound = give_up_after.map(|after| {
+            Arc::new(GiveUp {
+                after: after.max(1),
+                tx,
+                why: parking_lot::Mutex::new(None),
+            })
+        });
+        (Stop { rx, bound }, watcher)
+    }
+
+    /// Why the run gave up, if it did.
+    pub fn gave_up(&self) -> Option<String> {
+        self.bound.as_ref().and_then(|b| b.why.lock().clone())
+    }
+
+    /// [`crate::Error::GaveUp`] if the run gave up.
+    pub fn check(&self) -> crate::Result<()> {
+        match self.gave_up() {
+            Some(why) => Err(crate::Error::GaveUp(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends a bounded run after `attempt` failures in a row; true if it did.
+    fn give_up_at(&self, attempt: u32, what: &str, error: &dyn std::fmt::Display) -> bool {
+        let Some(bound) = &self.bound else {
+            return false;
+        };
+        if attempt < bound.after {
+            return false;
+        }
+        let mut why = bound.why.lock();
+        if why.is_none() {
+            *why = Some(format!("could not {what} in {attempt} attempts: {error}"));
+        }
+        let _ = bound.tx.send(true);
+        true
     }
 
     /// Whether shutdown was asked for.
     pub fn is_set(&self) -> bool {
-        *self.0.borrow()
+        *self.rx.borrow()
     }
 
     /// Resolves once shutdown is asked for.
     pub async fn wait(&mut self) {
-        if self.0.wait_for(|v| *v).await.is_err() {
+        if self.rx.wait_for(|v| *v).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
@@ -100,6 +165,18 @@ impl Backoff {
     ) -> bool {
         self.attempt += 1;
         self.failures.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::note_failure(format!(
+            "could not {what} ({} attempts in a row): {error}",
+            self.attempt
+        ));
+        if stop.give_up_at(self.attempt, what, error) {
+            tracing::error!(
+                error = %error,
+                attempts = self.attempt,
+                "Could not {what}; giving up (a one-pass run does not retry forever)."
+            );
+            return false;
+        }
         tracing::warn!(
             error = %error,
             attempt = self.attempt,

@@ -21,12 +21,37 @@ pub use objects::ObjectStore;
 pub use search::SearchIndex;
 pub use table::Table;
 
+/// The `log.on_*` policies of `config`, for the embedded log.
+pub fn log_policies(config: &Config) -> log::embedded::Policies {
+    log::embedded::Policies {
+        on_offset_out_of_range: config.log.on_offset_out_of_range,
+        on_corruption: config.log.on_corruption,
+        dlq_partitions: config.log.default_partitions,
+    }
+}
+
 /// Opens the configured log.
 pub async fn open_log(config: &Config) -> Result<Arc<dyn Log>, log::LogError> {
+    open_log_as(config, false).await
+}
+
+/// Opens the configured log for a command that only reads it: the embedded
+/// log is opened without its lock (beside a running daemon) and no file is
+/// changed, damaged ones included.
+pub async fn open_log_read_only(config: &Config) -> Result<Arc<dyn Log>, log::LogError> {
+    open_log_as(config, true).await
+}
+
+async fn open_log_as(config: &Config, read_only: bool) -> Result<Arc<dyn Log>, log::LogError> {
     match config.log.backend {
-        LogBackend::Embedded => Ok(Arc::new(log::EmbeddedLog::open(
+        LogBackend::Embedded if read_only => Ok(Arc::new(log::EmbeddedLog::open_read_only(
             &config.data_dir.join("log"),
             config.log.embedded.clone(),
+        )?)),
+        LogBackend::Embedded => Ok(Arc::new(log::EmbeddedLog::open_with(
+            &config.data_dir.join("log"),
+            config.log.embedded.clone(),
+            log_policies(config),
         )?)),
         #[cfg(feature = "kafka")]
         LogBackend::Kafka => Ok(Arc::new(

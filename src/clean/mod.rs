@@ -214,7 +214,11 @@ pub async fn run(
     } else {
         None
     };
-    let (stop, watcher) = Stop::new(until.stop);
+    let (stop, watcher) = Stop::bounded(
+        until.stop,
+        until.caught_up.then_some(crate::stage::ONCE_ATTEMPTS),
+    );
+    let gave_up = stop.clone();
     let consumer = log.subscribe(&settings.group, &[topics::RAW]).await?;
     tracing::info!(
         group = %settings.group,
@@ -245,6 +249,7 @@ pub async fn run(
     summary.seconds = started.elapsed().as_secs_f64();
     summary.docs_per_second = summary.consumed as f64 / summary.seconds.max(1e-9);
     result?;
+    gave_up.check()?;
     tracing::info!(
         consumed = summary.consumed,
         produced = summary.produced,

@@ -347,7 +347,11 @@ pub async fn run(
     } else {
         None
     };
-    let (stop, stop_watcher) = Stop::new(until.stop);
+    let (stop, stop_watcher) = Stop::bounded(
+        until.stop,
+        until.caught_up.then_some(crate::stage::ONCE_ATTEMPTS),
+    );
+    let gave_up = stop.clone();
     let metrics = crate::metrics::global();
     metrics.infer_ready.set(0);
 
@@ -516,6 +520,7 @@ pub async fn run(
     summary.latency_p50_seconds = p50;
     summary.latency_p99_seconds = p99;
     result?;
+    gave_up.check()?;
     tracing::info!(
         consumed = summary.consumed,
         scored = summary.scored,

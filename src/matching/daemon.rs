@@ -117,7 +117,10 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
     } else {
         None
     };
-    let (stop, watcher) = Stop::new(until.stop);
+    let (stop, watcher) = Stop::bounded(
+        until.stop,
+        until.caught_up.then_some(crate::stage::ONCE_ATTEMPTS),
+    );
     let mut consumer = parts.log.subscribe(&group, &[topics::PROFILES]).await?;
     tracing::info!(group = %group, from = topics::PROFILES, to = topics::MATCHES, "Matching.");
     let mut summary = MatchSummary::default();
@@ -218,6 +221,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
     summary.seconds = started.elapsed().as_secs_f64();
     summary.profiles_per_second = summary.consumed as f64 / summary.seconds.max(1e-9);
     result?;
+    stop.check()?;
     Ok(summary)
 }
 

@@ -8,7 +8,25 @@
 //! dirty partitions every `fsync_interval` and applies retention.
 //!
 //! One process owns a log directory at a time (a lock file enforces it);
-//! scale-out across processes is what the Kafka backend is for.
+//! scale-out across processes is what the Kafka backend is for. Read-only
+//! commands open it without the lock ([`EmbeddedLog::open_read_only`]) and
+//! never change a file.
+//!
+//! Nothing is deleted because it could not be read. A damaged byte range (a
+//! tail torn by a crash, a flipped bit) is moved to a quarantine file beside
+//! its segment (`<base>.<position>.quarantine`), logged, counted, and listed
+//! by `sift topics describe`; the intact records on both sides stay. Only a
+//! process that opens the log to write does this: at open for the active
+//! segment, and when a read finds a bad record if `log.on_corruption =
+//! "skip"` (which also sends a dead letter naming the offsets); with
+//! `"fail"`, the default, the read fails and names `sift log check --repair`.
+//!
+//! Offsets are never given out twice. Each partition keeps a durable
+//! reservation (`reserved`, a few thousand offsets above the last one
+//! written); when recovery loses the end of a segment, whose offsets
+//! consumers may have read and committed, the partition continues above the
+//! reservation and above every committed offset, so no new record gets an
+//! offset a consumer has already passed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -22,18 +40,67 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
-use super::segment::{self, ReadView, Segment};
+use super::segment::{self, Damage, ReadView, Repair, Segment};
 use super::{
     partition_for_key, validate_name, Commit, Consumer, LogError, Message, Position, Record,
     TopicInfo, TopicPartition, Watermarks, MAX_RECORD_BYTES,
 };
-use crate::config::{EmbeddedLogConfig, FsyncPolicy};
+use crate::config::{EmbeddedLogConfig, FsyncPolicy, OffsetOutOfRange, OnCorruption};
 
-const OFFSETS_DIR: &str = "~offsets";
-const TOPIC_META: &str = "topic.json";
+pub(super) const OFFSETS_DIR: &str = "~offsets";
+pub(super) const TOPIC_META: &str = "topic.json";
 /// Bytes a consumer reads from one partition per poll, at most (roughly).
 const POLL_BYTES_PER_PARTITION: usize = 4 * 1024 * 1024;
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
+/// File in a partition folder holding its offset reservation.
+pub(super) const RESERVED_FILE: &str = "reserved";
+/// Offsets reserved at a time: the reservation file is written once per this
+/// many records, and a lost tail skips at most this many offsets.
+const RESERVE_BLOCK: u64 = 4096;
+
+/// How `log.on_*` asks the log to behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policies {
+    /// A committed offset outside the stored range.
+    pub on_offset_out_of_range: OffsetOutOfRange,
+    /// A record that fails its checksum when read.
+    pub on_corruption: OnCorruption,
+    /// Partitions of `sift.dlq` if the log must create it for a dead letter.
+    pub dlq_partitions: u32,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies {
+            on_offset_out_of_range: OffsetOutOfRange::default(),
+            on_corruption: OnCorruption::default(),
+            dlq_partitions: 4,
+        }
+    }
+}
+
+/// One partition as `sift topics describe` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionReport {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Earliest stored offset.
+    pub low: u64,
+    /// Offset the next record gets.
+    pub high: u64,
+    /// Offsets below this may have been given out.
+    pub reserved: u64,
+    /// Segment files.
+    pub segments: usize,
+    /// Bytes of whole records.
+    pub bytes: u64,
+    /// Quarantine files beside the segments, with their sizes.
+    pub quarantined: Vec<(PathBuf, u64)>,
+    /// Damage found but not repaired (a read-only open changes nothing).
+    pub damaged: Vec<Damage>,
+}
 
 /// The embedded log. Cheap to clone; clones share one open log.
 #[derive(Clone)]
@@ -44,11 +111,16 @@ pub struct EmbeddedLog {
 struct Inner {
     dir: PathBuf,
     opts: EmbeddedLogConfig,
+    policies: Policies,
+    /// Opened by a read-only command: nothing may change a file.
+    read_only: bool,
+    /// Damage found and not repaired (read-only opens).
+    damaged: Mutex<Vec<Damage>>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     groups: Mutex<HashMap<String, Group>>,
     /// Bumped on every produce and every group change; consumers wait on it.
     changed: watch::Sender<u64>,
-    _lock: File,
+    _lock: Option<File>,
 }
 
 struct Topic {
@@ -68,6 +140,11 @@ struct PartitionState {
     segments: Vec<Segment>,
     /// Written since the last sync.
     dirty: bool,
+    /// No offset at or above this has been given out (durable in
+    /// `RESERVED_FILE`).
+    reserved: u64,
+    /// The reservation file was written since the last sync.
+    reserved_dirty: bool,
 }
 
 impl PartitionState {
@@ -95,15 +172,26 @@ struct Group {
     offsets: Option<BTreeMap<TopicPartition, u64>>,
 }
 
-fn sync_dir(dir: &Path) -> Result<(), LogError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| LogError::io(dir, e))
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `dir`, recovering from an unclean stop.
+    /// Opens (or creates) the log in `dir`, recovering from an unclean stop,
+    /// with the default policies.
     pub fn open(dir: &Path, opts: EmbeddedLogConfig) -> Result<Self, LogError> {
+        Self::open_with(dir, opts, Policies::default())
+    }
+
+    /// Opens (or creates) the log in `dir` to write, recovering from an
+    /// unclean stop: damaged ranges of active segments are quarantined.
+    pub fn open_with(
+        dir: &Path,
+        opts: EmbeddedLogConfig,
+        policies: Policies,
+    ) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir.join(OFFSETS_DIR)).map_err(|e| LogError::io(dir, e))?;
         let lock_path = dir.join(".lock");
         let lock = OpenOptions::new()
@@ -117,35 +205,123 @@ impl EmbeddedLog {
                 path: dir.display().to_string(),
             });
         }
-        let mut topics = BTreeMap::new();
-        let entries = std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| LogError::io(dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if !path.is_dir() || name.starts_with('.') || name.starts_with('~') {
-                continue;
-            }
-            if name.contains('~') {
-                // A topic creation that did not finish.
-                let _ = std::fs::remove_dir_all(&path);
-                continue;
-            }
-            let topic = open_topic(&path, &name)?;
-            topics.insert(name, Arc::new(topic));
-        }
+        let (topics, _) = open_topics(dir, policies, false)?;
+        let inner = Self::assemble(dir, opts, policies, topics, Vec::new(), Some(lock));
+        inner.enforce_retention();
+        spawn_background(Arc::downgrade(&inner), inner.opts.fsync_interval);
+        Ok(EmbeddedLog { inner })
+    }
+
+    /// Opens the log in `dir` to read, without the lock and without changing
+    /// any file: damage is reported ([`EmbeddedLog::describe`]), not repaired,
+    /// and readers stop before it. Producing and committing fail.
+    pub fn open_read_only(dir: &Path, opts: EmbeddedLogConfig) -> Result<Self, LogError> {
+        let (topics, damaged) = if dir.is_dir() {
+            open_topics(dir, Policies::default(), true)?
+        } else {
+            (BTreeMap::new(), Vec::new())
+        };
+        let inner = Self::assemble(dir, opts, Policies::default(), topics, damaged, None);
+        Ok(EmbeddedLog { inner })
+    }
+
+    fn assemble(
+        dir: &Path,
+        opts: EmbeddedLogConfig,
+        policies: Policies,
+        topics: BTreeMap<String, Arc<Topic>>,
+        damaged: Vec<Damage>,
+        lock: Option<File>,
+    ) -> Arc<Inner> {
         let (changed, _) = watch::channel(0);
-        let inner = Arc::new(Inner {
+        Arc::new(Inner {
             dir: dir.to_path_buf(),
             opts,
+            policies,
+            read_only: lock.is_none(),
+            damaged: Mutex::new(damaged),
             topics: RwLock::new(topics),
             groups: Mutex::new(HashMap::new()),
             changed,
             _lock: lock,
-        });
-        inner.enforce_retention();
-        spawn_background(Arc::downgrade(&inner), inner.opts.fsync_interval);
-        Ok(EmbeddedLog { inner })
+        })
+    }
+
+    /// Every partition of every topic: offsets, segments, quarantine files,
+    /// and damage found but not repaired.
+    pub fn describe(&self) -> Result<Vec<PartitionReport>, LogError> {
+        let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
+        let damaged = self.inner.damaged.lock().clone();
+        let mut out = Vec::new();
+        for t in topics {
+            for p in &t.partitions {
+                let (low, high, reserved, segments, bytes) = {
+                    let st = p.state.lock();
+                    (
+                        st.low(),
+                        st.high(),
+                        st.reserved,
+                        st.segments.len(),
+                        st.segments.iter().map(|s| s.len).sum(),
+                    )
+                };
+                let mut quarantined = Vec::new();
+                for entry in std::fs::read_dir(&p.dir).map_err(|e| LogError::io(&p.dir, e))? {
+                    let entry = entry.map_err(|e| LogError::io(&p.dir, e))?;
+                    if entry.file_name().to_string_lossy().ends_with(".quarantine") {
+                        let len = entry.metadata().map_or(0, |m| m.len());
+                        quarantined.push((entry.path(), len));
+                    }
+                }
+                quarantined.sort();
+                out.push(PartitionReport {
+                    topic: t.name.clone(),
+                    partition: p.id,
+                    low,
+                    high,
+                    reserved,
+                    segments,
+                    bytes,
+                    quarantined,
+                    damaged: damaged
+                        .iter()
+                        .filter(|d| d.segment.parent() == Some(p.dir.as_path()))
+                        .cloned()
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets group `group`'s committed offsets; refused while a member of the
+    /// group is subscribed in this process.
+    pub fn set_committed(&self, group: &str, commits: &[Commit]) -> Result<(), LogError> {
+        validate_name("group", group)?;
+        self.inner.writable()?;
+        let mut groups = self.inner.groups.lock();
+        let g = groups.entry(group.to_string()).or_default();
+        if !g.members.is_empty() {
+            return Err(LogError::Backend(format!(
+                "group `{group}` has members running; stop them before setting its offsets"
+            )));
+        }
+        let offsets = self.inner.group_offsets(group, g)?;
+        let mut updated = offsets.clone();
+        for c in commits {
+            let t = self.inner.topic(&c.topic)?;
+            self.inner.partition(&t, c.partition)?;
+            updated.insert(
+                TopicPartition {
+                    topic: c.topic.clone(),
+                    partition: c.partition,
+                },
+                c.next_offset,
+            );
+        }
+        self.inner.store_offsets(group, &updated)?;
+        *offsets = updated;
+        Ok(())
     }
 
     /// Syncs every partition written since the last sync.
@@ -159,70 +335,249 @@ impl EmbeddedLog {
     }
 }
 
-fn open_topic(path: &Path, name: &str) -> Result<Topic, LogError> {
-    let meta_path = path.join(TOPIC_META);
-    let meta: serde_json::Value = std::fs::read(&meta_path)
-        .map_err(|e| LogError::io(&meta_path, e))
-        .and_then(|b| {
-            serde_json::from_slice(&b).map_err(|e| {
-                LogError::io(
-                    &meta_path,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                )
-            })
-        })?;
-    let count = meta
-        .get("partitions")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(0) as u32;
-    let mut partitions = Vec::with_capacity(count as usize);
-    for id in 0..count {
-        let dir = path.join(id.to_string());
-        partitions.push(open_partition(&dir, id)?);
-    }
-    Ok(Topic {
-        name: name.to_string(),
-        partitions,
-        round_robin: AtomicU64::new(0),
-    })
-}
+/// Topics by name.
+type Topics = BTreeMap<String, Arc<Topic>>;
 
-fn open_partition(dir: &Path, id: u32) -> Result<Partition, LogError> {
-    std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
-    let mut bases = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
+/// Opens every topic under `dir`; with `read_only`, damage is collected, not repaired.
+fn open_topics(
+    dir: &Path,
+    policies: Policies,
+    read_only: bool,
+) -> Result<(Topics, Vec<Damage>), LogError> {
+    let committed = committed_floors(dir);
+    let mut topics = BTreeMap::new();
+    let mut damaged = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    for entry in entries {
         let entry = entry.map_err(|e| LogError::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(stem) = name.strip_suffix(".log") {
-            if let Ok(base) = stem.parse::<u64>() {
-                bases.push(base);
+        let path = entry.path();
+        if !path.is_dir() || name.starts_with('.') || name.starts_with('~') {
+            continue;
+        }
+        if name.contains('~') {
+            // A topic creation that did not finish.
+            if !read_only {
+                let _ = std::fs::remove_dir_all(&path);
             }
-        } else if name.ends_with(".tmp") {
-            let _ = std::fs::remove_file(entry.path());
+            continue;
+        }
+        let open = OpenTopic {
+            policies,
+            read_only,
+            committed: &committed,
+        };
+        let topic = open.topic(&path, &name, &mut damaged)?;
+        topics.insert(name, Arc::new(topic));
+    }
+    Ok((topics, damaged))
+}
+
+/// The highest offset any group has committed, per partition, read from the
+/// offsets files that can be read (an unreadable one is reported when its
+/// group is used).
+pub(super) fn committed_floors(dir: &Path) -> HashMap<(String, u32), u64> {
+    let mut floors: HashMap<(String, u32), u64> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir.join(OFFSETS_DIR)) else {
+        return floors;
+    };
+    for entry in entries.flatten() {
+        let Ok(bytes) = std::fs::read(entry.path()) else {
+            continue;
+        };
+        let Ok(stored) = serde_json::from_slice::<BTreeMap<String, BTreeMap<u32, u64>>>(&bytes)
+        else {
+            continue;
+        };
+        for (topic, parts) in stored {
+            for (partition, offset) in parts {
+                let e = floors.entry((topic.clone(), partition)).or_default();
+                *e = (*e).max(offset);
+            }
         }
     }
-    bases.sort_unstable();
-    let mut segments = Vec::with_capacity(bases.len().max(1));
-    for (i, base) in bases.iter().enumerate() {
-        let active = i + 1 == bases.len();
-        segments.push(Segment::open(
-            &segment::segment_path(dir, *base),
-            *base,
-            active,
-        )?);
+    floors
+}
+
+struct OpenTopic<'a> {
+    policies: Policies,
+    read_only: bool,
+    committed: &'a HashMap<(String, u32), u64>,
+}
+
+impl OpenTopic<'_> {
+    fn topic(&self, path: &Path, name: &str, damaged: &mut Vec<Damage>) -> Result<Topic, LogError> {
+        let meta_path = path.join(TOPIC_META);
+        let meta: serde_json::Value = std::fs::read(&meta_path)
+            .map_err(|e| LogError::io(&meta_path, e))
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| {
+                    LogError::io(
+                        &meta_path,
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                    )
+                })
+            })?;
+        let count = meta
+            .get("partitions")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0) as u32;
+        let mut partitions = Vec::with_capacity(count as usize);
+        for id in 0..count {
+            let dir = path.join(id.to_string());
+            let floor = self.committed.get(&(name.to_owned(), id)).copied();
+            partitions.push(self.partition(&dir, name, id, floor, damaged)?);
+        }
+        Ok(Topic {
+            name: name.to_string(),
+            partitions,
+            round_robin: AtomicU64::new(0),
+        })
     }
-    if segments.is_empty() {
-        segments.push(Segment::create(dir, 0)?);
-        sync_dir(dir)?;
-    }
-    Ok(Partition {
-        id,
-        dir: dir.to_path_buf(),
-        state: Mutex::new(PartitionState {
+
+    fn partition(
+        &self,
+        dir: &Path,
+        topic: &str,
+        id: u32,
+        committed: Option<u64>,
+        damaged: &mut Vec<Damage>,
+    ) -> Result<Partition, LogError> {
+        if !self.read_only {
+            std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+        }
+        let mut bases = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
+            let entry = entry.map_err(|e| LogError::io(dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".log") {
+                if let Ok(base) = stem.parse::<u64>() {
+                    bases.push(base);
+                }
+            } else if name.ends_with(".tmp") && !self.read_only {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        bases.sort_unstable();
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        let mut lost_tail = false;
+        for (i, base) in bases.iter().enumerate() {
+            let active = i + 1 == bases.len();
+            let repair = if self.read_only {
+                Repair::ReadOnly
+            } else if active || self.policies.on_corruption == OnCorruption::Skip {
+                Repair::Quarantine
+            } else {
+                Repair::Refuse
+            };
+            let opened = Segment::open(&segment::segment_path(dir, *base), *base, active, repair)
+                .map_err(|e| corrupt_with_fix(e, topic, id))?;
+            lost_tail = active && opened.lost_tail;
+            damaged.extend(opened.damage);
+            segments.push(opened.segment);
+        }
+        if segments.is_empty() {
+            if self.read_only {
+                return Err(LogError::Backend(format!(
+                    "{} holds no segment file; open the log to write (any stage) to recreate it",
+                    dir.display()
+                )));
+            }
+            segments.push(Segment::create(dir, 0)?);
+            sync_dir(dir)?;
+        }
+        let mut state = PartitionState {
             segments,
             dirty: false,
-        }),
-    })
+            reserved: 0,
+            reserved_dirty: false,
+        };
+        let stored = read_reserved(dir);
+        state.reserved = stored.unwrap_or(0).max(state.high());
+        if self.read_only {
+            return Ok(Partition {
+                id,
+                dir: dir.to_path_buf(),
+                state: Mutex::new(state),
+            });
+        }
+        if lost_tail {
+            crate::metrics::global().log_torn_tails.inc();
+            // The lost records' offsets may have been read and committed:
+            // continue above everything that may have been given out.
+            let floor = state.reserved.max(committed.unwrap_or(0));
+            let high = state.high();
+            if floor > high {
+                let active = state.active();
+                active.seal()?;
+                state.segments.push(Segment::create(dir, floor)?);
+                sync_dir(dir)?;
+                tracing::warn!(
+                    topic,
+                    partition = id,
+                    lost_from = high,
+                    continue_at = floor,
+                    "The end of the partition was damaged; new records get offsets above every one that may have been given out."
+                );
+            }
+        }
+        if stored != Some(state.reserved) {
+            write_reserved(dir, state.reserved, true)?;
+        }
+        Ok(Partition {
+            id,
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+        })
+    }
+}
+
+/// Adds where the damage is and the fix to a [`LogError::Corrupt`].
+fn corrupt_with_fix(e: LogError, topic: &str, partition: u32) -> LogError {
+    match e {
+        LogError::Corrupt {
+            path,
+            position,
+            detail,
+        } => LogError::Corrupt {
+            path,
+            position,
+            detail: format!("{detail} (topic {topic}, partition {partition})"),
+        },
+        other => other,
+    }
+}
+
+/// The partition's stored reservation; None when absent or unreadable.
+pub(super) fn read_reserved(dir: &Path) -> Option<u64> {
+    let bytes = std::fs::read(dir.join(RESERVED_FILE)).ok()?;
+    if bytes.len() != 12 {
+        return None;
+    }
+    let crc = u32::from_be_bytes(bytes[8..12].try_into().ok()?);
+    let value = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    (crc32fast::hash(&bytes[..8]) == crc).then_some(value)
+}
+
+/// Writes the partition's reservation in place (12 bytes: one sector).
+pub(super) fn write_reserved(dir: &Path, reserved: u64, sync: bool) -> Result<(), LogError> {
+    let path = dir.join(RESERVED_FILE);
+    let mut buf = [0u8; 12];
+    buf[..8].copy_from_slice(&reserved.to_be_bytes());
+    let crc = crc32fast::hash(&buf[..8]);
+    buf[8..].copy_from_slice(&crc.to_be_bytes());
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| LogError::io(&path, e))?;
+    file.write_all_at(&buf, 0)
+        .map_err(|e| LogError::io(&path, e))?;
+    if sync {
+        file.sync_data().map_err(|e| LogError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 fn spawn_background(inner: Weak<Inner>, every: Duration) {
@@ -264,11 +619,33 @@ impl Inner {
             .ok_or_else(|| LogError::NoSuchTopic(name.to_string()))
     }
 
+    /// Refuses changes to a log opened read-only.
+    fn writable(&self) -> Result<(), LogError> {
+        if self.read_only {
+            return Err(LogError::Backend(format!(
+                "the log at {} was opened read-only; this command only reads it",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), LogError> {
+        if self.read_only {
+            return Ok(());
+        }
         let topics: Vec<Arc<Topic>> = self.topics.read().values().cloned().collect();
         for t in topics {
             for p in &t.partitions {
                 let mut st = p.state.lock();
+                if st.reserved_dirty {
+                    // Before the records that use the reservation.
+                    let path = p.dir.join(RESERVED_FILE);
+                    File::open(&path)
+                        .and_then(|f| f.sync_data())
+                        .map_err(|e| LogError::io(&path, e))?;
+                    st.reserved_dirty = false;
+                }
                 if st.dirty {
                     let seg = st.active();
                     seg.file
@@ -282,6 +659,9 @@ impl Inner {
     }
 
     fn enforce_retention(&self) {
+        if self.read_only {
+            return;
+        }
         let topics: Vec<Arc<Topic>> = self.topics.read().values().cloned().collect();
         let now = crate::now_ms();
         let max_age = self.opts.retention_age.as_millis() as i64;
@@ -310,6 +690,9 @@ impl Inner {
 
     fn create_topic(&self, name: &str, partitions: u32) -> Result<bool, LogError> {
         validate_name("topic", name)?;
+        if !self.topics.read().contains_key(name) {
+            self.writable()?;
+        }
         if partitions == 0 {
             return Err(LogError::Backend(format!(
                 "topic `{name}` needs at least one partition"
@@ -340,13 +723,19 @@ impl Inner {
         sync_dir(&tmp)?;
         std::fs::rename(&tmp, &final_dir).map_err(|e| LogError::io(&final_dir, e))?;
         sync_dir(&self.dir)?;
-        let topic = open_topic(&final_dir, name)?;
+        let topic = OpenTopic {
+            policies: self.policies,
+            read_only: false,
+            committed: &HashMap::new(),
+        }
+        .topic(&final_dir, name, &mut Vec::new())?;
         topics.insert(name.to_string(), Arc::new(topic));
         tracing::info!(topic = name, partitions, "Created topic.");
         Ok(true)
     }
 
     fn produce(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        self.writable()?;
         let t = self.topic(topic)?;
         let n = t.partitions.len() as u32;
         let mut by_partition: Vec<Vec<(usize, &Record)>> = vec![Vec::new(); n as usize];
@@ -391,6 +780,14 @@ impl Inner {
                     sync_dir(&part.dir)?;
                     st.segments.push(seg);
                 }
+            }
+            let needed = st.high() + batch.len() as u64;
+            if needed > st.reserved {
+                let reserved = needed + RESERVE_BLOCK;
+                let always = self.opts.fsync == FsyncPolicy::Always;
+                write_reserved(&part.dir, reserved, always)?;
+                st.reserved = reserved;
+                st.reserved_dirty = !always;
             }
             let active = st.active();
             buf.clear();
@@ -446,7 +843,146 @@ impl Inner {
             })
     }
 
+    /// Reads records of one partition from `offset`. A record that fails its
+    /// checksum is handled by `log.on_corruption`: an error that names the
+    /// fix, or (`skip`, when open to write) its range quarantined, a dead
+    /// letter sent, and the read done again.
     fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+        max_bytes: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<(), LogError> {
+        let before = out.len();
+        let mut attempt = 0;
+        loop {
+            match self.fetch_once(topic, partition, offset, max, max_bytes, out) {
+                Err(LogError::Corrupt {
+                    path,
+                    position,
+                    detail,
+                }) => {
+                    out.truncate(before);
+                    attempt += 1;
+                    let skip = !self.read_only
+                        && self.policies.on_corruption == OnCorruption::Skip
+                        && attempt <= 3;
+                    if !skip {
+                        return Err(LogError::Corrupt {
+                            path,
+                            position,
+                            detail: format!(
+                                "{detail} (topic {topic}, partition {partition}, reading from offset {offset})"
+                            ),
+                        });
+                    }
+                    let damage = self.quarantine_segment(topic, partition, Path::new(&path))?;
+                    self.dead_letters(topic, partition, &damage)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Quarantines the damaged ranges of one segment of a partition and puts
+    /// the rewritten segment in its place.
+    fn quarantine_segment(
+        &self,
+        topic: &str,
+        partition: u32,
+        path: &Path,
+    ) -> Result<Vec<Damage>, LogError> {
+        let t = self.topic(topic)?;
+        let part = self.partition(&t, partition)?;
+        let floor = self.committed_floor(topic, partition);
+        let mut st = part.state.lock();
+        let Some(i) = st.segments.iter().position(|s| s.path == path) else {
+            // Replaced meanwhile (another reader quarantined it).
+            return Ok(Vec::new());
+        };
+        let active = i + 1 == st.segments.len();
+        let opened = segment::quarantine(path, st.segments[i].base)?;
+        if !active {
+            opened.segment.seal()?;
+        }
+        st.segments[i] = opened.segment;
+        if active && opened.lost_tail {
+            let floor = st.reserved.max(floor);
+            if floor > st.high() {
+                st.active().seal()?;
+                st.segments.push(Segment::create(&part.dir, floor)?);
+                sync_dir(&part.dir)?;
+            }
+        }
+        Ok(opened.damage)
+    }
+
+    /// The highest offset of `topic`/`partition` committed by any group
+    /// this process has loaded, or any offsets file holds.
+    fn committed_floor(&self, topic: &str, partition: u32) -> u64 {
+        let on_disk = committed_floors(&self.dir)
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .unwrap_or(0);
+        let tp = TopicPartition {
+            topic: topic.to_owned(),
+            partition,
+        };
+        let loaded = self
+            .groups
+            .lock()
+            .values()
+            .filter_map(|g| g.offsets.as_ref()?.get(&tp).copied())
+            .max()
+            .unwrap_or(0);
+        on_disk.max(loaded)
+    }
+
+    /// Sends one dead letter per quarantined range to `sift.dlq`, naming the
+    /// topic, partition, offsets and quarantine file, so nothing vanishes
+    /// unrecorded. A range of `sift.dlq` itself is only logged.
+    fn dead_letters(&self, topic: &str, partition: u32, damage: &[Damage]) -> Result<(), LogError> {
+        use crate::envelope::{headers, topics};
+        if damage.is_empty() || topic == topics::DLQ {
+            return Ok(());
+        }
+        let records: Vec<Record> = damage
+            .iter()
+            .map(|d| {
+                let detail = format!(
+                    "{topic}/{partition}: offsets {} were unreadable ({}); {} bytes moved to {}",
+                    d.offsets(),
+                    d.detail,
+                    d.bytes,
+                    d.quarantine
+                        .as_ref()
+                        .map_or(String::new(), |q| q.display().to_string())
+                );
+                let value = serde_json::json!({
+                    "stage": "log",
+                    "reason": "log_corruption",
+                    "detail": detail,
+                    "source": null,
+                    "url": null,
+                    "at_ms": crate::now_ms(),
+                });
+                Record::new(format!("{topic}/{partition}"), value.to_string())
+                    .header(headers::REASON, format!("log_corruption: {detail}"))
+                    .header(headers::STAGE, "log")
+            })
+            .collect();
+        self.create_topic(topics::DLQ, self.policies.dlq_partitions.max(1))?;
+        self.produce(topics::DLQ, records)?;
+        for _ in damage {
+            crate::metrics::global().dead_letter("log_corruption");
+        }
+        Ok(())
+    }
+
+    fn fetch_once(
         &self,
         topic: &str,
         partition: u32,
@@ -758,6 +1294,19 @@ impl super::Log for EmbeddedLog {
             })
             .collect())
     }
+
+    async fn set_committed(&self, group: &str, commits: &[Commit]) -> Result<(), LogError> {
+        blocking_set_committed(self, group, commits).await
+    }
+}
+
+async fn blocking_set_committed(
+    log: &EmbeddedLog,
+    group: &str,
+    commits: &[Commit],
+) -> Result<(), LogError> {
+    let (log, group, commits) = (log.clone(), group.to_owned(), commits.to_vec());
+    blocking(move || log.set_committed(&group, &commits)).await
 }
 
 async fn blocking<T: Send + 'static>(
@@ -799,23 +1348,80 @@ impl EmbeddedConsumer {
         drop(groups);
         let mut positions = BTreeMap::new();
         for tp in assigned {
-            let low = self
+            let (low, high) = self
                 .inner
                 .topic(&tp.topic)
                 .ok()
                 .and_then(|t| {
-                    t.partitions
-                        .get(tp.partition as usize)
-                        .map(|p| p.state.lock().low())
+                    t.partitions.get(tp.partition as usize).map(|p| {
+                        let st = p.state.lock();
+                        (st.low(), st.high())
+                    })
                 })
-                .unwrap_or(0);
-            let pos = committed.get(&tp).copied().unwrap_or(low).max(low);
+                .unwrap_or((0, 0));
+            let pos = match committed.get(&tp).copied() {
+                None => low,
+                Some(c) if c > high => self.out_of_range(
+                    &tp,
+                    c,
+                    low,
+                    high,
+                    LogError::OffsetBeyondEnd {
+                        group: self.group.clone(),
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        committed: c,
+                        end: high,
+                    },
+                )?,
+                Some(c) if c < low => self.out_of_range(
+                    &tp,
+                    c,
+                    low,
+                    high,
+                    LogError::OffsetOutOfRange {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        offset: c,
+                        earliest: low,
+                    },
+                )?,
+                Some(c) => c,
+            };
             positions.insert(tp, pos);
         }
         tracing::debug!(group = %self.group, member = self.member, generation, partitions = positions.len(), "Took up a new assignment.");
         self.positions = positions;
         self.generation = generation;
         Ok(())
+    }
+
+    /// Where to continue when the committed offset `at` lies outside
+    /// `low..=high`, by `log.on_offset_out_of_range`; `fail` returns `error`.
+    fn out_of_range(
+        &self,
+        tp: &TopicPartition,
+        at: u64,
+        low: u64,
+        high: u64,
+        error: LogError,
+    ) -> Result<u64, LogError> {
+        let to = match self.inner.policies.on_offset_out_of_range {
+            OffsetOutOfRange::Fail => return Err(error),
+            OffsetOutOfRange::Earliest => low,
+            OffsetOutOfRange::Latest => high,
+        };
+        crate::metrics::global().log_offset_resets.inc();
+        tracing::warn!(
+            group = %self.group,
+            topic = %tp.topic,
+            partition = tp.partition,
+            from = at,
+            to,
+            %error,
+            "The group's offset lay outside the stored records; moved it as log.on_offset_out_of_range says."
+        );
+        Ok(to)
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<Message>, LogError> {
@@ -842,9 +1448,20 @@ impl EmbeddedConsumer {
                 &mut out,
             ) {
                 Ok(()) => {}
-                Err(LogError::OffsetOutOfRange { earliest, .. }) => {
-                    tracing::warn!(topic = %tp.topic, partition = tp.partition, from = pos, to = earliest, "Committed offset was deleted by retention; continuing from the earliest stored.");
-                    self.positions.insert(tp.clone(), earliest);
+                Err(e @ LogError::OffsetOutOfRange { .. }) => {
+                    // Retention deleted records this member had not read.
+                    let (low, high) = match &e {
+                        LogError::OffsetOutOfRange { earliest, .. } => (*earliest, *earliest),
+                        _ => (pos, pos),
+                    };
+                    let high = self
+                        .inner
+                        .watermarks(&tp.topic)
+                        .ok()
+                        .and_then(|w| w.get(tp.partition as usize).map(|w| w.high))
+                        .unwrap_or(high);
+                    let to = self.out_of_range(tp, pos, low, high, e)?;
+                    self.positions.insert(tp.clone(), to);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -883,6 +1500,7 @@ impl Consumer for EmbeddedConsumer {
         if commits.is_empty() {
             return Ok(());
         }
+        self.inner.writable()?;
         let inner = self.inner.clone();
         let mut groups = inner.groups.lock();
         let g = groups.entry(self.group.clone()).or_default();

@@ -475,6 +475,34 @@ impl Inner {
         Ok(out)
     }
 
+    /// Commits `commits` for `group` from a consumer that never subscribes;
+    /// the brokers refuse it while the group has members (blocking).
+    fn set_committed_blocking(&self, group: &str, commits: &[Commit]) -> Result<(), LogError> {
+        let what = format!("setting the committed offsets of group `{group}`");
+        let consumer: BaseConsumer = client_config(
+            &self.settings,
+            &[
+                ("group.id", group.to_string()),
+                ("enable.auto.commit", "false".into()),
+                ("enable.auto.offset.store", "false".into()),
+            ],
+        )
+        .create()
+        .map_err(|e| client_error(&self.settings, "offset writer", e))?;
+        let mut tpl = TopicPartitionList::new();
+        for c in commits {
+            tpl.add_partition_offset(
+                &c.topic,
+                c.partition as i32,
+                Offset::Offset(c.next_offset as i64),
+            )
+            .map_err(|e| self.backend(&what, e))?;
+        }
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| self.backend(&format!("{what} (stop its members first)"), e))
+    }
+
     /// Turns a failed delivery into the error the caller sees.
     fn delivery_error(&self, topic: &str, record: &Record, e: KafkaError) -> LogError {
         if let Some((code, reason)) = self.producer().client().fatal_error() {
@@ -825,6 +853,13 @@ impl super::Log for KafkaLog {
         let inner = self.inner.clone();
         let (group, topic) = (group.to_string(), topic.to_string());
         blocking(move || inner.committed_blocking(&group, &topic, partitions)).await
+    }
+
+    async fn set_committed(&self, group: &str, commits: &[Commit]) -> Result<(), LogError> {
+        validate_name("group", group)?;
+        let inner = self.inner.clone();
+        let (group, commits) = (group.to_string(), commits.to_vec());
+        blocking(move || inner.set_committed_blocking(&group, &commits)).await
     }
 }
 

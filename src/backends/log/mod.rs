@@ -6,6 +6,7 @@
 //! data directory with the same semantics (key-hashed partitioning, headers,
 //! group assignment and rebalance, committed offsets, retention).
 
+pub mod check;
 pub mod embedded;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -46,7 +47,11 @@ pub enum LogError {
         partitions: u32,
     },
     /// The requested offset was deleted by retention.
-    #[error("offset {offset} of {topic}/{partition} is gone (retention); earliest is {earliest}")]
+    #[error(
+        "offset {offset} of {topic}/{partition} is gone (retention); earliest is {earliest}; \
+         move the group on with `sift topics offsets GROUP --topic {topic} --reset-to earliest`, \
+         or set log.on_offset_out_of_range"
+    )]
     OffsetOutOfRange {
         /// Topic.
         topic: String,
@@ -56,6 +61,27 @@ pub enum LogError {
         offset: u64,
         /// Earliest offset still stored.
         earliest: u64,
+    },
+    /// A group's committed offset lies beyond the end of a partition: the
+    /// records it passed are not there (lost, or the offsets belong to
+    /// another log), and new records would be skipped up to it.
+    #[error(
+        "group `{group}` has committed offset {committed} on {topic}/{partition}, beyond its end \
+         {end}: the records it had read are not in the log any more (see `sift topics describe \
+         {topic}`); once you know why, move the group with `sift topics offsets {group} --topic \
+         {topic} --reset-to earliest|latest|OFFSET`, or set log.on_offset_out_of_range"
+    )]
+    OffsetBeyondEnd {
+        /// Group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The committed offset.
+        committed: u64,
+        /// The partition's end (next offset to be written).
+        end: u64,
     },
     /// A record is larger than the log accepts.
     #[error("record of {size} bytes exceeds the {max}-byte limit for topic `{topic}`")]
@@ -78,7 +104,11 @@ pub enum LogError {
         partition: u32,
     },
     /// Stored data failed its checksum outside the tail a crash can tear.
-    #[error("log data corrupt in {path} at byte {position}: {detail}; move the file aside to continue without it")]
+    #[error(
+        "log data corrupt in {path} at byte {position}: {detail}; `sift log check --repair` moves \
+         the damaged range to a quarantine file and keeps the intact records, or set \
+         log.on_corruption = \"skip\" to do that as it is read"
+    )]
     Corrupt {
         /// Segment file.
         path: String,
@@ -280,6 +310,9 @@ pub trait Log: Send + Sync + 'static {
         group: &str,
         topic: &str,
     ) -> Result<Vec<(u32, Option<u64>)>, LogError>;
+    /// Sets a group's committed offsets, while none of its members runs
+    /// (`sift topics offsets GROUP --reset-to …`).
+    async fn set_committed(&self, group: &str, commits: &[Commit]) -> Result<(), LogError>;
 }
 
 /// A member of a consumer group.

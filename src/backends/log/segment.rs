@@ -150,6 +150,11 @@ pub(super) struct Segment {
     last_indexed: u64,
 }
 
+/// The `.idx` file of a segment.
+pub(super) fn index_path(log_path: &Path) -> PathBuf {
+    idx_path(log_path)
+}
+
 pub(super) fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
@@ -186,42 +191,62 @@ impl Segment {
     }
 
     /// Opens a segment: a sealed one from its index file when that is intact,
-    /// otherwise by scanning. `active` segments may have a torn tail, which is
-    /// cut off; in a sealed segment a bad frame is corruption.
-    pub fn open(path: &Path, base: u64, active: bool) -> Result<Segment, LogError> {
+    /// otherwise by scanning every frame.
+    ///
+    /// Damage (a torn tail after a crash, a bad frame anywhere) is handled by
+    /// `repair`:
+    /// - [`Repair::ReadOnly`]: nothing is changed; readers stop before the
+    ///   first bad frame, and the damage is reported;
+    /// - [`Repair::Quarantine`]: every bad byte range is moved to a
+    ///   quarantine file beside the segment, the intact frames on both sides
+    ///   are kept, and the damage is reported;
+    /// - [`Repair::Refuse`]: a [`LogError::Corrupt`] naming the fix.
+    pub fn open(path: &Path, base: u64, active: bool, repair: Repair) -> Result<Opened, LogError> {
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(repair == Repair::Quarantine)
             .open(path)
             .map_err(|e| LogError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| LogError::io(path, e))?.len();
         let mut seg = Segment::empty(base, path.to_path_buf(), file);
         if !active && seg.load_index(file_len) {
-            return Ok(seg);
+            return Ok(Opened {
+                segment: seg,
+                damage: Vec::new(),
+                lost_tail: false,
+            });
         }
-        let bad = seg.scan()?;
-        if let Some((position, detail)) = bad {
-            if !active {
-                return Err(LogError::Corrupt {
-                    path: path.display().to_string(),
+        let Some((position, detail)) = seg.scan()? else {
+            return Ok(Opened {
+                segment: seg,
+                damage: Vec::new(),
+                lost_tail: false,
+            });
+        };
+        match repair {
+            Repair::ReadOnly => {
+                let damage = Damage {
+                    segment: path.to_path_buf(),
                     position,
+                    bytes: file_len - position,
+                    after_offset: seg.next.checked_sub(1).filter(|_| seg.len > 0),
+                    before_offset: None,
                     detail,
-                });
+                    quarantine: None,
+                };
+                Ok(Opened {
+                    segment: seg,
+                    damage: vec![damage],
+                    lost_tail: true,
+                })
             }
-            tracing::warn!(
-                path = %path.display(),
-                kept_bytes = seg.len,
-                dropped_bytes = file_len - seg.len,
-                %detail,
-                "Cut a torn tail off the log after an unclean stop."
-            );
-            crate::metrics::global().log_torn_tails.inc();
-            seg.file
-                .set_len(seg.len)
-                .and_then(|()| seg.file.sync_all())
-                .map_err(|e| LogError::io(path, e))?;
+            Repair::Refuse => Err(LogError::Corrupt {
+                path: path.display().to_string(),
+                position,
+                detail,
+            }),
+            Repair::Quarantine => quarantine(path, base),
         }
-        Ok(seg)
     }
 
     /// Reads every frame, verifying checksums and offsets; stops at the first
@@ -257,10 +282,12 @@ impl Segment {
             let Some((offset, ts)) = body_meta(&body) else {
                 return Ok(Some((pos, "short frame body".into())));
             };
-            if offset != self.next {
+            // Offsets rise; a gap is where a bad frame was quarantined, or
+            // where the log continued above offsets a lost tail had used.
+            if offset < self.next {
                 return Ok(Some((
                     pos,
-                    format!("offset {offset} where {} was expected", self.next),
+                    format!("offset {offset} where {} or above was expected", self.next),
                 )));
             }
             self.note_appended(offset, ts, pos, (HEADER + body_len) as u64);
@@ -352,6 +379,273 @@ impl Segment {
             i => self.index[i - 1].1,
         }
     }
+}
+
+/// What to do with damage found while opening a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Repair {
+    /// Change nothing (read-only commands).
+    ReadOnly,
+    /// Move bad byte ranges aside and keep every intact frame.
+    Quarantine,
+    /// Fail with [`LogError::Corrupt`].
+    Refuse,
+}
+
+/// A segment as opened, with what was wrong with it.
+pub(super) struct Opened {
+    pub segment: Segment,
+    /// Bad byte ranges, in file order.
+    pub damage: Vec<Damage>,
+    /// The segment ended in damage: offsets above its last intact frame may
+    /// have been given out, so the partition continues above its reservation.
+    pub lost_tail: bool,
+}
+
+/// A bad byte range of a segment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Damage {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Byte position of the range in the file as it was.
+    pub position: u64,
+    /// Its length.
+    pub bytes: u64,
+    /// Offset of the last intact record before it (None: none before it).
+    pub after_offset: Option<u64>,
+    /// Offset of the first intact record after it (None: none after it).
+    pub before_offset: Option<u64>,
+    /// What check failed first.
+    pub detail: String,
+    /// Where its bytes were moved; None when nothing was changed.
+    pub quarantine: Option<PathBuf>,
+}
+
+impl Damage {
+    /// The offsets the range may have held, as text: `a..b` (`a..` when
+    /// nothing intact follows it).
+    pub fn offsets(&self) -> String {
+        let from = self.after_offset.map_or(0, |o| o + 1);
+        match self.before_offset {
+            Some(b) => format!("{from}..{b}"),
+            None => format!("{from}.."),
+        }
+    }
+}
+
+/// The quarantine file of the bad range at `position` of `segment`.
+pub(super) fn quarantine_path(segment: &Path, position: u64) -> PathBuf {
+    let stem = segment
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    segment.with_file_name(format!("{stem}.{position}.quarantine"))
+}
+
+/// A whole, checked frame at `pos` whose offset is at least `min`: its
+/// length, offset and timestamp.
+fn frame_at(bytes: &[u8], pos: usize, min: u64) -> Option<(usize, u64, i64)> {
+    let header = bytes.get(pos..pos + HEADER)?;
+    let body_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    if !(FIXED_BODY..=64 * super::MAX_RECORD_BYTES).contains(&body_len) {
+        return None;
+    }
+    let body = bytes.get(pos + HEADER..pos + HEADER + body_len)?;
+    let (offset, ts) = body_meta(body)?;
+    // Cheap checks first: most positions inside a bad range fail here.
+    if offset < min || offset - min > u64::from(u32::MAX) {
+        return None;
+    }
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    decode("", 0, Bytes::copy_from_slice(body))?;
+    Some((HEADER + body_len, offset, ts))
+}
+
+/// Splits a segment's bytes into intact frames and bad ranges: after a bad
+/// frame, the next position where an intact frame with a higher offset
+/// starts is where the intact frames resume.
+fn pieces(bytes: &[u8], base: u64) -> Vec<(bool, usize, usize, Option<u64>)> {
+    let mut out: Vec<(bool, usize, usize, Option<u64>)> = Vec::new();
+    let (mut pos, mut min) = (0usize, base);
+    while pos < bytes.len() {
+        match frame_at(bytes, pos, min) {
+            Some((len, offset, _)) => {
+                out.push((true, pos, len, Some(offset)));
+                pos += len;
+                min = offset + 1;
+            }
+            None => {
+                let mut next = pos + 1;
+                while next < bytes.len() && frame_at(bytes, next, min).is_none() {
+                    next += 1;
+                }
+                out.push((false, pos, next - pos, None));
+                pos = next;
+            }
+        }
+    }
+    out
+}
+
+/// What a full read of a segment file found, changing nothing.
+pub(super) struct Inspection {
+    /// Bad byte ranges, in file order (not quarantined).
+    pub damage: Vec<Damage>,
+    /// Bytes of intact frames.
+    pub good_bytes: u64,
+    /// Intact records.
+    pub records: u64,
+    /// Offset after the last intact record (the base when none).
+    pub next: u64,
+    /// The file ends in damage.
+    pub lost_tail: bool,
+    /// The index file, when there is one, describes other bytes.
+    pub stale_index: bool,
+}
+
+/// Reads every frame of the segment at `path`, checking each one.
+pub(super) fn inspect(path: &Path, base: u64) -> Result<Inspection, LogError> {
+    let bytes = std::fs::read(path).map_err(|e| LogError::io(path, e))?;
+    let pieces = pieces(&bytes, base);
+    let mut out = Inspection {
+        damage: Vec::new(),
+        good_bytes: 0,
+        records: 0,
+        next: base,
+        lost_tail: pieces.last().is_some_and(|p| !p.0),
+        stale_index: false,
+    };
+    let mut last_offset = None;
+    for (i, &(good, pos, len, offset)) in pieces.iter().enumerate() {
+        if good {
+            out.good_bytes += len as u64;
+            out.records += 1;
+            last_offset = offset;
+            out.next = offset.map_or(out.next, |o| o + 1);
+            continue;
+        }
+        out.damage.push(Damage {
+            segment: path.to_path_buf(),
+            position: pos as u64,
+            bytes: len as u64,
+            after_offset: last_offset,
+            before_offset: pieces.get(i + 1).and_then(|p| p.3),
+            detail: describe_bad(&bytes, pos),
+            quarantine: None,
+        });
+    }
+    if idx_path(path).exists() {
+        let file = File::open(path).map_err(|e| LogError::io(path, e))?;
+        let mut indexed = Segment::empty(base, path.to_path_buf(), file);
+        out.stale_index = !indexed.load_index(bytes.len() as u64)
+            || indexed.next != out.next
+            || !out.damage.is_empty();
+    }
+    Ok(out)
+}
+
+fn describe_bad(bytes: &[u8], pos: usize) -> String {
+    match frame_at(bytes, pos, 0) {
+        Some(_) => "a frame whose offset does not follow the one before it".to_owned(),
+        None if bytes.len() - pos < HEADER => "partial frame header".to_owned(),
+        None => "a frame that fails its checksum or is cut short".to_owned(),
+    }
+}
+
+/// Moves every bad range of the segment at `path` to a quarantine file and
+/// rewrites the segment with its intact frames, then opens it.
+///
+/// Crash-safe: the quarantine files are written and synced before the
+/// segment is replaced (temp file, sync, rename, sync of the folder), so a
+/// crash in between leaves the segment as it was, and the next open does
+/// the same work again.
+pub(super) fn quarantine(path: &Path, base: u64) -> Result<Opened, LogError> {
+    let bytes = std::fs::read(path).map_err(|e| LogError::io(path, e))?;
+    let pieces = pieces(&bytes, base);
+    let mut damage = Vec::new();
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut last_offset = None;
+    for (i, &(good, pos, len, offset)) in pieces.iter().enumerate() {
+        let range = &bytes[pos..pos + len];
+        if good {
+            kept.extend_from_slice(range);
+            last_offset = offset;
+            continue;
+        }
+        let file = quarantine_path(path, pos as u64);
+        let mut f = File::create(&file).map_err(|e| LogError::io(&file, e))?;
+        f.write_all(range)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| LogError::io(&file, e))?;
+        let detail = describe_bad(&bytes, pos);
+        damage.push(Damage {
+            segment: path.to_path_buf(),
+            position: pos as u64,
+            bytes: len as u64,
+            after_offset: last_offset,
+            before_offset: pieces.get(i + 1).and_then(|p| p.3),
+            detail,
+            quarantine: Some(file),
+        });
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    sync_folder(dir)?;
+    let tmp = path.with_extension("log.tmp");
+    {
+        let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+        f.write_all(&kept)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| LogError::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| LogError::io(path, e))?;
+    // The old index describes the old bytes.
+    match std::fs::remove_file(idx_path(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LogError::io(idx_path(path), e)),
+    }
+    sync_folder(dir)?;
+    let lost_tail = pieces.last().is_some_and(|p| !p.0);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| LogError::io(path, e))?;
+    let mut segment = Segment::empty(base, path.to_path_buf(), file);
+    if let Some((position, detail)) = segment.scan()? {
+        return Err(LogError::Corrupt {
+            path: path.display().to_string(),
+            position,
+            detail: format!("still damaged after quarantine: {detail}"),
+        });
+    }
+    let m = crate::metrics::global();
+    for d in &damage {
+        m.log_quarantined_ranges.inc();
+        m.log_quarantined_bytes.inc_by(d.bytes);
+        tracing::warn!(
+            segment = %path.display(),
+            position = d.position,
+            bytes = d.bytes,
+            offsets = %d.offsets(),
+            quarantine = %d.quarantine.as_ref().map_or(String::new(), |q| q.display().to_string()),
+            detail = %d.detail,
+            "Moved a damaged range of the log to a quarantine file; the intact records around it are kept."
+        );
+    }
+    Ok(Opened {
+        segment,
+        damage,
+        lost_tail,
+    })
+}
+
+fn sync_folder(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io(dir, e))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
