@@ -161,7 +161,18 @@ pub async fn describe(config: &Config, topic: Option<&str>, json: bool) -> anyho
         for (file, bytes) in &r.quarantined {
             println!("  quarantined: {} ({bytes} bytes)", file.display());
         }
-        for d in &r.damaged {
+        for d in r
+            .damaged
+            .iter()
+            .filter(|d| d.quarantine.is_none() && d.bytes == 0)
+        {
+            println!("  MISSING: offsets {}: {}", d.offsets(), d.detail);
+        }
+        for d in r
+            .damaged
+            .iter()
+            .filter(|d| d.quarantine.is_none() && d.bytes > 0)
+        {
             println!(
                 "  DAMAGED (not repaired): {} at byte {}, {} bytes, offsets {}: {}; \
                  `sift log check --repair` moves it to a quarantine file",

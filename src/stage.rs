@@ -381,7 +381,20 @@ pub async fn standing(
         .iter()
         .map(|w| w.high.saturating_sub(at(w.partition, w.low)))
         .sum();
-    let done = targets.is_some_and(|t| t.iter().all(|w| at(w.partition, w.low) >= w.high));
+    // A committed offset beyond the partition's end is not "done": the
+    // consumer meets it and `log.on_offset_out_of_range` decides.
+    let beyond = |partition: u32| {
+        marks.iter().any(|w| {
+            w.partition == partition
+                && committed
+                    .iter()
+                    .any(|(p, c)| *p == partition && c.is_some_and(|c| c > w.high))
+        })
+    };
+    let done = targets.is_some_and(|t| {
+        t.iter()
+            .all(|w| at(w.partition, w.low) >= w.high && !beyond(w.partition))
+    });
     Ok((lag, done))
 }
 

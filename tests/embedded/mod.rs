@@ -8,13 +8,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use sift::backends::log::{EmbeddedLog, LogError};
+use sift::config::EmbeddedLogConfig;
 
 /// Opens the log under `dir`, waiting up to 10 s for a process that just
 /// exited to release its lock (it may hold it for one more sync).
+#[allow(dead_code)]
 pub fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
+    open_log_with(dir, Default::default())
+}
+
+/// [`open_log`] with other log settings.
+pub fn open_log_with(dir: &Path, opts: EmbeddedLogConfig) -> Result<Arc<EmbeddedLog>> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match EmbeddedLog::open(&dir.join("log"), Default::default()) {
+        match EmbeddedLog::open(&dir.join("log"), opts.clone()) {
             Err(LogError::Locked { .. }) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20))
             }

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::embedded::{
-    committed_floors, read_reserved, sync_dir, write_reserved, OFFSETS_DIR, RESERVED_FILE,
-    TOPIC_META,
+    committed_floors, read_reserved, sync_dir, write_reserved, Reservation, OFFSETS_DIR,
+    RESERVED_FILE, TOPIC_META,
 };
 use super::segment::{self, Segment};
 use super::LogError;
@@ -276,7 +276,23 @@ fn check_partition(
         }
     }
     let stored = read_reserved(dir);
-    let reserved = stored.unwrap_or(0).max(high);
+    let reserved = stored.map_or(0, |r| r.reserved).max(high);
+    if let Some(closed_at) = stored.and_then(|r| r.closed_at).filter(|c| *c > high) {
+        let mut p = problem(
+            &dir.join(RESERVED_FILE),
+            Some(format!("{high}..{closed_at}")),
+            format!(
+                "{} records missing at the end: the log was closed with offsets up to {}",
+                closed_at - high,
+                closed_at - 1
+            ),
+        );
+        if repair {
+            p.repaired = Some("noted".to_owned());
+        }
+        report.problems.push(p);
+        lost_tail = true;
+    }
     if stored.is_none() && !bases.is_empty() {
         let mut p = problem(
             &dir.join(RESERVED_FILE),
@@ -284,7 +300,11 @@ fn check_partition(
             "the offset reservation is missing or unreadable".to_owned(),
         );
         if repair {
-            write_reserved(dir, reserved, true)?;
+            let r = Reservation {
+                reserved,
+                closed_at: None,
+            };
+            write_reserved(dir, r, true)?;
             p.repaired = Some(format!("written as {reserved}"));
         }
         report.problems.push(p);
@@ -303,7 +323,11 @@ fn check_partition(
             )?;
             opened.segment.seal()?;
             Segment::create(dir, floor)?;
-            write_reserved(dir, floor, true)?;
+            let r = Reservation {
+                reserved: floor,
+                closed_at: Some(floor),
+            };
+            write_reserved(dir, r, true)?;
             sync_dir(dir)?;
             if let Some(p) = report.problems.iter_mut().rev().find(|p| {
                 p.partition == Some(id) && p.topic.as_deref() == Some(topic) && p.offsets.is_some()

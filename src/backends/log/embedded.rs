@@ -98,7 +98,8 @@ pub struct PartitionReport {
     pub bytes: u64,
     /// Quarantine files beside the segments, with their sizes.
     pub quarantined: Vec<(PathBuf, u64)>,
-    /// Damage found but not repaired (a read-only open changes nothing).
+    /// Damage found since the log was opened; `quarantine` is None where it
+    /// was not repaired (a read-only open changes nothing).
     pub damaged: Vec<Damage>,
 }
 
@@ -114,7 +115,8 @@ struct Inner {
     policies: Policies,
     /// Opened by a read-only command: nothing may change a file.
     read_only: bool,
-    /// Damage found and not repaired (read-only opens).
+    /// Damage found since the log was opened: repaired (quarantined) when
+    /// open to write, only reported when read-only.
     damaged: Mutex<Vec<Damage>>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     groups: Mutex<HashMap<String, Group>>,
@@ -205,8 +207,19 @@ impl EmbeddedLog {
                 path: dir.display().to_string(),
             });
         }
-        let (topics, _) = open_topics(dir, policies, false)?;
-        let inner = Self::assemble(dir, opts, policies, topics, Vec::new(), Some(lock));
+        let (topics, damage) = open_topics(dir, policies, false)?;
+        let inner = Self::assemble(dir, opts, policies, topics, damage.clone(), Some(lock));
+        // What recovery quarantined or found missing is in `sift.dlq` too.
+        for d in &damage {
+            let partition = d.segment.parent();
+            let topic = partition.and_then(Path::parent).and_then(Path::file_name);
+            let id = partition
+                .and_then(Path::file_name)
+                .and_then(|n| n.to_str()?.parse::<u32>().ok());
+            if let (Some(topic), Some(id)) = (topic.and_then(|t| t.to_str()), id) {
+                inner.dead_letters(topic, id, std::slice::from_ref(d))?;
+            }
+        }
         inner.enforce_retention();
         spawn_background(Arc::downgrade(&inner), inner.opts.fsync_interval);
         Ok(EmbeddedLog { inner })
@@ -248,7 +261,8 @@ impl EmbeddedLog {
     }
 
     /// Every partition of every topic: offsets, segments, quarantine files,
-    /// and damage found but not repaired.
+    /// and the damage found since the log was opened (with its quarantine
+    /// file when it was repaired).
     pub fn describe(&self) -> Result<Vec<PartitionReport>, LogError> {
         let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
         let damaged = self.inner.damaged.lock().clone();
@@ -493,7 +507,29 @@ impl OpenTopic<'_> {
             reserved_dirty: false,
         };
         let stored = read_reserved(dir);
-        state.reserved = stored.unwrap_or(0).max(state.high());
+        state.reserved = stored.map_or(0, |r| r.reserved).max(state.high());
+        // Closed cleanly with more records than are there now: whole
+        // records are missing at the end (a file cut at a frame boundary).
+        if let Some(closed_at) = stored.and_then(|r| r.closed_at) {
+            let high = state.high();
+            if closed_at > high {
+                let active = &state.segments[state.segments.len() - 1];
+                damaged.push(Damage {
+                    segment: active.path.clone(),
+                    position: active.len,
+                    bytes: 0,
+                    after_offset: high.checked_sub(1),
+                    before_offset: Some(closed_at),
+                    detail: format!(
+                        "{} records missing at the end: the log was closed with offsets up to {}",
+                        closed_at - high,
+                        closed_at - 1
+                    ),
+                    quarantine: None,
+                });
+                lost_tail = !self.read_only;
+            }
+        }
         if self.read_only {
             return Ok(Partition {
                 id,
@@ -521,9 +557,15 @@ impl OpenTopic<'_> {
                 );
             }
         }
-        if stored != Some(state.reserved) {
-            write_reserved(dir, state.reserved, true)?;
-        }
+        // Open: not closed cleanly until `close_cleanly` says so.
+        write_reserved(
+            dir,
+            Reservation {
+                reserved: state.reserved,
+                closed_at: None,
+            },
+            true,
+        )?;
         Ok(Partition {
             id,
             dir: dir.to_path_buf(),
@@ -548,24 +590,43 @@ fn corrupt_with_fix(e: LogError, topic: &str, partition: u32) -> LogError {
     }
 }
 
-/// The partition's stored reservation; None when absent or unreadable.
-pub(super) fn read_reserved(dir: &Path) -> Option<u64> {
-    let bytes = std::fs::read(dir.join(RESERVED_FILE)).ok()?;
-    if bytes.len() != 12 {
-        return None;
-    }
-    let crc = u32::from_be_bytes(bytes[8..12].try_into().ok()?);
-    let value = u64::from_be_bytes(bytes[..8].try_into().ok()?);
-    (crc32fast::hash(&bytes[..8]) == crc).then_some(value)
+/// What a partition's `reserved` file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Reservation {
+    /// No offset at or above this has been given out.
+    pub reserved: u64,
+    /// The partition's end when the log was last closed cleanly; None while
+    /// a process has it open (or after a stop that was not clean).
+    pub closed_at: Option<u64>,
 }
 
-/// Writes the partition's reservation in place (12 bytes: one sector).
-pub(super) fn write_reserved(dir: &Path, reserved: u64, sync: bool) -> Result<(), LogError> {
+/// The partition's stored reservation; None when absent or unreadable.
+pub(super) fn read_reserved(dir: &Path) -> Option<Reservation> {
+    let bytes = std::fs::read(dir.join(RESERVED_FILE)).ok()?;
+    let (data, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    if crc32fast::hash(data) != u32::from_be_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let reserved = u64::from_be_bytes(data.get(..8)?.try_into().ok()?);
+    let closed_at = match data.len() {
+        8 => None,
+        16 => Some(u64::from_be_bytes(data[8..16].try_into().ok()?)).filter(|c| *c != u64::MAX),
+        _ => return None,
+    };
+    Some(Reservation {
+        reserved,
+        closed_at,
+    })
+}
+
+/// Writes the partition's reservation in place (20 bytes, within one sector).
+pub(super) fn write_reserved(dir: &Path, r: Reservation, sync: bool) -> Result<(), LogError> {
     let path = dir.join(RESERVED_FILE);
-    let mut buf = [0u8; 12];
-    buf[..8].copy_from_slice(&reserved.to_be_bytes());
-    let crc = crc32fast::hash(&buf[..8]);
-    buf[8..].copy_from_slice(&crc.to_be_bytes());
+    let mut buf = [0u8; 20];
+    buf[..8].copy_from_slice(&r.reserved.to_be_bytes());
+    buf[8..16].copy_from_slice(&r.closed_at.unwrap_or(u64::MAX).to_be_bytes());
+    let crc = crc32fast::hash(&buf[..16]);
+    buf[16..].copy_from_slice(&crc.to_be_bytes());
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -573,6 +634,7 @@ pub(super) fn write_reserved(dir: &Path, reserved: u64, sync: bool) -> Result<()
         .open(&path)
         .map_err(|e| LogError::io(&path, e))?;
     file.write_all_at(&buf, 0)
+        .and_then(|()| file.set_len(20))
         .map_err(|e| LogError::io(&path, e))?;
     if sync {
         file.sync_data().map_err(|e| LogError::io(&path, e))?;
@@ -604,7 +666,7 @@ fn spawn_background(inner: Weak<Inner>, every: Duration) {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.flush().and_then(|()| self.close_cleanly()) {
             tracing::error!(error = %e, "Syncing the log on close failed.");
         }
     }
@@ -617,6 +679,29 @@ impl Inner {
             .get(name)
             .cloned()
             .ok_or_else(|| LogError::NoSuchTopic(name.to_string()))
+    }
+
+    /// Records each partition's end in its reservation file, after the
+    /// records are synced: the next open then knows if whole records went
+    /// missing while it was closed.
+    fn close_cleanly(&self) -> Result<(), LogError> {
+        if self.read_only {
+            return Ok(());
+        }
+        for t in self.topics.read().values() {
+            for p in &t.partitions {
+                let st = p.state.lock();
+                write_reserved(
+                    &p.dir,
+                    Reservation {
+                        reserved: st.reserved,
+                        closed_at: Some(st.high()),
+                    },
+                    true,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Refuses changes to a log opened read-only.
@@ -785,7 +870,14 @@ impl Inner {
             if needed > st.reserved {
                 let reserved = needed + RESERVE_BLOCK;
                 let always = self.opts.fsync == FsyncPolicy::Always;
-                write_reserved(&part.dir, reserved, always)?;
+                write_reserved(
+                    &part.dir,
+                    Reservation {
+                        reserved,
+                        closed_at: None,
+                    },
+                    always,
+                )?;
                 st.reserved = reserved;
                 st.reserved_dirty = !always;
             }
@@ -847,6 +939,9 @@ impl Inner {
     /// checksum is handled by `log.on_corruption`: an error that names the
     /// fix, or (`skip`, when open to write) its range quarantined, a dead
     /// letter sent, and the read done again.
+    ///
+    /// Returns `Some(end)` when nothing was read although `offset` lies below
+    /// the partition's end: no record has an offset in `offset..end`.
     fn fetch(
         &self,
         topic: &str,
@@ -855,7 +950,7 @@ impl Inner {
         max: usize,
         max_bytes: usize,
         out: &mut Vec<Message>,
-    ) -> Result<(), LogError> {
+    ) -> Result<Option<u64>, LogError> {
         let before = out.len();
         let mut attempt = 0;
         loop {
@@ -881,6 +976,7 @@ impl Inner {
                     }
                     let damage = self.quarantine_segment(topic, partition, Path::new(&path))?;
                     self.dead_letters(topic, partition, &damage)?;
+                    self.damaged.lock().extend(damage);
                 }
                 other => return other,
             }
@@ -952,15 +1048,16 @@ impl Inner {
         let records: Vec<Record> = damage
             .iter()
             .map(|d| {
-                let detail = format!(
-                    "{topic}/{partition}: offsets {} were unreadable ({}); {} bytes moved to {}",
-                    d.offsets(),
-                    d.detail,
-                    d.bytes,
-                    d.quarantine
-                        .as_ref()
-                        .map_or(String::new(), |q| q.display().to_string())
-                );
+                let detail = match &d.quarantine {
+                    Some(q) => format!(
+                        "{topic}/{partition}: offsets {} were unreadable ({}); {} bytes moved to {}",
+                        d.offsets(),
+                        d.detail,
+                        d.bytes,
+                        q.display()
+                    ),
+                    None => format!("{topic}/{partition}: offsets {}: {}", d.offsets(), d.detail),
+                };
                 let value = serde_json::json!({
                     "stage": "log",
                     "reason": "log_corruption",
@@ -990,10 +1087,10 @@ impl Inner {
         max: usize,
         max_bytes: usize,
         out: &mut Vec<Message>,
-    ) -> Result<(), LogError> {
+    ) -> Result<Option<u64>, LogError> {
         let t = self.topic(topic)?;
         let part = self.partition(&t, partition)?;
-        let views: Vec<ReadView> = {
+        let (views, high): (Vec<ReadView>, u64) = {
             let st = part.state.lock();
             let (low, high) = (st.low(), st.high());
             if offset < low {
@@ -1005,10 +1102,10 @@ impl Inner {
                 });
             }
             if offset >= high {
-                return Ok(());
+                return Ok(None);
             }
             let first = st.segments.partition_point(|s| s.base <= offset).max(1) - 1;
-            st.segments[first..]
+            let views = st.segments[first..]
                 .iter()
                 .enumerate()
                 .map(|(i, s)| ReadView {
@@ -1017,17 +1114,22 @@ impl Inner {
                     start: if i == 0 { s.position_for(offset) } else { 0 },
                     end: s.len,
                 })
-                .collect()
+                .collect();
+            (views, high)
         };
         let before = out.len();
         for view in &views {
             if out.len() - before >= max {
                 break;
             }
-            let remaining = max - (out.len() - before);
-            segment::read_frames(view, topic, partition, offset, remaining, max_bytes, out)?;
+            // `read_frames` counts what `out` holds, other partitions' too.
+            let limit = out.len() + (max - (out.len() - before));
+            segment::read_frames(view, topic, partition, offset, limit, max_bytes, out)?;
         }
-        Ok(())
+        // Every view was read to its end without a record at or after
+        // `offset`: offsets up to `high` are a gap (quarantined records, or
+        // offsets skipped after a lost tail).
+        Ok((out.len() == before).then_some(high))
     }
 
     fn watermarks(&self, topic: &str) -> Result<Vec<Watermarks>, LogError> {
@@ -1250,6 +1352,7 @@ impl super::Log for EmbeddedLog {
                 POLL_BYTES_PER_PARTITION,
                 &mut out,
             )?;
+            // A gap (no record in offset..end) reads as nothing, as at the end.
             Ok(out)
         })
         .await
@@ -1347,6 +1450,7 @@ impl EmbeddedConsumer {
         let committed = self.inner.group_offsets(&self.group, g)?.clone();
         drop(groups);
         let mut positions = BTreeMap::new();
+        let mut resets = Vec::new();
         for tp in assigned {
             let (low, high) = self
                 .inner
@@ -1388,11 +1492,19 @@ impl EmbeddedConsumer {
                 )?,
                 Some(c) => c,
             };
+            if committed.get(&tp).is_some_and(|c| *c != pos) {
+                resets.push((tp.clone(), pos));
+            }
             positions.insert(tp, pos);
         }
         tracing::debug!(group = %self.group, member = self.member, generation, partitions = positions.len(), "Took up a new assignment.");
         self.positions = positions;
         self.generation = generation;
+        // A reset is a decision: kept, so the group's committed offset says
+        // where it now stands.
+        for (tp, pos) in resets {
+            self.store_position(&tp, pos, false)?;
+        }
         Ok(())
     }
 
@@ -1424,6 +1536,38 @@ impl EmbeddedConsumer {
         Ok(to)
     }
 
+    /// Commits `to` for `tp` on the group's behalf (with `only_forward`,
+    /// only past what is committed): after a gap is stepped over, or a
+    /// position reset by `log.on_offset_out_of_range`.
+    fn store_position(
+        &self,
+        tp: &TopicPartition,
+        to: u64,
+        only_forward: bool,
+    ) -> Result<(), LogError> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let mut groups = self.inner.groups.lock();
+        let g = groups.entry(self.group.clone()).or_default();
+        let current = g.generation == self.generation
+            && g.assignments
+                .get(&self.member)
+                .is_some_and(|a| a.contains(tp));
+        if !current {
+            return Ok(());
+        }
+        let offsets = self.inner.group_offsets(&self.group, g)?;
+        if only_forward && offsets.get(tp).is_some_and(|c| *c >= to) {
+            return Ok(());
+        }
+        let mut updated = offsets.clone();
+        updated.insert(tp.clone(), to);
+        self.inner.store_offsets(&self.group, &updated)?;
+        *offsets = updated;
+        Ok(())
+    }
+
     fn read(&mut self, max: usize) -> Result<Vec<Message>, LogError> {
         let mut out = Vec::new();
         let tps: Vec<TopicPartition> = self.positions.keys().cloned().collect();
@@ -1447,7 +1591,15 @@ impl EmbeddedConsumer {
                 POLL_BYTES_PER_PARTITION,
                 &mut out,
             ) {
-                Ok(()) => {}
+                Ok(None) => {}
+                Ok(Some(end)) => {
+                    // Nothing stored between here and `end`: step over the
+                    // gap, and commit it, so that the group's committed
+                    // offset reaches the end and a one-pass run ends.
+                    self.positions.insert(tp.clone(), end);
+                    self.store_position(tp, end, true)?;
+                    continue;
+                }
                 Err(e @ LogError::OffsetOutOfRange { .. }) => {
                     // Retention deleted records this member had not read.
                     let (low, high) = match &e {
@@ -1462,6 +1614,7 @@ impl EmbeddedConsumer {
                         .unwrap_or(high);
                     let to = self.out_of_range(tp, pos, low, high, e)?;
                     self.positions.insert(tp.clone(), to);
+                    self.store_position(tp, to, false)?;
                     continue;
                 }
                 Err(e) => return Err(e),

@@ -670,7 +670,7 @@ pub(super) struct ReadView {
 }
 
 /// Reads frames from `view` starting at its position, returning messages with
-/// offsets `>= from`, at most `max` of them and roughly `max_bytes` of data,
+/// offsets `>= from` until `out` holds `max` messages (other partitions' included) or roughly `max_bytes` of data are read,
 /// plus the byte position after the last one returned.
 pub(super) fn read_frames(
     view: &ReadView,
@@ -695,6 +695,14 @@ pub(super) fn read_frames(
         while chunk.len() >= HEADER && out.len() < max {
             let body_len = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
             let crc = u32::from_be_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
+            if pos + consumed + (HEADER + body_len) as u64 > view.end {
+                // A length no whole frame can have here: a damaged header.
+                return Err(LogError::Corrupt {
+                    path: view.path.display().to_string(),
+                    position: pos + consumed,
+                    detail: format!("a frame of {body_len} bytes runs past the end of the segment"),
+                });
+            }
             if chunk.len() < HEADER + body_len {
                 break;
             }
