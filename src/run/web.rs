@@ -983,12 +983,14 @@ mod tests {
             .find(|d| d.text.contains("\n\n"))
             .context("a description with two paragraphs")?;
         let page = document_page(5, doc).into_string();
-        let (title, text) = crate::ingest::extract::html::extract_str(&page);
+        let (title, text) =
+            crate::ingest::extract::html::extract_str(&page).expect("within the budget");
         assert_eq!(title, doc.title);
         ensure!(text.starts_with(&doc.title), "{text}");
         // The model's fields survive the trip: the section as the page's
         // article:section, the package name as its URL's last segment.
-        let extracted = crate::ingest::extract::html::extract(page.as_bytes(), None, "x.html");
+        let extracted = crate::ingest::extract::html::extract(page.as_bytes(), None, "x.html")
+            .expect("within the budget");
         ensure!(!doc.section.is_empty());
         assert_eq!(extracted.section.as_deref(), Some(doc.section.as_str()));
         for id in [doc.id.as_str(), "libstdc++6", "g++-12"] {
@@ -1020,7 +1022,8 @@ mod tests {
         };
         let page = document_page(0, &nasty).into_string();
         ensure!(!page.contains("<script>alert"), "{page}");
-        let (title, text) = crate::ingest::extract::html::extract_str(&page);
+        let (title, text) =
+            crate::ingest::extract::html::extract_str(&page).expect("within the budget");
         assert_eq!(title, nasty.title);
         ensure!(text.contains("Uses <b>tags</b> & \"quotes\"."), "{text}");
         Ok(())

@@ -11,13 +11,16 @@
 //! whitespace collapses to single spaces.
 
 use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use ego_tree::iter::Edge;
 use ego_tree::{NodeId, NodeRef};
+use html5ever::driver;
+use html5ever::tendril::TendrilSink;
 use scraper::node::Element;
-use scraper::{Html, Node};
+use scraper::{Html, HtmlTreeSink, Node};
 
-use super::{charset, Extracted};
+use super::{charset, nesting, ExtractError, Extracted};
 
 /// How many leading bytes are searched for a `<meta>` charset declaration.
 const META_SCAN: usize = 4096;
@@ -42,23 +45,72 @@ pub fn meta_charset(body: &[u8]) -> Option<&'static encoding_rs::Encoding> {
 
 /// Extracts an HTML body whose header charset (if any) is `header_charset` and
 /// whose URL or path is `name` (its top-level domain helps charset guessing).
-pub fn extract(body: &[u8], header_charset: Option<&str>, name: &str) -> Extracted {
+pub fn extract(
+    body: &[u8],
+    header_charset: Option<&str>,
+    name: &str,
+) -> Result<Extracted, ExtractError> {
     let tld = charset::tld_of(name);
     let decoded = charset::decode(body, header_charset, meta_charset(body), tld.as_deref());
-    let doc = Html::parse_document(&decoded.text);
+    let doc = parse(&decoded.text, super::TIME_BUDGET, super::MAX_NODES)?;
     let (title, text) = title_and_text(&doc);
-    Extracted {
+    Ok(Extracted {
         content_type: super::Kind::Html.content_type(),
         title,
         text,
         pages: None,
         section: section_of(doc.tree.root()),
-    }
+    })
 }
 
 /// Title and main text of an already decoded HTML document.
-pub fn extract_str(source: &str) -> (String, String) {
-    title_and_text(&Html::parse_document(source))
+pub fn extract_str(source: &str) -> Result<(String, String), ExtractError> {
+    Ok(title_and_text(&parse(
+        source,
+        super::TIME_BUDGET,
+        super::MAX_NODES,
+    )?))
+}
+
+/// Bytes fed to the parser between two looks at the clock.
+const CHUNK: usize = 16 * 1024;
+/// Bytes fed between two counts of the nodes made so far.
+const COUNT_EVERY: usize = 128 * 1024;
+
+/// Parses `source` as html5ever does, with its nesting capped
+/// ([`nesting::cap_depth`]), fed in chunks so that the time and the number
+/// of nodes can be checked on the way.
+fn parse(source: &str, budget: Duration, max_nodes: usize) -> Result<Html, ExtractError> {
+    let started = Instant::now();
+    let capped = nesting::cap_depth(source, nesting::MAX_DEPTH);
+    let mut parser =
+        driver::parse_document(HtmlTreeSink::new(Html::new_document()), Default::default());
+    let (mut at, mut counted) = (0, 0);
+    while at < capped.len() {
+        let mut end = (at + CHUNK).min(capped.len());
+        while !capped.is_char_boundary(end) {
+            end += 1;
+        }
+        parser.process(capped[at..end].into());
+        at = end;
+        if started.elapsed() > budget {
+            return Err(ExtractError::OverBudget(format!(
+                "parsing the HTML took over {budget:?} at byte {at} of {}",
+                capped.len()
+            )));
+        }
+        if at - counted >= COUNT_EVERY {
+            counted = at;
+            let nodes = parser.tokenizer.sink.sink.0.borrow().tree.nodes().count();
+            if nodes > max_nodes {
+                return Err(ExtractError::OverBudget(format!(
+                    "the HTML made over {max_nodes} nodes by byte {at} of {}",
+                    capped.len()
+                )));
+            }
+        }
+    }
+    Ok(parser.finish())
 }
 
 /// The page's `<meta property="article:section">` (Open Graph's article
@@ -332,8 +384,12 @@ fn walk(
 mod tests {
     use super::*;
 
+    fn ex(html: &str) -> (String, String) {
+        extract_str(html).expect("within the budget")
+    }
+
     fn text(html: &str) -> String {
-        extract_str(html).1
+        ex(html).1
     }
 
     #[test]
@@ -371,18 +427,23 @@ mod tests {
 
     #[test]
     fn titles() {
-        assert_eq!(extract_str("<title> A \n B </title><h1>H</h1>").0, "A B");
+        assert_eq!(ex("<title> A \n B </title><h1>H</h1>").0, "A B");
         assert_eq!(
-            extract_str("<meta property='og:title' content='OG'><h1>H</h1>").0,
+            ex("<meta property='og:title' content='OG'><h1>H</h1>").0,
             "OG"
         );
-        assert_eq!(extract_str("<h1>H <i>1</i></h1>").0, "H 1");
-        assert_eq!(extract_str("<p>none</p>").0, "");
+        assert_eq!(ex("<h1>H <i>1</i></h1>").0, "H 1");
+        assert_eq!(ex("<p>none</p>").0, "");
     }
 
     #[test]
     fn section_from_article_section_meta() {
-        let section = |html: &str| extract(html.as_bytes(), None, "x.html").section;
+        let section = |html: &str| {
+            extract(html.as_bytes(), None, "x.html")
+                .map(|x| x.section)
+                .ok()
+                .flatten()
+        };
         assert_eq!(
             section("<meta property='article:section' content=' libs \n devel '><p>x</p>"),
             Some("libs devel".into())

@@ -12,6 +12,7 @@
 
 pub mod charset;
 pub mod html;
+pub mod nesting;
 pub mod pdf;
 pub mod sniff;
 pub mod text;
@@ -101,7 +102,21 @@ pub enum ExtractError {
     /// The JSON parses but has no text to take.
     #[error("the JSON has no non-empty string `text`, `body` or `content` field at the top level")]
     JsonNoText,
+    /// Extraction went over its time or memory budget ([`TIME_BUDGET`],
+    /// [`MAX_NODES`]): a hostile or broken document, not worth more.
+    #[error("extraction stopped: {0}")]
+    OverBudget(String),
 }
+
+/// Longest an extraction may run; a document over it is refused
+/// ([`ExtractError::OverBudget`]) and goes to the dead-letter topic.
+pub const TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most nodes an HTML document may become (about 300 bytes each): a page of
+/// a few MB has a few hundred thousand; markup that makes the parser create
+/// far more than it holds (formatting elements reconstructed again and
+/// again) is refused before it takes the memory.
+pub const MAX_NODES: usize = 1_000_000;
 
 impl ExtractError {
     /// A short fixed code for metrics and the dead-letter topic.
@@ -114,6 +129,7 @@ impl ExtractError {
             ExtractError::PdfNoText { .. } => "pdf_no_text",
             ExtractError::BadJson(_) => "bad_json",
             ExtractError::JsonNoText => "json_no_text",
+            ExtractError::OverBudget(_) => "over_budget",
         }
     }
 }
@@ -128,7 +144,7 @@ pub fn extract(
     let kind = sniff(body, content_type, name)?;
     let header_charset = content_type.and_then(sniff::charset_param);
     match kind {
-        Kind::Html => Ok(html::extract(body, header_charset, name)),
+        Kind::Html => html::extract(body, header_charset, name),
         Kind::Pdf => pdf::extract(body),
         Kind::Text => Ok(text::extract_text(body, header_charset, name)),
         Kind::Json => text::extract_json(body, header_charset),
@@ -211,6 +227,7 @@ mod tests {
             ExtractError::PdfNoText { pages: 1 },
             ExtractError::BadJson("x".into()),
             ExtractError::JsonNoText,
+            ExtractError::OverBudget("x".into()),
         ];
         let mut reasons: Vec<_> = all.iter().map(ExtractError::reason).collect();
         reasons.sort_unstable();

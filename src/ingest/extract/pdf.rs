@@ -57,6 +57,7 @@ pub fn extract(body: &[u8]) -> Result<Extracted, ExtractError> {
 }
 
 fn extract_inner(body: &[u8]) -> Result<Extracted, ExtractError> {
+    let started = std::time::Instant::now();
     let options = LoadOptions {
         max_decompressed_size: Some(MAX_STREAM_BYTES),
         ..LoadOptions::default()
@@ -85,7 +86,14 @@ fn extract_inner(body: &[u8]) -> Result<Extracted, ExtractError> {
     let mut fonts = FontCache::default();
     let mut texts = Vec::new();
     let mut unreadable = 0usize;
-    for &id in &page_ids {
+    for (n, &id) in page_ids.iter().enumerate() {
+        if started.elapsed() > super::TIME_BUDGET {
+            return Err(ExtractError::OverBudget(format!(
+                "reading the PDF took over {:?} by page {n} of {}",
+                super::TIME_BUDGET,
+                page_ids.len()
+            )));
+        }
         match page_text(&doc, id, &mut fonts) {
             Some(t) if !t.is_empty() => texts.push(t),
             Some(_) => {}
