@@ -51,6 +51,10 @@ pub(super) const OFFSETS_DIR: &str = "~offsets";
 pub(super) const TOPIC_META: &str = "topic.json";
 /// Bytes a consumer reads from one partition per poll, at most (roughly).
 const POLL_BYTES_PER_PARTITION: usize = 4 * 1024 * 1024;
+/// Bytes a consumer reads per poll over all its partitions (roughly): a
+/// poll holds its read buffers until its messages are dropped, and larger
+/// polls made the allocator hand memory back and fault it in again.
+const POLL_BYTES: usize = 2 * POLL_BYTES_PER_PARTITION;
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
 /// File in a partition folder holding its offset reservation.
 pub(super) const RESERVED_FILE: &str = "reserved";
@@ -1569,15 +1573,18 @@ impl EmbeddedConsumer {
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<Message>, LogError> {
-        let mut out = Vec::new();
+        // Sized for a full poll of 1 KB records: growing it copied more than
+        // the records themselves were worth.
+        let mut out = Vec::with_capacity(max.min(POLL_BYTES / 1024));
         let tps: Vec<TopicPartition> = self.positions.keys().cloned().collect();
         if tps.is_empty() {
             return Ok(out);
         }
         let start = self.next_start % tps.len();
         self.next_start = self.next_start.wrapping_add(1);
+        let mut bytes = 0usize;
         for i in 0..tps.len() {
-            if out.len() >= max {
+            if out.len() >= max || bytes >= POLL_BYTES {
                 break;
             }
             let tp = &tps[(start + i) % tps.len()];
@@ -1619,6 +1626,10 @@ impl EmbeddedConsumer {
                 }
                 Err(e) => return Err(e),
             }
+            bytes += out[before..]
+                .iter()
+                .map(|m| m.value.len() + m.key.as_ref().map_or(0, |k| k.len()))
+                .sum::<usize>();
             if let Some(last) = out[before..].last() {
                 self.positions.insert(tp.clone(), last.offset + 1);
             }
