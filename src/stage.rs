@@ -56,7 +56,7 @@ struct GiveUp {
 }
 
 /// Failed attempts in a row after which a one-pass run gives up: with the
-/// backoff doubling from 100 ms, about 25 seconds of retrying.
+/// backoff doubling from 100 ms, about 13 seconds of retrying.
 pub const ONCE_ATTEMPTS: u32 = 8;
 
 impl Stop {
