@@ -3,7 +3,10 @@
 //! what went wrong, and is counted. Nothing bad is dropped silently.
 //!
 //! A dead letter about a record keeps that record's key, value and headers,
-//! so it can be replayed once the cause is fixed; one about something that
+//! so it can be replayed once the cause is fixed. An original too large to
+//! carry beside the headers (a message stops at 1 MB) goes to the object
+//! store under `dlq/` and the letter carries its claim check
+//! (`sift-original: objects:dlq/…`) and a description. One about something that
 //! never became a record (a fetch that failed) carries a small JSON
 //! description instead. Either way the headers say the stage, the reason,
 //! and where known the source and URL.
@@ -22,12 +25,16 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Record, Watermarks};
+use crate::backends::objects::{ObjectError, ObjectStore, PutMode};
 use crate::config::Config;
 use crate::envelope::{headers, topics};
 
 /// The largest original record a dead letter carries; the rest of the 1 MB a
 /// message may have is left for headers.
 const MAX_ORIGINAL_BYTES: usize = 1_000_000 - 16 * 1024;
+
+/// Prefix of the object keys holding originals too large to carry.
+pub const ORIGINAL_PREFIX: &str = "dlq/";
 
 /// One record for `sift.dlq`.
 #[derive(Debug, Clone)]
@@ -102,29 +109,49 @@ impl DeadLetter {
         }
     }
 
+    /// Whether the original is too large to carry next to the headers.
+    fn original_too_large(&self) -> bool {
+        self.original.as_ref().is_some_and(|o| {
+            o.value.len()
+                + o.key.as_ref().map_or(0, Bytes::len)
+                + o.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                > MAX_ORIGINAL_BYTES
+        })
+    }
+
     /// The log record. An original too large to carry next to the headers
-    /// (the log's messages stop at 1 MB) is left out, and the value says so.
+    /// (the log's messages stop at 1 MB) is left out and the value says so;
+    /// with `claim`, the URI its value was stored under, the letter keeps the
+    /// original's key and headers and carries the claim check, so it can be
+    /// replayed.
     pub fn record(&self) -> Record {
-        let original = self
-            .original
-            .as_ref()
-            .filter(|o| o.value.len() + o.key.as_ref().map_or(0, Bytes::len) <= MAX_ORIGINAL_BYTES);
+        self.record_with(None)
+    }
+
+    fn record_with(&self, claim: Option<&str>) -> Record {
+        let original = self.original.as_ref().filter(|_| !self.original_too_large());
         let (key, value, mut hs) = match original {
             Some(o) => (
                 o.key.clone(),
                 o.value.clone(),
                 o.headers
                     .iter()
-                    .filter(|(k, _)| {
-                        k != headers::REASON && k != headers::STAGE && k != headers::URL
-                    })
+                    .filter(|(k, _)| !is_letter_header(k))
                     .cloned()
                     .collect::<Vec<_>>(),
             ),
             None => {
                 let omitted;
-                let detail = match &self.original {
-                    Some(o) => {
+                let detail = match (&self.original, claim) {
+                    (Some(o), Some(uri)) => {
+                        omitted = format!(
+                            "{} (the original record, {} bytes, is too large to carry; its value is at {uri})",
+                            self.detail,
+                            o.value.len()
+                        );
+                        omitted.as_str()
+                    }
+                    (Some(o), None) => {
                         omitted = format!(
                             "{} (the original record, {} bytes, is too large to carry)",
                             self.detail,
@@ -132,7 +159,7 @@ impl DeadLetter {
                         );
                         omitted.as_str()
                     }
-                    None => self.detail.as_str(),
+                    (None, _) => self.detail.as_str(),
                 };
                 let d = Description {
                     stage: self.stage,
@@ -143,13 +170,24 @@ impl DeadLetter {
                     at_ms: crate::now_ms(),
                 };
                 let value = serde_json::to_vec(&d).unwrap_or_default();
+                // A claim-checked original keeps its headers, for the replay.
+                let hs = match (&self.original, claim) {
+                    (Some(o), Some(uri)) => o
+                        .headers
+                        .iter()
+                        .filter(|(k, _)| !is_letter_header(k))
+                        .cloned()
+                        .chain([(headers::ORIGINAL.to_owned(), Bytes::from(uri.to_owned()))])
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 (
                     self.original
                         .as_ref()
                         .and_then(|o| o.key.clone())
                         .or_else(|| self.url.clone().map(Bytes::from)),
                     Bytes::from(value),
-                    Vec::new(),
+                    hs,
                 )
             }
         };
@@ -174,13 +212,45 @@ impl DeadLetter {
     }
 }
 
-/// Sends dead letters to `sift.dlq`, logs and counts each. Returns once the
-/// log has them, so a caller may then commit the offsets of their originals.
-pub async fn send(log: &dyn Log, letters: &[DeadLetter]) -> Result<(), LogError> {
+/// Headers a dead letter sets itself; an original's copies of them are not kept.
+fn is_letter_header(name: &str) -> bool {
+    [headers::REASON, headers::STAGE, headers::URL, headers::ORIGINAL].contains(&name)
+}
+
+/// The object key of an original too large to carry: named by its content,
+/// so a retried send stores it once.
+fn original_key(stage: &str, o: &Original) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(o.key.as_deref().unwrap_or_default());
+    h.update(&[0]);
+    h.update(&o.value);
+    format!("{ORIGINAL_PREFIX}{stage}/{}", h.finalize().to_hex())
+}
+
+/// Sends dead letters to `sift.dlq`, logs and counts each. An original too
+/// large to carry is stored in `objects` first and the letter carries its
+/// claim check. Returns once the log has them, so a caller may then commit
+/// the offsets of their originals.
+pub async fn send(
+    log: &dyn Log,
+    objects: &dyn ObjectStore,
+    letters: &[DeadLetter],
+) -> crate::Result<()> {
     if letters.is_empty() {
         return Ok(());
     }
-    let records = letters.iter().map(DeadLetter::record).collect();
+    let mut records = Vec::with_capacity(letters.len());
+    for d in letters {
+        let claim = match &d.original {
+            Some(o) if d.original_too_large() => {
+                let key = original_key(d.stage, o);
+                objects.put(&key, o.value.clone(), PutMode::Overwrite).await?;
+                Some(crate::envelope::claim_uri(&key))
+            }
+            _ => None,
+        };
+        records.push(d.record_with(claim.as_deref()));
+    }
     log.produce(topics::DLQ, records).await?;
     // Counted and logged once the log has them, so a retried send does not
     // count twice.
@@ -267,6 +337,10 @@ pub struct Letter {
     pub replay_to: Option<&'static str>,
     /// Why it cannot be replayed, if it cannot.
     pub not_replayable: Option<String>,
+    /// Where the original's value is kept when it was too large to carry
+    /// (`objects:dlq/…`); [`Letter::original`] then has an empty value
+    /// until [`fill_original`] reads it.
+    pub original_at: Option<String>,
     /// The original record, headers without the dead-letter ones.
     #[serde(skip)]
     pub original: Option<Record>,
@@ -291,14 +365,27 @@ impl Letter {
         let description = serde_json::from_slice::<DescriptionIn>(&m.value)
             .ok()
             .filter(|d| stage.as_deref().is_none_or(|s| s == d.stage) && d.reason == reason);
+        let original_at = description
+            .as_ref()
+            .and(text(headers::ORIGINAL))
+            .filter(|uri| crate::envelope::claim_key(uri).is_some());
+        // A claimed original's description stands in for its value.
+        let description = description.filter(|_| original_at.is_none());
         let original = description.is_none().then(|| Record {
             key: m.key.clone(),
-            value: m.value.clone(),
+            value: if original_at.is_some() {
+                Bytes::new()
+            } else {
+                m.value.clone()
+            },
             headers: m
                 .headers
                 .iter()
                 .filter(|(k, _)| {
-                    k != headers::REASON && k != headers::STAGE && k != headers::REPLAY
+                    k != headers::REASON
+                        && k != headers::STAGE
+                        && k != headers::REPLAY
+                        && k != headers::ORIGINAL
                 })
                 .cloned()
                 .chain(
@@ -342,8 +429,31 @@ impl Letter {
             url: text(headers::URL),
             replay_to,
             not_replayable,
+            original_at,
             original: original.filter(|_| replay_to.is_some()),
         }
+    }
+
+    /// Reads a claim-checked original's value from the object store. One
+    /// that is gone makes the letter not replayable (and says why); a store
+    /// that fails is an error, so the replay stops before passing it.
+    pub async fn fill_original(&mut self, objects: &dyn ObjectStore) -> crate::Result<()> {
+        let (Some(uri), Some(original)) = (&self.original_at, self.original.as_mut()) else {
+            return Ok(());
+        };
+        let key = crate::envelope::claim_key(uri).unwrap_or_default();
+        match objects.get(key).await {
+            Ok((_, value)) => original.value = value,
+            Err(ObjectError::NotFound(_)) => {
+                self.not_replayable = Some(format!(
+                    "the original's value is no longer in the object store at {uri}"
+                ));
+                self.replay_to = None;
+                self.original = None;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
     }
 
     fn stage_or_dash(&self) -> &str {
@@ -736,7 +846,10 @@ fn print_listing(l: &Listing, filter: &Filter) {
         );
         println!("    {}", shorten(&x.detail));
         match (x.replay_to, &x.not_replayable) {
-            (Some(t), _) => println!("    replays to {t}"),
+            (Some(t), _) => match &x.original_at {
+                Some(at) => println!("    replays to {t} (the original's value is at {at})"),
+                None => println!("    replays to {t}"),
+            },
             (None, Some(why)) => println!("    not replayable: {why}"),
             (None, None) => {}
         }
@@ -808,6 +921,8 @@ async fn replay_with(
         .collect();
     bar.set_length(marks.iter().zip(&starts).map(|(w, s)| w.high - s).sum());
     let mut created: BTreeSet<&'static str> = BTreeSet::new();
+    // Opened at the first claim-checked original.
+    let mut objects: Option<std::sync::Arc<dyn ObjectStore>> = None;
     let result = async {
         for (w, &start) in marks.iter().zip(&starts) {
             let mut span = Span {
@@ -826,11 +941,19 @@ async fn replay_with(
                 let mut out: BTreeMap<&'static str, Vec<Record>> = BTreeMap::new();
                 for m in &batch {
                     summary.read += 1;
-                    let l = Letter::read(m);
+                    let mut l = Letter::read(m);
                     if !args.filter.matches(&l) {
                         summary.passed_over += 1;
                         span.first_passed_over.get_or_insert(l.offset);
                         continue;
+                    }
+                    if l.original_at.is_some() {
+                        if objects.is_none() {
+                            objects = Some(crate::backends::open_objects(config).await?);
+                        }
+                        if let Some(store) = &objects {
+                            l.fill_original(store.as_ref()).await?;
+                        }
                     }
                     match (l.replay_to, l.original) {
                         (Some(topic), Some(original)) => {

@@ -27,6 +27,9 @@ pub mod headers {
     /// or `dlq:{stage}` (`sift dlq replay` of that stage's dead letter). The
     /// archive stage skips records it already holds.
     pub const REPLAY: &str = "sift-replay";
+    /// On a dead letter whose original was too large to carry beside its
+    /// headers: the claim check (`objects:dlq/…`) of the original's value.
+    pub const ORIGINAL: &str = "sift-original";
 }
 
 /// Topic names.

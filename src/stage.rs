@@ -292,25 +292,11 @@ pub async fn commit(
     }
 }
 
-/// A dead letter about `m`. One whose original would not fit in a log
-/// record describes it instead of copying it (it stays in its topic).
+/// A dead letter about `m`, carrying it as its original ([`dlq::send`]
+/// claim-checks one too large to carry).
 pub fn dead_letter(stage: &'static str, m: &Message, r: Rejection) -> DeadLetter {
     let detail = format!("{} ({} {}@{})", r.detail, m.topic, m.partition, m.offset);
-    let mut d = DeadLetter::of_message(stage, r.reason, detail, m);
-    let size = m.key.as_ref().map_or(0, |k| k.len())
-        + m.value.len()
-        + m.headers
-            .iter()
-            .map(|(n, v)| 6 + n.len() + v.len())
-            .sum::<usize>()
-        + d.detail.len()
-        + 256;
-    if size > RECORD_LIMIT {
-        d.original = None;
-        d.detail
-            .push_str("; the original record is too large to copy here");
-    }
-    d
+    DeadLetter::of_message(stage, r.reason, detail, m)
 }
 
 /// Fetches a claim-checked text; None if shutdown was asked for while the store failed.

@@ -422,3 +422,47 @@ async fn a_committed_offset_beyond_the_end_is_never_skipped_silently() -> Result
     ensure!(clean_once(d, &earliest)? == 60);
     Ok(())
 }
+
+/// A bad record near the log's 1 MB is too large to carry beside its dead
+/// letter's headers: its value is claim-checked in the object store, the
+/// letter names where, and `sift dlq replay` brings the record back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_bad_record_is_replayed_from_its_claim_check() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let value: Vec<u8> = (0..1_040_000u32).map(|i| b'a' + (i % 23) as u8).collect();
+    {
+        let log = open_log_with(d, Default::default())?;
+        log.create_topic(topics::RAW, 1).await?;
+        log.produce(
+            topics::RAW,
+            vec![Record::new("huge", value.clone()).header(headers::SOURCE, "site")],
+        )
+        .await?;
+    }
+    wait_unlocked(d)?;
+    ensure!(clean_once(d, &[])? == 1);
+
+    let out = sift(d, &["dlq", "list", "--json"], &[])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    let letter = &listing["latest"][0];
+    ensure!(letter["reason"] == "bad_json", "{listing:#}");
+    let at = letter["original_at"].as_str().context("no original_at")?;
+    ensure!(at.starts_with("objects:dlq/clean/"), "{at}");
+    ensure!(letter["replay_to"] == topics::RAW, "{listing:#}");
+
+    let out = sift(d, &["dlq", "replay", "--json"], &[])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    ensure!(summary["replayed"][topics::RAW] == 1, "{summary:#}");
+
+    let log = EmbeddedLog::open_read_only(&d.join("log"), Default::default())?;
+    let back = log.fetch(topics::RAW, 0, 1, 10).await?;
+    ensure!(back.len() == 1, "{} records after the original", back.len());
+    ensure!(back[0].key.as_deref() == Some(&b"huge"[..]));
+    ensure!(back[0].value.as_ref() == value.as_slice(), "the value came back changed");
+    ensure!(back[0].header(headers::SOURCE).map(|v| v.as_ref()) == Some(&b"site"[..]));
+    ensure!(back[0].header(headers::REPLAY).map(|v| v.as_ref()) == Some(&b"dlq:clean"[..]));
+    Ok(())
+}

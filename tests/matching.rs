@@ -24,6 +24,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use sift::backends::cache::{Cache, EmbeddedCache};
 use sift::backends::log::{Log, Record};
+use sift::backends::objects::{EmbeddedObjects, ObjectStore};
 use sift::backends::search::{EmbeddedSearch, SearchIndex};
 use sift::backends::table::{EmbeddedTable, RowPut, Scan, Table};
 use sift::config::Config;
@@ -408,8 +409,10 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         sift::matching::matcher_on(&config, search.clone(), table.clone() as Arc<dyn Table>)
             .await?;
     let cache: Arc<dyn Cache> = Arc::new(EmbeddedCache::new(100_000));
+    let objects: Arc<dyn ObjectStore> = Arc::new(EmbeddedObjects::open(&dir.path().join("objects"))?);
     let parts = || Parts {
         log: log.clone() as Arc<dyn Log>,
+        objects: objects.clone(),
         table: table.clone(),
         cache: cache.clone(),
         matcher: matcher.clone(),

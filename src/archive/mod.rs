@@ -559,7 +559,7 @@ impl Archiver {
             }
             parsed.push(p);
         }
-        dlq::send(self.log.as_ref(), &dead).await?;
+        dlq::send(self.log.as_ref(), self.store.as_ref(), &dead).await?;
         let now = Instant::now();
         for (m, p) in batch.iter().zip(parsed) {
             let buf = self.buffers.entry(m.partition).or_default();

@@ -711,7 +711,7 @@ impl Sender {
                     &self.stop,
                     &FAILURES,
                     "send dead letters to sift.dlq",
-                    || dlq::send(self.log.as_ref(), &p.dead),
+                    || dlq::send(self.log.as_ref(), self.objects.as_ref(), &p.dead),
                 )
                 .await
         };

@@ -471,6 +471,7 @@ pub async fn run(
     let writer = tokio::spawn(write_loop(
         table,
         log.clone(),
+        objects.clone(),
         writer_rx,
         done_tx,
         settings.clone(),
@@ -830,12 +831,12 @@ impl Poller {
             }
         }
         if !dead.is_empty() {
-            let log = &self.log;
+            let (log, objects) = (&self.log, &self.objects);
             if !retry(
                 &self.stop,
                 &FAILURES,
                 "send dead letters to sift.dlq",
-                || dlq::send(log.as_ref(), &dead),
+                || dlq::send(log.as_ref(), objects.as_ref(), &dead),
             )
             .await
             {
@@ -1210,6 +1211,7 @@ fn outputs(doc: &Doc, s: &Scoring, store_text_bytes: usize) -> (RowPut, Record) 
 async fn write_loop(
     table: Arc<dyn Table>,
     log: Arc<dyn Log>,
+    objects: Arc<dyn ObjectStore>,
     mut rx: mpsc::Receiver<Vec<Outcome>>,
     done: mpsc::UnboundedSender<Done>,
     settings: Settings,
@@ -1267,7 +1269,7 @@ async fn write_loop(
         let dead_letters = async {
             dead.is_empty()
                 || retry(&stop, &FAILURES, "send dead letters to sift.dlq", || {
-                    dlq::send(log.as_ref(), &dead)
+                    dlq::send(log.as_ref(), objects.as_ref(), &dead)
                 })
                 .await
         };

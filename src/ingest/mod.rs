@@ -303,7 +303,7 @@ impl Ingest {
         for d in &dead {
             *summary.dead_letters.entry(d.reason.into()).or_default() += 1;
         }
-        crate::dlq::send(self.log.as_ref(), &dead).await?;
+        crate::dlq::send(self.log.as_ref(), self.objects.as_ref(), &dead).await?;
         Ok(summary)
     }
 

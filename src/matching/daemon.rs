@@ -89,6 +89,8 @@ pub fn parse_profile(value: &[u8]) -> Result<ProfileIn, Rejection> {
 pub struct Parts {
     /// The log.
     pub log: Arc<dyn Log>,
+    /// The object store, for dead letters' originals too large to carry.
+    pub objects: Arc<dyn crate::backends::objects::ObjectStore>,
     /// The table.
     pub table: Arc<dyn Table>,
     /// The cache.
@@ -287,7 +289,7 @@ async fn handle(
     let dead_sent = async {
         dead.is_empty()
             || retry(stop, &FAILURES, "send dead letters to sift.dlq", || {
-                dlq::send(parts.log.as_ref(), &dead)
+                dlq::send(parts.log.as_ref(), parts.objects.as_ref(), &dead)
             })
             .await
     };

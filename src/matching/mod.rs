@@ -190,6 +190,7 @@ pub async fn main(config: &Config, args: MatchArgs) -> crate::Result<()> {
     let table = crate::backends::open_table(config).await?;
     let (matcher, cache) = matcher(config, table.clone()).await?;
     let log = crate::backends::open_log(config).await?;
+    let objects = crate::backends::open_objects(config).await?;
     crate::daemon::serve_metrics(config, daemon::health()).await?;
     let until = if args.once {
         Until::caught_up().or_stopped_by(crate::daemon::shutdown_signal())
@@ -198,6 +199,7 @@ pub async fn main(config: &Config, args: MatchArgs) -> crate::Result<()> {
     };
     let parts = daemon::Parts {
         log,
+        objects,
         table,
         cache,
         matcher,

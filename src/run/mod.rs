@@ -756,6 +756,7 @@ pub(crate) async fn matching_parts(
         crate::matching::matcher_on(config, shared.search.clone(), shared.table.clone()).await?;
     Ok(crate::matching::daemon::Parts {
         log: shared.log.clone(),
+        objects: shared.objects.clone(),
         table: shared.table.clone(),
         cache,
         matcher,
