@@ -20,6 +20,11 @@ use embedded::{open_log_with, wait_unlocked};
 
 /// `sift --data-dir DIR ARGS…` with small clean batches and no metrics server.
 fn sift(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+    Ok(command(dir, args, env)?.output()?)
+}
+
+/// The command [`sift`] runs.
+fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Command> {
     let config = dir.join("sift.toml");
     if !config.exists() {
         std::fs::write(&config, "")?;
@@ -37,7 +42,7 @@ fn sift(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Ok(cmd.output()?)
+    Ok(cmd)
 }
 
 fn text(out: &Output) -> String {
@@ -465,4 +470,156 @@ async fn an_oversize_bad_record_is_replayed_from_its_claim_check() -> Result<()>
     ensure!(back[0].header(headers::SOURCE).map(|v| v.as_ref()) == Some(&b"site"[..]));
     ensure!(back[0].header(headers::REPLAY).map(|v| v.as_ref()) == Some(&b"dlq:clean"[..]));
     Ok(())
+}
+
+/// A small tmpfs mounted over a temporary directory, unmounted on drop;
+/// None where this machine does not let the test mount one.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(bytes: u64) -> Result<Option<SmallFs>> {
+        let dir = tempfile::tempdir()?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(Some(SmallFs { dir })),
+            _ => Ok(None),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Writes a file until the disk is full, then gives back `keep` bytes.
+fn fill(path: &Path, keep: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let block = vec![0u8; 4096];
+    let mut written = 0u64;
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    f.set_len(written.saturating_sub(keep))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A full disk, with a real write error from the kernel, two ways: on a
+/// small tmpfs (ENOSPC), where this machine lets the test mount one; else
+/// under a file size limit (`RLIMIT_FSIZE`, EFBIG), which needs no
+/// privilege. A one-pass run stops with the error (exit 1, after its
+/// bounded retries) and commits nothing it did not store; once there is
+/// room, the next run delivers every document. Delivery is at least once: a
+/// produce that failed on one partition after another took it is produced
+/// again, so a record may be there twice, never missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_a_run_and_loses_nothing() -> Result<()> {
+    full_disk(None).await.context("under a file size limit")?;
+    match SmallFs::mount(32 << 20)? {
+        Some(small) => full_disk(Some(small)).await.context("on a full tmpfs"),
+        None => {
+            eprintln!("no tmpfs case: this machine does not let the test mount one");
+            Ok(())
+        }
+    }
+}
+
+async fn full_disk(small: Option<SmallFs>) -> Result<()> {
+    let plain = tempfile::tempdir()?;
+    let d = small.as_ref().map_or(plain.path(), SmallFs::path);
+    // Every document is kept: the near-duplicate filter is off.
+    let env = [("SIFT__CLEAN__NEAR_DUPLICATE_BITS", "0")];
+    let mut ids = produce(d, 0, 100).await?;
+    ensure!(clean_once(d, &env)? == 100);
+    ids.extend(produce(d, 1000, 400).await?);
+    // Room for some of the new documents, not all.
+    let room = 48 * 1024;
+    let mut cmd = command(d, &["clean", "--once", "--json"], &env)?;
+    let filler = d.join("filler");
+    let want = match &small {
+        Some(_) => {
+            fill(&filler, room)?;
+            "No space left on device"
+        }
+        None => {
+            let limit = largest_file(&d.join("log").join(topics::CLEAN))? + room;
+            limit_file_size(&mut cmd, limit);
+            "File too large"
+        }
+    };
+    let out = cmd.output()?;
+    ensure!(
+        out.status.code() == Some(1)
+            && String::from_utf8_lossy(&out.stderr).contains(want)
+            && String::from_utf8_lossy(&out.stderr).contains("gave up"),
+        "not a clean stop on a full disk: {}",
+        text(&out)
+    );
+    // The failed appends were taken back: no torn tail to quarantine.
+    let out = sift(d, &["log", "check"], &[])?;
+    ensure!(out.status.success(), "after the failure: {}", text(&out));
+    let _ = std::fs::remove_file(&filler);
+    let out = sift(d, &["clean", "--once", "--json"], &env)?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let got = keys(d, topics::CLEAN).await?;
+    let unique: BTreeSet<String> = got.iter().cloned().collect();
+    ensure!(
+        unique == ids,
+        "{} of {} documents cleaned ({} records)",
+        unique.len(),
+        ids.len(),
+        got.len()
+    );
+    let out = sift(d, &["log", "check"], &[])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    Ok(())
+}
+
+/// The size of the largest file under `dir`.
+fn largest_file(dir: &Path) -> Result<u64> {
+    let mut largest = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        largest = largest.max(if m.is_dir() { largest_file(&e.path())? } else { m.len() });
+    }
+    Ok(largest)
+}
+
+/// Runs `cmd` under a file size limit, with SIGXFSZ ignored so a write past
+/// it fails with EFBIG instead of killing the process.
+#[allow(unsafe_code)]
+fn limit_file_size(cmd: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let l = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

@@ -904,15 +904,21 @@ impl Inner {
                     offset,
                 };
             }
-            active
-                .file
-                .write_all_at(&buf, start_pos)
-                .map_err(|e| LogError::io(&active.path, e))?;
-            if self.opts.fsync == FsyncPolicy::Always {
-                active
-                    .file
-                    .sync_data()
-                    .map_err(|e| LogError::io(&active.path, e))?;
+            let written = active.file.write_all_at(&buf, start_pos).and_then(|()| {
+                if self.opts.fsync == FsyncPolicy::Always {
+                    active.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = written {
+                // Nothing of the batch was acknowledged: take back what part
+                // of it reached the file (a full disk writes some), so the
+                // next append and the next open find the segment as it was.
+                if let Err(t) = active.file.set_len(start_pos) {
+                    tracing::warn!(path = %active.path.display(), error = %t, "Could not cut a failed append off the segment; the next open quarantines it.");
+                }
+                return Err(LogError::io(&active.path, e));
             }
             for (offset, pos, len) in frames {
                 active.note_appended(offset, ts, pos, len);
