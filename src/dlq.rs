@@ -114,7 +114,10 @@ impl DeadLetter {
         self.original.as_ref().is_some_and(|o| {
             o.value.len()
                 + o.key.as_ref().map_or(0, Bytes::len)
-                + o.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                + o.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
                 > MAX_ORIGINAL_BYTES
         })
     }
@@ -129,7 +132,10 @@ impl DeadLetter {
     }
 
     fn record_with(&self, claim: Option<&str>) -> Record {
-        let original = self.original.as_ref().filter(|_| !self.original_too_large());
+        let original = self
+            .original
+            .as_ref()
+            .filter(|_| !self.original_too_large());
         let (key, value, mut hs) = match original {
             Some(o) => (
                 o.key.clone(),
@@ -214,7 +220,13 @@ impl DeadLetter {
 
 /// Headers a dead letter sets itself; an original's copies of them are not kept.
 fn is_letter_header(name: &str) -> bool {
-    [headers::REASON, headers::STAGE, headers::URL, headers::ORIGINAL].contains(&name)
+    [
+        headers::REASON,
+        headers::STAGE,
+        headers::URL,
+        headers::ORIGINAL,
+    ]
+    .contains(&name)
 }
 
 /// The object key of an original too large to carry: named by its content,
@@ -244,7 +256,9 @@ pub async fn send(
         let claim = match &d.original {
             Some(o) if d.original_too_large() => {
                 let key = original_key(d.stage, o);
-                objects.put(&key, o.value.clone(), PutMode::Overwrite).await?;
+                objects
+                    .put(&key, o.value.clone(), PutMode::Overwrite)
+                    .await?;
                 Some(crate::envelope::claim_uri(&key))
             }
             _ => None,

@@ -214,7 +214,10 @@ async fn verify(
     acked_table: &HashSet<u64>,
 ) -> Result<()> {
     let (log, table) = open(dir).await?;
-    let Stored { records: stored, gaps } = read_all(&log).await?;
+    let Stored {
+        records: stored,
+        gaps,
+    } = read_all(&log).await?;
     // A gap in the offsets comes only from a torn tail cut on recovery: the
     // log continues above every offset it may have given out.
     let torn = sift::metrics::global().log_torn_tails.get();
@@ -285,7 +288,10 @@ async fn read_all(log: &EmbeddedLog) -> Result<Stored> {
                 let seq = seq_of(&m.value).context("record without seq")?;
                 ensure!(m.value == payload(seq), "record seq {seq} corrupt");
                 ensure!(
-                    stored.records.insert(seq, (w.partition, m.offset)).is_none(),
+                    stored
+                        .records
+                        .insert(seq, (w.partition, m.offset))
+                        .is_none(),
                     "seq {seq} stored twice"
                 );
                 pos = m.offset + 1;

@@ -450,7 +450,8 @@ async fn an_oversize_bad_record_is_replayed_from_its_claim_check() -> Result<()>
 
     let out = sift(d, &["dlq", "list", "--json"], &[])?;
     ensure!(out.status.success(), "{}", text(&out));
-    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    let listing: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
     let letter = &listing["latest"][0];
     ensure!(letter["reason"] == "bad_json", "{listing:#}");
     let at = letter["original_at"].as_str().context("no original_at")?;
@@ -459,14 +460,18 @@ async fn an_oversize_bad_record_is_replayed_from_its_claim_check() -> Result<()>
 
     let out = sift(d, &["dlq", "replay", "--json"], &[])?;
     ensure!(out.status.success(), "{}", text(&out));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| text(&out))?;
     ensure!(summary["replayed"][topics::RAW] == 1, "{summary:#}");
 
     let log = EmbeddedLog::open_read_only(&d.join("log"), Default::default())?;
     let back = log.fetch(topics::RAW, 0, 1, 10).await?;
     ensure!(back.len() == 1, "{} records after the original", back.len());
     ensure!(back[0].key.as_deref() == Some(&b"huge"[..]));
-    ensure!(back[0].value.as_ref() == value.as_slice(), "the value came back changed");
+    ensure!(
+        back[0].value.as_ref() == value.as_slice(),
+        "the value came back changed"
+    );
     ensure!(back[0].header(headers::SOURCE).map(|v| v.as_ref()) == Some(&b"site"[..]));
     ensure!(back[0].header(headers::REPLAY).map(|v| v.as_ref()) == Some(&b"dlq:clean"[..]));
     Ok(())
@@ -598,7 +603,11 @@ fn largest_file(dir: &Path) -> Result<u64> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let m = e.metadata()?;
-        largest = largest.max(if m.is_dir() { largest_file(&e.path())? } else { m.len() });
+        largest = largest.max(if m.is_dir() {
+            largest_file(&e.path())?
+        } else {
+            m.len()
+        });
     }
     Ok(largest)
 }

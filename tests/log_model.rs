@@ -1,6 +1,8 @@
 //! A model-based test of the embedded log: proptest drives random sequences
 //! of produce, poll, commit, clean reopen, crash (the files as a killed
-//! process leaves them), a torn tail and a flipped byte, and checks the log
+//! process leaves them), a torn tail, a flipped byte, and a disk that fails
+//! a write part-way (ENOSPC) or a sync (EIO) under a produce or a commit,
+//! with fsync on every write or in the background; and checks the log
 //! against a simple model of what was acknowledged:
 //!
 //! - every acknowledged record is readable with its value, or lies in a
@@ -21,8 +23,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use proptest::prelude::*;
 use sift::backends::log::embedded::Policies;
+use sift::backends::log::faults::{self, DiskOp};
 use sift::backends::log::{partition_for_key, Commit, Consumer, EmbeddedLog, Log, Message, Record};
-use sift::config::{EmbeddedLogConfig, OffsetOutOfRange, OnCorruption};
+use sift::config::{EmbeddedLogConfig, FsyncPolicy, OffsetOutOfRange, OnCorruption};
 
 const TOPIC: &str = "model";
 const GROUP: &str = "model-group";
@@ -48,6 +51,16 @@ enum Op {
         segment: u8,
         at_permille: u16,
     },
+    /// A produce to one partition whose write fails part-way (or, with
+    /// fsync on every write, whose sync fails): an error, nothing acknowledged.
+    FailedProduce {
+        partition: u32,
+        count: u8,
+        sync: bool,
+    },
+    /// A commit whose offsets file cannot be written: an error, and the
+    /// group's committed offsets stay where they were.
+    FailedCommit,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,14 +72,17 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         1 => (0..PARTITIONS, 1u16..300).prop_map(|(partition, bytes)| Op::Truncate { partition, bytes }),
         1 => (0..PARTITIONS, any::<u8>(), 0u16..1000).prop_map(|(partition, segment, at_permille)| Op::Flip { partition, segment, at_permille }),
+        1 => (0..PARTITIONS, 1u8..12, any::<bool>()).prop_map(|(partition, count, sync)| Op::FailedProduce { partition, count, sync }),
+        1 => Just(Op::FailedCommit),
     ]
 }
 
-fn options() -> EmbeddedLogConfig {
+fn options(fsync: FsyncPolicy) -> EmbeddedLogConfig {
     EmbeddedLogConfig {
         segment_bytes: 1024,
         retention_bytes: 0,
         retention_age: Duration::ZERO,
+        fsync,
         ..EmbeddedLogConfig::default()
     }
 }
@@ -137,6 +153,7 @@ impl Model {
 /// The log and its one consumer, in a folder that a crash replaces.
 struct World {
     root: PathBuf,
+    fsync: FsyncPolicy,
     generation: u32,
     log: Option<EmbeddedLog>,
     consumer: Option<Box<dyn Consumer>>,
@@ -150,7 +167,7 @@ impl World {
     }
 
     async fn open(&mut self, model: &mut Model) -> Result<()> {
-        let log = EmbeddedLog::open_with(&self.dir(), options(), policies())?;
+        let log = EmbeddedLog::open_with(&self.dir(), options(self.fsync), policies())?;
         log.create_topic(TOPIC, PARTITIONS).await?;
         model.note_damage(&log)?;
         self.consumer = Some(log.subscribe(GROUP, &[TOPIC]).await?);
@@ -220,12 +237,13 @@ fn segment_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-async fn run(ops: Vec<Op>) -> Result<()> {
+async fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<()> {
     let root = tempfile::tempdir()?;
     let keys = keys();
     let mut model = Model::default();
     let mut world = World {
         root: root.path().to_path_buf(),
+        fsync,
         generation: 0,
         log: None,
         consumer: None,
@@ -287,6 +305,48 @@ async fn run(ops: Vec<Op>) -> Result<()> {
                 let commits = Commit::after(&world.uncommitted);
                 consumer.commit(&commits).await?;
                 world.uncommitted.clear();
+            }
+            Op::FailedProduce {
+                partition,
+                count,
+                sync,
+            } => {
+                let log = world.log.as_ref().context("open")?;
+                let under = world.partition_dir(partition);
+                let op = if sync && fsync == FsyncPolicy::Always {
+                    DiskOp::Sync
+                } else {
+                    DiskOp::Write
+                };
+                faults::inject(&under, op, 1);
+                let records: Vec<Record> = (0..count)
+                    .map(|_| {
+                        model.produced += 1;
+                        Record::new(
+                            keys[partition as usize].clone(),
+                            format!("v{}", model.produced),
+                        )
+                    })
+                    .collect();
+                let result = log.produce(TOPIC, records).await;
+                let unspent = faults::clear(&under);
+                ensure!(
+                    result.is_err() && unspent == 0,
+                    "a produce under a failing disk ({op:?}) returned {result:?}"
+                );
+            }
+            Op::FailedCommit => {
+                let under = world.dir().join("~offsets");
+                faults::inject(&under, DiskOp::Write, 1);
+                let consumer = world.consumer.as_mut().context("open")?;
+                let commits = Commit::after(&world.uncommitted);
+                let result = consumer.commit(&commits).await;
+                let unspent = faults::clear(&under);
+                // It failed, or it had nothing new to write.
+                ensure!(
+                    result.is_err() == (unspent == 0),
+                    "a commit under a failing disk returned {result:?} ({unspent} failures unspent)"
+                );
             }
             Op::Reopen => {
                 world.close().await?;
@@ -408,14 +468,18 @@ proptest! {
     })]
 
     #[test]
-    fn the_log_never_loses_or_skips_an_acknowledged_record(ops in proptest::collection::vec(op(), 1..60)) {
+    fn the_log_never_loses_or_skips_an_acknowledged_record(
+        ops in proptest::collection::vec(op(), 1..60),
+        always in any::<bool>(),
+    ) {
+        let fsync = if always { FsyncPolicy::Always } else { FsyncPolicy::Interval };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         runtime
-            .block_on(run(ops))
+            .block_on(run(ops, fsync))
             .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
     }
 }
@@ -439,5 +503,5 @@ async fn found_a_flipped_length_at_the_start_of_a_segment() -> Result<()> {
             at_permille: 0,
         },
     ]);
-    run(ops).await
+    run(ops, FsyncPolicy::Interval).await
 }

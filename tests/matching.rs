@@ -409,7 +409,8 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         sift::matching::matcher_on(&config, search.clone(), table.clone() as Arc<dyn Table>)
             .await?;
     let cache: Arc<dyn Cache> = Arc::new(EmbeddedCache::new(100_000));
-    let objects: Arc<dyn ObjectStore> = Arc::new(EmbeddedObjects::open(&dir.path().join("objects"))?);
+    let objects: Arc<dyn ObjectStore> =
+        Arc::new(EmbeddedObjects::open(&dir.path().join("objects"))?);
     let parts = || Parts {
         log: log.clone() as Arc<dyn Log>,
         objects: objects.clone(),

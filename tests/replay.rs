@@ -800,18 +800,27 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     dlq::send(
         log.as_ref(),
         objects,
-        &[DeadLetter::of_message("clean", "bad_json", "too big".into(), &huge(1))],
+        &[DeadLetter::of_message(
+            "clean",
+            "bad_json",
+            "too big".into(),
+            &huge(1),
+        )],
     )
     .await?;
     let gone = dlq::list(log.as_ref(), &Filter::default(), 1).await?.latest;
     let gone = gone[0].original_at.as_deref().context("no claim check")?;
     ensure!(gone != at, "two originals under one key");
-    store.delete(envelope::claim_key(gone).context("not a claim check")?).await?;
+    store
+        .delete(envelope::claim_key(gone).context("not a claim check")?)
+        .await?;
     let s = dlq::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
     ensure!(
         s.replayed.is_empty()
             && s.not_replayable == BTreeMap::from([("clean/bad_json".to_string(), 1)])
-            && s.not_replayable_letters[0].why.contains("no longer in the object store"),
+            && s.not_replayable_letters[0]
+                .why
+                .contains("no longer in the object store"),
         "{s:?}"
     );
     Ok(())

@@ -30,7 +30,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -40,6 +39,7 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
+use super::faults;
 use super::segment::{self, Damage, ReadView, Repair, Segment};
 use super::{
     partition_for_key, validate_name, Commit, Consumer, LogError, Message, Position, Record,
@@ -637,11 +637,11 @@ pub(super) fn write_reserved(dir: &Path, r: Reservation, sync: bool) -> Result<(
         .write(true)
         .open(&path)
         .map_err(|e| LogError::io(&path, e))?;
-    file.write_all_at(&buf, 0)
+    faults::write_all_at(&file, &path, &buf, 0)
         .and_then(|()| file.set_len(20))
         .map_err(|e| LogError::io(&path, e))?;
     if sync {
-        file.sync_data().map_err(|e| LogError::io(&path, e))?;
+        faults::sync_data(&file, &path).map_err(|e| LogError::io(&path, e))?;
     }
     Ok(())
 }
@@ -731,14 +731,13 @@ impl Inner {
                     // Before the records that use the reservation.
                     let path = p.dir.join(RESERVED_FILE);
                     File::open(&path)
-                        .and_then(|f| f.sync_data())
+                        .and_then(|f| faults::sync_data(&f, &path))
                         .map_err(|e| LogError::io(&path, e))?;
                     st.reserved_dirty = false;
                 }
                 if st.dirty {
                     let seg = st.active();
-                    seg.file
-                        .sync_data()
+                    faults::sync_data(&seg.file, &seg.path)
                         .map_err(|e| LogError::io(&seg.path, e))?;
                     st.dirty = false;
                 }
@@ -904,13 +903,14 @@ impl Inner {
                     offset,
                 };
             }
-            let written = active.file.write_all_at(&buf, start_pos).and_then(|()| {
-                if self.opts.fsync == FsyncPolicy::Always {
-                    active.file.sync_data()
-                } else {
-                    Ok(())
-                }
-            });
+            let written = faults::write_all_at(&active.file, &active.path, &buf, start_pos)
+                .and_then(|()| {
+                    if self.opts.fsync == FsyncPolicy::Always {
+                        faults::sync_data(&active.file, &active.path)
+                    } else {
+                        Ok(())
+                    }
+                });
             if let Err(e) = written {
                 // Nothing of the batch was acknowledged: take back what part
                 // of it reached the file (a full disk writes some), so the
@@ -1216,7 +1216,7 @@ impl Inner {
         let always = self.opts.fsync == FsyncPolicy::Always;
         (|| -> std::io::Result<()> {
             let f = File::create(&tmp)?;
-            f.write_all_at(&body, 0)?;
+            faults::write_all_at(&f, &tmp, &body, 0)?;
             if always {
                 f.sync_all()?;
             }

@@ -8,6 +8,7 @@
 
 pub mod check;
 pub mod embedded;
+pub mod faults;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 mod segment;
