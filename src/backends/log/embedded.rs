@@ -1579,9 +1579,7 @@ impl EmbeddedConsumer {
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<Message>, LogError> {
-        // Sized for a full poll of 1 KB records: growing it copied more than
-        // the records themselves were worth.
-        let mut out = Vec::with_capacity(max.min(POLL_BYTES / 1024));
+        let mut out = Vec::new();
         let tps: Vec<TopicPartition> = self.positions.keys().cloned().collect();
         if tps.is_empty() {
             return Ok(out);

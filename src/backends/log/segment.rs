@@ -672,6 +672,38 @@ pub(super) struct ReadView {
 /// Reads frames from `view` starting at its position, returning messages with
 /// offsets `>= from` until `out` holds `max` messages (other partitions' included) or roughly `max_bytes` of data are read,
 /// plus the byte position after the last one returned.
+/// Chunks up to this size are read into the calling thread's reusable
+/// buffer; larger ones (a single huge frame) get their own.
+const REUSED_CHUNK: usize = 8 * 1024 * 1024;
+
+thread_local! {
+    /// The buffer [`read_chunk`] reads into. The records handed out are
+    /// slices of it; once every one of them is dropped, the next read takes
+    /// the same memory back instead of a fresh allocation, whose pages the
+    /// kernel would fault in and zero again (that was most of a consumer's
+    /// time).
+    static READ_BUF: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// Reads `n` bytes of `file` at `pos`.
+fn read_chunk(file: &File, pos: u64, n: usize) -> std::io::Result<Bytes> {
+    if n > REUSED_CHUNK {
+        let mut buf = BytesMut::zeroed(n);
+        file.read_exact_at(&mut buf, pos)?;
+        return Ok(buf.freeze());
+    }
+    READ_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        // Takes the whole allocation back when nothing points into it any
+        // more; allocates anew while records read before are alive.
+        b.reserve(n.max(REUSED_CHUNK / 2));
+        b.resize(n, 0);
+        file.read_exact_at(&mut b[..n], pos)?;
+        Ok(b.split_to(n).freeze())
+    })
+}
+
 pub(super) fn read_frames(
     view: &ReadView,
     topic: &str,
@@ -682,15 +714,17 @@ pub(super) fn read_frames(
     out: &mut Vec<Message>,
 ) -> Result<u64, LogError> {
     let mut pos = view.start;
-    let mut want = max_bytes.max(64 * 1024) as u64;
     let mut bytes = 0usize;
+    // Set when one frame is larger than the chunk read.
+    let mut whole_frame: Option<u64> = None;
     while pos < view.end && out.len() < max {
+        // What is left of the byte budget, not the whole budget again: the
+        // frames cut at the end of one chunk need a small read, and reading
+        // (and zeroing) megabytes for them cost more than the records.
+        let budget = max_bytes.saturating_sub(bytes).max(64 * 1024) as u64;
+        let want = whole_frame.take().map_or(budget, |f| f.max(budget));
         let n = want.min(view.end - pos) as usize;
-        let mut buf = BytesMut::zeroed(n);
-        view.file
-            .read_exact_at(&mut buf, pos)
-            .map_err(|e| LogError::io(&view.path, e))?;
-        let mut chunk = buf.freeze();
+        let mut chunk = read_chunk(&view.file, pos, n).map_err(|e| LogError::io(&view.path, e))?;
         let mut consumed = 0u64;
         while chunk.len() >= HEADER && out.len() < max {
             let body_len = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
@@ -729,7 +763,7 @@ pub(super) fn read_frames(
             if chunk.len() >= HEADER {
                 // One frame larger than the chunk: read exactly that frame next time.
                 let body_len = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as u64;
-                want = HEADER as u64 + body_len;
+                whole_frame = Some(HEADER as u64 + body_len);
                 continue;
             }
             break;
