@@ -355,33 +355,42 @@ pub async fn standing(
 ) -> Result<(u64, bool), LogError> {
     let marks = log.watermarks(topic).await?;
     let committed = log.committed(group, topic).await?;
-    let at = |partition: u32, low: u64| {
-        committed
-            .iter()
-            .find(|(p, _)| *p == partition)
-            .and_then(|(_, c)| *c)
-            .unwrap_or(low)
-            .max(low)
-    };
     let lag = marks
         .iter()
-        .map(|w| w.high.saturating_sub(at(w.partition, w.low)))
-        .sum();
-    // A committed offset beyond the partition's end is not "done": the
-    // consumer meets it and `log.on_offset_out_of_range` decides.
-    let beyond = |partition: u32| {
-        marks.iter().any(|w| {
-            w.partition == partition
-                && committed
-                    .iter()
-                    .any(|(p, c)| *p == partition && c.is_some_and(|c| c > w.high))
+        .map(|w| {
+            w.high
+                .saturating_sub(position(w, &committed).unwrap_or(w.high))
         })
-    };
+        .sum();
+    // Done against the partitions' ends now, not the targets': a committed
+    // offset beyond a partition's end is not done.
+    let now = |partition: u32| marks.iter().find(|w| w.partition == partition);
     let done = targets.is_some_and(|t| {
-        t.iter()
-            .all(|w| at(w.partition, w.low) >= w.high && !beyond(w.partition))
+        t.iter().all(|w| {
+            now(w.partition).is_none_or(|m| position(m, &committed).is_some())
+                && committed_or_low(w, &committed) >= w.high
+        })
     });
     Ok((lag, done))
+}
+
+/// Where a group stands in partition `w`: its committed offset, or the
+/// partition's start when it has none (or one below the start, deleted by
+/// retention). None when the committed offset lies beyond the partition's
+/// end: that is not "done"; the consumer meets it and
+/// `log.on_offset_out_of_range` decides.
+pub fn position(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> Option<u64> {
+    let c = committed_or_low(w, committed);
+    (c <= w.high).then_some(c)
+}
+
+fn committed_or_low(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> u64 {
+    committed
+        .iter()
+        .find(|(p, _)| *p == w.partition)
+        .and_then(|(_, c)| *c)
+        .unwrap_or(w.low)
+        .max(w.low)
 }
 
 /// Fetches the texts of claim-checked envelopes; false if stopped first.

@@ -53,10 +53,7 @@ fn envelope(source: &str, path: &str, title: &str, text: Option<&str>) -> Envelo
 }
 
 fn record(env: &Envelope) -> Result<Record> {
-    Ok(Record::new(env.id.clone(), serde_json::to_vec(env)?)
-        .header(headers::SOURCE, env.source.clone())
-        .header(headers::CONTENT_TYPE, env.content_type.clone())
-        .header(headers::SCHEMA, SCHEMA_VERSION.to_string()))
+    embedded::raw_record(env)
 }
 
 /// Every record of a topic, partition by partition in offset order.

@@ -104,11 +104,7 @@ async fn produce_in(
             metadata: BTreeMap::new(),
         };
         ids.insert(env.id.clone());
-        records.push(
-            Record::new(env.id.clone(), serde_json::to_vec(&env)?)
-                .header(headers::SOURCE, "site")
-                .header(headers::SCHEMA, SCHEMA_VERSION.to_string()),
-        );
+        records.push(embedded::raw_record(&env)?);
         if records.len() == 10 {
             log.produce(topics::RAW, std::mem::take(&mut records))
                 .await?;

@@ -56,11 +56,7 @@ fn envelope(source: &str, n: usize, fetched_at_ms: i64) -> Envelope {
 
 /// The record a fresh ingest produces for an envelope.
 fn ingest_record(env: &Envelope) -> Result<Record> {
-    Ok(Record::new(env.id.clone(), serde_json::to_vec(env)?)
-        .header(headers::SOURCE, env.source.clone())
-        .header(headers::CONTENT_TYPE, env.content_type.clone())
-        .header(headers::SCHEMA, SCHEMA_VERSION.to_string())
-        .header(headers::URL, env.url.clone()))
+    embedded::raw_record(env)
 }
 
 fn config(dir: &Path) -> Config {

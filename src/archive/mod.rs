@@ -455,17 +455,11 @@ async fn archive(
     Ok(summary)
 }
 
-/// Where the group stands on a partition: its commit, or the earliest
-/// stored offset. A commit beyond the end counts as not started: the
-/// consumer meets it and `log.on_offset_out_of_range` decides.
+/// Where the group stands on a partition ([`crate::stage::position`]); a
+/// commit beyond the end counts as not started: the consumer meets it and
+/// `log.on_offset_out_of_range` decides.
 fn position(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> u64 {
-    committed
-        .iter()
-        .find(|(p, _)| *p == w.partition)
-        .and_then(|(_, c)| *c)
-        .filter(|c| *c <= w.high)
-        .unwrap_or(w.low)
-        .max(w.low)
+    crate::stage::position(w, committed).unwrap_or(w.low)
 }
 
 /// One run's state.

@@ -47,3 +47,14 @@ pub fn wait_unlocked(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The record ingest produces on `sift.raw` for an envelope: keyed by its
+/// id, with its raw headers.
+#[allow(dead_code)]
+pub fn raw_record(env: &sift::envelope::Envelope) -> Result<sift::backends::log::Record> {
+    Ok(sift::backends::log::Record {
+        key: Some(env.id.clone().into()),
+        value: serde_json::to_vec(env)?.into(),
+        headers: env.raw_headers(),
+    })
+}

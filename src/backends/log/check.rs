@@ -204,7 +204,7 @@ fn check_partition(
             if let Ok(base) = stem.parse::<u64>() {
                 bases.push(base);
             }
-        } else if name.ends_with(".quarantine") {
+        } else if segment::is_quarantine(&name) {
             report.quarantined.push(entry.path());
         }
     }

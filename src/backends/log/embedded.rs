@@ -102,10 +102,14 @@ pub struct PartitionReport {
     pub bytes: u64,
     /// Quarantine files beside the segments, with their sizes.
     pub quarantined: Vec<(PathBuf, u64)>,
-    /// Damage found since the log was opened; `quarantine` is None where it
-    /// was not repaired (a read-only open changes nothing).
+    /// Damage found since the log was opened (the latest [`DAMAGE_KEPT`]);
+    /// `quarantine` is None where it was not repaired (a read-only open
+    /// changes nothing). The quarantine files are the lasting record.
     pub damaged: Vec<Damage>,
 }
+
+/// Damage reports a process keeps in memory for [`EmbeddedLog::describe`].
+pub const DAMAGE_KEPT: usize = 10_000;
 
 /// The embedded log. Cheap to clone; clones share one open log.
 #[derive(Clone)]
@@ -283,15 +287,7 @@ impl EmbeddedLog {
                         st.segments.iter().map(|s| s.len).sum(),
                     )
                 };
-                let mut quarantined = Vec::new();
-                for entry in std::fs::read_dir(&p.dir).map_err(|e| LogError::io(&p.dir, e))? {
-                    let entry = entry.map_err(|e| LogError::io(&p.dir, e))?;
-                    if entry.file_name().to_string_lossy().ends_with(".quarantine") {
-                        let len = entry.metadata().map_or(0, |m| m.len());
-                        quarantined.push((entry.path(), len));
-                    }
-                }
-                quarantined.sort();
+                let quarantined = segment::quarantine_files(&p.dir)?;
                 out.push(PartitionReport {
                     topic: t.name.clone(),
                     partition: p.id,
@@ -324,22 +320,12 @@ impl EmbeddedLog {
                 "group `{group}` has members running; stop them before setting its offsets"
             )));
         }
-        let offsets = self.inner.group_offsets(group, g)?;
-        let mut updated = offsets.clone();
         for c in commits {
             let t = self.inner.topic(&c.topic)?;
             self.inner.partition(&t, c.partition)?;
-            updated.insert(
-                TopicPartition {
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                },
-                c.next_offset,
-            );
         }
-        self.inner.store_offsets(group, &updated)?;
-        *offsets = updated;
-        Ok(())
+        self.inner
+            .update_offsets(group, g, commits.iter().map(Commit::entry))
     }
 
     /// Syncs every partition written since the last sync.
@@ -986,7 +972,10 @@ impl Inner {
                     }
                     let damage = self.quarantine_segment(topic, partition, Path::new(&path))?;
                     self.dead_letters(topic, partition, &damage)?;
-                    self.damaged.lock().extend(damage);
+                    let mut kept = self.damaged.lock();
+                    kept.extend(damage);
+                    let over = kept.len().saturating_sub(DAMAGE_KEPT);
+                    kept.drain(..over);
                 }
                 other => return other,
             }
@@ -1226,6 +1215,22 @@ impl Inner {
         if always {
             sync_dir(&self.dir.join(OFFSETS_DIR))?;
         }
+        Ok(())
+    }
+
+    /// Writes group `name`'s committed offsets with `changes` applied, then
+    /// takes them in memory: offsets move only once their file is written.
+    fn update_offsets(
+        &self,
+        name: &str,
+        group: &mut Group,
+        changes: impl IntoIterator<Item = (TopicPartition, u64)>,
+    ) -> Result<(), LogError> {
+        let offsets = self.group_offsets(name, group)?;
+        let mut updated = offsets.clone();
+        updated.extend(changes);
+        self.store_offsets(name, &updated)?;
+        *offsets = updated;
         Ok(())
     }
 
@@ -1571,11 +1576,8 @@ impl EmbeddedConsumer {
         if only_forward && offsets.get(tp).is_some_and(|c| *c >= to) {
             return Ok(());
         }
-        let mut updated = offsets.clone();
-        updated.insert(tp.clone(), to);
-        self.inner.store_offsets(&self.group, &updated)?;
-        *offsets = updated;
-        Ok(())
+        self.inner
+            .update_offsets(&self.group, g, [(tp.clone(), to)])
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<Message>, LogError> {
@@ -1687,20 +1689,7 @@ impl Consumer for EmbeddedConsumer {
                 });
             }
         }
-        let offsets = inner.group_offsets(&self.group, g)?;
-        let mut updated = offsets.clone();
-        for c in commits {
-            updated.insert(
-                TopicPartition {
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                },
-                c.next_offset,
-            );
-        }
-        inner.store_offsets(&self.group, &updated)?;
-        *offsets = updated;
-        Ok(())
+        inner.update_offsets(&self.group, g, commits.iter().map(Commit::entry))
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {

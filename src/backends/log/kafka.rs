@@ -437,17 +437,10 @@ impl Inner {
         }
     }
 
-    /// Committed offsets of `group` on every partition of `topic` (blocking).
-    fn committed_blocking(
-        &self,
-        group: &str,
-        topic: &str,
-        partitions: u32,
-    ) -> Result<Vec<(u32, Option<u64>)>, LogError> {
-        let what = format!("reading the committed offsets of group `{group}` on `{topic}`");
-        // A consumer of the group that never subscribes, so it does not join
-        // the group or disturb its members.
-        let consumer: BaseConsumer = client_config(
+    /// A consumer of `group` that never subscribes, so it does not join the
+    /// group or disturb its members: it reads or writes committed offsets.
+    fn group_client(&self, group: &str, role: &str) -> Result<BaseConsumer, LogError> {
+        client_config(
             &self.settings,
             &[
                 ("group.id", group.to_string()),
@@ -456,7 +449,18 @@ impl Inner {
             ],
         )
         .create()
-        .map_err(|e| client_error(&self.settings, "offset reader", e))?;
+        .map_err(|e| client_error(&self.settings, role, e))
+    }
+
+    /// Committed offsets of `group` on every partition of `topic` (blocking).
+    fn committed_blocking(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Vec<(u32, Option<u64>)>, LogError> {
+        let what = format!("reading the committed offsets of group `{group}` on `{topic}`");
+        let consumer = self.group_client(group, "offset reader")?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_range(topic, 0, partitions as i32 - 1);
         let tpl = consumer
@@ -479,16 +483,7 @@ impl Inner {
     /// the brokers refuse it while the group has members (blocking).
     fn set_committed_blocking(&self, group: &str, commits: &[Commit]) -> Result<(), LogError> {
         let what = format!("setting the committed offsets of group `{group}`");
-        let consumer: BaseConsumer = client_config(
-            &self.settings,
-            &[
-                ("group.id", group.to_string()),
-                ("enable.auto.commit", "false".into()),
-                ("enable.auto.offset.store", "false".into()),
-            ],
-        )
-        .create()
-        .map_err(|e| client_error(&self.settings, "offset writer", e))?;
+        let consumer = self.group_client(group, "offset writer")?;
         let mut tpl = TopicPartitionList::new();
         for c in commits {
             tpl.add_partition_offset(

@@ -275,6 +275,17 @@ impl Commit {
             })
             .collect()
     }
+
+    /// The partition it commits and the offset it commits there.
+    pub fn entry(&self) -> (TopicPartition, u64) {
+        (
+            TopicPartition {
+                topic: self.topic.clone(),
+                partition: self.partition,
+            },
+            self.next_offset,
+        )
+    }
 }
 
 /// The largest record (key + value + headers) any log backend accepts; Kafka's

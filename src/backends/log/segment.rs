@@ -433,12 +433,33 @@ impl Damage {
     }
 }
 
+/// How a quarantine file's name ends.
+const QUARANTINE_SUFFIX: &str = ".quarantine";
+
 /// The quarantine file of the bad range at `position` of `segment`.
 pub(super) fn quarantine_path(segment: &Path, position: u64) -> PathBuf {
     let stem = segment
         .file_stem()
         .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-    segment.with_file_name(format!("{stem}.{position}.quarantine"))
+    segment.with_file_name(format!("{stem}.{position}{QUARANTINE_SUFFIX}"))
+}
+
+/// Whether a file name in a partition folder is a quarantine file.
+pub(super) fn is_quarantine(name: &str) -> bool {
+    name.ends_with(QUARANTINE_SUFFIX)
+}
+
+/// The quarantine files of a partition folder with their sizes, sorted.
+pub(super) fn quarantine_files(dir: &Path) -> Result<Vec<(PathBuf, u64)>, LogError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
+        let entry = entry.map_err(|e| LogError::io(dir, e))?;
+        if is_quarantine(&entry.file_name().to_string_lossy()) {
+            out.push((entry.path(), entry.metadata().map_or(0, |m| m.len())));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// A whole, checked frame at `pos` whose offset is at least `min`: its
