@@ -121,6 +121,16 @@ struct Model {
 }
 
 impl Model {
+    /// `count` new records under `key`, each with a value never used before.
+    fn records(&mut self, key: &str, count: u8) -> Vec<Record> {
+        (0..count)
+            .map(|_| {
+                self.produced += 1;
+                Record::new(key.to_owned(), format!("v{}", self.produced))
+            })
+            .collect()
+    }
+
     fn in_damage(&self, partition: u32, offset: u64) -> bool {
         self.damaged.get(&partition).is_some_and(|ranges| {
             ranges
@@ -254,15 +264,7 @@ async fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<()> {
         match op {
             Op::Produce { partition, count } => {
                 let log = world.log.as_ref().context("open")?;
-                let records: Vec<Record> = (0..count)
-                    .map(|_| {
-                        model.produced += 1;
-                        Record::new(
-                            keys[partition as usize].clone(),
-                            format!("v{}", model.produced),
-                        )
-                    })
-                    .collect();
+                let records = model.records(&keys[partition as usize], count);
                 let values: Vec<String> = records
                     .iter()
                     .map(|r| String::from_utf8_lossy(&r.value).into_owned())
@@ -319,15 +321,7 @@ async fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<()> {
                     DiskOp::Write
                 };
                 faults::inject(&under, op, 1);
-                let records: Vec<Record> = (0..count)
-                    .map(|_| {
-                        model.produced += 1;
-                        Record::new(
-                            keys[partition as usize].clone(),
-                            format!("v{}", model.produced),
-                        )
-                    })
-                    .collect();
+                let records = model.records(&keys[partition as usize], count);
                 let result = log.produce(TOPIC, records).await;
                 let unspent = faults::clear(&under);
                 ensure!(
