@@ -42,7 +42,7 @@ fn train_tiny(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> std::path:
         loss: None,
         no_ngrams: false,
         seed: None,
-        device: train::DeviceArg::Cpu,
+        device: sift::device::DeviceArg::Cpu,
         force: true,
         no_promote: false,
         no_feedback: true,

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use sift_training::{BatchLimits, Predictor, Scored};
 
 use crate::config::Config;
+use crate::device::DeviceArg;
 use crate::train::registry::Registry;
-use crate::train::{model_cache, DeviceArg, TrainCommandError};
+use crate::train::{model_cache, TrainCommandError};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
@@ -229,7 +230,7 @@ fn line_input(number: usize, line: &str) -> Input {
 pub async fn main(config: &Config, args: ClassifyArgs) -> Result<(), TrainCommandError> {
     let (dir, shown) =
         resolve_model(config, args.model.as_deref(), args.model_version.as_deref()).await?;
-    let device = crate::train::device(args.device)?;
+    let device = crate::device::device(args.device)?;
     let dtype = if device.is_cpu() {
         candle_core::DType::F32
     } else {

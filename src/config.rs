@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::{DeviceArg, DtypeArg};
+
 /// Prefix of environment variables that override config fields.
 pub const ENV_PREFIX: &str = "SIFT__";
 
@@ -549,7 +551,19 @@ pub struct CleanConfig {
     /// no `lang_confidence` in the metadata) costs ~6 µs a document;
     /// `broad` (whatlang, 70 languages with a confidence) ~75 µs, which
     /// about halves the documents/s of `sift clean`.
-    pub language_detector: crate::clean::language::LanguageDetector,
+    pub language_detector: LanguageDetector,
+}
+
+/// Which detector tells a text's language (`clean.language_detector`);
+/// what each does is in `clean::language`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LanguageDetector {
+    /// `whichlang`: 16 languages, no confidence, ~12× faster than `broad`.
+    #[default]
+    Fast,
+    /// `whatlang`: 70 languages with a confidence; about half the documents/s.
+    Broad,
 }
 
 impl Default for CleanConfig {
@@ -561,7 +575,7 @@ impl Default for CleanConfig {
             near_duplicate_bits: 3,
             near_duplicate_window: 10_000,
             languages: Vec::new(),
-            language_detector: crate::clean::language::LanguageDetector::Fast,
+            language_detector: LanguageDetector::Fast,
         }
     }
 }
@@ -652,9 +666,9 @@ pub struct InferConfig {
     /// Most rows written to the table (and records to `sift.categorized`) at once.
     pub write_rows: u32,
     /// Where the model runs: `cpu` or `cuda`.
-    pub device: crate::train::DeviceArg,
+    pub device: DeviceArg,
     /// Arithmetic: `f32`, `bf16` or `f16` (the last two on a GPU).
-    pub dtype: crate::bench::DtypeArg,
+    pub dtype: DtypeArg,
     /// Threads for tokenizing and the model on the CPU; 0 = one per core.
     pub threads: u32,
     /// How often the registry's LATEST is checked for a new model.
@@ -681,8 +695,8 @@ impl Default for InferConfig {
             max_wait: Duration::from_millis(5),
             max_in_flight: 2048,
             write_rows: 256,
-            device: crate::train::DeviceArg::Cpu,
-            dtype: crate::bench::DtypeArg::F32,
+            device: DeviceArg::Cpu,
+            dtype: DtypeArg::F32,
             threads: 0,
             model_poll: Duration::from_secs(30),
             model_version: String::new(),
@@ -1467,8 +1481,8 @@ mod tests {
         assert_eq!(c.table.backend, TableBackend::Hbase);
         assert_eq!(c.search.backend, SearchBackend::Elasticsearch);
         assert_eq!(c.cache.backend, CacheBackend::Redis);
-        assert_eq!(c.infer.device, crate::train::DeviceArg::Cuda);
-        assert_eq!(c.infer.dtype, crate::bench::DtypeArg::Bf16);
+        assert_eq!(c.infer.device, DeviceArg::Cuda);
+        assert_eq!(c.infer.dtype, DtypeArg::Bf16);
         assert!(!c.review.tls_cert.is_empty() && !c.review.tls_key.is_empty());
         assert_eq!(c.enrich.api_key, "key-from-env");
         assert_eq!(c.search.elasticsearch.password, "password-from-env");

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Record, Watermarks};
 use crate::backends::objects::{ObjectError, ObjectStore, PutMode};
 use crate::config::Config;
-use crate::envelope::{headers, topics};
+use crate::envelope::{headers, topics, Stage};
 
 /// The largest original record a dead letter carries; the rest of the 1 MB a
 /// message may have is left for headers.
@@ -40,7 +40,7 @@ pub const ORIGINAL_PREFIX: &str = "dlq/";
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     /// The stage that gave up (`ingest`, `clean`, `archive`, ...).
-    pub stage: &'static str,
+    pub stage: Stage,
     /// A short fixed code, used as a metric label (`http_not_found`, `bad_json`, ...).
     pub reason: &'static str,
     /// What went wrong, for a person.
@@ -87,12 +87,7 @@ struct Description<'a> {
 
 impl DeadLetter {
     /// A dead letter about an existing log record.
-    pub fn of_message(
-        stage: &'static str,
-        reason: &'static str,
-        detail: String,
-        m: &Message,
-    ) -> Self {
+    pub fn of_message(stage: Stage, reason: &'static str, detail: String, m: &Message) -> Self {
         let header = |name: &str| {
             m.headers
                 .iter()
@@ -168,7 +163,7 @@ impl DeadLetter {
                     (None, _) => self.detail.as_str(),
                 };
                 let d = Description {
-                    stage: self.stage,
+                    stage: self.stage.name(),
                     reason: self.reason,
                     detail,
                     source: self.source.as_deref(),
@@ -201,7 +196,7 @@ impl DeadLetter {
             headers::REASON.into(),
             Bytes::from(format!("{}: {}", self.reason, self.detail)),
         ));
-        hs.push((headers::STAGE.into(), Bytes::from(self.stage)));
+        hs.push((headers::STAGE.into(), Bytes::from(self.stage.name())));
         if let Some(s) = &self.source {
             if !hs.iter().any(|(k, _)| k == headers::SOURCE) {
                 hs.push((headers::SOURCE.into(), Bytes::from(s.clone())));
@@ -255,7 +250,7 @@ pub async fn send(
     for d in letters {
         let claim = match &d.original {
             Some(o) if d.original_too_large() => {
-                let key = original_key(d.stage, o);
+                let key = original_key(d.stage.name(), o);
                 objects
                     .put(&key, o.value.clone(), PutMode::Overwrite)
                     .await?;
@@ -272,7 +267,7 @@ pub async fn send(
     for d in letters {
         metrics.dead_letter(d.reason);
         tracing::warn!(
-            stage = d.stage,
+            stage = d.stage.name(),
             reason = d.reason,
             source = d.source.as_deref().unwrap_or(""),
             url = d.url.as_deref().unwrap_or(""),
@@ -300,17 +295,11 @@ const JOIN_WAIT: Duration = Duration::from_secs(30);
 /// Characters of a detail shown in text output.
 const DETAIL_CHARS: usize = 240;
 
-/// The topic a stage consumes: where the originals of its dead letters go
-/// back to. None for `ingest`, whose letters are about fetches, not records,
-/// and for any stage sift does not know.
+/// The topic the stage called `stage` consumes: where the originals of its
+/// dead letters go back to ([`Stage::input_topic`]); None for a stage sift
+/// does not know.
 pub fn input_topic(stage: &str) -> Option<&'static str> {
-    match stage {
-        crate::clean::STAGE | crate::archive::STAGE => Some(topics::RAW),
-        crate::infer::STAGE => Some(topics::CLEAN),
-        // `sift match` (src/matching/daemon.rs).
-        "match" => Some(topics::PROFILES),
-        _ => None,
-    }
+    Stage::parse(stage).and_then(Stage::input_topic)
 }
 
 /// [`Description`] read back: the value of a letter without an original.
@@ -412,7 +401,7 @@ impl Letter {
         let (replay_to, not_replayable) = match (&stage, &description) {
             (_, Some(d)) => (
                 None,
-                Some(if stage.as_deref() == Some("ingest") {
+                Some(if stage.as_deref() == Some(Stage::Ingest.name()) {
                     "no original record: ingest gave up before there was one; its next visit \
                      fetches the URL again"
                         .to_string()
@@ -1157,7 +1146,7 @@ mod tests {
 
     fn letter(value: Bytes) -> DeadLetter {
         DeadLetter {
-            stage: "clean",
+            stage: Stage::Clean,
             reason: "bad_json",
             detail: "not an envelope".into(),
             source: Some("s".into()),
@@ -1237,8 +1226,8 @@ mod tests {
     #[test]
     fn letters_without_an_original_are_not_replayable() {
         for (stage, d) in [
-            ("ingest", None),
-            ("clean", Some(Bytes::from(vec![b'x'; 1_000_000]))),
+            (Stage::Ingest, None),
+            (Stage::Clean, Some(Bytes::from(vec![b'x'; 1_000_000]))),
         ] {
             let mut x = letter(Bytes::new());
             x.stage = stage;
@@ -1248,7 +1237,7 @@ mod tests {
                 headers: Vec::new(),
             });
             let l = Letter::read(&message(x.record()));
-            assert_eq!(l.stage.as_deref(), Some(stage));
+            assert_eq!(l.stage.as_deref(), Some(stage.name()));
             assert_eq!(l.replay_to, None, "{stage}");
             assert!(l.original.is_none());
             assert!(l

@@ -50,6 +50,71 @@ pub mod topics {
     pub const FEEDBACK: &str = "sift.feedback";
 }
 
+/// A part of sift that handles records: the value of the `sift-stage`
+/// header of its dead letters and the `stage` label of its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// `sift ingest`.
+    Ingest,
+    /// `sift clean`.
+    Clean,
+    /// `sift archive`.
+    Archive,
+    /// `sift infer`.
+    Infer,
+    /// `sift match`.
+    Match,
+    /// The embedded log itself (damage it found and moved aside).
+    Log,
+}
+
+impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 6] = [
+        Stage::Ingest,
+        Stage::Clean,
+        Stage::Archive,
+        Stage::Infer,
+        Stage::Match,
+        Stage::Log,
+    ];
+
+    /// Its name in headers, metrics and `sift dlq list`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Ingest => "ingest",
+            Stage::Clean => "clean",
+            Stage::Archive => "archive",
+            Stage::Infer => "infer",
+            Stage::Match => "match",
+            Stage::Log => "log",
+        }
+    }
+
+    /// The stage called `name`, if sift has one.
+    pub fn parse(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The topic it consumes: where the originals of its dead letters go
+    /// back to. None for `ingest`, whose letters are about fetches, not
+    /// records, and for the log, whose letters describe damage.
+    pub const fn input_topic(self) -> Option<&'static str> {
+        match self {
+            Stage::Clean | Stage::Archive => Some(topics::RAW),
+            Stage::Infer => Some(topics::CLEAN),
+            Stage::Match => Some(topics::PROFILES),
+            Stage::Ingest | Stage::Log => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Prefix of the object-store keys holding claim-checked texts.
 pub const CLAIM_PREFIX: &str = "claims/";
 

@@ -27,12 +27,11 @@ pub enum Error {
     /// The cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
-    /// `sift ingest` could not start (sources file, HTTP client).
+    /// A stage's own error that callers pass on whole (`sift ingest`
+    /// could not start, the enrichment API failed): the stage converts it
+    /// with `From`, so this floor names no stage.
     #[error(transparent)]
-    Ingest(#[from] crate::ingest::IngestError),
-    /// The enrichment API client failed or was misconfigured.
-    #[error(transparent)]
-    Enrich(#[from] crate::matching::enrich::EnrichError),
+    Stage(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// A file or socket operation outside any backend failed.
     #[error("{context}: {source}")]
     Io {

@@ -15,6 +15,7 @@ pub mod clean;
 pub mod config;
 pub mod daemon;
 pub mod dbusa;
+pub mod device;
 pub mod dlq;
 pub mod documents;
 pub mod envelope;

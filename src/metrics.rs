@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::envelope::Stage;
+
 /// Label of per-stage counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
@@ -487,10 +489,10 @@ impl Metrics {
     }
 
     /// Counts a document a stage dropped on purpose.
-    pub fn drop(&self, stage: &str, reason: &str) {
+    pub fn drop(&self, stage: Stage, reason: &str) {
         self.dropped
             .get_or_create(&DropLabel {
-                stage: stage.to_string(),
+                stage: stage.name().to_string(),
                 reason: reason.to_string(),
             })
             .inc();
@@ -506,19 +508,19 @@ impl Metrics {
     }
 
     /// Sets a stage's consumer lag.
-    pub fn lag(&self, stage: &str, records: i64) {
+    pub fn lag(&self, stage: Stage, records: i64) {
         self.consumer_lag
             .get_or_create(&StageLabel {
-                stage: stage.to_string(),
+                stage: stage.name().to_string(),
             })
             .set(records);
     }
 
     /// Counts documents through a stage.
-    pub fn stage(&self, stage: &str, n: u64) {
+    pub fn stage(&self, stage: Stage, n: u64) {
         self.documents
             .get_or_create(&StageLabel {
-                stage: stage.to_string(),
+                stage: stage.name().to_string(),
             })
             .inc_by(n);
     }
@@ -677,7 +679,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_and_health() -> anyhow::Result<()> {
-        global().stage("test", 3);
+        global().stage(Stage::Log, 3);
         global().dead_letter("bad_json");
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let h = healthy.clone();
@@ -689,7 +691,7 @@ mod tests {
         let body = http_get(addr, "/metrics").await?;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(
-            body.contains("sift_pipeline_documents_total{stage=\"test\"} 3"),
+            body.contains("sift_pipeline_documents_total{stage=\"log\"} 3"),
             "{body}"
         );
         assert!(

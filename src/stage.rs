@@ -18,7 +18,7 @@ use crate::backends::log::{
 };
 use crate::backends::objects::{self, ObjectError, ObjectStore};
 use crate::dlq::DeadLetter;
-use crate::envelope::{self, Envelope, SCHEMA_VERSION};
+use crate::envelope::{self, Envelope, Stage, SCHEMA_VERSION};
 
 /// Largest record a stage sends, leaving room for the log's own framing.
 pub const RECORD_LIMIT: usize = MAX_RECORD_BYTES - 4096;
@@ -294,7 +294,7 @@ pub async fn commit(
 
 /// A dead letter about `m`, carrying it as its original ([`dlq::send`]
 /// claim-checks one too large to carry).
-pub fn dead_letter(stage: &'static str, m: &Message, r: Rejection) -> DeadLetter {
+pub fn dead_letter(stage: Stage, m: &Message, r: Rejection) -> DeadLetter {
     let detail = format!("{} ({} {}@{})", r.detail, m.topic, m.partition, m.offset);
     DeadLetter::of_message(stage, r.reason, detail, m)
 }

@@ -6,8 +6,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{ensure, Context, Result};
-use sift::dbusa::generate::{corruptions, generate, Profile, Spec, COLUMNS};
+use sift::dbusa::generate::{generate, Spec};
 use sift::dbusa::names::{normalize, parse_location, surname_key};
+use sift::dbusa::person::{corruptions, Profile, COLUMNS};
 
 fn spec(seed: u64) -> Spec {
     Spec {

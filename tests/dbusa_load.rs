@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use sift::backends::search::{EmbeddedSearch, SearchError, SearchIndex};
-use sift::dbusa::generate::Person;
 use sift::dbusa::index::person_of;
 use sift::dbusa::load::{checkpoint_path, Checkpoint, LoadSummary, Reject, STATE_DIR};
+use sift::dbusa::person::Person;
 
 const ROWS: usize = 30_000;
 /// Small bulk requests, each checkpointed, so that a load takes a few

@@ -17,11 +17,12 @@ use sift::backends::cache::EmbeddedCache;
 use sift::backends::table::EmbeddedTable;
 use sift::backends::Cache;
 use sift::config::EnrichConfig;
-use sift::dbusa::generate::{corruptions, generate, Profile, Spec};
+use sift::dbusa::generate::{generate, Spec};
+use sift::dbusa::person::{corruptions, Answer, Profile};
 use sift::matching::enrich::{
     AnswerStore, EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment,
 };
-use sift::matching::standin::{self, Answer, StandIn, StandInOptions};
+use sift::matching::standin::{self, StandIn, StandInOptions};
 
 const KEY: &str = "test-key-5b1d2e";
 
@@ -377,7 +378,7 @@ async fn the_generators_answers_serve_missing_profiles() -> Result<()> {
         },
         dir.path(),
     )?;
-    let answers = standin::read_answers(&g.enrichment)?;
+    let answers = sift::dbusa::person::read_answers(&g.enrichment)?;
     ensure!(answers.len() as u64 == g.answer_count && !answers.is_empty());
     let by_key: HashMap<(String, String), &Answer> = answers
         .iter()

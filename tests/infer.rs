@@ -48,7 +48,7 @@ fn train_args(seed: u64) -> TrainArgs {
         loss: None,
         no_ngrams: false,
         seed: Some(seed),
-        device: train::DeviceArg::Cpu,
+        device: sift::device::DeviceArg::Cpu,
         force: true,
         no_promote: false,
         no_feedback: true,

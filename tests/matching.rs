@@ -29,12 +29,12 @@ use sift::backends::search::{EmbeddedSearch, SearchIndex};
 use sift::backends::table::{EmbeddedTable, RowPut, Scan, Table};
 use sift::config::Config;
 use sift::daemon::Until;
-use sift::dbusa::generate::{generate, Profile, Spec};
+use sift::dbusa::generate::{generate, Spec};
+use sift::dbusa::person::{read_people, read_profiles, Profile};
 use sift::envelope::topics;
 use sift::matching::daemon::{self, Parts};
 use sift::matching::evaluate::{evaluate, table};
-use sift::matching::fit::{profile_in, read_people, read_profiles};
-use sift::matching::matcher::{Outcome, Reason};
+use sift::matching::matcher::{Outcome, ProfileIn, Reason};
 use sift::matching::sink::{self, HANDLES, HANDLES_FAMILY, IDENTITIES, IDENTITIES_FAMILY};
 
 mod embedded;
@@ -372,7 +372,7 @@ fn profile_records(profiles: &[Profile]) -> Vec<Record> {
     profiles
         .iter()
         .map(|p| {
-            let v = serde_json::to_vec(&profile_in(p)).unwrap_or_default();
+            let v = serde_json::to_vec(&ProfileIn::from(p)).unwrap_or_default();
             Record::new(format!("{}:{}", p.network, p.handle), v)
         })
         .collect()
@@ -825,7 +825,7 @@ async fn matching_on_elasticsearch_decides_like_the_embedded_index() -> Result<(
     let (on_es, _) = sift::matching::matcher_on(&es_config, Arc::new(es), answers.clone()).await?;
     let (on_embedded, _) =
         sift::matching::matcher_on(&config(dir.path()), embedded, answers).await?;
-    let inputs: Vec<_> = profiles.iter().map(profile_in).collect();
+    let inputs: Vec<_> = profiles.iter().map(ProfileIn::from).collect();
     let mut same = 0;
     let mut outcomes = Vec::new();
     for p in &inputs {

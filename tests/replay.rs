@@ -22,7 +22,7 @@ use sift::backends::log::{EmbeddedLog, Log, Message, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
 use sift::config::Config;
 use sift::dlq::{self, DeadLetter, Filter};
-use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
+use sift::envelope::{self, headers, topics, Envelope, Stage, SCHEMA_VERSION};
 use sift::stage::{dead_letter, Rejection};
 
 mod embedded;
@@ -476,7 +476,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
 
     let clean_letter = |m: &Message| {
         DeadLetter::of_message(
-            "clean",
+            Stage::Clean,
             "bad_json",
             format!(
                 "not a JSON envelope ({} {}@{})",
@@ -486,7 +486,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         )
     };
     let ingest_letter = |n: usize| DeadLetter {
-        stage: "ingest",
+        stage: Stage::Ingest,
         reason: "fetch",
         detail: format!("HTTP 503 after 3 attempts ({n})"),
         source: Some("gov".into()),
@@ -521,17 +521,22 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         objects,
         &[
             dead_letter(
-                "infer",
+                Stage::Infer,
                 &clean[0],
                 Rejection::new("empty_text", "no text".into()),
             ),
             dead_letter(
-                "infer",
+                Stage::Infer,
                 &clean[1],
                 Rejection::new("empty_text", "no text".into()),
             ),
-            DeadLetter::of_message("archive", "bad_source", "tag too long".into(), &raw[2]),
-            DeadLetter::of_message("match", "bad_profile", "no handle".into(), &profiles[0]),
+            DeadLetter::of_message(Stage::Archive, "bad_source", "tag too long".into(), &raw[2]),
+            DeadLetter::of_message(
+                Stage::Match,
+                "bad_profile",
+                "no handle".into(),
+                &profiles[0],
+            ),
         ],
     )
     .await?;
@@ -553,9 +558,14 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         objects,
         &[
             clean_letter(&raw[3]),
-            DeadLetter::of_message("clean", "bad_json", "too big".into(), &huge(0)),
+            DeadLetter::of_message(Stage::Clean, "bad_json", "too big".into(), &huge(0)),
             ingest_letter(1),
-            DeadLetter::of_message("match", "bad_profile", "no handle".into(), &profiles[1]),
+            DeadLetter::of_message(
+                Stage::Match,
+                "bad_profile",
+                "no handle".into(),
+                &profiles[1],
+            ),
             clean_letter(&raw[4]),
         ],
     )
@@ -694,7 +704,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         log.as_ref(),
         objects,
         &[dead_letter(
-            "infer",
+            Stage::Infer,
             &clean[2],
             Rejection::new("internal", "tokenizing failed".into()),
         )],
@@ -797,7 +807,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         log.as_ref(),
         objects,
         &[DeadLetter::of_message(
-            "clean",
+            Stage::Clean,
             "bad_json",
             "too big".into(),
             &huge(1),

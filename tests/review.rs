@@ -861,8 +861,8 @@ async fn tls_serves_https_with_secure_cookies() -> anyhow::Result<()> {
 }
 
 /// A person of the consumer database, for identity decisions.
-fn person(id: &str, first: &str, city: &str) -> sift::dbusa::generate::Person {
-    sift::dbusa::generate::Person {
+fn person(id: &str, first: &str, city: &str) -> sift::dbusa::person::Person {
+    sift::dbusa::person::Person {
         dbusa_id: id.into(),
         first: first.into(),
         middle: String::new(),

@@ -230,7 +230,7 @@ async fn seed_identities(table: std::sync::Arc<EmbeddedTable>) -> Result<()> {
                         weight,
                     })
                     .collect(),
-                    person: Some(sift::dbusa::generate::Person {
+                    person: Some(sift::dbusa::person::Person {
                         dbusa_id: (*id).into(),
                         first: ["Christina", "Christine", "Christopher"][i + n * 2 % 3].into(),
                         middle: String::new(),

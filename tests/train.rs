@@ -51,7 +51,7 @@ fn args(data: &[String], epochs: u32) -> TrainArgs {
         loss: None,
         no_ngrams: false,
         seed: None,
-        device: train::DeviceArg::Cpu,
+        device: sift::device::DeviceArg::Cpu,
         force: false,
         no_promote: false,
         no_feedback: false,

@@ -96,12 +96,12 @@ use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Watermarks}
 use crate::backends::objects::{self, ObjectStore, PutMode, PutOptions};
 use crate::config::{Config, ConfigError, Encryption};
 use crate::dlq::{self, DeadLetter};
-use crate::envelope::topics;
+use crate::envelope::{topics, Stage};
 use buffer::{Group, Parsed, PartitionBuffer};
 use keys::Layout;
 
 /// Stage name in metrics, logs and dead letters.
-pub const STAGE: &str = "archive";
+pub const STAGE: Stage = Stage::Archive;
 
 /// Records asked of one poll.
 const POLL_RECORDS: usize = 1000;

@@ -21,11 +21,10 @@ use crate::backends::log::{EmbeddedLog, Log};
 use crate::backends::objects::{EmbeddedObjects, ObjectStore};
 use crate::backends::table::{EmbeddedTable, Table};
 use crate::config::Config;
+use crate::device::{set_threads, DeviceArg, DtypeArg};
 use crate::envelope::{self, topics, Envelope, SCHEMA_VERSION};
 use crate::infer::{self, ModelChoice, Until};
-use crate::train::{DeviceArg, TrainCommandError};
-
-use super::DtypeArg;
+use crate::train::TrainCommandError;
 
 /// `sift bench infer`.
 #[derive(Debug, Clone, Args)]
@@ -98,7 +97,7 @@ pub struct InferBench {
 }
 
 pub(super) async fn main(config: &Config, args: InferBenchArgs) -> Result<(), TrainCommandError> {
-    let threads = super::set_threads(args.threads);
+    let threads = set_threads(args.threads);
     let (dir, shown) = crate::classify::resolve_model(config, args.model.as_deref(), None).await?;
     let model_config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(sift_training::files::CONFIG))

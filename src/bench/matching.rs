@@ -16,8 +16,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::dbusa::person::read_profiles;
 use crate::matching::evaluate::{evaluate, table, Report};
-use crate::matching::fit::{profile_in, read_profiles};
+use crate::matching::matcher::ProfileIn;
 use crate::matching::matcher::{decide, Matcher, Outcome, Reason};
 use crate::matching::standin;
 
@@ -119,7 +120,7 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
     }
     let answers_path = args.data.join("enrichment.jsonl");
     let answers = if answers_path.exists() {
-        standin::read_answers(&answers_path)?
+        crate::dbusa::person::read_answers(&answers_path)?
     } else {
         Vec::new()
     };
@@ -133,7 +134,7 @@ pub async fn main(config: &Config, args: MatchBenchArgs) -> crate::Result<()> {
     let mut enrichment_requests = 0;
     let search = crate::backends::open_search(&config).await?;
     let people = search.count(&config.dbusa.index).await?;
-    let inputs: Vec<_> = profiles.iter().map(profile_in).collect();
+    let inputs: Vec<_> = profiles.iter().map(ProfileIn::from).collect();
     let mut speed = Vec::new();
     let mut last: Vec<Outcome> = Vec::new();
     let mut prior_bits = 0.0;

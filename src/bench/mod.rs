@@ -28,13 +28,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::DType;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde::Serialize;
 use sift_training::{Document, Encoded, Predictor};
 
 use crate::config::Config;
-use crate::train::{DeviceArg, TrainCommandError};
+use crate::device::{set_threads, DeviceArg, DtypeArg};
+use crate::train::TrainCommandError;
 
 /// `sift bench`.
 #[derive(Debug, Subcommand)]
@@ -64,30 +64,6 @@ pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCom
         BenchCommand::Feedback(args) => tokio::task::spawn_blocking(move || feedback::main(args))
             .await
             .map_err(|e| TrainCommandError::Invalid(format!("the bench thread failed: {e}")))?,
-    }
-}
-
-/// Number format of the model's arithmetic.
-#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DtypeArg {
-    /// 32-bit floats (the CPU default).
-    #[default]
-    F32,
-    /// bfloat16 (GPU).
-    Bf16,
-    /// IEEE half (GPU).
-    F16,
-}
-
-impl DtypeArg {
-    /// The Candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::Bf16 => DType::BF16,
-            DtypeArg::F16 => DType::F16,
-        }
     }
 }
 
@@ -150,28 +126,11 @@ pub struct ModelBench {
     pub model: serde_json::Value,
 }
 
-/// Sets the size of rayon's global pool (the model's matrix products and
-/// sift's own parallel work) before anything starts it.
-pub fn set_threads(threads: usize) -> usize {
-    if threads > 0 {
-        // Candle's CPU kernels read this too.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        if rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .is_err()
-        {
-            tracing::warn!("The thread pool was already started; --threads has no effect.");
-        }
-    }
-    rayon::current_num_threads()
-}
-
 async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommandError> {
     let threads = set_threads(args.threads);
     let (dir, version) =
         crate::classify::resolve_model(config, args.model.as_deref(), None).await?;
-    let device = crate::train::device(args.device)?;
+    let device = crate::device::device(args.device)?;
     let predictor = Predictor::load(&dir, &device, args.dtype.dtype())
         .map_err(|e| TrainCommandError::Invalid(format!("cannot load model {version}: {e}")))?;
     let mut documents: Vec<Document> = match &args.data {

@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use futures::StreamExt;
@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::backends::log::EmbeddedLog;
 use crate::backends::table::{EmbeddedTable, RowPut, Table};
 use crate::config::Config;
+use crate::review::client::Client;
 use crate::review::{auth, queue, Backends, Server};
 
 /// `sift bench review`.
@@ -208,77 +209,12 @@ async fn fill(table: &dyn Table, args: &ReviewBenchArgs) -> crate::Result<()> {
     Ok(())
 }
 
-/// A logged-in HTTP client.
-pub(crate) struct Client {
-    http: reqwest::Client,
-    base: String,
-    cookie: String,
+/// The review UI under load: a logged-in client and its timings.
+struct Timed {
+    client: Client,
 }
 
-fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get_all(reqwest::header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| v.split(';').next())
-        .find(|pair| pair.starts_with(&format!("{name}=")))
-        .map(str::to_owned)
-}
-
-/// Logs `user` in to the review UI at `base` (its login form, CSRF cookie included).
-pub(crate) async fn login(
-    base: &str,
-    user: &str,
-    password: &str,
-    concurrency: usize,
-) -> crate::Result<Client> {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(concurrency)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(bench_error)?;
-    let page = http
-        .get(format!("{base}/login"))
-        .send()
-        .await
-        .map_err(bench_error)?;
-    let csrf_cookie = set_cookie(&page, auth::LOGIN_CSRF_COOKIE)
-        .ok_or_else(|| bench_error("the login page set no CSRF cookie"))?;
-    let token = csrf_cookie
-        .split_once('=')
-        .map(|(_, v)| v.to_owned())
-        .unwrap_or_default();
-    let response = http
-        .post(format!("{base}/login"))
-        .header(reqwest::header::COOKIE, csrf_cookie)
-        .form(&[("username", user), ("password", password), ("csrf", &token)])
-        .send()
-        .await
-        .map_err(bench_error)?;
-    let cookie = set_cookie(&response, auth::SESSION_COOKIE)
-        .ok_or_else(|| bench_error(format!("login failed: HTTP {}", response.status())))?;
-    Ok(Client {
-        http,
-        base: base.to_owned(),
-        cookie,
-    })
-}
-
-impl Client {
-    /// GETs `path` with the session; returns the status.
-    pub(crate) async fn status(&self, path: &str) -> crate::Result<u16> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header(reqwest::header::COOKIE, &self.cookie)
-            .send()
-            .await
-            .map_err(bench_error)?;
-        Ok(response.status().as_u16())
-    }
-
+impl Timed {
     /// GETs every path (200 expected), `concurrency` at a time.
     async fn fetch(&self, paths: &[String], concurrency: usize) -> Vec<crate::Result<(f64, f64)>> {
         futures::stream::iter(paths)
@@ -305,13 +241,7 @@ impl Client {
     /// GETs `path`; returns (server ms from Server-Timing, client ms).
     async fn time(&self, path: &str, expect: reqwest::StatusCode) -> crate::Result<(f64, f64)> {
         let started = Instant::now();
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header(reqwest::header::COOKIE, &self.cookie)
-            .send()
-            .await
-            .map_err(bench_error)?;
+        let response = self.client.get(path).await.map_err(bench_error)?;
         let status = response.status();
         let server = response
             .headers()
@@ -390,7 +320,9 @@ pub async fn main(config: &Config, args: ReviewBenchArgs) -> crate::Result<()> {
     )
     .await?;
     let base = format!("http://{}", server.addr());
-    let client = login(&base, "bench", password, args.concurrency).await?;
+    let client = Timed {
+        client: Client::login(&base, "bench", password, args.concurrency).await?,
+    };
 
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let paths: Vec<String> = (0..args.requests + 100)

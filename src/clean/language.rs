@@ -17,7 +17,6 @@
 //! Both tell from the first [`SAMPLE_BYTES`] of a text, and both give
 //! [`UNDETERMINED`] for a text without letters (digits and punctuation only).
 
-use serde::{Deserialize, Serialize};
 use whatlang::Script;
 
 /// The code of a text whose language could not be told (ISO 639-3 `und`).
@@ -28,16 +27,7 @@ pub const UNDETERMINED: &str = "und";
 /// agrees with the whole 5 KB text on every document, at under half the cost.
 pub const SAMPLE_BYTES: usize = 512;
 
-/// Which detector tells a text's language (`clean.language_detector`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LanguageDetector {
-    /// `whichlang`: 16 languages, no confidence, ~12× faster than `broad`.
-    #[default]
-    Fast,
-    /// `whatlang`: 70 languages with a confidence; about half the documents/s.
-    Broad,
-}
+pub use crate::config::LanguageDetector;
 
 /// A text's language.
 #[derive(Debug, Clone, Copy, PartialEq)]

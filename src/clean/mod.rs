@@ -61,7 +61,7 @@ use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Record, Wat
 use crate::backends::objects::{self, ObjectStore, PutMode};
 use crate::config::Config;
 use crate::dlq::{self, DeadLetter};
-use crate::envelope::{self, headers, topics, Envelope, CLAIM_PREFIX, SCHEMA_VERSION};
+use crate::envelope::{self, headers, topics, Envelope, Stage, CLAIM_PREFIX, SCHEMA_VERSION};
 use crate::metrics::Health;
 use crate::stage::{
     commit, dead_letter, parallel, parse, resolve_claims, retry, standing, Backoff, Rejection,
@@ -72,7 +72,7 @@ use self::language::LanguageDetector;
 use self::simhash::NearDuplicates;
 
 /// The stage name in metrics and dead letters.
-pub const STAGE: &str = "clean";
+pub const STAGE: Stage = Stage::Clean;
 
 /// Why a record went to the dead-letter topic (the `reason` label).
 pub mod reasons {

@@ -6,8 +6,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::generate::Person;
 use super::names::{canonical_first, normalize, phonetic, surname_key};
+use super::person::Person;
 use crate::backends::search::{FieldKind, FieldSpec, IndexSpec, SearchDoc};
 
 /// Default index name.

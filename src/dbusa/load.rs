@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::generate::{Person, COLUMNS};
 use super::index::{person_doc, spec};
+use super::person::{Person, COLUMNS};
 use crate::backends::search::{BulkReport, LoadSettings, SearchDoc, SearchError, SearchIndex};
 use crate::config::Config;
 use crate::Error;

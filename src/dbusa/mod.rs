@@ -13,6 +13,7 @@ pub mod generate;
 pub mod index;
 pub mod load;
 pub mod names;
+pub mod person;
 pub mod reference;
 
 use std::path::PathBuf;

@@ -57,7 +57,7 @@ use crate::backends::table::{RowPut, Table};
 use crate::config::Config;
 use crate::dlq::{self, DeadLetter};
 use crate::documents::{categories, CATEGORIES};
-use crate::envelope::{headers, topics, Envelope, SCHEMA_VERSION};
+use crate::envelope::{headers, topics, Envelope, Stage, SCHEMA_VERSION};
 use crate::metrics::Health;
 use crate::stage::{
     commit, dead_letter, parallel, parse, resolve_claims, retry, standing, Backoff, Rejection, Stop,
@@ -69,7 +69,7 @@ use self::model::{Slot, Source};
 pub use crate::daemon::Until;
 
 /// The stage name in metrics and dead letters.
-pub const STAGE: &str = "infer";
+pub const STAGE: Stage = Stage::Infer;
 
 /// Labels kept per document.
 pub const TOP_K: usize = 5;
@@ -172,7 +172,7 @@ pub fn readiness() -> Health {
 
 /// Runs `sift infer`.
 pub async fn main(config: &Config, args: InferArgs) -> crate::Result<()> {
-    crate::bench::set_threads(config.infer.threads as usize);
+    crate::device::set_threads(config.infer.threads as usize);
     let log = crate::backends::open_log(config).await?;
     let table = crate::backends::open_table(config).await?;
     let objects = crate::backends::open_objects(config).await?;
@@ -356,7 +356,7 @@ pub async fn run(
     metrics.infer_ready.set(0);
 
     // The model: loaded before anything is consumed.
-    let device = crate::train::device(config.infer.device)
+    let device = crate::device::device(config.infer.device)
         .map_err(|e| crate::Error::Invalid(e.to_string()))?;
     let dtype = config.infer.dtype.dtype();
     let slot = Arc::new(Slot::default());
@@ -417,7 +417,7 @@ pub async fn run(
                 objects.clone(),
                 &config.train.prefix,
                 crate::train::model_cache(config),
-                crate::train::device(config.infer.device)
+                crate::device::device(config.infer.device)
                     .map_err(|e| crate::Error::Invalid(e.to_string()))?,
                 dtype,
             ),

@@ -39,7 +39,7 @@ use crate::backends::objects::{ObjectStore, PutMode};
 use crate::backends::table::{Delete, RowPut, Scan, Table};
 use crate::config::{Config, IngestConfig};
 use crate::dlq::DeadLetter;
-use crate::envelope::{self, topics, Envelope, SCHEMA_VERSION};
+use crate::envelope::{self, topics, Envelope, Stage, SCHEMA_VERSION};
 use fetch::{Fetched, Fetcher};
 use sources::{Source, SourceKind};
 
@@ -121,6 +121,12 @@ pub enum IngestError {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Fetch(#[from] fetch::FetchError),
+}
+
+impl From<IngestError> for crate::Error {
+    fn from(e: IngestError) -> Self {
+        crate::Error::Stage(Box::new(e))
+    }
 }
 
 /// A page to fetch or read, and what to attach to it.
@@ -260,7 +266,7 @@ impl Ingest {
             }
             if !source.wants(&t.url) {
                 *summary.dropped.entry("url_pattern".into()).or_default() += 1;
-                crate::metrics::global().drop("ingest", "url_pattern");
+                crate::metrics::global().drop(Stage::Ingest, "url_pattern");
                 continue;
             }
             wanted.push(t);
@@ -293,7 +299,7 @@ impl Ingest {
                     summary.fetched += 1;
                     summary.bytes += bytes;
                     *summary.dropped.entry(reason.into()).or_default() += 1;
-                    crate::metrics::global().drop("ingest", reason);
+                    crate::metrics::global().drop(Stage::Ingest, reason);
                 }
                 Outcome::Dead(d) => dead.push(d),
             }
@@ -333,7 +339,7 @@ impl Ingest {
         let n = records.len() as u64;
         self.log.produce(topics::RAW, records).await?;
         self.table.put(STATE_TABLE, state).await?;
-        crate::metrics::global().stage("ingest", n);
+        crate::metrics::global().stage(Stage::Ingest, n);
         Ok(n)
     }
 
@@ -346,7 +352,7 @@ impl Ingest {
     ) -> crate::Result<Vec<Target>> {
         let mut out = Vec::new();
         let letter = |reason: &'static str, url: &str, detail: String| DeadLetter {
-            stage: "ingest",
+            stage: Stage::Ingest,
             reason,
             detail,
             source: Some(source.tag.clone()),
@@ -517,7 +523,7 @@ impl Ingest {
     ) -> crate::Result<Outcome> {
         let dead = |reason: &'static str, detail: String| {
             Ok(Outcome::Dead(DeadLetter {
-                stage: "ingest",
+                stage: Stage::Ingest,
                 reason,
                 detail,
                 source: Some(source.tag.clone()),

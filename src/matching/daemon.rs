@@ -19,11 +19,11 @@ use crate::backends::{Cache, Table};
 use crate::config::Config;
 use crate::daemon::Until;
 use crate::dlq;
-use crate::envelope::topics;
+use crate::envelope::{topics, Stage};
 use crate::metrics::Health;
 use crate::stage::{commit, dead_letter, retry, standing, Backoff, Rejection, Stop};
 
-const STAGE: &str = "match";
+const STAGE: Stage = Stage::Match;
 /// How long a poll waits for records.
 const POLL_WAIT: Duration = Duration::from_millis(500);
 /// How often progress is logged.

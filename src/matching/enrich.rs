@@ -474,6 +474,12 @@ pub enum EnrichError {
     },
 }
 
+impl From<EnrichError> for crate::Error {
+    fn from(e: EnrichError) -> Self {
+        crate::Error::Stage(Box::new(e))
+    }
+}
+
 fn rejected_hint(status: &u16) -> &'static str {
     match status {
         400 | 422 => " (the request was malformed: check the network name and the handle)",

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 
 use super::enrich::{AnswerStore, EnrichRequest, Enricher, StoreSummary};
 use super::standin::{self, StandInOptions};
-use crate::dbusa::generate::NETWORKS;
+use crate::dbusa::person::NETWORKS;
 
 /// `sift enrich`.
 #[derive(Debug, Subcommand)]
@@ -80,7 +80,7 @@ pub struct LookupArgs {
 pub async fn main(config: crate::config::Config, command: EnrichCommand) -> crate::Result<()> {
     match command {
         EnrichCommand::Standin(a) => {
-            let answers = standin::read_answers(&a.answers)?;
+            let answers = crate::dbusa::person::read_answers(&a.answers)?;
             let server = standin::start(
                 a.listen,
                 a.api_key,

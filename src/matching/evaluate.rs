@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::matcher::{Outcome, Reason};
-use crate::dbusa::generate::{corruptions, Profile};
+use crate::dbusa::person::{corruptions, Profile};
 
 /// Counts and rates of one group of profiles.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -20,7 +20,6 @@
 //! deterministic.
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,8 +33,8 @@ use super::score::{
 };
 use crate::backends::SearchIndex;
 use crate::config::Config;
-use crate::dbusa::generate::{Person, Profile};
 use crate::dbusa::index::person_of;
+use crate::dbusa::person::{read_profiles, Person, Profile};
 
 /// `sift match fit` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -71,49 +70,6 @@ pub struct FitArgs {
     /// Where to write the weights (JSON).
     #[arg(long, short)]
     pub out: PathBuf,
-}
-
-/// Reads every person of a database CSV.
-pub fn read_people(path: &Path) -> crate::Result<Vec<Person>> {
-    let mut reader = csv::Reader::from_path(path)
-        .map_err(|e| crate::Error::Invalid(format!("cannot read {}: {e}", path.display())))?;
-    let mut people = Vec::new();
-    for (i, row) in reader.deserialize::<Person>().enumerate() {
-        people.push(row.map_err(|e| {
-            crate::Error::Invalid(format!("{} row {}: {e}", path.display(), i + 2))
-        })?);
-    }
-    Ok(people)
-}
-
-/// Reads labelled profiles (JSON lines).
-pub fn read_profiles(path: &Path) -> crate::Result<Vec<Profile>> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| crate::Error::io(format!("opening {}", path.display()), e))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| crate::Error::io(format!("reading {}", path.display()), e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push(serde_json::from_str(&line).map_err(|e| {
-            crate::Error::Invalid(format!("{} line {}: {e}", path.display(), i + 1))
-        })?);
-    }
-    Ok(out)
-}
-
-/// What a labelled profile says, as the matcher sees it.
-pub fn profile_in(p: &Profile) -> ProfileIn {
-    ProfileIn {
-        id: Some(p.id.clone()),
-        network: p.network.clone(),
-        handle: p.handle.clone(),
-        name: p.name.clone(),
-        location: p.location.clone(),
-        email: p.email.clone(),
-        phone: None,
-    }
 }
 
 /// People of a database CSV drawn at random (a seeded reservoir of `k`),
@@ -161,7 +117,7 @@ fn random_pairs(
         .par_iter()
         .enumerate()
         .map(|(i, profile)| {
-            let probe = probe_of(&profile_in(profile));
+            let probe = probe_of(&ProfileIn::from(profile));
             let mut u = LevelCounts::default();
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(i as u64);
@@ -207,7 +163,7 @@ pub fn fit_labelled(
         };
         labelled += 1;
         m.add(&compare(
-            &probe_of(&profile_in(profile)),
+            &probe_of(&ProfileIn::from(profile)),
             &Candidate::new(person.clone()),
         ));
     }
@@ -216,7 +172,7 @@ pub fn fit_labelled(
     // those whose person is in the database (as the unlabelled fit counts).
     let searchable: Vec<&Profile> = profiles
         .iter()
-        .filter(|p| probe_of(&profile_in(p)).searchable())
+        .filter(|p| probe_of(&ProfileIn::from(*p)).searchable())
         .collect();
     let share = searchable.iter().filter(|p| p.dbusa_id.is_some()).count() as f64
         / searchable.len().max(1) as f64;
@@ -247,7 +203,7 @@ pub async fn candidate_pairs(
     let results = super::unordered_map(profiles.iter().collect(), 8, |p| {
         let search = search.clone();
         async move {
-            let probe = probe_of(&profile_in(p));
+            let probe = probe_of(&ProfileIn::from(p));
             let Some(query) = super::block::query(&probe, candidates) else {
                 return Ok(Vec::new());
             };

@@ -16,6 +16,7 @@ use super::score::{
 use crate::backends::search::{Clause, Query, SearchError, SearchIndex};
 use crate::dbusa::index::{household_key, person_of, phone_digits};
 use crate::dbusa::names::{normalize, parse_location, split_name, NameParts, Place};
+use crate::dbusa::person::{Person, Profile};
 
 /// A profile to match: what a social network shows about an account.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,21 @@ pub struct ProfileIn {
     /// Phone, when known.
     #[serde(default)]
     pub phone: Option<String>,
+}
+
+impl From<&Profile> for ProfileIn {
+    /// What a labelled profile says, as the matcher sees it.
+    fn from(p: &Profile) -> Self {
+        ProfileIn {
+            id: Some(p.id.clone()),
+            network: p.network.clone(),
+            handle: p.handle.clone(),
+            name: p.name.clone(),
+            location: p.location.clone(),
+            email: p.email.clone(),
+            phone: None,
+        }
+    }
 }
 
 impl ProfileIn {
@@ -188,7 +204,7 @@ pub struct CandidateScore {
     pub evidence: Vec<Evidence>,
     /// The person as stored, so a reviewer sees what was compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub person: Option<crate::dbusa::generate::Person>,
+    pub person: Option<Person>,
 }
 
 /// A failure that stops a profile from being decided now; the caller retries.
@@ -455,7 +471,7 @@ impl Matcher {
         })
     }
 
-    fn scoring(&self, probe: &Probe, person: crate::dbusa::generate::Person) -> Scoring {
+    fn scoring(&self, probe: &Probe, person: Person) -> Scoring {
         let candidate = Candidate::new(person);
         let scored = self.weights.score(probe, &candidate);
         let other = first_name_contradicts(probe, &candidate.person, &scored.evidence);
@@ -562,11 +578,7 @@ fn first_rank(s: &super::score::Scored) -> usize {
 /// disagree (not a nickname, typo or sound-alike: level `other`), the
 /// profile's first name is not the person's middle name (people go by
 /// either), and no exact email or phone ties the two.
-pub fn first_name_contradicts(
-    probe: &Probe,
-    person: &crate::dbusa::generate::Person,
-    evidence: &[Evidence],
-) -> bool {
+pub fn first_name_contradicts(probe: &Probe, person: &Person, evidence: &[Evidence]) -> bool {
     use super::score::{Field, Level};
     let level = |f: Field| evidence.iter().find(|e| e.field == f).map(|e| e.level);
     if level(Field::First) != Some(Level::Other)
@@ -698,7 +710,7 @@ fn fill(probe: &mut Probe, person: &super::enrich::EnrichedPerson) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dbusa::generate::Person;
+    use Person;
 
     fn member(first: &str, middle: &str, email: &str) -> Person {
         Person {

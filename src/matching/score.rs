@@ -15,12 +15,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dbusa::generate::Person;
 use crate::dbusa::index::phone_digits;
 use crate::dbusa::names::{
     city_point, distance_km, first_frequency, nickname_equivalent, normalize, phonetic,
     surname_frequency, surname_key, zip_point, NameParts, Place,
 };
+use crate::dbusa::person::Person;
 
 /// The compared fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,30 +22,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::enrich::{RateLimiter, ENRICH_PATH};
-
-/// One canned answer: one line of the answers file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Answer {
-    /// The network (`twitter`, `instagram`, ...), as requests name it.
-    pub service: String,
-    /// The handle; matched without regard to case.
-    pub username: String,
-    /// Emails that find this answer too (a request without a known profile).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub emails: Vec<String>,
-    /// Statuses served to repeated requests of this answer, in order; the last
-    /// one repeats. Empty means always 200.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub statuses: Vec<u16>,
-    /// The body of a 200 answer: a person as the API describes one.
-    pub person: Value,
-}
+use crate::dbusa::person::Answer;
 
 /// How the stand-in behaves beyond its answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,26 +219,6 @@ pub async fn start(
     })
 }
 
-/// Reads an answers file: one [`Answer`] as JSON per line, blank lines skipped.
-pub fn read_answers(path: impl AsRef<Path>) -> crate::Result<Vec<Answer>> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| crate::Error::io(format!("reading the answers file {}", path.display()), e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(n, line)| {
-            serde_json::from_str(line).map_err(|e| {
-                crate::Error::Invalid(format!(
-                    "line {} of {} is not a stand-in answer ({e}); each line needs service, username and person",
-                    n + 1,
-                    path.display()
-                ))
-            })
-        })
-        .collect()
-}
-
 /// `POST /v3/person.enrich`.
 async fn enrich(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     s.total.fetch_add(1, Ordering::Relaxed);
@@ -387,35 +348,6 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_read_with_defaults_and_report_bad_lines() -> crate::Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| crate::Error::io("tempdir", e))?;
-        let path = dir.path().join("answers.jsonl");
-        std::fs::write(
-            &path,
-            "{\"service\":\"twitter\",\"username\":\"jdoe\",\"person\":{\"fullName\":\"John Doe\"}}\n\n\
-             {\"service\":\"tiktok\",\"username\":\"x\",\"emails\":[\"x@y.z\"],\"statuses\":[202,200],\"person\":{}}\n",
-        )
-        .map_err(|e| crate::Error::io("write", e))?;
-        let answers = read_answers(&path)?;
-        assert_eq!(answers.len(), 2);
-        assert!(answers[0].emails.is_empty() && answers[0].statuses.is_empty());
-        assert_eq!(answers[1].statuses, [202, 200]);
-        // Defaults are left out when written back.
-        let line =
-            serde_json::to_string(&answers[0]).map_err(|e| crate::Error::Invalid(e.to_string()))?;
-        assert!(!line.contains("statuses") && !line.contains("emails"));
-
-        std::fs::write(&path, "{\"service\":\"twitter\"}\n")
-            .map_err(|e| crate::Error::io("write", e))?;
-        let err = read_answers(&path)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("line 1"), "{err}");
-        Ok(())
-    }
 
     #[tokio::test]
     async fn bad_scripts_and_empty_keys_are_refused() {

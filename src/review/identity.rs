@@ -25,7 +25,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 
 use crate::backends::table::{Row, RowPut, Table};
-use crate::dbusa::generate::Person;
+use crate::dbusa::person::Person;
 use crate::matching::matcher::{CandidateScore, Outcome, ProfileIn, Reason};
 use crate::matching::score::Level;
 use crate::matching::sink::{self, columns, Decided, HANDLES, HANDLES_FAMILY};

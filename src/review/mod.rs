@@ -18,6 +18,7 @@
 pub mod assets;
 pub mod auth;
 pub mod charts;
+pub mod client;
 pub mod decide;
 pub mod identity;
 pub mod pages;

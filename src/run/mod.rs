@@ -426,7 +426,7 @@ pub(crate) async fn prepare(
 
     let standin = if config.enrich.api_key.is_empty() {
         let key = new_password();
-        let answers = crate::matching::standin::read_answers(&generated.enrichment)?;
+        let answers = crate::dbusa::person::read_answers(&generated.enrichment)?;
         let s = crate::matching::standin::start(
             ([127, 0, 0, 1], 0).into(),
             key.clone(),
@@ -726,14 +726,14 @@ pub(crate) async fn publish_profiles(
     config: &Config,
     shared: &Shared,
     generated: &crate::dbusa::generate::Generated,
-) -> crate::Result<Vec<crate::dbusa::generate::Profile>> {
-    let profiles = crate::matching::fit::read_profiles(&generated.profiles)?;
+) -> crate::Result<Vec<crate::dbusa::person::Profile>> {
+    let profiles = crate::dbusa::person::read_profiles(&generated.profiles)?;
     crate::matching::daemon::prepare(config, shared.log.as_ref(), shared.table.as_ref()).await?;
     let mut records: Vec<Record> = profiles
         .iter()
         .map(|p| {
-            let value =
-                serde_json::to_vec(&crate::matching::fit::profile_in(p)).unwrap_or_default();
+            let value = serde_json::to_vec(&crate::matching::matcher::ProfileIn::from(p))
+                .unwrap_or_default();
             Record::new(format!("{}:{}", p.network, p.handle), value)
         })
         .collect();

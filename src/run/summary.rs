@@ -8,9 +8,10 @@ use serde::Serialize;
 use crate::archive::ArchiveSummary;
 use crate::backends::table::Table;
 use crate::clean::CleanSummary;
-use crate::dbusa::generate::Profile;
 use crate::dbusa::load::LoadSummary;
+use crate::dbusa::person::Profile;
 use crate::documents;
+use crate::envelope::Stage;
 use crate::infer::InferSummary;
 use crate::ingest::IngestSummary;
 use crate::matching::daemon::MatchSummary;
@@ -205,7 +206,7 @@ pub async fn match_accuracy(
         } else {
             outsiders += 1;
         }
-        let (network, handle) = crate::matching::fit::profile_in(p).key();
+        let (network, handle) = crate::matching::matcher::ProfileIn::from(p).key();
         let Some(decision) = decisions.get(format!("{network}:{handle}").as_bytes()) else {
             continue;
         };
@@ -275,7 +276,8 @@ impl ReviewCheck {
     pub async fn probe(login: &ReviewLogin) -> Self {
         let result = async {
             let base = login.url.trim_end_matches('/');
-            let client = crate::bench::review::login(base, &login.user, &login.password, 1).await?;
+            let client =
+                crate::review::client::Client::login(base, &login.user, &login.password, 1).await?;
             client.status("/queue").await
         }
         .await;
@@ -365,7 +367,7 @@ impl RunSummary {
         let matched = id.matched.decided.get("matched").copied().unwrap_or(0);
         self.stages = vec![
             StageLine {
-                stage: "ingest".into(),
+                stage: Stage::Ingest.name().into(),
                 input: i.fetched,
                 output: i.produced,
                 dead_letters: sum(&i.dead_letters),
@@ -382,7 +384,7 @@ impl RunSummary {
                 ),
             },
             StageLine {
-                stage: "clean".into(),
+                stage: Stage::Clean.name().into(),
                 input: c.consumed,
                 output: c.produced,
                 dead_letters: sum(&c.dead_letters),
@@ -393,7 +395,7 @@ impl RunSummary {
                 },
             },
             StageLine {
-                stage: "archive".into(),
+                stage: Stage::Archive.name().into(),
                 input: a.records,
                 output: a.parts,
                 dead_letters: sum(&a.dead_letters),
@@ -420,7 +422,7 @@ impl RunSummary {
                 ),
             },
             StageLine {
-                stage: "infer".into(),
+                stage: Stage::Infer.name().into(),
                 input: f.consumed,
                 output: f.scored,
                 dead_letters: sum(&f.dead_letters),
@@ -447,7 +449,7 @@ impl RunSummary {
                 },
             },
             StageLine {
-                stage: "match".into(),
+                stage: Stage::Match.name().into(),
                 input: id.matched.consumed,
                 output: decided,
                 dead_letters: sum(&id.matched.dead_letters),
@@ -463,11 +465,11 @@ impl RunSummary {
         ];
         let mut dlq: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (stage, m) in [
-            ("ingest", &i.dead_letters),
-            ("clean", &c.dead_letters),
-            ("archive", &a.dead_letters),
-            ("infer", &f.dead_letters),
-            ("match", &id.matched.dead_letters),
+            (Stage::Ingest.name(), &i.dead_letters),
+            (Stage::Clean.name(), &c.dead_letters),
+            (Stage::Archive.name(), &a.dead_letters),
+            (Stage::Infer.name(), &f.dead_letters),
+            (Stage::Match.name(), &id.matched.dead_letters),
         ] {
             if !m.is_empty() {
                 super::merge(dlq.entry(stage.into()).or_default(), m);

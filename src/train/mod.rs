@@ -23,6 +23,7 @@ use sift_training::{
 use crate::backends::objects::ObjectStore;
 use crate::backends::table::Table;
 use crate::config::Config;
+use crate::device::{DeviceArg, DeviceError};
 use registry::{Registry, RegistryError};
 
 /// Errors of `sift train`.
@@ -53,6 +54,12 @@ pub enum TrainCommandError {
     Sift(#[from] crate::Error),
 }
 
+impl From<DeviceError> for TrainCommandError {
+    fn from(e: DeviceError) -> Self {
+        TrainCommandError::Invalid(e.to_string())
+    }
+}
+
 impl From<crate::backends::table::TableError> for TrainCommandError {
     fn from(e: crate::backends::table::TableError) -> Self {
         TrainCommandError::Sift(e.into())
@@ -81,19 +88,6 @@ pub enum LossArg {
     Bce,
     /// Softmax over labels with cross-entropy against the normalised multi-hot target.
     Softmax,
-}
-
-/// Where to train or score.
-#[derive(
-    Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceArg {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (needs a build with `--features cuda`).
-    Cuda,
 }
 
 /// `sift train`.
@@ -311,7 +305,7 @@ fn options(config: &Config, args: &TrainArgs) -> Result<TrainOptions, TrainComma
     // The gate metric is checked here so a typo fails before training; the
     // best epoch within the run is picked by the preset's selection.
     gate_metric(config)?;
-    o.device = device(args.device)?;
+    o.device = crate::device::device(args.device)?;
     o.progress = !args.quiet && !args.json;
     Ok(o)
 }
@@ -332,19 +326,6 @@ pub fn gate_metric(config: &Config) -> Result<Metric, TrainCommandError> {
         .gate_metric
         .parse()
         .map_err(|e: String| TrainCommandError::Invalid(format!("train.gate_metric: {e}")))
-}
-
-/// The candle device for `--device`.
-pub fn device(arg: DeviceArg) -> Result<candle_core::Device, TrainCommandError> {
-    match arg {
-        DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
-        DeviceArg::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
-            TrainCommandError::Invalid(format!(
-                "cannot open CUDA device 0 ({e}); sift must be built with `--features cuda` \
-                 on a machine with an NVIDIA GPU and driver"
-            ))
-        }),
-    }
 }
 
 /// Local directory of trained and fetched models.

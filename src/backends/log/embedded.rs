@@ -1040,7 +1040,7 @@ impl Inner {
     /// topic, partition, offsets and quarantine file, so nothing vanishes
     /// unrecorded. A range of `sift.dlq` itself is only logged.
     fn dead_letters(&self, topic: &str, partition: u32, damage: &[Damage]) -> Result<(), LogError> {
-        use crate::envelope::{headers, topics};
+        use crate::envelope::{headers, topics, Stage};
         if damage.is_empty() || topic == topics::DLQ {
             return Ok(());
         }
@@ -1058,7 +1058,7 @@ impl Inner {
                     None => format!("{topic}/{partition}: offsets {}: {}", d.offsets(), d.detail),
                 };
                 let value = serde_json::json!({
-                    "stage": "log",
+                    "stage": Stage::Log.name(),
                     "reason": "log_corruption",
                     "detail": detail,
                     "source": null,
@@ -1067,7 +1067,7 @@ impl Inner {
                 });
                 Record::new(format!("{topic}/{partition}"), value.to_string())
                     .header(headers::REASON, format!("log_corruption: {detail}"))
-                    .header(headers::STAGE, "log")
+                    .header(headers::STAGE, Stage::Log.name())
             })
             .collect();
         self.create_topic(topics::DLQ, self.policies.dlq_partitions.max(1))?;
