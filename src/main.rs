@@ -85,7 +85,7 @@ enum Command {
     Review(sift::review::ReviewArgs),
     /// The dead-letter topic: counts by stage and reason, the latest letters; replay their originals once the cause is fixed.
     #[command(subcommand)]
-    Dlq(sift::dlq::DlqCommand),
+    Dlq(sift::dlq::replay::DlqCommand),
 }
 
 #[derive(Subcommand)]
@@ -369,7 +369,7 @@ async fn dispatch(command: Command, loaded: Loaded) -> anyhow::Result<()> {
             Ok(sift::matching::enrich_cli::main(config.clone(), command).await?)
         }
         Command::Review(args) => Ok(sift::review::main(config, args).await?),
-        Command::Dlq(command) => Ok(sift::dlq::main(config, command).await?),
+        Command::Dlq(command) => Ok(sift::dlq::replay::main(config, command).await?),
     }
 }
 

@@ -21,7 +21,8 @@ use sift::archive::{self, Until};
 use sift::backends::log::{EmbeddedLog, Log, Message, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
 use sift::config::Config;
-use sift::dlq::{self, DeadLetter, Filter};
+use sift::dlq::replay::{self as letters, Filter};
+use sift::dlq::{self, DeadLetter};
 use sift::envelope::{self, headers, topics, Envelope, Stage, SCHEMA_VERSION};
 use sift::stage::{dead_letter, Rejection};
 
@@ -415,8 +416,8 @@ fn filter(stage: Option<&str>, reason: Option<&str>) -> Filter {
     }
 }
 
-fn dlq_args(f: Filter, from_offset: Option<u64>) -> dlq::ReplayArgs {
-    dlq::ReplayArgs {
+fn dlq_args(f: Filter, from_offset: Option<u64>) -> letters::ReplayArgs {
+    letters::ReplayArgs {
         filter: f,
         from_offset,
         ..Default::default()
@@ -574,7 +575,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     ensure!(highs(log.as_ref(), topics::DLQ).await? == vec![letters]);
 
     // The listing: counts by stage and reason, the latest few, no replay yet.
-    let l = dlq::list(log.as_ref(), &Filter::default(), 4).await?;
+    let l = letters::list(log.as_ref(), &Filter::default(), 4).await?;
     ensure!(l.total == letters && l.matching == letters, "{l:?}");
     let counts: BTreeMap<(String, String), (u64, u64)> = l
         .counts
@@ -617,7 +618,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     ensure!(ingest.detail == "HTTP 503 after 3 attempts (1)");
     ensure!(l.latest[3].replay_to == Some(topics::RAW));
     ensure!(l.replay.len() == 1 && l.replay[0].replayed_to.is_none());
-    let only = dlq::list(log.as_ref(), &filter(Some("ingest"), None), 10).await?;
+    let only = letters::list(log.as_ref(), &filter(Some("ingest"), None), 10).await?;
     ensure!(only.matching == 2 && only.latest.len() == 2 && only.counts.len() == 1);
 
     // A dry run counts and changes nothing.
@@ -628,7 +629,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         highs(log.as_ref(), topics::CLEAN).await?,
         highs(log.as_ref(), topics::PROFILES).await?,
     ];
-    let s = dlq::replay(log.as_ref(), &c, &dry).await?;
+    let s = letters::replay(log.as_ref(), &c, &dry).await?;
     ensure!(
         s.replayed
             == BTreeMap::from([
@@ -648,10 +649,10 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     );
     ensure!(s.read == letters && s.passed_over == 0);
     ensure!(highs(log.as_ref(), topics::RAW).await? == before[0]);
-    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, None)]);
+    ensure!(log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, None)]);
 
     // Clean's bad_json letters: their originals back to sift.raw as they were.
-    let s = dlq::replay(
+    let s = letters::replay(
         log.as_ref(),
         &c,
         &dlq_args(filter(Some("clean"), Some("bad_json")), None),
@@ -677,10 +678,10 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     ensure!(back
         .iter()
         .all(|m| m.header(headers::STAGE).is_none() && m.header(headers::REASON).is_none()));
-    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters))]);
+    ensure!(log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters))]);
 
     // Run twice: nothing the second time.
-    let s = dlq::replay(
+    let s = letters::replay(
         log.as_ref(),
         &c,
         &dlq_args(filter(Some("clean"), Some("bad_json")), None),
@@ -690,7 +691,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         s.read == 0 && s.replayed.is_empty() && s.not_replayable.is_empty(),
         "{s:?}"
     );
-    let s = dlq::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
+    let s = letters::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
     ensure!(s.read == 0 && s.replayed.is_empty(), "{s:?}");
     ensure!(
         read_topic(log.as_ref(), topics::RAW, &before[0])
@@ -710,7 +711,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         )],
     )
     .await?;
-    let s = dlq::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
+    let s = letters::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
     ensure!(
         s.read == 1 && s.replayed == BTreeMap::from([(topics::CLEAN.to_string(), 1)]),
         "{s:?}"
@@ -728,7 +729,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     // Passed-over letters are reached again from an offset: infer's two
     // earlier letters to sift.clean, match's to sift.profiles.
     let from = Some(2);
-    let s = dlq::replay(
+    let s = letters::replay(
         log.as_ref(),
         &c,
         &dlq_args(filter(Some("infer"), Some("empty_text")), from),
@@ -742,7 +743,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     let got: BTreeSet<_> = back.iter().map(as_record).collect();
     let want: BTreeSet<_> = clean.iter().map(as_record).collect();
     ensure!(back.len() == 3 && got == want, "{back:#?}");
-    let s = dlq::replay(
+    let s = letters::replay(
         log.as_ref(),
         &c,
         &dlq_args(filter(Some("match"), None), from),
@@ -756,7 +757,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     let got: BTreeSet<_> = back.iter().map(as_record).collect();
     let want: BTreeSet<_> = profiles.iter().map(as_record).collect();
     ensure!(got == want, "{back:#?}");
-    let s = dlq::replay(
+    let s = letters::replay(
         log.as_ref(),
         &c,
         &dlq_args(filter(Some("ingest"), None), Some(0)),
@@ -771,10 +772,12 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         .url
         .as_deref()
         .is_some_and(|u| u.starts_with("https://gov.example/"))));
-    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]);
+    ensure!(
+        log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]
+    );
 
     // The listing shows where replay stands.
-    let l = dlq::list(log.as_ref(), &Filter::default(), 0).await?;
+    let l = letters::list(log.as_ref(), &Filter::default(), 0).await?;
     ensure!(
         l.latest.is_empty() && l.replay[0].replayed_to == Some(letters + 1),
         "{l:?}"
@@ -783,18 +786,20 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     // The command's entry, as `sift dlq` calls it (text output).
     drop(log);
     wait_unlocked(dir.path())?;
-    let parse = |args: &[&str]| -> Result<dlq::DlqCommand> {
+    let parse = |args: &[&str]| -> Result<letters::DlqCommand> {
         Ok(DlqCli::try_parse_from([&["sift-dlq"], args].concat())?.command)
     };
-    dlq::main(&c, parse(&["list", "-n", "3", "--stage", "ingest"])?).await?;
-    dlq::main(&c, parse(&["list", "-n", "4"])?).await?;
-    dlq::main(&c, parse(&["replay", "--from-offset", "0", "--dry-run"])?).await?;
+    letters::main(&c, parse(&["list", "-n", "3", "--stage", "ingest"])?).await?;
+    letters::main(&c, parse(&["list", "-n", "4"])?).await?;
+    letters::main(&c, parse(&["replay", "--from-offset", "0", "--dry-run"])?).await?;
     let log = open_log(dir.path())?;
-    ensure!(log.committed(dlq::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]);
+    ensure!(
+        log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]
+    );
 
     // A claim-checked original: the letter names where it is; one whose
     // object is gone is not replayable, and says why.
-    let kept = dlq::list(log.as_ref(), &filter(Some("clean"), None), 20).await?;
+    let kept = letters::list(log.as_ref(), &filter(Some("clean"), None), 20).await?;
     let at = kept
         .latest
         .iter()
@@ -814,13 +819,15 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         )],
     )
     .await?;
-    let gone = dlq::list(log.as_ref(), &Filter::default(), 1).await?.latest;
+    let gone = letters::list(log.as_ref(), &Filter::default(), 1)
+        .await?
+        .latest;
     let gone = gone[0].original_at.as_deref().context("no claim check")?;
     ensure!(gone != at, "two originals under one key");
     store
         .delete(envelope::claim_key(gone).context("not a claim check")?)
         .await?;
-    let s = dlq::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
+    let s = letters::replay(log.as_ref(), &c, &dlq_args(Filter::default(), None)).await?;
     ensure!(
         s.replayed.is_empty()
             && s.not_replayable == BTreeMap::from([("clean/bad_json".to_string(), 1)])
@@ -836,7 +843,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
 #[derive(clap::Parser)]
 struct DlqCli {
     #[command(subcommand)]
-    command: dlq::DlqCommand,
+    command: letters::DlqCommand,
 }
 
 /// The flags parse as documented, and clap finds nothing wrong with them.
@@ -856,7 +863,7 @@ fn dlq_flags() -> Result<()> {
         "--dry-run",
         "--json",
     ])?;
-    let dlq::DlqCommand::Replay(r) = cli.command else {
+    let letters::DlqCommand::Replay(r) = cli.command else {
         anyhow::bail!("replay parses as replay");
     };
     ensure!(
@@ -865,7 +872,7 @@ fn dlq_flags() -> Result<()> {
     );
     ensure!(r.from_offset == Some(7) && r.dry_run && r.json);
     let cli = DlqCli::try_parse_from(["sift-dlq", "list", "-n", "3"])?;
-    let dlq::DlqCommand::List(l) = cli.command else {
+    let letters::DlqCommand::List(l) = cli.command else {
         anyhow::bail!("list parses as list");
     };
     ensure!(l.latest == 3 && l.filter.stage.is_none() && !l.json);
@@ -887,9 +894,9 @@ async fn no_dead_letter_topic_is_nothing_to_do() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = open_log(dir.path())?;
     let c = config(dir.path());
-    let l = dlq::list(log.as_ref(), &Filter::default(), 10).await?;
+    let l = letters::list(log.as_ref(), &Filter::default(), 10).await?;
     ensure!(l.total == 0 && l.replay.is_empty());
-    let s = dlq::replay(log.as_ref(), &c, &dlq::ReplayArgs::default()).await?;
+    let s = letters::replay(log.as_ref(), &c, &letters::ReplayArgs::default()).await?;
     ensure!(s.read == 0 && s.spans.is_empty());
     ensure!(log.list_topics().await?.is_empty());
     Ok(())
