@@ -28,7 +28,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
@@ -39,7 +39,8 @@ use crate::config::Config;
 use crate::daemon::Until;
 use crate::documents;
 use crate::envelope::topics;
-use crate::run::{self, Done, RunArgs, Shared};
+use crate::run::stages::{self, Done, Shared, WorldArgs};
+use crate::run::web;
 
 /// `sift bench e2e`.
 #[derive(Debug, Clone, Args)]
@@ -272,9 +273,7 @@ async fn bench(
     started: Instant,
     cpu_at_start: f64,
 ) -> crate::Result<E2eReport> {
-    let run_args = RunArgs {
-        once: true,
-        json: true,
+    let world_args = WorldArgs {
         sites: args.sites,
         documents: args.documents,
         web_port: 0,
@@ -284,11 +283,8 @@ async fn bench(
         seed: 7,
         retrain: true,
         epochs: args.epochs,
-        listen: None,
-        cache_refresh: Duration::from_secs(600),
-        train_every: Duration::from_secs(86_400),
     };
-    let run_dir = config.data_dir.join(run::RUN_DIR);
+    let run_dir = config.data_dir.join(stages::RUN_DIR);
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| crate::Error::io(format!("creating {}", run_dir.display()), e))?;
     let shared = Shared::open(config).await?;
@@ -304,9 +300,9 @@ async fn bench(
         args.profiles + args.outsiders,
         backends(config)
     );
-    let world = run::prepare(config, &run_args, &run_dir).await?;
-    let result = phases(config, &run_args, &shared, &world).await;
-    run::finish(world).await;
+    let world = stages::prepare(config, &world_args, &run_dir).await?;
+    let result = phases(config, &world_args, &shared, &world).await;
+    stages::finish(world).await;
     let (stages, latency, workload) = result?;
     Ok(E2eReport {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -337,9 +333,9 @@ impl E2eReport {
 
 async fn phases(
     config: &Config,
-    run_args: &RunArgs,
+    world_args: &WorldArgs,
     shared: &Shared,
-    world: &run::World,
+    world: &stages::World,
 ) -> crate::Result<(Vec<StageFigures>, Latency, Workload)> {
     let mut stages = Vec::new();
     eprintln!("phase 1: each stage drains its whole input");
@@ -354,7 +350,7 @@ async fn phases(
     // Real backends keep what earlier runs fetched from the sample web (the
     // validators and content hashes of `ingest_state`): forget it, so every
     // run ingests the whole workload.
-    ingest.forget(&run::web::url_prefixes()).await?;
+    ingest.forget(&web::url_prefixes()).await?;
     let m = Meter::start();
     let s = ingest.pass(&world.sources).await?;
     stages.push(m.stop("ingest", "documents", s.produced));
@@ -380,8 +376,8 @@ async fn phases(
     stages.push(m.stop("archive", "records", s.records));
 
     let m = Meter::start();
-    let train_args = run::train_args(world, run_args)?;
-    let model = run::train_or_reuse(
+    let train_args = stages::train_args(world, world_args)?;
+    let model = stages::train_or_reuse(
         config,
         &train_args,
         shared.objects.clone(),
@@ -405,11 +401,11 @@ async fn phases(
     stages.push(m.stop("infer", "documents", s.scored));
 
     let m = Meter::start();
-    let s = run::load_database(config, shared, &world.generated).await?;
+    let s = stages::load_database(config, shared, &world.generated).await?;
     stages.push(m.stop("dbusa load", "people", s.rows_loaded));
 
-    let profiles = run::publish_profiles(config, shared, &world.generated).await?;
-    let parts = run::matching_parts(config, shared).await?;
+    let profiles = stages::publish_profiles(config, shared, &world.generated).await?;
+    let parts = stages::matching_parts(config, shared).await?;
     let cache = parts.cache.clone();
     // Every run pays the enrichment API as the first did: a shared cache
     // (Redis) keeps earlier runs' answers.
@@ -421,7 +417,7 @@ async fn phases(
     stages.push(m.stop("match", "profiles", matched.consumed));
 
     let m = Meter::start();
-    let refreshed = run::refresh_cache(config, &shared.table, &cache).await?;
+    let refreshed = stages::refresh_cache(config, &shared.table, &cache).await?;
     stages.push(m.stop("cache refresh", "handles", refreshed.rows));
 
     eprintln!("phase 2: the web again, ingest → clean → infer together");
@@ -450,20 +446,20 @@ async fn phases(
 async fn latency(
     config: &Config,
     shared: &Shared,
-    world: &run::World,
+    world: &stages::World,
     ingest: &crate::ingest::Ingest,
 ) -> crate::Result<Latency> {
-    ingest.forget(&run::web::url_prefixes()).await?;
+    ingest.forget(&web::url_prefixes()).await?;
     reset_peak_rss();
     let since = crate::now_ms();
     let (_never, stop) = watch::channel(false);
     let (ingest_done, ingest_rx) = Done::new();
     let (clean_done, clean_rx) = Done::new();
     let config = Arc::new(config.clone());
-    let clean = tokio::spawn(run::clean_stage(
+    let clean = tokio::spawn(stages::clean_stage(
         shared.clone(),
         config.clone(),
-        run::until_drained(
+        stages::until_drained(
             shared,
             topics::RAW,
             &config.clean.group,
@@ -472,10 +468,10 @@ async fn latency(
         ),
         Some(clean_done),
     ));
-    let infer = tokio::spawn(run::infer_stage(
+    let infer = tokio::spawn(stages::infer_stage(
         shared.clone(),
         config.clone(),
-        run::until_drained(shared, topics::CLEAN, &config.infer.group, clean_rx, stop),
+        stages::until_drained(shared, topics::CLEAN, &config.infer.group, clean_rx, stop),
         None,
     ));
     let fetched = ingest.pass(&world.sources).await;
