@@ -3,7 +3,6 @@
 //! checks, dead letters about a record, committing, and the group's standing
 //! on its input topic.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::backends::log::{
     Commit, Consumer, Log, LogError, Message, Watermarks, MAX_RECORD_BYTES,
 };
 use crate::backends::objects::{self, ObjectError, ObjectStore};
+use crate::daemon::StageHealth;
 use crate::dlq::DeadLetter;
 use crate::envelope::{self, Envelope, Stage, SCHEMA_VERSION};
 
@@ -138,20 +138,20 @@ impl Stop {
 pub struct Backoff {
     delay: Duration,
     attempt: u32,
-    /// The stage's count of failures in a row, read by its `/healthz`.
-    failures: &'static AtomicU32,
+    /// The stage's health, which counts failures in a row for `/healthz`.
+    health: &'static StageHealth,
 }
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(30);
 
-    /// A fresh backoff that counts failures in `failures`.
-    pub fn new(failures: &'static AtomicU32) -> Self {
+    /// A fresh backoff that counts failures in `health`.
+    pub fn new(health: &'static StageHealth) -> Self {
         Backoff {
             delay: Self::FIRST,
             attempt: 0,
-            failures,
+            health,
         }
     }
 
@@ -164,7 +164,7 @@ impl Backoff {
         error: &E,
     ) -> bool {
         self.attempt += 1;
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.health.fail();
         crate::metrics::note_failure(format!(
             "could not {what} ({} attempts in a row): {error}",
             self.attempt
@@ -196,7 +196,7 @@ impl Backoff {
 /// if shutdown was asked for while it kept failing.
 pub async fn retry<T, E, F, Fut>(
     stop: &Stop,
-    failures: &'static AtomicU32,
+    health: &'static StageHealth,
     what: &str,
     mut call: F,
 ) -> bool
@@ -206,7 +206,7 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut stop = stop.clone();
-    let mut backoff = Backoff::new(failures);
+    let mut backoff = Backoff::new(health);
     loop {
         match call().await {
             Ok(_) => return true,
@@ -268,9 +268,9 @@ pub async fn commit(
     commits: &[Commit],
     group: &str,
     stop: &mut Stop,
-    failures: &'static AtomicU32,
+    health: &'static StageHealth,
 ) -> bool {
-    let mut backoff = Backoff::new(failures);
+    let mut backoff = Backoff::new(health);
     loop {
         match consumer.commit(commits).await {
             Ok(()) => return true,
@@ -304,7 +304,7 @@ pub async fn fetch_claim(
     objects: &dyn ObjectStore,
     uri: &str,
     stop: &mut Stop,
-    failures: &'static AtomicU32,
+    health: &'static StageHealth,
 ) -> Option<Result<String, Rejection>> {
     let Some(key) = envelope::claim_key(uri).filter(|k| objects::validate_key(k).is_ok()) else {
         return Some(Err(Rejection::new(
@@ -314,7 +314,7 @@ pub async fn fetch_claim(
             ),
         )));
     };
-    let mut backoff = Backoff::new(failures);
+    let mut backoff = Backoff::new(health);
     loop {
         match objects.get(key).await {
             Ok((_, body)) => {
@@ -398,7 +398,7 @@ pub async fn resolve_claims(
     parsed: &mut [Result<Envelope, Rejection>],
     objects: &Arc<dyn ObjectStore>,
     stop: &Stop,
-    failures: &'static AtomicU32,
+    health: &'static StageHealth,
 ) -> bool {
     let wanted: Vec<(usize, String)> = parsed
         .iter()
@@ -418,7 +418,7 @@ pub async fn resolve_claims(
             async move {
                 (
                     i,
-                    fetch_claim(objects.as_ref(), &uri, &mut stop, failures).await,
+                    fetch_claim(objects.as_ref(), &uri, &mut stop, health).await,
                 )
             }
         })

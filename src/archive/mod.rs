@@ -83,7 +83,7 @@ pub mod replay;
 mod buffer;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,6 +95,7 @@ use tokio::time::Instant;
 use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Watermarks};
 use crate::backends::objects::{self, ObjectStore, PutMode, PutOptions};
 use crate::config::{Config, ConfigError, Encryption};
+use crate::daemon::StageHealth;
 use crate::dlq::{self, DeadLetter};
 use crate::envelope::{topics, Stage};
 use buffer::{Group, Parsed, PartitionBuffer};
@@ -160,14 +161,16 @@ pub struct ArchiveSummary {
 
 pub use crate::daemon::Until;
 
-/// Where a run is, for progress bars and `/healthz`; clones share it.
+/// How `sift archive` is doing, for `/healthz`: unhealthy once a run failed
+/// or has not moved for [`STALL`].
+static HEALTH: StageHealth = StageHealth::with_stall(STALL);
+
+/// Where a run is, for progress bars; clones share it.
 #[derive(Clone, Default)]
 pub struct Progress(Arc<ProgressState>);
 
 #[derive(Default)]
 struct ProgressState {
-    beat_ms: AtomicI64,
-    failed: AtomicBool,
     target: AtomicU64,
     consumed: AtomicU64,
 }
@@ -181,17 +184,6 @@ impl Progress {
     /// Records of that target consumed so far.
     pub fn consumed(&self) -> u64 {
         self.0.consumed.load(Ordering::Relaxed).min(self.target())
-    }
-
-    /// True while the run has not failed and has moved within `stall`.
-    pub fn healthy(&self, stall: Duration) -> bool {
-        let beat = self.0.beat_ms.load(Ordering::Relaxed);
-        !self.0.failed.load(Ordering::Relaxed)
-            && (beat == 0 || crate::now_ms() - beat <= stall.as_millis() as i64)
-    }
-
-    fn beat(&self) {
-        self.0.beat_ms.store(crate::now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -287,8 +279,7 @@ pub async fn main(config: &Config, args: ArchiveArgs) -> crate::Result<()> {
     check(config, store.as_ref())?;
     let log = crate::backends::open_log(config).await?;
     let progress = Progress::default();
-    let health = progress.clone();
-    crate::daemon::serve_metrics(config, Arc::new(move || health.healthy(STALL))).await?;
+    crate::daemon::serve_metrics(config, HEALTH.probe()).await?;
 
     let stop = crate::daemon::shutdown_signal();
     let until = if args.once {
@@ -359,10 +350,10 @@ pub async fn run_with(
     until: Until,
     progress: Progress,
 ) -> crate::Result<ArchiveSummary> {
-    let watch = progress.clone();
+    HEALTH.reset();
     let result = archive(log, store, config, until, progress).await;
     if result.is_err() {
-        watch.0.failed.store(true, Ordering::Relaxed);
+        HEALTH.failed();
     }
     result
 }
@@ -417,7 +408,7 @@ async fn archive(
     // With nothing to catch up on, there is nothing to poll for.
     let mut done = targets.is_some() && a.progress.target() == 0;
     while !done {
-        a.progress.beat();
+        HEALTH.beat();
         let wait = a.next_age_flush().map_or(POLL_WAIT, |at| {
             at.saturating_duration_since(Instant::now()).min(POLL_WAIT)
         });
@@ -633,8 +624,7 @@ impl Archiver {
             };
             let records: usize = batch.groups.iter().map(|g| g.lines.len()).sum();
             let parts = batch.groups.len();
-            let stats =
-                upload_all(&self.store, &self.settings, &self.progress, p, batch.groups).await?;
+            let stats = upload_all(&self.store, &self.settings, p, batch.groups).await?;
             let metrics = crate::metrics::global();
             for s in &stats {
                 self.summary.records += s.records;
@@ -742,7 +732,6 @@ impl Archiver {
 async fn upload_all(
     store: &Arc<dyn ObjectStore>,
     settings: &Arc<Settings>,
-    progress: &Progress,
     partition: u32,
     groups: Vec<Group>,
 ) -> crate::Result<Vec<PartStats>> {
@@ -754,14 +743,7 @@ async fn upload_all(
                 if failed.load(Ordering::Relaxed) {
                     return Ok(None);
                 }
-                let done = upload(
-                    store.clone(),
-                    settings.clone(),
-                    progress.clone(),
-                    partition,
-                    g,
-                )
-                .await;
+                let done = upload(store.clone(), settings.clone(), partition, g).await;
                 if done.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -782,7 +764,6 @@ async fn upload_all(
 async fn upload(
     store: Arc<dyn ObjectStore>,
     settings: Arc<Settings>,
-    progress: Progress,
     partition: u32,
     group: Group,
 ) -> crate::Result<PartStats> {
@@ -798,7 +779,7 @@ async fn upload(
     store
         .put_with(&key, Bytes::from(body), PutMode::Overwrite, &settings.put)
         .await?;
-    progress.beat();
+    HEALTH.beat();
     tracing::debug!(
         key,
         records,

@@ -49,7 +49,6 @@ pub mod simhash;
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,9 +59,9 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Record, Watermarks};
 use crate::backends::objects::{self, ObjectStore, PutMode};
 use crate::config::Config;
+use crate::daemon::StageHealth;
 use crate::dlq::{self, DeadLetter};
 use crate::envelope::{self, headers, topics, Envelope, Stage, CLAIM_PREFIX, SCHEMA_VERSION};
-use crate::metrics::Health;
 use crate::stage::{
     commit, dead_letter, parallel, parse, resolve_claims, retry, standing, Backoff, Rejection,
     Stop, RECORD_LIMIT,
@@ -138,21 +137,14 @@ pub struct CleanSummary {
 
 pub use crate::daemon::Until;
 
-/// Backend failures in a row; `/healthz` reports unhealthy from [`UNHEALTHY_AFTER`] on.
-static FAILURES: AtomicU32 = AtomicU32::new(0);
-/// Failures in a row after which the stage is reported unhealthy.
-const UNHEALTHY_AFTER: u32 = 5;
-
-/// `/healthz` of `sift clean`: unhealthy while backend calls keep failing.
-pub fn health() -> Health {
-    Arc::new(|| FAILURES.load(Ordering::Relaxed) < UNHEALTHY_AFTER)
-}
+/// How `sift clean` is doing, for `/healthz`: unhealthy while backend calls keep failing.
+static HEALTH: StageHealth = StageHealth::new();
 
 /// Runs `sift clean`.
 pub async fn main(config: &Config, args: CleanArgs) -> crate::Result<()> {
     let log = crate::backends::open_log(config).await?;
     let objects = crate::backends::open_objects(config).await?;
-    crate::daemon::serve_metrics(config, health()).await?;
+    crate::daemon::serve_metrics(config, HEALTH.probe()).await?;
     let until = if args.once {
         Until::caught_up().or_stopped_by(crate::daemon::shutdown_signal())
     } else {
@@ -494,7 +486,7 @@ async fn consume(
     let mut last_lag: Option<Instant> = None;
     let mut last_progress = Instant::now();
     let mut lag = 0u64;
-    let mut poll_backoff = Backoff::new(&FAILURES);
+    let mut poll_backoff = Backoff::new(&HEALTH);
     let mut pending: Option<Prepared> = None;
     loop {
         if stop.is_set() {
@@ -553,7 +545,7 @@ async fn consume(
                     &p.commits,
                     &settings.group,
                     &mut stop,
-                    &FAILURES,
+                    &HEALTH,
                 )
                 .await
             {
@@ -563,10 +555,10 @@ async fn consume(
         }
         match polled? {
             Polled::Batch(p) => {
-                poll_backoff = Backoff::new(&FAILURES);
+                poll_backoff = Backoff::new(&HEALTH);
                 pending = Some(p);
             }
-            Polled::Empty => poll_backoff = Backoff::new(&FAILURES),
+            Polled::Empty => poll_backoff = Backoff::new(&HEALTH),
             Polled::Stopped => break,
             Polled::Failed(e) => {
                 if !poll_backoff.wait(&mut stop, "poll sift.raw", &e).await {
@@ -583,7 +575,7 @@ async fn consume(
                 &p.commits,
                 &settings.group,
                 &mut stop,
-                &FAILURES,
+                &HEALTH,
             )
             .await
         {
@@ -624,7 +616,7 @@ fn account(summary: &mut CleanSummary, p: &Prepared) {
         metrics.drop(STAGE, reason);
         *summary.dropped.entry(reason.to_string()).or_default() += 1;
     }
-    FAILURES.store(0, Ordering::Relaxed);
+    HEALTH.recovered();
 }
 
 /// Parses, resolves claim checks, cleans (on the rayon pool) and applies
@@ -639,7 +631,7 @@ async fn prepare(
 ) -> crate::Result<Option<Prepared>> {
     let values: Vec<Bytes> = batch.iter().map(|m| m.value.clone()).collect();
     let mut parsed = parallel(values, |v| parse(&v)).await?;
-    if !resolve_claims(&mut parsed, objects, stop, &FAILURES).await {
+    if !resolve_claims(&mut parsed, objects, stop, &HEALTH).await {
         return Ok(None);
     }
     let s = settings.clone();
@@ -689,7 +681,7 @@ impl Sender {
             let Some((key, text)) = &c.claim else {
                 continue;
             };
-            if !retry(&self.stop, &FAILURES, "write a claim check", || {
+            if !retry(&self.stop, &HEALTH, "write a claim check", || {
                 self.objects.put(key, text.clone(), PutMode::Overwrite)
             })
             .await
@@ -700,19 +692,16 @@ impl Sender {
         let records: Vec<Record> = p.clean.iter().map(|c| c.record.clone()).collect();
         let produce = async {
             records.is_empty()
-                || retry(&self.stop, &FAILURES, "produce to sift.clean", || {
+                || retry(&self.stop, &HEALTH, "produce to sift.clean", || {
                     self.log.produce(topics::CLEAN, records.clone())
                 })
                 .await
         };
         let dead = async {
             p.dead.is_empty()
-                || retry(
-                    &self.stop,
-                    &FAILURES,
-                    "send dead letters to sift.dlq",
-                    || dlq::send(self.log.as_ref(), self.objects.as_ref(), &p.dead),
-                )
+                || retry(&self.stop, &HEALTH, "send dead letters to sift.dlq", || {
+                    dlq::send(self.log.as_ref(), self.objects.as_ref(), &p.dead)
+                })
                 .await
         };
         let (a, b) = tokio::join!(produce, dead);

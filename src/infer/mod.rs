@@ -41,7 +41,7 @@ pub mod model;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,7 @@ use crate::backends::log::{Commit, Consumer, Log, Message, Record, Watermarks};
 use crate::backends::objects::ObjectStore;
 use crate::backends::table::{RowPut, Table};
 use crate::config::Config;
+use crate::daemon::StageHealth;
 use crate::dlq::{self, DeadLetter};
 use crate::documents::{categories, CATEGORIES};
 use crate::envelope::{headers, topics, Envelope, Stage, SCHEMA_VERSION};
@@ -152,22 +153,12 @@ pub struct InferSummary {
     pub latencies: Vec<f64>,
 }
 
-/// Backend failures in a row; `/healthz` reports unhealthy from [`UNHEALTHY_AFTER`] on.
-static FAILURES: AtomicU32 = AtomicU32::new(0);
-/// Failures in a row after which the stage is reported unhealthy.
-const UNHEALTHY_AFTER: u32 = 5;
-
-/// `/healthz` of `sift infer`: unhealthy while backend calls keep failing.
-pub fn health() -> Health {
-    Arc::new(|| FAILURES.load(Ordering::Relaxed) < UNHEALTHY_AFTER)
-}
+/// How `sift infer` is doing, for `/healthz`: unhealthy while backend calls keep failing.
+static HEALTH: StageHealth = StageHealth::new();
 
 /// `/readyz` of `sift infer`: healthy and a model loaded.
 pub fn readiness() -> Health {
-    Arc::new(|| {
-        FAILURES.load(Ordering::Relaxed) < UNHEALTHY_AFTER
-            && crate::metrics::global().infer_ready.get() == 1
-    })
+    Arc::new(|| HEALTH.healthy() && crate::metrics::global().infer_ready.get() == 1)
 }
 
 /// Runs `sift infer`.
@@ -176,7 +167,7 @@ pub async fn main(config: &Config, args: InferArgs) -> crate::Result<()> {
     let log = crate::backends::open_log(config).await?;
     let table = crate::backends::open_table(config).await?;
     let objects = crate::backends::open_objects(config).await?;
-    crate::daemon::serve_probes(config, health(), readiness()).await?;
+    crate::daemon::serve_probes(config, HEALTH.probe(), readiness()).await?;
     let until = if args.once {
         Until::caught_up().or_stopped_by(crate::daemon::shutdown_signal())
     } else {
@@ -596,7 +587,7 @@ impl Poller {
         let metrics = crate::metrics::global();
         let mut last_lag: Option<Instant> = None;
         let mut last_progress = (Instant::now(), 0u64);
-        let mut poll_backoff = Backoff::new(&FAILURES);
+        let mut poll_backoff = Backoff::new(&HEALTH);
         loop {
             if !self.settle(summary, false).await {
                 return Ok(());
@@ -661,9 +652,9 @@ impl Poller {
                 .poll(self.settings.poll_records.min(room), wait)
                 .await
             {
-                Ok(batch) if batch.is_empty() => poll_backoff = Backoff::new(&FAILURES),
+                Ok(batch) if batch.is_empty() => poll_backoff = Backoff::new(&HEALTH),
                 Ok(batch) => {
-                    poll_backoff = Backoff::new(&FAILURES);
+                    poll_backoff = Backoff::new(&HEALTH);
                     if !self.admit(batch, summary).await? {
                         break;
                     }
@@ -765,14 +756,14 @@ impl Poller {
             &commits,
             &self.settings.group,
             &mut self.stop,
-            &FAILURES,
+            &HEALTH,
         )
         .await
         {
             return false;
         }
         summary.consumed += consumed;
-        FAILURES.store(0, Ordering::Relaxed);
+        HEALTH.recovered();
         true
     }
 
@@ -790,7 +781,7 @@ impl Poller {
         let consumed = batch.len() as u64;
         let values: Vec<Bytes> = batch.iter().map(|m| m.value.clone()).collect();
         let mut parsed = parallel(values, |v| parse(&v).and_then(check)).await?;
-        if !resolve_claims(&mut parsed, &self.objects, &self.stop, &FAILURES).await {
+        if !resolve_claims(&mut parsed, &self.objects, &self.stop, &HEALTH).await {
             return Ok(false);
         }
         let parsed: Vec<(Message, Result<Envelope, Rejection>)> =
@@ -832,12 +823,9 @@ impl Poller {
         }
         if !dead.is_empty() {
             let (log, objects) = (&self.log, &self.objects);
-            if !retry(
-                &self.stop,
-                &FAILURES,
-                "send dead letters to sift.dlq",
-                || dlq::send(log.as_ref(), objects.as_ref(), &dead),
-            )
+            if !retry(&self.stop, &HEALTH, "send dead letters to sift.dlq", || {
+                dlq::send(log.as_ref(), objects.as_ref(), &dead)
+            })
             .await
             {
                 return Ok(false);
@@ -1257,18 +1245,15 @@ async fn write_loop(
                 }
             }
         }
-        let table_write = retry(
-            &stop,
-            &FAILURES,
-            "write rows to the documents table",
-            || table.put(crate::documents::TABLE, rows.clone()),
-        );
-        let produce = retry(&stop, &FAILURES, "produce to sift.categorized", || {
+        let table_write = retry(&stop, &HEALTH, "write rows to the documents table", || {
+            table.put(crate::documents::TABLE, rows.clone())
+        });
+        let produce = retry(&stop, &HEALTH, "produce to sift.categorized", || {
             log.produce(topics::CATEGORIZED, records.clone())
         });
         let dead_letters = async {
             dead.is_empty()
-                || retry(&stop, &FAILURES, "send dead letters to sift.dlq", || {
+                || retry(&stop, &HEALTH, "send dead letters to sift.dlq", || {
                     dlq::send(log.as_ref(), objects.as_ref(), &dead)
                 })
                 .await

@@ -38,6 +38,7 @@ use crate::backends::log::{Log, Record};
 use crate::backends::objects::{ObjectStore, PutMode};
 use crate::backends::table::{Delete, RowPut, Scan, Table};
 use crate::config::{Config, IngestConfig};
+use crate::daemon::StageHealth;
 use crate::dlq::DeadLetter;
 use crate::envelope::{self, topics, Envelope, Stage, SCHEMA_VERSION};
 use fetch::{Fetched, Fetcher};
@@ -764,16 +765,14 @@ pub async fn main(config: &Config, args: IngestArgs) -> crate::Result<()> {
         print_summary(&s, args.json);
         return Ok(());
     }
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let health = ready.clone();
-    crate::daemon::serve_metrics(
-        config,
-        Arc::new(move || health.load(std::sync::atomic::Ordering::Relaxed)),
-    )
-    .await?;
+    crate::daemon::serve_metrics(config, HEALTH.probe()).await?;
     serve(&ingest, &sources, crate::daemon::shutdown_signal()).await;
     Ok(())
 }
+
+/// How `sift ingest` is doing, for `/healthz`: unhealthy while passes keep
+/// failing on the log or the table.
+static HEALTH: StageHealth = StageHealth::new();
 
 /// The ingest daemon: visits each source again every `poll_interval` until
 /// `stop` resolves. A pass the log or table fails is retried 30 s later.
@@ -797,8 +796,12 @@ pub async fn serve(
             tokio::select! {
                 r = pass => {
                     match r {
-                        Ok(s) => tracing::info!(sources = s.sources, produced = s.produced, unchanged = s.not_modified, dead_letters = s.dead_letters.values().sum::<u64>(), seconds = s.seconds, "Visited sources."),
+                        Ok(s) => {
+                            HEALTH.recovered();
+                            tracing::info!(sources = s.sources, produced = s.produced, unchanged = s.not_modified, dead_letters = s.dead_letters.values().sum::<u64>(), seconds = s.seconds, "Visited sources.");
+                        }
                         Err(e) => {
+                            HEALTH.fail();
                             // The log or table failed: retry these sources shortly.
                             tracing::error!(error = %e, "A pass failed; retrying in 30 s.");
                             for (s, d) in sources.iter().zip(due.iter_mut()) {

@@ -6,7 +6,6 @@
 //! rewrites the same rows and keys.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use super::sink::{self, Decided};
 use crate::backends::log::{Commit, Log, Message, Watermarks};
 use crate::backends::{Cache, Table};
 use crate::config::Config;
-use crate::daemon::Until;
+use crate::daemon::{StageHealth, Until};
 use crate::dlq;
 use crate::envelope::{topics, Stage};
 use crate::metrics::Health;
@@ -39,12 +38,12 @@ pub mod reasons {
     pub const BAD_PROFILE: &str = "bad_profile";
 }
 
-/// Backend failures in a row; `/healthz` is unhealthy from 5 on.
-static FAILURES: AtomicU32 = AtomicU32::new(0);
+/// How `sift match` is doing, for `/healthz`: unhealthy while backend calls keep failing.
+static HEALTH: StageHealth = StageHealth::new();
 
 /// `/healthz` of `sift match`.
 pub fn health() -> Health {
-    Arc::new(|| FAILURES.load(Ordering::Relaxed) < 5)
+    HEALTH.probe()
 }
 
 /// What a run did.
@@ -129,7 +128,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
     let metrics = crate::metrics::global();
     let cache_ttl = Some(config.matching.cache_ttl).filter(|d| !d.is_zero());
     let concurrency = config.matching.concurrency.max(1) as usize;
-    let mut poll_backoff = Backoff::new(&FAILURES);
+    let mut poll_backoff = Backoff::new(&HEALTH);
     let mut last_progress = Instant::now();
     let mut wait_stop = stop.clone();
     let result: crate::Result<()> = async {
@@ -164,7 +163,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
                 .await
             {
                 Ok(b) => {
-                    poll_backoff = Backoff::new(&FAILURES);
+                    poll_backoff = Backoff::new(&HEALTH);
                     b
                 }
                 Err(e) => {
@@ -189,7 +188,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
                 &Commit::after(&batch),
                 &group,
                 &mut s,
-                &FAILURES,
+                &HEALTH,
             )
             .await
             {
@@ -210,7 +209,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
                     .or_default() += 1;
             }
             metrics.stage(STAGE, handled.decided.len() as u64);
-            FAILURES.store(0, Ordering::Relaxed);
+            HEALTH.recovered();
         }
         parts.matcher.flush_enrich_stats().await;
         consumer.close().await?;
@@ -273,7 +272,7 @@ async fn handle(
         decided.is_empty()
             || retry(
                 stop,
-                &FAILURES,
+                &HEALTH,
                 "write matches to the tables and the cache",
                 || sink::write(&parts.table, &parts.cache, &decided, cache_ttl),
             )
@@ -281,14 +280,14 @@ async fn handle(
     };
     let produce = async {
         records.is_empty()
-            || retry(stop, &FAILURES, "produce to sift.matches", || {
+            || retry(stop, &HEALTH, "produce to sift.matches", || {
                 parts.log.produce(topics::MATCHES, records.clone())
             })
             .await
     };
     let dead_sent = async {
         dead.is_empty()
-            || retry(stop, &FAILURES, "send dead letters to sift.dlq", || {
+            || retry(stop, &HEALTH, "send dead letters to sift.dlq", || {
                 dlq::send(parts.log.as_ref(), parts.objects.as_ref(), &dead)
             })
             .await
@@ -305,7 +304,7 @@ async fn handle(
 /// (the enrichment API refused the key).
 async fn decide(matcher: &Matcher, p: &ProfileIn, stop: &Stop) -> crate::Result<Option<Outcome>> {
     let mut s = stop.clone();
-    let mut backoff = Backoff::new(&FAILURES);
+    let mut backoff = Backoff::new(&HEALTH);
     loop {
         match matcher.match_profile(p).await {
             Ok(o) => return Ok(Some(o)),

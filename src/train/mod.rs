@@ -23,6 +23,7 @@ use sift_training::{
 use crate::backends::objects::ObjectStore;
 use crate::backends::table::Table;
 use crate::config::Config;
+use crate::daemon::StageHealth;
 use crate::device::{DeviceArg, DeviceError};
 use registry::{Registry, RegistryError};
 
@@ -624,13 +625,19 @@ pub async fn main(config: &Config, args: TrainArgs) -> Result<(), TrainCommandEr
         print_outcome(&outcome, args.json);
         return Ok(());
     };
-    crate::daemon::serve_metrics(config, Arc::new(|| true)).await?;
+    // Unhealthy once runs keep failing (daily runs: after days of it).
+    static HEALTH: StageHealth = StageHealth::new();
+    crate::daemon::serve_metrics(config, HEALTH.probe()).await?;
     let mut stop = std::pin::pin!(crate::daemon::shutdown_signal());
     loop {
         let next = tokio::time::Instant::now() + every;
         match run_once(config, &args, store.clone(), table.clone()).await {
-            Ok(outcome) => print_outcome(&outcome, args.json),
+            Ok(outcome) => {
+                HEALTH.recovered();
+                print_outcome(&outcome, args.json);
+            }
             Err(e) => {
+                HEALTH.fail();
                 crate::metrics::global()
                     .train_runs
                     .get_or_create(&crate::metrics::OutcomeLabel {
