@@ -8,18 +8,34 @@
 //! exactly one model, and its row records which. A version that fails to
 //! load is reported (log, `sift_infer_model_loads_total{outcome="failed"}`)
 //! and not tried again until LATEST moves; the old model keeps running.
+//!
+//! The model thread ([`model_loop`]) takes queued documents through the
+//! dynamic batcher, scores each batch with the slot's model ([`score`]):
+//! top 5, the words that weighed most, and the shadow model's top 5 where
+//! one is set; a batch that fails is retried one document at a time, and a
+//! document that still fails is a dead letter.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::{DType, Device};
 use parking_lot::RwLock;
 use sift_training::Predictor;
 
-use crate::backends::objects::ObjectStore;
-use crate::stage::Stop;
 use crate::train::registry::Registry;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sift_training::Encoded;
+use tokio::sync::mpsc;
+
+use crate::backends::objects::ObjectStore;
+use crate::stage::{Rejection, Stop};
+
+use super::batcher::{Limits, Pending};
+use super::{reasons, Doc, Outcome, Queued, Scoring, TOP_K};
 
 /// A loaded model.
 pub struct Loaded {
@@ -276,5 +292,265 @@ pub async fn watch(slot: Arc<Slot>, source: Source, every: Duration, mut stop: S
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait() => return,
         }
+    }
+}
+
+/// Waits until the slot has a model; false if stopped first.
+pub(super) async fn wait_for_model(slot: &Slot, stop: &Stop) -> bool {
+    let mut stop = stop.clone();
+    while slot.current().is_none() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.wait() => return false,
+        }
+    }
+    true
+}
+
+/// The model thread: the dynamic batcher and the forward passes.
+pub(super) fn model_loop(
+    rx: std_mpsc::Receiver<Queued>,
+    out: mpsc::Sender<Vec<Outcome>>,
+    slot: Arc<Slot>,
+    shadow: Arc<Slot>,
+    limits: Limits,
+    queued: Arc<AtomicI64>,
+) {
+    let metrics = crate::metrics::global();
+    let mut pending: Pending<Doc> = Pending::default();
+    let mut closed = false;
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(q) => pending.push(q.doc.encoded.ids.len(), q.since, q.doc),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(q) => pending.push(q.doc.encoded.ids.len(), q.since, q.doc),
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        // A batch that is not full waits up to max_wait after its oldest document.
+        while !closed && !pending.can_fill(&limits) {
+            let Some(oldest) = pending.oldest() else {
+                break;
+            };
+            let deadline = oldest + limits.max_wait;
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(q) => pending.push(q.doc.encoded.ids.len(), q.since, q.doc),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => closed = true,
+            }
+        }
+        let batch = pending.take(&limits);
+        if batch.is_empty() {
+            continue;
+        }
+        let left = queued.fetch_sub(batch.len() as i64, Ordering::Relaxed) - batch.len() as i64;
+        metrics.infer_queue_depth.set(left);
+        let started = Instant::now();
+        for w in &batch {
+            metrics.infer_stage("queue", started.duration_since(w.since).as_secs_f64());
+        }
+        let docs: Vec<Doc> = batch.into_iter().map(|w| w.item).collect();
+        let mut outcomes = score(docs, &slot);
+        shadow_score(&mut outcomes, &shadow);
+        if out.blocking_send(outcomes).is_err() {
+            break;
+        }
+    }
+}
+
+/// Scores one batch with the current model; a failed batch is retried one
+/// document at a time, so only a document that fails alone is dead-lettered.
+fn score(mut docs: Vec<Doc>, slot: &Slot) -> Vec<Outcome> {
+    let metrics = crate::metrics::global();
+    let Some(model) = slot.current() else {
+        return docs
+            .into_iter()
+            .map(|doc| Outcome {
+                doc,
+                result: Err(Rejection::new(reasons::INTERNAL, "no model loaded".into())),
+            })
+            .collect();
+    };
+    // Documents tokenized by a model swapped out since are tokenized again.
+    for doc in docs.iter_mut() {
+        if doc.generation != model.generation {
+            match model.predictor.encode(&doc.model_text()) {
+                Ok(e) => {
+                    doc.encoded = e;
+                    doc.generation = model.generation;
+                }
+                Err(e) => tracing::warn!(error = %e, "Re-tokenizing after a model swap failed."),
+            }
+        }
+    }
+    let version: Arc<str> = Arc::from(model.version.as_str());
+    let forward = |docs: &[Doc]| -> Result<Vec<Vec<(u32, f32)>>, String> {
+        let refs: Vec<&Encoded> = docs.iter().map(|d| &d.encoded).collect();
+        let longest = refs.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        metrics.infer_batch_docs.observe(refs.len() as f64);
+        metrics
+            .infer_batch_padded_tokens
+            .observe((longest * refs.len()) as f64);
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            model.predictor.predict_encoded(&refs, TOP_K)
+        }));
+        metrics.infer_stage("forward", started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(tops)) if tops.len() == refs.len() => Ok(tops),
+            Ok(Ok(tops)) => Err(format!(
+                "the model returned {} results for {} documents",
+                tops.len(),
+                refs.len()
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(p) => Err(p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the model panicked".into())),
+        }
+    };
+    let why_of = |doc: &Doc, top: &[(u32, f32)]| -> Vec<Vec<String>> {
+        model
+            .predictor
+            .explain(&doc.model_text(), &doc.encoded, top, WHY_WORDS)
+            .into_iter()
+            .map(|words| words.into_iter().map(|(w, _)| w).collect())
+            .collect()
+    };
+    let scored = |doc: Doc, top: &[(u32, f32)], why: Vec<Vec<String>>| Outcome {
+        doc,
+        result: Ok(Scoring {
+            version: version.clone(),
+            top: model.predictor.name(top).top,
+            why,
+            shadow: None,
+            scored_at_ms: crate::now_ms(),
+        }),
+    };
+    match forward(&docs) {
+        Ok(tops) => {
+            // The words behind each label are found on the rayon pool: the
+            // model thread is the stage's bottleneck.
+            let whys: Vec<Vec<Vec<String>>> = {
+                use rayon::prelude::*;
+                docs.par_iter()
+                    .zip(tops.par_iter())
+                    .map(|(doc, top)| why_of(doc, top))
+                    .collect()
+            };
+            docs.into_iter()
+                .zip(tops)
+                .zip(whys)
+                .map(|((doc, top), why)| scored(doc, &top, why))
+                .collect()
+        }
+        Err(e) if docs.len() > 1 => {
+            tracing::warn!(error = %e, documents = docs.len(), "A batch failed; scoring its documents one at a time.");
+            docs.into_iter()
+                .map(|doc| match forward(std::slice::from_ref(&doc)) {
+                    Ok(tops) => {
+                        let why = why_of(&doc, &tops[0]);
+                        scored(doc, &tops[0], why)
+                    }
+                    Err(e) => Outcome {
+                        doc,
+                        result: Err(Rejection::new(
+                            reasons::INTERNAL,
+                            format!("scoring failed: {e}"),
+                        )),
+                    },
+                })
+                .collect()
+        }
+        Err(e) => docs
+            .into_iter()
+            .map(|doc| Outcome {
+                doc,
+                result: Err(Rejection::new(
+                    reasons::INTERNAL,
+                    format!("scoring failed: {e}"),
+                )),
+            })
+            .collect(),
+    }
+}
+
+/// Words kept per label to explain it on the review page.
+const WHY_WORDS: usize = 6;
+
+/// Scores the documents the champion scored a second time with the shadow
+/// model, if one is loaded, into their [`Scoring::shadow`]. The shadow can
+/// never cost a document its champion scores: a shadow failure is logged
+/// and the documents go out without shadow columns.
+fn shadow_score(outcomes: &mut [Outcome], shadow: &Slot) {
+    let Some(model) = shadow.current() else {
+        return;
+    };
+    let scored: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| {
+            o.result
+                .as_ref()
+                .is_ok_and(|s| *s.version != *model.version)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if scored.is_empty() {
+        return;
+    }
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let encoded = scored
+            .iter()
+            .map(|&i| model.predictor.encode(&outcomes[i].doc.model_text()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&Encoded> = encoded.iter().collect();
+        model.predictor.predict_encoded(&refs, TOP_K)
+    }));
+    match result {
+        Ok(Ok(tops)) if tops.len() == scored.len() => {
+            let version: Arc<str> = Arc::from(model.version.as_str());
+            for (&i, top) in scored.iter().zip(tops) {
+                if let Ok(s) = &mut outcomes[i].result {
+                    s.shadow = Some((version.clone(), model.predictor.name(&top).top));
+                }
+            }
+        }
+        Ok(Ok(_)) => tracing::warn!("The shadow model returned the wrong number of results; no shadow scores for this batch."),
+        Ok(Err(e)) => tracing::warn!(error = %e, "The shadow model failed; no shadow scores for this batch."),
+        Err(_) => tracing::warn!("The shadow model panicked; no shadow scores for this batch."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_a_model_ends_when_shutdown_is_asked_for() {
+        let slot = Slot::default();
+        let (stop, _) = Stop::new(Some(Box::pin(async {})));
+        let waited =
+            tokio::time::timeout(Duration::from_secs(5), wait_for_model(&slot, &stop)).await;
+        assert_eq!(
+            waited.ok(),
+            Some(false),
+            "no model, and asked to stop: it gives up at once"
+        );
     }
 }
