@@ -31,24 +31,12 @@ fn train_tiny(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> std::path:
     };
     config.telemetry.metrics_addr = String::new();
     let args = TrainArgs {
-        data: Vec::new(),
-        preset: None,
-        pretrained: None,
-        tokenizer: None,
         epochs: Some(1),
-        patience: None,
-        learning_rate: None,
-        max_len: None,
-        loss: None,
-        no_ngrams: false,
-        seed: None,
-        device: sift::device::DeviceArg::Cpu,
         force: true,
-        no_promote: false,
         no_feedback: true,
-        every: None,
         json: true,
         quiet: true,
+        ..TrainArgs::default()
     };
     let store: Arc<dyn ObjectStore> =
         Arc::new(EmbeddedObjects::open(&dir.join("objects")).expect("object store"));

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,22 +15,10 @@ use sift::backends::log::{Log, Message, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
 use sift::clean::language::LanguageDetector;
 use sift::clean::{self, CleanSummary, Until};
-use sift::config::{Config, TelemetryConfig};
 use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
 
 mod embedded;
-use embedded::open_log;
-
-fn config(dir: &Path) -> Config {
-    Config {
-        data_dir: dir.to_path_buf(),
-        telemetry: TelemetryConfig {
-            metrics_addr: String::new(),
-            ..TelemetryConfig::default()
-        },
-        ..Config::default()
-    }
-}
+use embedded::{config, open_log, read_all, spawn_stage, Kills};
 
 fn open_objects(dir: &Path) -> Result<Arc<EmbeddedObjects>> {
     Ok(Arc::new(EmbeddedObjects::open(&dir.join("objects"))?))
@@ -54,21 +42,6 @@ fn envelope(source: &str, path: &str, title: &str, text: Option<&str>) -> Envelo
 
 fn record(env: &Envelope) -> Result<Record> {
     embedded::raw_record(env)
-}
-
-/// Every record of a topic, partition by partition in offset order.
-async fn read_all(log: &dyn Log, topic: &str) -> Result<Vec<Message>> {
-    let mut out = Vec::new();
-    for w in log.watermarks(topic).await? {
-        let mut at = w.low;
-        while at < w.high {
-            let got = log.fetch(topic, w.partition, at, 1000).await?;
-            let Some(last) = got.last() else { break };
-            at = last.offset + 1;
-            out.extend(got);
-        }
-    }
-    Ok(out)
 }
 
 fn header<'a>(m: &'a Message, name: &str) -> &'a str {
@@ -523,16 +496,8 @@ fn sift_clean(dir: &Path, once: bool) -> Result<std::process::Child> {
         .arg(dir)
         .arg("clean")
         .env("SIFT__TELEMETRY__METRICS_ADDR", "")
-        .env("SIFT__CLEAN__BATCH_SIZE", "20")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    if once {
-        cmd.arg("--once").arg("--json").stdout(Stdio::piped());
-    } else {
-        cmd.stdout(Stdio::null());
-    }
-    Ok(cmd.spawn()?)
+        .env("SIFT__CLEAN__BATCH_SIZE", "20");
+    spawn_stage(&mut cmd, once)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,34 +514,17 @@ async fn every_record_survives_sigkill() -> Result<()> {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let kills = rng.random_range(3..=5);
-    let mut interrupted = 0;
+    let mut killed = Kills::new(RECORDS);
     for k in 0..kills {
         let mut child = sift_clean(dir.path(), false)?;
         let after = Duration::from_millis(rng.random_range(60..400));
         std::thread::sleep(after);
-        ensure!(
-            child.try_wait()?.is_none(),
-            "sift clean exited before kill {k}"
-        );
-        child.kill()?; // SIGKILL
-        child.wait()?;
-        let log = open_log(dir.path())?;
-        let committed: u64 = log
-            .committed("sift-clean", topics::RAW)
-            .await?
-            .iter()
-            .map(|(_, c)| c.unwrap_or(0))
-            .sum();
-        eprintln!("kill {k} after {after:?}: {committed} of {RECORDS} committed");
-        if committed < RECORDS as u64 {
-            interrupted += 1;
-        }
-        drop(log);
-        std::thread::sleep(Duration::from_millis(300));
+        let label = format!("kill {k} after {after:?}");
+        killed
+            .kill(&mut child, dir.path(), "sift-clean", topics::RAW, &label)
+            .await?;
     }
-
-    // At least one kill must have cut the work short for this test to mean anything.
-    ensure!(interrupted > 0, "every kill came after the work was done");
+    killed.check()?;
 
     let child = sift_clean(dir.path(), true)?;
     let out = child.wait_with_output()?;

@@ -7,16 +7,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
-use sift::backends::log::{Log, Message, Record};
+use sift::backends::log::{Log, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore};
 use sift::backends::table::{EmbeddedTable, Row, Scan, Table};
-use sift::config::Config;
 use sift::documents::{self, categories};
 use sift::envelope::{self, topics, Envelope, SCHEMA_VERSION};
 use sift::infer::{self, Categorized, InferSummary, ModelChoice, Until};
@@ -25,7 +24,7 @@ use sift::train::{self, TrainArgs};
 use tokio::sync::OnceCell;
 
 mod embedded;
-use embedded::open_log;
+use embedded::{config, open_log, read_all, spawn_stage, wait_for_metric, Kills};
 
 /// Two tiny models (different seeds), trained once for the whole file.
 struct Models {
@@ -37,24 +36,13 @@ static MODELS: OnceCell<Models> = OnceCell::const_new();
 
 fn train_args(seed: u64) -> TrainArgs {
     TrainArgs {
-        data: Vec::new(),
-        preset: None,
-        pretrained: None,
-        tokenizer: None,
         epochs: Some(1),
-        patience: None,
-        learning_rate: None,
-        max_len: None,
-        loss: None,
-        no_ngrams: false,
         seed: Some(seed),
-        device: sift::device::DeviceArg::Cpu,
         force: true,
-        no_promote: false,
         no_feedback: true,
-        every: None,
         json: true,
         quiet: true,
+        ..TrainArgs::default()
     }
 }
 
@@ -75,16 +63,6 @@ async fn models() -> Result<&'static Models> {
             })
         })
         .await
-}
-
-fn config(dir: &Path) -> Config {
-    let mut c = Config {
-        data_dir: dir.to_path_buf(),
-        ..Config::default()
-    };
-    c.telemetry.metrics_addr = String::new();
-    c.log.default_partitions = 4;
-    c
 }
 
 /// Publishes `model` to the registry in `store` and makes it LATEST.
@@ -134,20 +112,6 @@ async fn produce(log: &dyn Log, envs: &[Envelope]) -> Result<BTreeSet<String>> {
         .await?;
     }
     Ok(envs.iter().map(|e| e.id.clone()).collect())
-}
-
-async fn read_all(log: &dyn Log, topic: &str) -> Result<Vec<Message>> {
-    let mut out = Vec::new();
-    for w in log.watermarks(topic).await? {
-        let mut at = w.low;
-        while at < w.high {
-            let got = log.fetch(topic, w.partition, at, 1000).await?;
-            let Some(last) = got.last() else { break };
-            at = last.offset + 1;
-            out.extend(got);
-        }
-    }
-    Ok(out)
 }
 
 async fn rows(table: &dyn Table) -> Result<Vec<Row>> {
@@ -588,20 +552,8 @@ fn load_failures() -> u64 {
         .unwrap_or(0)
 }
 
-/// Documents `sift infer` has written, from its `/metrics` on `port`.
-fn scored_by_metrics(port: u16) -> Result<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .find(|l| l.starts_with("sift_pipeline_documents_total{stage=\"infer\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
-}
+/// Documents `sift infer` has written, on its `/metrics`.
+const SCORED: &str = "sift_pipeline_documents_total{stage=\"infer\"}";
 
 /// `sift infer` as a child process on the test's data dir.
 fn sift_infer(dir: &Path, once: bool) -> Result<std::process::Child> {
@@ -617,16 +569,8 @@ fn sift_infer_with(dir: &Path, once: bool, metrics_addr: &str) -> Result<std::pr
         .env("SIFT__TELEMETRY__METRICS_ADDR", metrics_addr)
         .env("SIFT__INFER__POLL_RECORDS", "64")
         .env("SIFT__INFER__MAX_BATCH_DOCS", "16")
-        .env("SIFT__INFER__WRITE_ROWS", "32")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    if once {
-        cmd.arg("--once").arg("--json").stdout(Stdio::piped());
-    } else {
-        cmd.stdout(Stdio::null());
-    }
-    Ok(cmd.spawn()?)
+        .env("SIFT__INFER__WRITE_ROWS", "32");
+    spawn_stage(&mut cmd, once)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,21 +596,7 @@ async fn every_document_survives_sigkill() -> Result<()> {
         .local_addr()?
         .port();
     let mut child = sift_infer_with(dir.path(), false, &format!("127.0.0.1:{port}"))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        ensure!(
-            child.try_wait()?.is_none(),
-            "sift infer exited before SIGTERM"
-        );
-        ensure!(
-            Instant::now() < deadline,
-            "sift infer wrote nothing in 120 s"
-        );
-        if scored_by_metrics(port).unwrap_or(0) > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metric(&mut child, port, SCORED, Duration::from_secs(120))?;
     let pid = i32::try_from(child.id())?;
     // SAFETY: sending a signal to our own child process.
     #[allow(unsafe_code)]
@@ -694,48 +624,22 @@ async fn every_document_survives_sigkill() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut interrupted = 0;
+    let mut killed = Kills::new(N);
     for k in 0..4 {
         // Killed at a random moment after it has started writing rows.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let mut child = sift_infer_with(dir.path(), false, &format!("127.0.0.1:{port}"))?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while scored_by_metrics(port).unwrap_or(0) == 0 {
-            ensure!(
-                child.try_wait()?.is_none(),
-                "sift infer exited before kill {k}"
-            );
-            ensure!(
-                Instant::now() < deadline,
-                "sift infer wrote nothing in 120 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_metric(&mut child, port, SCORED, Duration::from_secs(120))?;
         let after = Duration::from_millis(rng.random_range(0..400));
         std::thread::sleep(after);
-        ensure!(
-            child.try_wait()?.is_none(),
-            "sift infer exited before kill {k}"
-        );
-        child.kill()?; // SIGKILL
-        child.wait()?;
-        let log = open_log(dir.path())?;
-        let committed: u64 = log
-            .committed("sift-infer", topics::CLEAN)
-            .await?
-            .iter()
-            .map(|(_, c)| c.unwrap_or(0))
-            .sum();
-        eprintln!("kill {k} after {after:?}: {committed} of {N} committed");
-        if committed < N as u64 {
-            interrupted += 1;
-        }
-        drop(log);
-        std::thread::sleep(Duration::from_millis(300));
+        let label = format!("kill {k} after {after:?}");
+        killed
+            .kill(&mut child, dir.path(), "sift-infer", topics::CLEAN, &label)
+            .await?;
     }
-    ensure!(interrupted > 0, "every kill came after the work was done");
+    killed.check()?;
 
     let out = sift_infer(dir.path(), true)?.wait_with_output()?;
     ensure!(

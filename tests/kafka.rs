@@ -55,7 +55,7 @@ async fn kafka_conformance() -> Result<()> {
 async fn read_topic(log: &dyn Log, topic: &str, secs: u64) -> Result<Vec<Message>> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        match try_read_topic(log, topic).await {
+        match conformance::log::read_all(log, topic).await {
             Ok(all) => return Ok(all),
             Err(e) if Instant::now() < deadline => {
                 eprintln!("read_topic: retrying after: {e:#}");
@@ -64,23 +64,6 @@ async fn read_topic(log: &dyn Log, topic: &str, secs: u64) -> Result<Vec<Message
             Err(e) => return Err(e),
         }
     }
-}
-
-async fn try_read_topic(log: &dyn Log, topic: &str) -> Result<Vec<Message>> {
-    let mut all = Vec::new();
-    for w in log.watermarks(topic).await? {
-        let mut pos = w.low;
-        while pos < w.high {
-            let batch = log.fetch(topic, w.partition, pos, 500).await?;
-            ensure!(
-                !batch.is_empty(),
-                "fetch returned nothing below the high watermark"
-            );
-            pos = batch.last().map_or(pos, |m| m.offset + 1);
-            all.extend(batch);
-        }
-    }
-    Ok(all)
 }
 
 fn fault_record(i: u32) -> Record {

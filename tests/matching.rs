@@ -27,7 +27,6 @@ use sift::backends::log::{Log, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore};
 use sift::backends::search::{EmbeddedSearch, SearchIndex};
 use sift::backends::table::{EmbeddedTable, RowPut, Scan, Table};
-use sift::config::Config;
 use sift::daemon::Until;
 use sift::dbusa::generate::{generate, Spec};
 use sift::dbusa::person::{read_people, read_profiles, Profile};
@@ -38,7 +37,7 @@ use sift::matching::matcher::{Outcome, ProfileIn, Reason};
 use sift::matching::sink::{self, HANDLES, HANDLES_FAMILY, IDENTITIES, IDENTITIES_FAMILY};
 
 mod embedded;
-use embedded::open_log;
+use embedded::{config, open_log, read_all, wait_for_metric, Kills};
 
 fn sift() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sift"));
@@ -50,16 +49,6 @@ fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = cmd.stderr(Stdio::inherit()).output()?;
     ensure!(out.status.success(), "{cmd:?} failed: {}", out.status);
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn config(dir: &Path) -> Config {
-    let mut c = Config {
-        data_dir: dir.to_path_buf(),
-        ..Config::default()
-    };
-    c.telemetry.metrics_addr = String::new();
-    c.log.default_partitions = 4;
-    c
 }
 
 /// Floors of precision and recall per corruption type, measured with the
@@ -466,7 +455,7 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         keys.len(),
         valid.len()
     );
-    let matches = read_topic(log.as_ref(), topics::MATCHES).await?;
+    let matches = read_all(log.as_ref(), topics::MATCHES).await?;
     ensure!(
         matches.len() == profiles.len(),
         "{} matches records",
@@ -507,7 +496,7 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         );
     }
     ensure!(matched > 200);
-    let dlq = read_topic(log.as_ref(), topics::DLQ).await?;
+    let dlq = read_all(log.as_ref(), topics::DLQ).await?;
     ensure!(dlq.len() == 4);
     let committed: u64 = log
         .committed(&config.matching.group, topics::PROFILES)
@@ -535,36 +524,8 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
     Ok(())
 }
 
-async fn read_topic(log: &dyn Log, topic: &str) -> Result<Vec<sift::backends::log::Message>> {
-    let mut consumer = log
-        .subscribe(&format!("reader-{}", rand::random::<u32>()), &[topic])
-        .await?;
-    let mut all = Vec::new();
-    loop {
-        let batch = consumer.poll(1000, Duration::from_millis(300)).await?;
-        if batch.is_empty() {
-            break;
-        }
-        all.extend(batch);
-    }
-    consumer.close().await?;
-    Ok(all)
-}
-
-/// Profiles `sift match` has decided, from its `/metrics` on `port`.
-fn decided_by_metrics(port: u16) -> Result<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .find(|l| l.starts_with("sift_pipeline_documents_total{stage=\"match\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
-}
+/// Profiles `sift match` has decided, on its `/metrics`.
+const DECIDED: &str = "sift_pipeline_documents_total{stage=\"match\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_profile_is_lost_when_the_daemon_is_killed() -> Result<()> {
@@ -594,42 +555,27 @@ async fn no_profile_is_lost_when_the_daemon_is_killed() -> Result<()> {
         Ok(c.spawn()?)
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let mut interrupted = 0;
+    let mut killed = Kills::new(profiles.len());
     for k in 0..3 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let mut child = daemon(port, false)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while decided_by_metrics(port).unwrap_or(0) == 0 {
-            ensure!(
-                child.try_wait()?.is_none(),
-                "sift match exited before kill {k}"
-            );
-            ensure!(
-                Instant::now() < deadline,
-                "sift match decided nothing in 120 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_metric(&mut child, port, DECIDED, Duration::from_secs(120))
+            .with_context(|| format!("before kill {k}"))?;
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
-        child.kill()?; // SIGKILL
-        child.wait()?;
-        let log = open_log(dir.path())?;
-        let committed: u64 = log
-            .committed("sift-match", topics::PROFILES)
-            .await?
-            .iter()
-            .map(|(_, c)| c.unwrap_or(0))
-            .sum();
-        eprintln!("kill {k}: {committed} of {} committed", profiles.len());
-        if committed < profiles.len() as u64 {
-            interrupted += 1;
-        }
-        drop(log);
-        std::thread::sleep(Duration::from_millis(300));
+        let label = format!("kill {k}");
+        killed
+            .kill(
+                &mut child,
+                dir.path(),
+                "sift-match",
+                topics::PROFILES,
+                &label,
+            )
+            .await?;
     }
-    ensure!(interrupted > 0, "every kill came after the work was done");
+    killed.check()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -652,7 +598,7 @@ async fn no_profile_is_lost_when_the_daemon_is_killed() -> Result<()> {
         want.len()
     );
     let log = open_log(dir.path())?;
-    let matches = read_topic(log.as_ref(), topics::MATCHES).await?;
+    let matches = read_all(log.as_ref(), topics::MATCHES).await?;
     let keys: BTreeSet<String> = matches
         .iter()
         .filter_map(|m| {

@@ -41,23 +41,10 @@ fn config(dir: &Path) -> Config {
 fn args(data: &[String], epochs: u32) -> TrainArgs {
     TrainArgs {
         data: data.to_vec(),
-        preset: None,
-        pretrained: None,
-        tokenizer: None,
         epochs: Some(epochs),
-        patience: None,
-        learning_rate: None,
-        max_len: None,
-        loss: None,
-        no_ngrams: false,
-        seed: None,
-        device: sift::device::DeviceArg::Cpu,
-        force: false,
-        no_promote: false,
-        no_feedback: false,
-        every: None,
         json: true,
         quiet: true,
+        ..TrainArgs::default()
     }
 }
 

@@ -91,8 +91,9 @@ pub enum LossArg {
     Softmax,
 }
 
-/// `sift train`.
-#[derive(Debug, Clone, Args)]
+/// `sift train`. The default is the command without flags or environment:
+/// the config's dataset and preset, on the CPU, gated and promoted.
+#[derive(Debug, Clone, Default, Args)]
 pub struct TrainArgs {
     /// Dataset of JSON lines `{id, title, text, tags[]}`: a file (`.gz`, `.zst` are decompressed)
     /// or `objects:KEY` in the object store. Repeatable. Default: `train.data` in the config, else

@@ -68,7 +68,9 @@ async fn topics(log: &dyn Log) -> Result<()> {
     Ok(())
 }
 
-async fn read_all(log: &dyn Log, topic: &str) -> Result<Vec<Message>> {
+/// Every record of `topic`, partition by partition, by fetches from the
+/// low to the high watermark.
+pub async fn read_all(log: &dyn Log, topic: &str) -> Result<Vec<Message>> {
     let mut all = Vec::new();
     for w in log.watermarks(topic).await? {
         let mut pos = w.low;
