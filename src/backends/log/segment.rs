@@ -690,20 +690,40 @@ pub(super) struct ReadView {
     pub end: u64,
 }
 
-/// Reads frames from `view` starting at its position, returning messages with
-/// offsets `>= from` until `out` holds `max` messages (other partitions' included) or roughly `max_bytes` of data are read,
-/// plus the byte position after the last one returned.
-/// Chunks up to this size are read into the calling thread's reusable
-/// buffer; larger ones (a single huge frame) get their own.
-const REUSED_CHUNK: usize = 8 * 1024 * 1024;
+/// Chunks up to this size are read into a reused buffer ([`READ_BUFFERS`]);
+/// larger ones (a single huge frame) get their own. A consumer reads at most
+/// 4 MB of a partition per poll, so its chunks fit.
+const REUSED_CHUNK: usize = 4 * 1024 * 1024;
 
-thread_local! {
-    /// The buffer [`read_chunk`] reads into. The records handed out are
-    /// slices of it; once every one of them is dropped, the next read takes
-    /// the same memory back instead of a fresh allocation, whose pages the
-    /// kernel would fault in and zero again (that was most of a consumer's
-    /// time).
-    static READ_BUF: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+/// Read buffers of [`REUSED_CHUNK`] bytes that no record points into any
+/// more, for the next reads: a fresh buffer's pages are faulted in and
+/// zeroed by the kernel, and zeroing a kept one again costs as much, which
+/// together were most of a consumer's time. A buffer comes back here when
+/// the last record read from it is dropped, on whatever thread that is.
+static READ_BUFFERS: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
+
+/// Read buffers kept for reuse (64 MB at most); more in use at once are
+/// allocated and freed. A consumer's records from one poll keep two or three
+/// alive, and the records it holds back for its next poll a few more: with
+/// 4 kept, a quarter of the reads allocated and zeroed a fresh buffer.
+const READ_BUFFERS_KEPT: usize = 16;
+
+/// A read buffer lent to the records read into it.
+struct ReadBuffer(Vec<u8>);
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        let mut kept = READ_BUFFERS.lock();
+        if kept.len() < READ_BUFFERS_KEPT {
+            kept.push(std::mem::take(&mut self.0));
+        }
+    }
 }
 
 /// Reads `n` bytes of `file` at `pos`.
@@ -713,18 +733,16 @@ fn read_chunk(file: &File, pos: u64, n: usize) -> std::io::Result<Bytes> {
         file.read_exact_at(&mut buf, pos)?;
         return Ok(buf.freeze());
     }
-    READ_BUF.with(|b| {
-        let mut b = b.borrow_mut();
-        b.clear();
-        // Takes the whole allocation back when nothing points into it any
-        // more; allocates anew while records read before are alive.
-        b.reserve(n.max(REUSED_CHUNK / 2));
-        b.resize(n, 0);
-        file.read_exact_at(&mut b[..n], pos)?;
-        Ok(b.split_to(n).freeze())
-    })
+    let kept = READ_BUFFERS.lock().pop();
+    let mut buf = ReadBuffer(kept.unwrap_or_else(|| vec![0; REUSED_CHUNK]));
+    file.read_exact_at(&mut buf.0[..n], pos)?;
+    Ok(Bytes::from_owner(buf).slice(..n))
 }
 
+/// Reads frames from `view` starting at its position, returning messages with
+/// offsets `>= from` until `out` holds `max` messages (other partitions'
+/// included) or roughly `max_bytes` of data are read, plus the byte position
+/// after the last one returned.
 pub(super) fn read_frames(
     view: &ReadView,
     topic: &str,
