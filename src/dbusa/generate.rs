@@ -147,6 +147,44 @@ fn title(name: &str) -> String {
     }
 }
 
+/// Every email address given out so far, so that no two people share one:
+/// a mail provider gives an address to one person, and the next John Tate
+/// who wants `jtate@aol.com` takes `jtate417@aol.com`. Kept as 64-bit
+/// hashes (30 million addresses in about 600 MB); a hash that collides
+/// only sends one more person to a numbered address.
+#[derive(Default)]
+struct Emails {
+    taken: std::collections::HashSet<u64>,
+}
+
+impl Emails {
+    fn key(email: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(email.as_bytes())
+    }
+
+    /// Gives `email` to its holder if it is free, else the first free
+    /// numbered variant of its local part (numbers drawn from `rng`, from
+    /// 1–999 upwards); an empty address stays empty.
+    fn claim(&mut self, email: &str, rng: &mut impl Rng) -> String {
+        let Some((local, domain)) = email.split_once('@') else {
+            return email.to_owned();
+        };
+        if self.taken.insert(Self::key(email)) {
+            return email.to_owned();
+        }
+        let mut top = 1_000u64;
+        loop {
+            for _ in 0..8 {
+                let candidate = format!("{local}{}@{domain}", rng.random_range(1..top));
+                if self.taken.insert(Self::key(&candidate)) {
+                    return candidate;
+                }
+            }
+            top = top.saturating_mul(10);
+        }
+    }
+}
+
 /// The generator's state: the reference data prepared for sampling.
 struct Generator<'a> {
     seed: u64,
@@ -267,6 +305,15 @@ impl<'a> Generator<'a> {
             mate.email = format!("{f}.{l}{}@{domain}", rng.random_range(1..100));
         }
         mate
+    }
+
+    /// `person` with an email address no one else holds (see [`Emails`]);
+    /// the numbers of a numbered address come from `stream`, row `i`.
+    fn claimed(&self, emails: &mut Emails, mut person: Person, stream: u64, i: u64) -> Person {
+        if !person.email.is_empty() {
+            person.email = emails.claim(&person.email, &mut self.rng(stream, i));
+        }
+        person
     }
 
     /// A profile of `person`, corrupted as `corruption` says where it can be.
@@ -544,10 +591,12 @@ fn api_person(
 }
 
 /// The enrichment API's canned answers for `profiles` (in their order before
-/// the shuffle: insiders of `rows` first, then outsiders), each drawn from its
-/// own stream 5 so the other files do not change. A (network, handle) held by
-/// more than one profile gets no answer: one handle cannot be two people.
-fn enrichment_answers(g: &Generator<'_>, rows: &[u64], profiles: &[Profile]) -> Vec<Answer> {
+/// the shuffle: insiders first, then outsiders, then housemates), each drawn
+/// from its own stream 5 so the other files do not change. `people` holds
+/// the person behind each insider and outsider, in the same order. A
+/// (network, handle) held by more than one profile gets no answer: one
+/// handle cannot be two people.
+fn enrichment_answers(g: &Generator<'_>, people: &[&Person], profiles: &[Profile]) -> Vec<Answer> {
     let mut holders: HashMap<(&str, String), u32> = HashMap::new();
     for p in profiles {
         *holders
@@ -559,18 +608,18 @@ fn enrichment_answers(g: &Generator<'_>, rows: &[u64], profiles: &[Profile]) -> 
         .enumerate()
         .filter_map(|(n, p)| {
             let mut rng = g.rng(5, n as u64);
-            let insider = n < rows.len();
+            let insider = p.dbusa_id.is_some();
             let (person, chance) = if insider {
                 match p.corruption.as_str() {
                     corruptions::MISSING_NAME
                     | corruptions::MISSING_LOCATION
-                    | corruptions::BOTH_MISSING => (g.person(0, rows[n]), KNOWN_INSIDER),
+                    | corruptions::BOTH_MISSING => (people[n], KNOWN_INSIDER),
                     _ => return None,
                 }
             } else if p.corruption == corruptions::HOUSEMATE {
                 return None;
             } else {
-                (g.person(1, (n - rows.len()) as u64), KNOWN_OUTSIDER)
+                (people[n], KNOWN_OUTSIDER)
             };
             if !rng.random_bool(chance) {
                 return None;
@@ -580,7 +629,7 @@ fn enrichment_answers(g: &Generator<'_>, rows: &[u64], profiles: &[Profile]) -> 
             } else {
                 Vec::new()
             };
-            let person_json = api_person(&person, &p.network, &p.handle, &mut rng);
+            let person_json = api_person(person, &p.network, &p.handle, &mut rng);
             let unique = holders
                 .get(&(p.network.as_str(), p.handle.to_lowercase()))
                 .is_some_and(|&k| k == 1);
@@ -616,19 +665,6 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
     db.write_all(COLUMNS.join(",").as_bytes())
         .and_then(|_| db.write_all(b"\n"))
         .map_err(|e| io(&database, e))?;
-    let mut start = 0;
-    while start < spec.rows {
-        let end = (start + CHUNK).min(spec.rows);
-        let text: String = (start..end)
-            .into_par_iter()
-            .map(|i| csv_line(&g.person(0, i)))
-            .collect();
-        db.write_all(text.as_bytes())
-            .map_err(|e| io(&database, e))?;
-        start = end;
-    }
-    db.flush().map_err(|e| io(&database, e))?;
-
     // Which people get a profile: distinct rows drawn from the seed.
     let pool = if spec.profile_rows == 0 {
         spec.rows
@@ -646,34 +682,75 @@ pub fn generate(spec: &Spec, out: &Path) -> crate::Result<Generated> {
     while (chosen.len() as u64) < spec.profiles {
         chosen.insert(pick.random_range(0..pool));
     }
+
+    // No two people share an email address. The people outside the
+    // database claim theirs first, then the database's rows in order, so
+    // the first rows' addresses (and the profiles drawn from them) are the
+    // same at every --rows.
+    let mut emails = Emails::default();
+    let strangers: Vec<Person> = (0..spec.outsiders)
+        .map(|k| g.claimed(&mut emails, g.person(1, k), 9, k))
+        .collect();
+    let mut pick_member = g.rng(7, 0);
+    let mates: Vec<(Person, Person)> = (0..spec.housemates)
+        .map(|k| {
+            let member = g.person(0, pick_member.random_range(0..pool));
+            let mate = g.claimed(&mut emails, g.housemate(k, &member), 10, k);
+            (member, mate)
+        })
+        .collect();
+    let mut members: HashMap<u64, Person> = HashMap::with_capacity(chosen.len());
+    let mut start = 0;
+    while start < spec.rows {
+        let end = (start + CHUNK).min(spec.rows);
+        let people: Vec<Person> = (start..end)
+            .into_par_iter()
+            .map(|i| g.person(0, i))
+            .collect();
+        let mut text = String::with_capacity(people.len() * 128);
+        for (i, person) in (start..end).zip(people) {
+            let person = g.claimed(&mut emails, person, 11, i);
+            text.push_str(&csv_line(&person));
+            if chosen.contains(&i) {
+                members.insert(i, person);
+            }
+        }
+        db.write_all(text.as_bytes())
+            .map_err(|e| io(&database, e))?;
+        start = end;
+    }
+    db.flush().map_err(|e| io(&database, e))?;
+    drop(emails);
+
     let mut profiles: Vec<Profile> = chosen
         .iter()
         .enumerate()
-        .map(|(n, &row)| {
+        .map(|(n, row)| {
             let label = corruptions::ALL[n % corruptions::ALL.len()];
-            g.profile(n as u64, &g.person(0, row), label)
+            g.profile(n as u64, &members[row], label)
         })
         .collect();
     let insiders = profiles.len() as u64;
-    for k in 0..spec.outsiders {
-        let n = insiders + k;
-        let stranger = g.person(1, k);
-        let mut p = g.profile(n, &stranger, corruptions::NONE);
+    for (k, stranger) in strangers.iter().enumerate() {
+        let n = insiders + k as u64;
+        let mut p = g.profile(n, stranger, corruptions::NONE);
         p.dbusa_id = None;
         p.corruption = corruptions::NOT_IN_DB.to_owned();
         profiles.push(p);
     }
-    let mut pick_member = g.rng(7, 0);
-    for k in 0..spec.housemates {
-        let n = insiders + spec.outsiders + k;
-        let member = g.person(0, pick_member.random_range(0..pool));
-        let mut p = g.profile(n, &g.housemate(k, &member), corruptions::NONE);
+    for (k, (_, mate)) in mates.iter().enumerate() {
+        let n = insiders + spec.outsiders + k as u64;
+        let mut p = g.profile(n, mate, corruptions::NONE);
         p.dbusa_id = None;
         p.corruption = corruptions::HOUSEMATE.to_owned();
         profiles.push(p);
     }
-    let rows: Vec<u64> = chosen.iter().copied().collect();
-    let answers = enrichment_answers(&g, &rows, &profiles);
+    let people: Vec<&Person> = chosen
+        .iter()
+        .map(|row| &members[row])
+        .chain(&strangers)
+        .collect();
+    let answers = enrichment_answers(&g, &people, &profiles);
     // Interleave insiders and outsiders so a prefix of the file is a fair sample.
     let mut order = g.rng(4, 0);
     for i in (1..profiles.len()).rev() {

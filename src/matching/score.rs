@@ -372,19 +372,36 @@ fn handle_evidence(handle: &str, local: &str, first: &str, last: &str) -> Level 
 }
 
 /// The level of a handle (letters and digits) against the local part of the
-/// person's email.
+/// person's email. One contains the other only where the shorter does not
+/// cut a number of the longer: `javierblair85` is not inside
+/// `javierblair850`, since 85 is not 850.
 pub fn handle_level(handle: &str, local: &str) -> Level {
     if handle.is_empty() || local.is_empty() {
         Level::Missing
     } else if handle == local {
         Level::Exact
     } else if handle.len().min(local.len()) >= 5
-        && (handle.contains(local) || local.contains(handle))
+        && (contains_whole(handle, local) || contains_whole(local, handle))
     {
         Level::Contains
     } else {
         Level::Other
     }
+}
+
+/// Whether `inner` occurs in `outer` with every number whole: where
+/// `inner` starts or ends with a digit, the character of `outer` beside it
+/// is not a digit.
+fn contains_whole(outer: &str, inner: &str) -> bool {
+    let digit_at = |s: &str, i: Option<usize>| {
+        i.and_then(|i| s.as_bytes().get(i))
+            .is_some_and(u8::is_ascii_digit)
+    };
+    let (starts, ends) = (digit_at(inner, Some(0)), digit_at(inner, inner.len().checked_sub(1)));
+    outer.match_indices(inner).any(|(at, _)| {
+        !(starts && digit_at(outer, at.checked_sub(1)))
+            && !(ends && digit_at(outer, Some(at + inner.len())))
+    })
 }
 
 /// The level of the year-like digits in a handle against a birth year: a
@@ -906,6 +923,14 @@ mod tests {
         assert_eq!(handle_key("@J.Doe_84"), "jdoe84");
         assert_eq!(handle_level("jdoe84", "jdoe84"), Level::Exact);
         assert_eq!(handle_level("realjdoe84", "jdoe84"), Level::Contains);
+        assert_eq!(handle_level("jdoe84real", "jdoe84"), Level::Contains);
+        assert_eq!(handle_level("jdoe84", "xjdoe84"), Level::Contains);
+        // A number is compared whole: 85 is not 850, 1 is not 1971.
+        assert_eq!(handle_level("javierblair850", "javierblair85"), Level::Other);
+        assert_eq!(handle_level("allenwhite1971", "allenwhite1"), Level::Other);
+        assert_eq!(handle_level("roserodriguez8", "roserodriguez82"), Level::Other);
+        assert_eq!(handle_level("7rwright", "17rwright"), Level::Other);
+        assert_eq!(handle_level("rwright", "rwright2rw"), Level::Contains);
         assert_eq!(
             handle_level("jdoe", "jdoe84"),
             Level::Other,
@@ -1046,5 +1071,27 @@ mod tests {
         let sum: f64 = p.values().sum();
         assert!((sum - 1.0).abs() < 1e-9);
         assert!(p[&Level::Exact] > 0.65 && p[&Level::Nickname] > 0.0);
+    }
+
+    proptest::proptest! {
+        /// A handle and a local part whose numbers differ never contain
+        /// one another, however the digits run on; with the numbers whole,
+        /// the longer contains the shorter.
+        #[test]
+        fn numbers_are_compared_whole(
+            name in "[a-z]{5,12}",
+            number in "[0-9]{1,4}",
+            more in "[0-9]{1,3}",
+            before in "[a-z]{0,4}",
+            after in "[a-z]{0,4}",
+        ) {
+            let short = format!("{name}{number}");
+            let cut = format!("{before}{name}{number}{more}");
+            proptest::prop_assert_eq!(handle_level(&short, &cut), Level::Other);
+            proptest::prop_assert_eq!(handle_level(&cut, &short), Level::Other);
+            let whole = format!("{before}{name}{number}{after}");
+            let expected = if whole == short { Level::Exact } else { Level::Contains };
+            proptest::prop_assert_eq!(handle_level(&short, &whole), expected);
+        }
     }
 }
