@@ -269,7 +269,10 @@ fn no_two_people_share_an_email_address() -> Result<()> {
             (Some(id), held) => ensure!(held == Some(&id.as_str()), "{} carries {email}", p.id),
         }
     }
-    ensure!(outside > 50, "{outside} profiles outside the database with an email");
+    ensure!(
+        outside > 50,
+        "{outside} profiles outside the database with an email"
+    );
     let answers = sift::dbusa::person::read_answers(&dir.path().join("enrichment.jsonl"))?;
     for a in &answers {
         let profile = profiles

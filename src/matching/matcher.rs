@@ -3,6 +3,7 @@
 //! the candidates, and the decision (threshold and margin). The daemon and
 //! the batch mode both call [`Matcher::match_profile`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::block;
 use super::enrich::{EnrichError, EnrichRequest, EnrichSource, Enricher, Enrichment};
 use super::score::{
-    handle_key, prior_bits, probability, score_for, Candidate, Evidence, Probe, Weights,
+    handle_key, prior_bits, probability, score_for, Candidate, Evidence, PlaceShare, Probe, Weights,
 };
 use crate::backends::search::{Clause, Query, SearchError, SearchIndex};
 use crate::dbusa::index::{household_key, person_of, phone_digits};
@@ -229,7 +230,24 @@ pub struct Matcher {
     threshold_bits: f64,
     margin: f64,
     enricher: Option<Enricher>,
+    /// People in the index, for the shares of places.
+    people: u64,
+    /// People per place (ZIP, city in a state, city name), counted in the
+    /// index once per place and kept.
+    place_counts: std::sync::Mutex<HashMap<PlaceKey, u64>>,
 }
+
+/// A place whose people the matcher counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PlaceKey {
+    Zip(String),
+    CityState(String, String),
+    City(String),
+}
+
+/// Places counted before the cache starts over (a database holds about
+/// 40,000 ZIP codes and 30,000 cities).
+const PLACES_KEPT: usize = 200_000;
 
 impl std::fmt::Debug for Matcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,7 +297,65 @@ impl Matcher {
             margin: rules.margin,
             weights,
             enricher,
+            people: rules.people.max(1),
+            place_counts: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The people of the index living where `place` says, as shares: the
+    /// `u` of agreeing on that place.
+    pub async fn place_share(&self, place: &Place) -> Result<PlaceShare, SearchError> {
+        let filter = |key: &PlaceKey| -> Vec<Clause> {
+            let term = |field: &str, value: &str| Clause::Term {
+                field: field.to_owned(),
+                value: serde_json::json!(value),
+                boost: 1.0,
+            };
+            match key {
+                PlaceKey::Zip(zip) => vec![term("zip", zip)],
+                PlaceKey::CityState(city, state) => vec![term("city", city), term("state", state)],
+                PlaceKey::City(city) => vec![term("city", city)],
+            }
+        };
+        let mut share = PlaceShare::default();
+        let keys = [
+            (!place.zip.is_empty()).then(|| PlaceKey::Zip(place.zip.clone())),
+            (!place.city.is_empty() && !place.state.is_empty())
+                .then(|| PlaceKey::CityState(place.city.clone(), place.state.clone())),
+            (!place.city.is_empty() && place.state.is_empty())
+                .then(|| PlaceKey::City(place.city.clone())),
+        ];
+        for key in keys.into_iter().flatten() {
+            let known = self
+                .place_counts
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&key).copied());
+            let count = match known {
+                Some(n) => n,
+                None => {
+                    let query = Query {
+                        filter: filter(&key),
+                        ..Query::default()
+                    };
+                    let n = self.search.count_matching(&self.index, &query).await?;
+                    if let Ok(mut counts) = self.place_counts.lock() {
+                        if counts.len() >= PLACES_KEPT {
+                            counts.clear();
+                        }
+                        counts.insert(key.clone(), n);
+                    }
+                    n
+                }
+            };
+            let part = Some(count as f64 / self.people as f64);
+            match key {
+                PlaceKey::Zip(_) => share.zip = part,
+                PlaceKey::CityState(..) => share.city_state = part,
+                PlaceKey::City(_) => share.city = part,
+            }
+        }
+        Ok(share)
     }
 
     /// The score (log2 Bayes factor) a candidate needs: the probability
@@ -366,6 +442,9 @@ impl Matcher {
             top: Vec::new(),
             candidate_ids: Vec::new(),
         };
+        if let Some(place) = &probe.place {
+            probe.place_share = Some(self.place_share(place).await?);
+        }
         let Some(query) = block::query(&probe, self.candidates) else {
             return Ok(unmatched(match enriched {
                 Enriched::NotFound => Reason::EnrichmentNotFound,
@@ -646,6 +725,7 @@ pub fn probe_of(p: &ProfileIn) -> Probe {
         email,
         phone,
         handle: handle_key(&p.handle),
+        place_share: None,
     }
 }
 
@@ -709,7 +789,9 @@ fn fill(probe: &mut Probe, person: &super::enrich::EnrichedPerson) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::score::{Field, Level};
     use super::*;
+    use anyhow::Context;
     use Person;
 
     fn member(first: &str, middle: &str, email: &str) -> Person {
@@ -790,6 +872,88 @@ mod tests {
     /// A profile with a member's full name is that member; a name that
     /// fits both sisters equally is not decided; the sister who is not a
     /// member is nobody's match.
+    /// Agreeing on a place weighs by how many of the people loaded live
+    /// there: a city holding most of them says little, a small town much.
+    #[tokio::test]
+    async fn places_weigh_by_how_many_people_live_there() -> anyhow::Result<()> {
+        use crate::backends::search::EmbeddedSearch;
+        let dir = tempfile::tempdir()?;
+        let search = Arc::new(EmbeddedSearch::open(dir.path())?);
+        let index = "dbusa";
+        search
+            .ensure_index(&crate::dbusa::index::spec(index))
+            .await?;
+        let at = |i: usize, first: &str, city: &str, state: &str, zip: &str| Person {
+            dbusa_id: format!("DB{i:010}"),
+            last: format!("Family{i}"),
+            city: city.into(),
+            state: state.into(),
+            zip: zip.into(),
+            ..member(first, "", "")
+        };
+        let mut people: Vec<Person> = (0..30)
+            .map(|i| at(i, "John", "Chicago", "IL", "60601"))
+            .collect();
+        people.push(at(30, "John", "Ada", "OK", "74820"));
+        people.push(at(31, "John", "Springfield", "IL", "62701"));
+        people.push(at(32, "John", "Springfield", "MO", "65801"));
+        let docs = people.iter().map(crate::dbusa::index::person_doc).collect();
+        search.bulk(index, docs).await?;
+        search.refresh(index).await?;
+        let rules = Rules {
+            index: index.into(),
+            candidates: 5,
+            threshold: 0.5,
+            margin: 2.0,
+            people: 33,
+        };
+        let matcher = Matcher::new(search, Weights::built_in()?, rules, None);
+        let place = |location: &str| parse_location(location);
+        let chicago = matcher.place_share(&place("Chicago, IL")).await?;
+        assert_eq!(chicago.city_state, Some(30.0 / 33.0));
+        assert_eq!((chicago.city, chicago.zip), (None, None));
+        let ada = matcher.place_share(&place("Ada, OK")).await?;
+        assert_eq!(ada.city_state, Some(1.0 / 33.0));
+        // A city named without its state: every state's city of that name.
+        let springfield = matcher.place_share(&place("Springfield")).await?;
+        assert_eq!(springfield.city, Some(2.0 / 33.0), "{springfield:?}");
+        let nowhere = matcher.place_share(&place("Tulsa, OK")).await?;
+        assert_eq!(nowhere.city_state, Some(0.0));
+        // Asked again, the same shares (from the counts kept).
+        assert_eq!(matcher.place_share(&place("Chicago, IL")).await?, chicago);
+
+        let weights = Weights::built_in()?;
+        let location = |share: &PlaceShare| {
+            weights.weight_at(Field::Location, Level::CityState, "", Some(share))
+        };
+        let average = weights.weight(Field::Location, Level::CityState, "");
+        assert!(location(&ada) > location(&chicago) + 4.0);
+        assert!(
+            location(&chicago) < average,
+            "{} against {average}",
+            location(&chicago)
+        );
+        // Decided through the matcher: the same name and town, scored with
+        // the town's share.
+        let outcome = matcher
+            .match_profile(&ProfileIn {
+                location: Some("Ada, OK".into()),
+                ..profile("John Family30", None)
+            })
+            .await?;
+        let evidence = outcome
+            .evidence
+            .iter()
+            .find(|e| e.field == Field::Location)
+            .context("location evidence")?;
+        assert_eq!(evidence.level, Level::CityState);
+        assert!(
+            (evidence.weight - location(&ada)).abs() < 0.01,
+            "{outcome:?}"
+        );
+        Ok(())
+    }
+
     #[tokio::test]
     async fn the_household_decides_who_a_near_name_is() -> anyhow::Result<()> {
         use crate::backends::search::EmbeddedSearch;

@@ -185,6 +185,26 @@ pub struct Probe {
     pub phone: Option<String>,
     /// The handle's letters and digits, lower case (empty when unknown).
     pub handle: String,
+    /// How common the profile's place is among the people loaded, when
+    /// known: agreeing on a city where many of them live says less.
+    pub place_share: Option<PlaceShare>,
+}
+
+/// The shares of the people loaded who live where a profile says: the `u`
+/// of agreeing on that place (term-frequency adjustment, as for names).
+/// "Chicago, IL" holds 0.2 % of a generated database against 0.003 % for
+/// the median city; one average `u` for every city overstates agreement on
+/// a large city by 4 to 5 bits, which is how non-members were matched to
+/// namesakes in large cities as the database grew.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PlaceShare {
+    /// Share of people with the profile's ZIP code (when it gave one).
+    pub zip: Option<f64>,
+    /// Share of people in the profile's city in its state.
+    pub city_state: Option<f64>,
+    /// Share of people in a city of that name, in any state (for a profile
+    /// that names no state).
+    pub city: Option<f64>,
 }
 
 impl Probe {
@@ -397,7 +417,10 @@ fn contains_whole(outer: &str, inner: &str) -> bool {
         i.and_then(|i| s.as_bytes().get(i))
             .is_some_and(u8::is_ascii_digit)
     };
-    let (starts, ends) = (digit_at(inner, Some(0)), digit_at(inner, inner.len().checked_sub(1)));
+    let (starts, ends) = (
+        digit_at(inner, Some(0)),
+        digit_at(inner, inner.len().checked_sub(1)),
+    );
     outer.match_indices(inner).any(|(at, _)| {
         !(starts && digit_at(outer, at.checked_sub(1)))
             && !(ends && digit_at(outer, Some(at + inner.len())))
@@ -576,15 +599,35 @@ impl Weights {
     /// use the name's frequency in the population as `u` (term-frequency
     /// adjustment): `value` is the candidate's normalised name.
     pub fn weight(&self, field: Field, level: Level, value: &str) -> f64 {
+        self.weight_at(field, level, value, None)
+    }
+
+    /// [`Weights::weight`], with agreement on a place weighed by that
+    /// place's share of the people loaded, where `place` knows it.
+    pub fn weight_at(
+        &self,
+        field: Field,
+        level: Level,
+        value: &str,
+        place: Option<&PlaceShare>,
+    ) -> f64 {
         if level == Level::Missing {
             return 0.0;
         }
         let Some(p) = self.fields.get(&field).and_then(|l| l.get(&level)) else {
             return 0.0;
         };
+        let share = |pick: fn(&PlaceShare) -> Option<f64>| {
+            place
+                .and_then(pick)
+                .map_or(p.u, |share| share.max(self.tf_floor))
+        };
         let u = match (field, level) {
             (Field::Last, Level::Exact) => surname_frequency(value).max(self.tf_floor),
             (Field::First, Level::Exact) => first_frequency(value).max(self.tf_floor),
+            (Field::Location, Level::Zip) => share(|s| s.zip),
+            (Field::Location, Level::CityState) => share(|s| s.city_state),
+            (Field::Location, Level::City) => share(|s| s.city),
             _ => p.u,
         };
         (p.m / u).log2()
@@ -600,7 +643,7 @@ impl Weights {
                 Field::First => c.first.as_str(),
                 _ => c.last.as_str(),
             };
-            let weight = self.weight(field, level, value);
+            let weight = self.weight_at(field, level, value, probe.place_share.as_ref());
             total += weight;
             evidence.push(Evidence {
                 field,
@@ -888,6 +931,7 @@ mod tests {
         let w = Weights::built_in()?;
         let c = Candidate::new(person("William", "Smith", "Saint Paul", "MN"));
         let probe = |first: &str, last: &str, city: &str| Probe {
+            place_share: None,
             name: Some(NameParts {
                 first: first.into(),
                 middle: String::new(),
@@ -926,9 +970,15 @@ mod tests {
         assert_eq!(handle_level("jdoe84real", "jdoe84"), Level::Contains);
         assert_eq!(handle_level("jdoe84", "xjdoe84"), Level::Contains);
         // A number is compared whole: 85 is not 850, 1 is not 1971.
-        assert_eq!(handle_level("javierblair850", "javierblair85"), Level::Other);
+        assert_eq!(
+            handle_level("javierblair850", "javierblair85"),
+            Level::Other
+        );
         assert_eq!(handle_level("allenwhite1971", "allenwhite1"), Level::Other);
-        assert_eq!(handle_level("roserodriguez8", "roserodriguez82"), Level::Other);
+        assert_eq!(
+            handle_level("roserodriguez8", "roserodriguez82"),
+            Level::Other
+        );
         assert_eq!(handle_level("7rwright", "17rwright"), Level::Other);
         assert_eq!(handle_level("rwright", "rwright2rw"), Level::Contains);
         assert_eq!(

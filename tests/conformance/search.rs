@@ -329,6 +329,62 @@ async fn documents_and_queries(s: &dyn SearchIndex) -> Result<()> {
     ensure!(!year.is_empty());
     same_ids(&year, &expect(&|p| p.birth_year == 1975)).context("term on an integer")?;
 
+    // Counting what a query matches: exact, after upserts and deletes, and
+    // the same documents a search without a limit returns.
+    let counted: Vec<(&str, Query, BTreeSet<String>)> = vec![
+        ("everything", Query::default(), expect(&|_| true)),
+        (
+            "a keyword term",
+            query(vec![term("state", json!("IL"))], 0),
+            expect(&|p| p.state == "IL"),
+        ),
+        (
+            "two filters",
+            Query {
+                filter: vec![term("state", json!("TX")), term("zip", json!("73301"))],
+                ..Query::default()
+            },
+            expect(&|p| p.state == "TX" && p.zip == "73301"),
+        ),
+        (
+            "a text token and an integer range",
+            Query {
+                must: vec![match_text("city", "springfield")],
+                filter: vec![Clause::Range {
+                    field: "birth_year".to_owned(),
+                    gte: Some(1950),
+                    lte: Some(1980),
+                }],
+                ..Query::default()
+            },
+            expect(&|p| p.city_matches("springfield") && (1950..=1980).contains(&p.birth_year)),
+        ),
+        (
+            "the replaced value",
+            query(vec![term("city", json!("newtown"))], 0),
+            expect(&|p| p.city == "Newtown"),
+        ),
+        (
+            "more should clauses required than given",
+            Query {
+                should: vec![term("state", json!("IL"))],
+                min_should_match: 2,
+                ..Query::default()
+            },
+            BTreeSet::new(),
+        ),
+    ];
+    for (what, q, expected) in counted {
+        let n = s.count_matching(index, &q).await.context(what)?;
+        ensure!(
+            n == expected.len() as u64,
+            "{what}: count_matching says {n}, the model {}",
+            expected.len()
+        );
+        let hits = search(s, index, Query { k: all + 10, ..q }).await?;
+        same_ids(&hits, &expected).with_context(|| format!("{what}: the search"))?;
+    }
+
     // Fuzzy: one substitution, one transposition, and not three edits.
     let fuzzy = |value: &str, max_edits: u8| {
         query(

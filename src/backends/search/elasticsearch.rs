@@ -662,6 +662,30 @@ impl SearchIndex for ElasticsearchIndex {
         Ok(reply.count)
     }
 
+    async fn count_matching(&self, index: &str, query: &Query) -> Result<u64, SearchError> {
+        let spec = self.spec(index).await?;
+        let Some(engine_query) = build_query(&spec, query)? else {
+            return Ok(0);
+        };
+        let what = format!("counting the documents of `{index}` a query matches");
+        let indices = [index];
+        let body = json!({ "query": engine_query });
+        let response = self
+            .call(&what, || {
+                self.client
+                    .count(CountParts::Index(&indices))
+                    .body(body.clone())
+                    .send()
+            })
+            .await?;
+        if !response.status_code().is_success() {
+            return Err(self.failure(&what, Some(index), response).await);
+        }
+        let reply: CountReply = self.parse(&what, response).await?;
+        self.check_shards(&what, &reply.shards)?;
+        Ok(reply.count)
+    }
+
     async fn search(&self, index: &str, query: &Query) -> Result<Vec<Hit>, SearchError> {
         let spec = self.spec(index).await?;
         // Built first, so a bad clause is reported even when k is 0.

@@ -154,6 +154,12 @@ impl SearchIndex for EmbeddedSearch {
             .await
     }
 
+    async fn count_matching(&self, index: &str, query: &Query) -> Result<u64, SearchError> {
+        let (index, query) = (index.to_owned(), query.clone());
+        self.blocking(move |inner| inner.handle(&index)?.count_matching(&query))
+            .await
+    }
+
     async fn bulk_load_settings(&self, index: &str) -> Result<LoadSettings, SearchError> {
         let index = index.to_owned();
         self.blocking(move |inner| inner.handle(&index).map(|_| LoadSettings::default()))
@@ -417,6 +423,15 @@ impl OpenIndex {
                 })
             })
             .collect()
+    }
+
+    fn count_matching(&self, query: &Query) -> Result<u64, SearchError> {
+        let engine_query = self.build_query(query)?;
+        let searcher = self.reader.searcher();
+        let n = searcher
+            .search(&*engine_query, &tantivy::collector::Count)
+            .map_err(|e| self.engine_error(e))?;
+        Ok(n as u64)
     }
 
     /// Reads a stored document back.

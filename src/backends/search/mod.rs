@@ -210,6 +210,9 @@ pub trait SearchIndex: Send + Sync + 'static {
     async fn get(&self, index: &str, id: &str) -> Result<Option<SearchDoc>, SearchError>;
     /// Number of documents visible to searches.
     async fn count(&self, index: &str) -> Result<u64, SearchError>;
+    /// Documents that `query` matches (its `k` is ignored): an exact count,
+    /// as `search` with no limit would return.
+    async fn count_matching(&self, index: &str, query: &Query) -> Result<u64, SearchError>;
     /// Runs a query and returns the top `query.k` hits, best first.
     async fn search(&self, index: &str, query: &Query) -> Result<Vec<Hit>, SearchError>;
     /// Reads the settings [`SearchIndex::begin_bulk_load`] would change,
