@@ -273,7 +273,7 @@ fn no_two_people_share_an_email_address() -> Result<()> {
         outside > 50,
         "{outside} profiles outside the database with an email"
     );
-    let answers = sift::dbusa::person::read_answers(&dir.path().join("enrichment.jsonl"))?;
+    let answers = sift::dbusa::person::read_answers(dir.path().join("enrichment.jsonl"))?;
     for a in &answers {
         let profile = profiles
             .iter()

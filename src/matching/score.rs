@@ -422,8 +422,9 @@ fn contains_whole(outer: &str, inner: &str) -> bool {
         digit_at(inner, inner.len().checked_sub(1)),
     );
     outer.match_indices(inner).any(|(at, _)| {
-        !(starts && digit_at(outer, at.checked_sub(1)))
-            && !(ends && digit_at(outer, Some(at + inner.len())))
+        let cuts_before = starts && digit_at(outer, at.checked_sub(1));
+        let cuts_after = ends && digit_at(outer, Some(at + inner.len()));
+        !(cuts_before || cuts_after)
     })
 }
 
