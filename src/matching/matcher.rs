@@ -867,22 +867,29 @@ mod tests {
         Ok(())
     }
 
-    /// The household in the index: two sisters who are both members, a
-    /// sister who is not, and a namesake of one of them in another state.
-    /// A profile with a member's full name is that member; a name that
-    /// fits both sisters equally is not decided; the sister who is not a
-    /// member is nobody's match.
+    /// An embedded index `dbusa` holding `people`; the directory lives as
+    /// long as the guard.
+    async fn indexed(
+        people: &[Person],
+    ) -> anyhow::Result<(
+        tempfile::TempDir,
+        Arc<crate::backends::search::EmbeddedSearch>,
+    )> {
+        let dir = tempfile::tempdir()?;
+        let search = Arc::new(crate::backends::search::EmbeddedSearch::open(dir.path())?);
+        search
+            .ensure_index(&crate::dbusa::index::spec("dbusa"))
+            .await?;
+        let docs = people.iter().map(crate::dbusa::index::person_doc).collect();
+        search.bulk("dbusa", docs).await?;
+        search.refresh("dbusa").await?;
+        Ok((dir, search))
+    }
+
     /// Agreeing on a place weighs by how many of the people loaded live
     /// there: a city holding most of them says little, a small town much.
     #[tokio::test]
     async fn places_weigh_by_how_many_people_live_there() -> anyhow::Result<()> {
-        use crate::backends::search::EmbeddedSearch;
-        let dir = tempfile::tempdir()?;
-        let search = Arc::new(EmbeddedSearch::open(dir.path())?);
-        let index = "dbusa";
-        search
-            .ensure_index(&crate::dbusa::index::spec(index))
-            .await?;
         let at = |i: usize, first: &str, city: &str, state: &str, zip: &str| Person {
             dbusa_id: format!("DB{i:010}"),
             last: format!("Family{i}"),
@@ -897,9 +904,8 @@ mod tests {
         people.push(at(30, "John", "Ada", "OK", "74820"));
         people.push(at(31, "John", "Springfield", "IL", "62701"));
         people.push(at(32, "John", "Springfield", "MO", "65801"));
-        let docs = people.iter().map(crate::dbusa::index::person_doc).collect();
-        search.bulk(index, docs).await?;
-        search.refresh(index).await?;
+        let (_dir, search) = indexed(&people).await?;
+        let index = "dbusa";
         let rules = Rules {
             index: index.into(),
             candidates: 5,
@@ -954,15 +960,13 @@ mod tests {
         Ok(())
     }
 
+    /// The household in the index: two sisters who are both members, a
+    /// sister who is not, and a namesake of one of them in another state.
+    /// A profile with a member's full name is that member; a name that
+    /// fits both sisters equally is not decided; the sister who is not a
+    /// member is nobody's match.
     #[tokio::test]
     async fn the_household_decides_who_a_near_name_is() -> anyhow::Result<()> {
-        use crate::backends::search::EmbeddedSearch;
-        let dir = tempfile::tempdir()?;
-        let search = Arc::new(EmbeddedSearch::open(dir.path())?);
-        let index = "dbusa";
-        search
-            .ensure_index(&crate::dbusa::index::spec(index))
-            .await?;
         let mut people = vec![
             Person {
                 dbusa_id: "DB0000000001".into(),
@@ -992,9 +996,8 @@ mod tests {
                 ..member("John", "", "")
             });
         }
-        let docs = people.iter().map(crate::dbusa::index::person_doc).collect();
-        search.bulk(index, docs).await?;
-        search.refresh(index).await?;
+        let (_dir, search) = indexed(&people).await?;
+        let index = "dbusa";
         // One candidate per search: what the household adds comes from the
         // household lookup alone.
         let rules = Rules {

@@ -426,6 +426,25 @@ impl ElasticsearchIndex {
     }
 
     /// Runs one search request.
+    /// `_count` of `index` with `body` (a query).
+    async fn count_with(&self, index: &str, what: &str, body: Value) -> Result<u64, SearchError> {
+        let indices = [index];
+        let response = self
+            .call(what, || {
+                self.client
+                    .count(CountParts::Index(&indices))
+                    .body(body.clone())
+                    .send()
+            })
+            .await?;
+        if !response.status_code().is_success() {
+            return Err(self.failure(what, Some(index), response).await);
+        }
+        let reply: CountReply = self.parse(what, response).await?;
+        self.check_shards(what, &reply.shards)?;
+        Ok(reply.count)
+    }
+
     async fn search_page(&self, index: &str, body: &Value) -> Result<SearchReply, SearchError> {
         let what = format!("searching index `{index}`");
         let indices = [index];
@@ -648,18 +667,8 @@ impl SearchIndex for ElasticsearchIndex {
     async fn count(&self, index: &str) -> Result<u64, SearchError> {
         validate_name(index)?;
         let what = format!("counting the documents of `{index}`");
-        let indices = [index];
-        let response = self
-            .call(&what, || {
-                self.client.count(CountParts::Index(&indices)).send()
-            })
-            .await?;
-        if !response.status_code().is_success() {
-            return Err(self.failure(&what, Some(index), response).await);
-        }
-        let reply: CountReply = self.parse(&what, response).await?;
-        self.check_shards(&what, &reply.shards)?;
-        Ok(reply.count)
+        self.count_with(index, &what, json!({ "query": { "match_all": {} } }))
+            .await
     }
 
     async fn count_matching(&self, index: &str, query: &Query) -> Result<u64, SearchError> {
@@ -668,22 +677,8 @@ impl SearchIndex for ElasticsearchIndex {
             return Ok(0);
         };
         let what = format!("counting the documents of `{index}` a query matches");
-        let indices = [index];
-        let body = json!({ "query": engine_query });
-        let response = self
-            .call(&what, || {
-                self.client
-                    .count(CountParts::Index(&indices))
-                    .body(body.clone())
-                    .send()
-            })
-            .await?;
-        if !response.status_code().is_success() {
-            return Err(self.failure(&what, Some(index), response).await);
-        }
-        let reply: CountReply = self.parse(&what, response).await?;
-        self.check_shards(&what, &reply.shards)?;
-        Ok(reply.count)
+        self.count_with(index, &what, json!({ "query": engine_query }))
+            .await
     }
 
     async fn search(&self, index: &str, query: &Query) -> Result<Vec<Hit>, SearchError> {
