@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 
-use crate::backends::log::{check, Commit, EmbeddedLog};
+use crate::backends::log::{check, Commit, EmbeddedLog, Offset};
 use crate::config::{Config, LogBackend};
 
 /// `sift log …`.
@@ -30,14 +30,14 @@ pub enum LogCommand {
 }
 
 /// Where `--reset-to` moves a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResetTo {
     /// Each partition's earliest stored offset.
     Earliest,
     /// Each partition's end.
     Latest,
     /// This offset in every partition named.
-    Offset(u64),
+    Offset(Offset),
 }
 
 impl std::str::FromStr for ResetTo {
@@ -221,14 +221,14 @@ pub async fn offsets(
             let c = committed
                 .iter()
                 .find(|(p, _)| *p == w.partition)
-                .and_then(|(_, c)| *c);
+                .and_then(|(_, c)| c.clone());
             if reset_to.is_none() && c.is_none() && topic.is_none() {
                 continue;
             }
-            let lag = match c {
-                Some(c) if c > w.high => format!("BEYOND END by {}", c - w.high),
-                Some(c) if c < w.low => format!("BELOW START by {}", w.low - c),
-                Some(c) => (w.high - c).to_string(),
+            let lag = match &c {
+                Some(c) if *c > w.high => format!("BEYOND END by {}", w.high.until(c)),
+                Some(c) if *c < w.low => format!("BELOW START by {}", c.until(&w.low)),
+                Some(c) => c.until(&w.high).to_string(),
                 None => "-".to_owned(),
             };
             println!(
@@ -240,11 +240,11 @@ pub async fn offsets(
                 c.map_or("-".to_owned(), |c| c.to_string()),
                 lag
             );
-            if let Some(to) = reset_to {
+            if let Some(to) = &reset_to {
                 let next_offset = match to {
-                    ResetTo::Earliest => w.low,
-                    ResetTo::Latest => w.high,
-                    ResetTo::Offset(o) => o.clamp(w.low, w.high),
+                    ResetTo::Earliest => w.low.clone(),
+                    ResetTo::Latest => w.high.clone(),
+                    ResetTo::Offset(o) => o.clone().clamp(w.low.clone(), w.high.clone()),
                 };
                 commits.push(Commit {
                     topic: t.clone(),

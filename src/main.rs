@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use sift::backends::{self, log::Log, objects::PutMode, table::Scan};
+use sift::backends::log::{Log, Offset, Watermarks};
+use sift::backends::{self, objects::PutMode, table::Scan};
 use sift::config::{self, Loaded, Sources};
 
 // candle allocates a fresh buffer for every tensor operation; glibc's
@@ -160,7 +161,7 @@ enum TopicsCommand {
         from: From,
         /// Start at this offset in every partition read.
         #[arg(long)]
-        offset: Option<u64>,
+        offset: Option<Offset>,
         /// Stop after this many records (0 = no limit).
         #[arg(long, short = 'n', default_value_t = 20)]
         max: usize,
@@ -392,7 +393,7 @@ async fn topics(config: &config::Config, cmd: TopicsCommand) -> anyhow::Result<(
             group,
             topic,
             reset_to,
-        } => return sift::logcmd::offsets(config, group, topic.as_deref(), *reset_to).await,
+        } => return sift::logcmd::offsets(config, group, topic.as_deref(), reset_to.clone()).await,
         _ => {}
     }
     // Reading commands change nothing, and run beside the daemons; following
@@ -414,8 +415,14 @@ async fn topics(config: &config::Config, cmd: TopicsCommand) -> anyhow::Result<(
             let mut rows = Vec::new();
             for t in log.list_topics().await? {
                 let marks = log.watermarks(&t.name).await?;
-                let stored: u64 = marks.iter().map(|w| w.high - w.low).sum();
-                let next: u64 = marks.iter().map(|w| w.high).sum();
+                let count = |from: &dyn Fn(&Watermarks) -> Offset| {
+                    marks
+                        .iter()
+                        .map(|w| from(w).until(&w.high))
+                        .fold(0u64, u64::saturating_add)
+                };
+                let stored = count(&|w| w.low.clone());
+                let next = count(&|_| Offset::ZERO);
                 rows.push(serde_json::json!({
                     "name": t.name, "partitions": t.partitions, "stored": stored, "produced": next,
                 }));
@@ -464,19 +471,19 @@ async fn tail(
     name: &str,
     partition: Option<u32>,
     from: From,
-    offset: Option<u64>,
+    offset: Option<Offset>,
     max: usize,
     follow: bool,
 ) -> anyhow::Result<()> {
     let marks = log.watermarks(name).await?;
-    let mut positions: Vec<(u32, u64)> = marks
+    let mut positions: Vec<(u32, Offset)> = marks
         .iter()
         .filter(|w| partition.is_none_or(|p| p == w.partition))
         .map(|w| {
-            let start = match (offset, from) {
-                (Some(o), _) => o.max(w.low),
-                (None, From::Beginning) => w.low,
-                (None, From::End) => w.high,
+            let start = match (&offset, from) {
+                (Some(o), _) => o.clone().max(w.low.clone()),
+                (None, From::Beginning) => w.low.clone(),
+                (None, From::End) => w.high.clone(),
             };
             (w.partition, start)
         })
@@ -497,7 +504,7 @@ async fn tail(
             if want == 0 {
                 return Ok(());
             }
-            let batch = log.fetch(name, *p, *pos, want).await?;
+            let batch = log.fetch(name, *p, pos, want).await?;
             let mut out = stdout.lock();
             for m in &batch {
                 let headers: serde_json::Map<String, serde_json::Value> = m
@@ -513,7 +520,7 @@ async fn tail(
                     "headers": headers, "value": value,
                 });
                 writeln!(out, "{line}")?;
-                *pos = m.offset + 1;
+                *pos = m.offset.next();
                 printed += 1;
                 any = true;
             }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::backends::log::{
-    Commit, Consumer, Log, LogError, Message, Watermarks, MAX_RECORD_BYTES,
+    Commit, Consumer, Log, LogError, Message, Offset, Watermarks, MAX_RECORD_BYTES,
 };
 use crate::backends::objects::{self, ObjectError, ObjectStore};
 use crate::daemon::StageHealth;
@@ -357,11 +357,8 @@ pub async fn standing(
     let committed = log.committed(group, topic).await?;
     let lag = marks
         .iter()
-        .map(|w| {
-            w.high
-                .saturating_sub(position(w, &committed).unwrap_or(w.high))
-        })
-        .sum();
+        .map(|w| position(w, &committed).map_or(0, |p| p.until(&w.high)))
+        .fold(0u64, u64::saturating_add);
     // Done against the partitions' ends now, not the targets': a committed
     // offset beyond a partition's end is not done.
     let now = |partition: u32| marks.iter().find(|w| w.partition == partition);
@@ -379,18 +376,18 @@ pub async fn standing(
 /// retention). None when the committed offset lies beyond the partition's
 /// end: that is not "done"; the consumer meets it and
 /// `log.on_offset_out_of_range` decides.
-pub fn position(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> Option<u64> {
+pub fn position(w: &Watermarks, committed: &[(u32, Option<Offset>)]) -> Option<Offset> {
     let c = committed_or_low(w, committed);
     (c <= w.high).then_some(c)
 }
 
-fn committed_or_low(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> u64 {
+fn committed_or_low(w: &Watermarks, committed: &[(u32, Option<Offset>)]) -> Offset {
     committed
         .iter()
         .find(|(p, _)| *p == w.partition)
-        .and_then(|(_, c)| *c)
-        .unwrap_or(w.low)
-        .max(w.low)
+        .and_then(|(_, c)| c.clone())
+        .unwrap_or_else(|| w.low.clone())
+        .max(w.low.clone())
 }
 
 /// Fetches the texts of claim-checked envelopes; false if stopped first.

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use sift::archive::{self, Until};
-use sift::backends::log::{Log, Position, Record};
+use sift::backends::log::{Log, Offset, Position, Record};
 use sift::backends::objects::{
     EmbeddedObjects, ObjectError, ObjectMeta, ObjectReader, ObjectStore, PutMode,
 };
@@ -105,7 +105,7 @@ async fn committed(log: &dyn Log, group: &str) -> Result<Vec<Option<u64>>> {
         .committed(group, topics::RAW)
         .await?
         .into_iter()
-        .map(|(_, c)| c)
+        .map(|(_, c)| c.as_ref().map(dense))
         .collect())
 }
 
@@ -114,8 +114,13 @@ async fn highs(log: &dyn Log) -> Result<Vec<u64>> {
         .watermarks(topics::RAW)
         .await?
         .iter()
-        .map(|w| w.high)
+        .map(|w| dense(&w.high))
         .collect())
+}
+
+/// The embedded log's offsets, which always fit in 64 bits.
+fn dense(offset: &Offset) -> u64 {
+    offset.as_u64().expect("embedded offsets fit in 64 bits")
 }
 
 /// The parts a run must have written when it flushed partition `p` at the
@@ -124,7 +129,7 @@ fn expected_parts(
     produced: &[(Envelope, Position)],
     p: u32,
     boundaries: &[u64],
-    key_of: impl Fn(&Envelope, u32, u64) -> String,
+    key_of: impl Fn(&Envelope, u32, &Offset) -> String,
 ) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for w in boundaries.windows(2) {
@@ -139,7 +144,7 @@ fn expected_parts(
             );
             let key = firsts
                 .entry(group)
-                .or_insert_with(|| key_of(env, p, pos.offset))
+                .or_insert_with(|| key_of(env, p, &pos.offset))
                 .clone();
             out.entry(key).or_default().push(env.id.clone());
         }
@@ -147,7 +152,7 @@ fn expected_parts(
     out
 }
 
-fn standard_key(env: &Envelope, p: u32, offset: u64) -> String {
+fn standard_key(env: &Envelope, p: u32, offset: &Offset) -> String {
     sift::archive::keys::Layout::new("raw")
         .expect("valid prefix")
         .part_key(
@@ -280,7 +285,7 @@ async fn archives_by_date_and_source() -> Result<()> {
     );
 
     // Dead letters: the original records, with stage and reason.
-    let dlq = log.fetch(topics::DLQ, 0, 0, 100).await?;
+    let dlq = log.fetch(topics::DLQ, 0, &Offset::new(0), 100).await?;
     ensure!(dlq.len() == 3, "{dlq:?}");
     for (want, reason) in bad.iter().zip([
         "bad_json: not an envelope",
@@ -726,8 +731,10 @@ async fn check_complete(
             == highs.iter().map(|h| Some(*h)).collect::<Vec<_>>(),
         "everything is committed"
     );
-    let positions: BTreeMap<&str, Position> =
-        produced.iter().map(|(e, p)| (e.id.as_str(), *p)).collect();
+    let positions: BTreeMap<&str, Position> = produced
+        .iter()
+        .map(|(e, p)| (e.id.as_str(), p.clone()))
+        .collect();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let archive = read_archive(store.as_ref()).await?;
     for (key, lines) in &archive {
@@ -748,8 +755,8 @@ async fn check_complete(
                 "{key} starts at offset {}",
                 pos.offset
             );
-            ensure!(last < Some(pos.offset), "{key}: offsets increase");
-            last = Some(pos.offset);
+            ensure!(last < Some(&pos.offset), "{key}: offsets increase");
+            last = Some(&pos.offset);
             ensure!(archive::keys::utc_date(env.fetched_at_ms) == dt);
             ensure!(archive::keys::source_segment(&env.source) == source);
             *seen.entry(env.id).or_default() += 1;
@@ -764,7 +771,7 @@ async fn check_complete(
     ensure!(missing == 0, "{missing} records missing from the archive");
     ensure!(seen.len() == produced.len());
 
-    let dlq = log.fetch(topics::DLQ, 0, 0, 100_000).await?;
+    let dlq = log.fetch(topics::DLQ, 0, &Offset::new(0), 100_000).await?;
     let dead: HashSet<Bytes> = dlq.iter().filter_map(|m| m.key.clone()).collect();
     ensure!(
         dead.len() == bad.len(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use sift::backends::cache::EmbeddedCache;
-use sift::backends::log::{EmbeddedLog, Log, LogError, Record};
+use sift::backends::log::{EmbeddedLog, Log, LogError, Offset, Record};
 use sift::backends::objects::EmbeddedObjects;
 use sift::backends::search::{
     EmbeddedSearch, FieldKind, FieldSpec, IndexSpec, SearchDoc, SearchError, SearchIndex,
@@ -130,13 +130,13 @@ async fn log_survives_reopen_and_cuts_torn_tail() -> Result<()> {
     // offsets above any that may have been given out.
     let p = log.produce("t", vec![Record::new("k", "after")]).await?;
     ensure!(p[0].offset >= 300, "offsets must never be given out twice");
-    let after = p[0].offset;
+    let after = p[0].offset.clone();
     let mut all = Vec::new();
-    let mut pos = 0;
+    let mut pos = Offset::ZERO;
     while pos <= after {
-        let b = log.fetch("t", 0, pos, 1000).await?;
+        let b = log.fetch("t", 0, &pos, 1000).await?;
         ensure!(!b.is_empty());
-        pos = b.last().map_or(pos, |m| m.offset + 1);
+        pos = b.last().map_or(pos, |m| m.offset.next());
         all.extend(b);
     }
     ensure!(all.len() == 301, "{} records read", all.len());
@@ -177,7 +177,7 @@ async fn log_retention_by_size_and_age() -> Result<()> {
         log.produce("r", records).await?;
     }
     log.enforce_retention();
-    let w = log.watermarks("r").await?[0];
+    let w = log.watermarks("r").await?[0].clone();
     ensure!(
         w.high == 400 && w.low > 0,
         "size retention removed nothing: {w:?}"
@@ -192,13 +192,13 @@ async fn log_retention_by_size_and_age() -> Result<()> {
         "{on_disk} bytes kept"
     );
     ensure!(matches!(
-        log.fetch("r", 0, 0, 1).await,
+        log.fetch("r", 0, &Offset::new(0), 1).await,
         Err(LogError::OffsetOutOfRange { .. })
     ));
     // A consumer whose position was deleted continues from the earliest stored.
     let got = consumer.poll(1000, Duration::from_secs(2)).await?;
     ensure!(
-        got.first().map(|m| m.offset) == Some(w.low),
+        got.first().map(|m| &m.offset) == Some(&w.low),
         "consumer did not resume at low watermark"
     );
     drop(consumer);
@@ -222,7 +222,7 @@ async fn log_retention_by_size_and_age() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(400)).await;
     log.produce("a", vec![Record::new("k", "fresh")]).await?;
     log.enforce_retention();
-    let w = log.watermarks("a").await?[0];
+    let w = log.watermarks("a").await?[0].clone();
     ensure!(w.low > 0 && w.high == 51, "age retention: {w:?}");
     Ok(())
 }
@@ -245,7 +245,13 @@ async fn committed_offsets_survive_reopen() -> Result<()> {
     }
     let log = EmbeddedLog::open(dir.path(), log_opts())?;
     let committed = log.committed("g", "c").await?;
-    let total: u64 = committed.iter().map(|(_, o)| o.unwrap_or(0)).sum();
+    let total: u64 = committed
+        .iter()
+        .map(|(_, o)| {
+            o.as_ref()
+                .map_or(0, |o| o.as_u64().expect("a dense offset"))
+        })
+        .sum();
     ensure!(total == 10, "committed offsets after reopen: {committed:?}");
     let mut c = log.subscribe("g", &["c"]).await?;
     ensure!(
@@ -259,7 +265,7 @@ async fn committed_offsets_survive_reopen() -> Result<()> {
         .commit(&[sift::backends::log::Commit {
             topic: "c".into(),
             partition: 0,
-            next_offset: 0,
+            next_offset: Offset::ZERO,
         }])
         .await;
     ensure!(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
-use sift::backends::log::{Log, Message, Record};
+use sift::backends::log::{Log, Message, Offset, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
 use sift::clean::language::LanguageDetector;
 use sift::clean::{self, CleanSummary, Until};
@@ -462,7 +462,10 @@ async fn shutdown_finishes_and_commits() -> Result<()> {
             .committed(&cfg.clean.group, topics::RAW)
             .await?
             .iter()
-            .map(|(_, c)| c.unwrap_or(0))
+            .map(|(_, c)| {
+                c.as_ref()
+                    .map_or(0, |c| c.as_u64().expect("a dense offset"))
+            })
             .sum();
         if committed == 300 {
             break;
@@ -542,7 +545,7 @@ async fn every_record_survives_sigkill() -> Result<()> {
 
     let log = open_log(dir.path())?;
     assert_eq!(clean_ids(log.as_ref()).await?, ids);
-    let committed: Vec<(u32, Option<u64>)> = log.committed("sift-clean", topics::RAW).await?;
+    let committed: Vec<(u32, Option<Offset>)> = log.committed("sift-clean", topics::RAW).await?;
     let marks = log.watermarks(topics::RAW).await?;
     for w in marks {
         assert!(

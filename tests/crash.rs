@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
-use sift::backends::log::{EmbeddedLog, Log, LogError, Record};
+use sift::backends::log::{EmbeddedLog, Log, LogError, Offset, Record};
 use sift::backends::table::{EmbeddedTable, RowPut, Scan, Table};
 use sift::config::EmbeddedLogConfig;
 
@@ -269,7 +269,7 @@ async fn read_all(log: &EmbeddedLog) -> Result<Stored> {
     for w in log.watermarks(TOPIC).await? {
         let mut pos = w.low;
         while pos < w.high {
-            let batch = log.fetch(TOPIC, w.partition, pos, 5000).await?;
+            let batch = log.fetch(TOPIC, w.partition, &pos, 5000).await?;
             if batch.is_empty() {
                 // fetch reads to the end: no record in pos..high.
                 stored.gaps += 1;
@@ -290,13 +290,18 @@ async fn read_all(log: &EmbeddedLog) -> Result<Stored> {
                 ensure!(
                     stored
                         .records
-                        .insert(seq, (w.partition, m.offset))
+                        .insert(seq, (w.partition, dense(&m.offset)))
                         .is_none(),
                     "seq {seq} stored twice"
                 );
-                pos = m.offset + 1;
+                pos = m.offset.next();
             }
         }
     }
     Ok(stored)
+}
+
+/// The embedded log's offsets, which always fit in 64 bits.
+fn dense(offset: &Offset) -> u64 {
+    offset.as_u64().expect("embedded offsets fit in 64 bits")
 }

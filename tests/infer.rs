@@ -610,7 +610,10 @@ async fn every_document_survives_sigkill() -> Result<()> {
             .committed("sift-infer", topics::CLEAN)
             .await?
             .iter()
-            .map(|(_, c)| c.unwrap_or(0))
+            .map(|(_, c)| {
+                c.as_ref()
+                    .map_or(0, |c| c.as_u64().expect("a dense offset"))
+            })
             .sum();
         let table = EmbeddedTable::open(&dir.path().join("table.redb"))?;
         let stored = rows(&table).await?.len() as u64;

@@ -398,7 +398,7 @@ async fn topic_count(log: &dyn Log, topic: &str) -> Result<u64> {
         .watermarks(topic)
         .await?
         .iter()
-        .map(|w| w.high - w.low)
+        .map(|w| w.low.until(&w.high))
         .sum())
 }
 
@@ -407,13 +407,13 @@ async fn read_topic(log: &dyn Log, topic: &str) -> Result<Vec<sift::backends::lo
     for w in log.watermarks(topic).await? {
         let mut off = w.low;
         while off < w.high {
-            let batch = log.fetch(topic, w.partition, off, 1000).await?;
+            let batch = log.fetch(topic, w.partition, &off, 1000).await?;
             ensure!(
                 !batch.is_empty(),
                 "no records at {topic}/{}@{off}",
                 w.partition
             );
-            off = batch.last().map_or(off, |m| m.offset + 1);
+            off = batch.last().map_or(off, |m| m.offset.next());
             out.extend(batch);
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use sift::backends::log::kafka::KafkaLog;
-use sift::backends::log::{Commit, Consumer, Log, LogError, Message, Position, Record};
+use sift::backends::log::{Commit, Consumer, Log, LogError, Message, Offset, Position, Record};
 use sift::config::KafkaConfig;
 
 use conformance::{service_addr, services, unique};
@@ -108,7 +108,7 @@ async fn kafka_survives_broker_restart() -> Result<()> {
     let positions = log.produce(&topic, before.clone()).await?;
     let acked: BTreeMap<(u32, u64), Record> = positions
         .iter()
-        .map(|p| (p.partition, p.offset))
+        .map(|p| (p.partition, dense(&p.offset)))
         .zip(before)
         .collect();
     ensure!(acked.len() == 300, "two records got the same position");
@@ -126,7 +126,7 @@ async fn kafka_survives_broker_restart() -> Result<()> {
     c.close().await?;
     let committed: BTreeMap<u32, u64> = commits
         .iter()
-        .map(|c| (c.partition, c.next_offset))
+        .map(|c| (c.partition, dense(&c.next_offset)))
         .collect();
 
     // A second client that gives up on unacknowledged records after 3 s
@@ -204,8 +204,10 @@ async fn kafka_survives_broker_restart() -> Result<()> {
 
     // Every record acknowledged before the stop is intact, in place.
     let all = read_topic(&log, &topic, 60).await?;
-    let stored: BTreeMap<(u32, u64), &Message> =
-        all.iter().map(|m| ((m.partition, m.offset), m)).collect();
+    let stored: BTreeMap<(u32, u64), &Message> = all
+        .iter()
+        .map(|m| ((m.partition, dense(&m.offset)), m))
+        .collect();
     for ((p, o), r) in &acked {
         let m = stored
             .get(&(*p, *o))
@@ -217,14 +219,18 @@ async fn kafka_survives_broker_restart() -> Result<()> {
     }
     for p in &after_positions {
         ensure!(
-            stored.contains_key(&(p.partition, p.offset)),
+            stored.contains_key(&(p.partition, dense(&p.offset))),
             "post-restart record missing"
         );
     }
 
     // The group resumes exactly after its commits.
-    let reported: BTreeMap<u32, Option<u64>> =
-        log.committed(&group, &topic).await?.into_iter().collect();
+    let reported: BTreeMap<u32, Option<u64>> = log
+        .committed(&group, &topic)
+        .await?
+        .into_iter()
+        .map(|(p, o)| (p, o.as_ref().map(dense)))
+        .collect();
     for (p, o) in &committed {
         ensure!(
             reported.get(p) == Some(&Some(*o)),
@@ -238,14 +244,17 @@ async fn kafka_survives_broker_restart() -> Result<()> {
         .collect();
     let mut c2 = log.subscribe(&group, &[topic.as_str()]).await?;
     let rest = poll_until(c2.as_mut(), expected.len(), 90).await;
-    let got: BTreeSet<(u32, u64)> = rest.iter().map(|m| (m.partition, m.offset)).collect();
+    let got: BTreeSet<(u32, u64)> = rest
+        .iter()
+        .map(|m| (m.partition, dense(&m.offset)))
+        .collect();
     ensure!(
         got == expected,
         "the group resumed with {} records, expected {} (first offsets {:?}, commits {:?})",
         got.len(),
         expected.len(),
         rest.iter().fold(BTreeMap::new(), |mut f, m| {
-            f.entry(m.partition).or_insert(m.offset);
+            f.entry(m.partition).or_insert(m.offset.clone());
             f
         }),
         committed
@@ -356,7 +365,7 @@ async fn kafka_specifics() -> Result<()> {
     let foreign = Commit {
         topic: topic.clone(),
         partition: 99,
-        next_offset: 1,
+        next_offset: Offset::new(1),
     };
     ensure!(matches!(
         c.commit(&[foreign]).await,
@@ -370,7 +379,7 @@ async fn kafka_specifics() -> Result<()> {
         Err(LogError::NoSuchTopic(_))
     ));
     ensure!(matches!(
-        log.fetch(&topic, 6, 0, 1).await,
+        log.fetch(&topic, 6, &Offset::new(0), 1).await,
         Err(LogError::NoSuchPartition { partitions: 6, .. })
     ));
     ensure!(
@@ -383,28 +392,37 @@ async fn kafka_specifics() -> Result<()> {
 
     // Records removed below the low watermark (as retention does) are out of range.
     let p = positions[0].partition;
-    let w = log.watermarks(&topic).await?[p as usize];
-    ensure!(w.high - w.low >= 3, "partition {p} needs a few records");
+    let w = log.watermarks(&topic).await?[p as usize].clone();
+    let low = dense(&w.low);
+    ensure!(
+        w.low.until(&w.high) >= 3,
+        "partition {p} needs a few records"
+    );
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
         rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &addr)
             .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, p as i32, rdkafka::Offset::Offset(w.low as i64 + 2))?;
+    tpl.add_partition_offset(&topic, p as i32, rdkafka::Offset::Offset(low as i64 + 2))?;
     admin
         .delete_records(&tpl, &rdkafka::admin::AdminOptions::new())
         .await?;
-    match log.fetch(&topic, p, w.low, 10).await {
+    match log.fetch(&topic, p, &w.low, 10).await {
         Err(LogError::OffsetOutOfRange { earliest, .. }) => {
             ensure!(
-                earliest == w.low + 2,
+                earliest == low + 2,
                 "earliest {earliest}, expected {}",
-                w.low + 2
+                low + 2
             )
         }
         other => bail!("fetch below the low watermark gave {other:?}"),
     }
-    let from_new_low = log.fetch(&topic, p, w.low + 2, 1).await?;
-    ensure!(from_new_low.len() == 1 && from_new_low[0].offset == w.low + 2);
+    let from_new_low = log.fetch(&topic, p, &Offset::new(low + 2), 1).await?;
+    ensure!(from_new_low.len() == 1 && from_new_low[0].offset == low + 2);
     Ok(())
+}
+
+/// Kafka's offsets, which always fit in 64 bits.
+fn dense(offset: &Offset) -> u64 {
+    offset.as_u64().expect("Kafka offsets fit in 64 bits")
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use sift::backends::log::{EmbeddedLog, Log, Record};
+use sift::backends::log::{EmbeddedLog, Log, Offset, Record};
 use sift::envelope::{self, headers, topics, Envelope, SCHEMA_VERSION};
 
 mod embedded;
@@ -123,9 +123,9 @@ async fn keys(dir: &Path, topic: &str) -> Result<Vec<String>> {
     for w in log.watermarks(topic).await? {
         let mut at = w.low;
         loop {
-            let batch = log.fetch(topic, w.partition, at, 1000).await?;
+            let batch = log.fetch(topic, w.partition, &at, 1000).await?;
             let Some(last) = batch.last() else { break };
-            at = last.offset + 1;
+            at = last.offset.next();
             out.extend(batch.iter().map(|m| {
                 String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned()
             }));
@@ -461,7 +461,7 @@ async fn an_oversize_bad_record_is_replayed_from_its_claim_check() -> Result<()>
     ensure!(summary["replayed"][topics::RAW] == 1, "{summary:#}");
 
     let log = EmbeddedLog::open_read_only(&d.join("log"), Default::default())?;
-    let back = log.fetch(topics::RAW, 0, 1, 10).await?;
+    let back = log.fetch(topics::RAW, 0, &Offset::new(1), 10).await?;
     ensure!(back.len() == 1, "{} records after the original", back.len());
     ensure!(back[0].key.as_deref() == Some(&b"huge"[..]));
     ensure!(

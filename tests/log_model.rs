@@ -24,7 +24,9 @@ use anyhow::{ensure, Context, Result};
 use proptest::prelude::*;
 use sift::backends::log::embedded::Policies;
 use sift::backends::log::faults::{self, DiskOp};
-use sift::backends::log::{partition_for_key, Commit, Consumer, EmbeddedLog, Log, Message, Record};
+use sift::backends::log::{
+    partition_for_key, Commit, Consumer, EmbeddedLog, Log, Message, Offset, Record,
+};
 use sift::config::{EmbeddedLogConfig, FsyncPolicy, OffsetOutOfRange, OnCorruption};
 
 const TOPIC: &str = "model";
@@ -279,7 +281,7 @@ async fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<()> {
                         "offset {} of partition {partition} given out again (highest so far {highest:?})",
                         p.offset
                     );
-                    acked.insert(p.offset, v);
+                    acked.insert(dense(&p.offset), v);
                 }
             }
             Op::Poll { max } => {
@@ -291,7 +293,10 @@ async fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<()> {
                 model.note_damage(log)?;
                 for m in batch {
                     let value = String::from_utf8_lossy(&m.value).into_owned();
-                    let acked = model.acked.get(&m.partition).and_then(|a| a.get(&m.offset));
+                    let acked = model
+                        .acked
+                        .get(&m.partition)
+                        .and_then(|a| a.get(&dense(&m.offset)));
                     ensure!(
                         acked == Some(&value),
                         "delivered {value} at {}/{}, acknowledged there: {acked:?}",
@@ -415,14 +420,14 @@ async fn run(ops: Vec<Op>, fsync: FsyncPolicy) -> Result<()> {
     for w in log.watermarks(TOPIC).await? {
         let mut at = w.low;
         while at < w.high {
-            let batch = log.fetch(TOPIC, w.partition, at, 1000).await?;
+            let batch = log.fetch(TOPIC, w.partition, &at, 1000).await?;
             let Some(last) = batch.last() else { break };
-            at = last.offset + 1;
+            at = last.offset.next();
             for m in batch {
-                readable
-                    .entry(w.partition)
-                    .or_default()
-                    .insert(m.offset, String::from_utf8_lossy(&m.value).into_owned());
+                readable.entry(w.partition).or_default().insert(
+                    dense(&m.offset),
+                    String::from_utf8_lossy(&m.value).into_owned(),
+                );
             }
         }
     }
@@ -498,4 +503,9 @@ async fn found_a_flipped_length_at_the_start_of_a_segment() -> Result<()> {
         },
     ]);
     run(ops, FsyncPolicy::Interval).await
+}
+
+/// The embedded log's offsets, which always fit in 64 bits.
+fn dense(offset: &Offset) -> u64 {
+    offset.as_u64().expect("embedded offsets fit in 64 bits")
 }

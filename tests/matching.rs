@@ -502,7 +502,10 @@ async fn the_daemon_writes_every_output_and_dead_letters_bad_records() -> Result
         .committed(&config.matching.group, topics::PROFILES)
         .await?
         .iter()
-        .map(|(_, c)| c.unwrap_or(0))
+        .map(|(_, c)| {
+            c.as_ref()
+                .map_or(0, |c| c.as_u64().expect("a dense offset"))
+        })
         .sum();
     ensure!(
         committed == profiles.len() as u64 + 4,

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use clap::Parser;
 use sift::archive::replay::{self, ReplayArgs};
 use sift::archive::{self, Until};
-use sift::backends::log::{EmbeddedLog, Log, Message, Record};
+use sift::backends::log::{EmbeddedLog, Log, Message, Offset, Record};
 use sift::backends::objects::{EmbeddedObjects, ObjectStore, PutMode};
 use sift::config::Config;
 use sift::dlq::replay::{self as letters, Filter};
@@ -80,11 +80,11 @@ fn open_store(dir: &Path) -> Result<Arc<EmbeddedObjects>> {
 async fn read_topic(log: &dyn Log, topic: &str, from: &[u64]) -> Result<Vec<Message>> {
     let mut out = Vec::new();
     for w in log.watermarks(topic).await? {
-        let mut at = from.get(w.partition as usize).copied().unwrap_or(0);
+        let mut at = Offset::new(from.get(w.partition as usize).copied().unwrap_or(0));
         while at < w.high {
-            let batch = log.fetch(topic, w.partition, at, 1000).await?;
+            let batch = log.fetch(topic, w.partition, &at, 1000).await?;
             let Some(last) = batch.last() else { break };
-            at = last.offset + 1;
+            at = last.offset.next();
             out.extend(batch);
         }
     }
@@ -96,7 +96,22 @@ async fn highs(log: &dyn Log, topic: &str) -> Result<Vec<u64>> {
         .watermarks(topic)
         .await?
         .iter()
-        .map(|w| w.high)
+        .map(|w| dense(&w.high))
+        .collect())
+}
+
+/// The embedded log's offsets, which always fit in 64 bits.
+fn dense(offset: &Offset) -> u64 {
+    offset.as_u64().expect("embedded offsets fit in 64 bits")
+}
+
+/// Where the replay group stands on each partition of sift.dlq.
+async fn replayed_to(log: &dyn Log) -> Result<Vec<(u32, Option<u64>)>> {
+    Ok(log
+        .committed(letters::REPLAY_GROUP, topics::DLQ)
+        .await?
+        .into_iter()
+        .map(|(p, o)| (p, o.as_ref().map(dense)))
         .collect())
 }
 
@@ -419,7 +434,7 @@ fn filter(stage: Option<&str>, reason: Option<&str>) -> Filter {
 fn dlq_args(f: Filter, from_offset: Option<u64>) -> letters::ReplayArgs {
     letters::ReplayArgs {
         filter: f,
-        from_offset,
+        from_offset: from_offset.map(Offset::new),
         ..Default::default()
     }
 }
@@ -498,7 +513,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     let huge = |n: u8| Message {
         topic: topics::RAW.into(),
         partition: 0,
-        offset: 99,
+        offset: Offset::new(99),
         timestamp_ms: MARCH_1,
         key: Some(Bytes::from(format!("huge{n}"))),
         value: Bytes::from(vec![b'x' + n; 1_040_000]),
@@ -600,7 +615,11 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     .collect();
     ensure!(counts == want, "{counts:#?}");
     ensure!(
-        l.latest.iter().map(|x| x.offset).collect::<Vec<_>>() == vec![9, 10, 11, 12],
+        l.latest
+            .iter()
+            .map(|x| dense(&x.offset))
+            .collect::<Vec<_>>()
+            == vec![9, 10, 11, 12],
         "{:?}",
         l.latest
     );
@@ -649,7 +668,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     );
     ensure!(s.read == letters && s.passed_over == 0);
     ensure!(highs(log.as_ref(), topics::RAW).await? == before[0]);
-    ensure!(log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, None)]);
+    ensure!(replayed_to(log.as_ref()).await? == vec![(0, None)]);
 
     // Clean's bad_json letters: their originals back to sift.raw as they were.
     let s = letters::replay(
@@ -664,7 +683,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     );
     ensure!(s.not_replayable.is_empty(), "{s:?}");
     ensure!(
-        s.passed_over == 8 && s.spans[0].first_passed_over == Some(2),
+        s.passed_over == 8 && s.spans[0].first_passed_over == Some(Offset::new(2)),
         "{s:?}"
     );
     ensure!(s.spans[0].from == 0 && s.spans[0].to == letters);
@@ -678,7 +697,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     ensure!(back
         .iter()
         .all(|m| m.header(headers::STAGE).is_none() && m.header(headers::REASON).is_none()));
-    ensure!(log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters))]);
+    ensure!(replayed_to(log.as_ref()).await? == vec![(0, Some(letters))]);
 
     // Run twice: nothing the second time.
     let s = letters::replay(
@@ -772,14 +791,12 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
         .url
         .as_deref()
         .is_some_and(|u| u.starts_with("https://gov.example/"))));
-    ensure!(
-        log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]
-    );
+    ensure!(replayed_to(log.as_ref()).await? == vec![(0, Some(letters + 1))]);
 
     // The listing shows where replay stands.
     let l = letters::list(log.as_ref(), &Filter::default(), 0).await?;
     ensure!(
-        l.latest.is_empty() && l.replay[0].replayed_to == Some(letters + 1),
+        l.latest.is_empty() && l.replay[0].replayed_to == Some(Offset::new(letters + 1)),
         "{l:?}"
     );
 
@@ -793,9 +810,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     letters::main(&c, parse(&["list", "-n", "4"])?).await?;
     letters::main(&c, parse(&["replay", "--from-offset", "0", "--dry-run"])?).await?;
     let log = open_log(dir.path())?;
-    ensure!(
-        log.committed(letters::REPLAY_GROUP, topics::DLQ).await? == vec![(0, Some(letters + 1))]
-    );
+    ensure!(replayed_to(log.as_ref()).await? == vec![(0, Some(letters + 1))]);
 
     // A claim-checked original: the letter names where it is; one whose
     // object is gone is not replayable, and says why.
@@ -870,7 +885,7 @@ fn dlq_flags() -> Result<()> {
         r.filter.stage.as_deref() == Some("clean")
             && r.filter.reason.as_deref() == Some("bad_json")
     );
-    ensure!(r.from_offset == Some(7) && r.dry_run && r.json);
+    ensure!(r.from_offset == Some(Offset::new(7)) && r.dry_run && r.json);
     let cli = DlqCli::try_parse_from(["sift-dlq", "list", "-n", "3"])?;
     let letters::DlqCommand::List(l) = cli.command else {
         anyhow::bail!("list parses as list");

@@ -183,7 +183,7 @@ impl Harness {
         for w in self.log.watermarks("sift.feedback").await? {
             for m in self
                 .log
-                .fetch("sift.feedback", w.partition, w.low, 1000)
+                .fetch("sift.feedback", w.partition, &w.low, 1000)
                 .await?
             {
                 let key =
@@ -1070,7 +1070,11 @@ async fn identity_reviews_decide_who_a_profile_is() -> anyhow::Result<()> {
     // Both decisions went to sift.matches as reviewed.
     let mut reviewed = 0;
     for w in h.log.watermarks("sift.matches").await? {
-        for m in h.log.fetch("sift.matches", w.partition, w.low, 100).await? {
+        for m in h
+            .log
+            .fetch("sift.matches", w.partition, &w.low, 100)
+            .await?
+        {
             let v: serde_json::Value = serde_json::from_slice(&m.value)?;
             if v["reason"] == "reviewed" {
                 reviewed += 1;

@@ -825,13 +825,13 @@ async fn check_feedback(
     for w in log.watermarks(FEEDBACK_TOPIC).await? {
         let mut offset = w.low;
         while offset < w.high {
-            let batch = log.fetch(FEEDBACK_TOPIC, w.partition, offset, 500).await?;
+            let batch = log.fetch(FEEDBACK_TOPIC, w.partition, &offset, 500).await?;
             ensure!(
                 !batch.is_empty(),
                 "{FEEDBACK_TOPIC} stops before its high watermark"
             );
             for m in batch {
-                offset = m.offset + 1;
+                offset = m.offset.next();
                 let value: Value = serde_json::from_slice(&m.value)
                     .with_context(|| format!("a {FEEDBACK_TOPIC} record is not JSON"))?;
                 let key =

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::keys::{GroupKey, Layout};
+use crate::backends::log::Offset;
 use crate::envelope::{Envelope, SCHEMA_VERSION};
 
 /// What became of one `sift.raw` record.
@@ -86,7 +87,7 @@ pub(crate) fn parse(value: &Bytes, layout: &Layout) -> Parsed {
 /// One buffered line.
 #[derive(Debug)]
 struct Line {
-    offset: u64,
+    offset: Offset,
     group: u32,
     bytes: Bytes,
 }
@@ -104,9 +105,9 @@ pub(crate) struct PartitionBuffer {
     /// Uncompressed bytes of the lines, newlines included.
     bytes: u64,
     /// Offset of the first record (archivable or not) since the last commit.
-    start: Option<u64>,
+    start: Option<Offset>,
     /// Offset after the last record seen: the commit that covers the buffer.
-    next: Option<u64>,
+    next: Option<Offset>,
     /// When the first record since the last commit arrived.
     since: Option<Instant>,
 }
@@ -117,7 +118,7 @@ pub(crate) struct Group {
     /// Date and source.
     pub key: GroupKey,
     /// Offset of its first record: the part's name.
-    pub first: u64,
+    pub first: Offset,
     /// Its lines in offset order, without newlines.
     pub lines: Vec<Bytes>,
     /// Uncompressed size, newlines included.
@@ -130,17 +131,17 @@ pub(crate) struct Batch {
     /// Groups in (date, source) order.
     pub groups: Vec<Group>,
     /// Offset to commit once every group is uploaded.
-    pub commit: u64,
+    pub commit: Offset,
 }
 
 impl PartitionBuffer {
     /// Takes a record; records arrive in offset order.
-    pub fn accept(&mut self, offset: u64, parsed: Parsed, now: Instant) {
+    pub fn accept(&mut self, offset: Offset, parsed: Parsed, now: Instant) {
         if self.start.is_none() {
-            self.start = Some(offset);
+            self.start = Some(offset.clone());
             self.since = Some(now);
         }
-        self.next = Some(offset + 1);
+        self.next = Some(offset.next());
         if let Parsed::Line(key, bytes) = parsed {
             let group = match self.index.get(&key) {
                 Some(g) => *g,
@@ -161,13 +162,13 @@ impl PartitionBuffer {
     }
 
     /// Offset after the last record seen, if any.
-    pub fn next(&self) -> Option<u64> {
-        self.next
+    pub fn next(&self) -> Option<&Offset> {
+        self.next.as_ref()
     }
 
     /// Offset of the first record since the last commit, if any is pending.
-    pub fn start(&self) -> Option<u64> {
-        self.start
+    pub fn start(&self) -> Option<&Offset> {
+        self.start.as_ref()
     }
 
     /// When the oldest pending record arrived.
@@ -187,23 +188,25 @@ impl PartitionBuffer {
 
     /// The consumer went back to `offset` (it re-reads from the committed
     /// offset after a rebalance): forget what will be delivered again.
-    pub fn rewind(&mut self, offset: u64) {
-        self.lines.retain(|l| l.offset < offset);
+    pub fn rewind(&mut self, offset: &Offset) {
+        self.lines.retain(|l| l.offset < *offset);
         self.recount();
-        if self.start.is_some_and(|s| s >= offset) {
+        if self.start.as_ref().is_some_and(|s| s >= offset) {
             self.start = None;
             self.since = None;
         }
-        self.next = Some(offset);
+        self.next = Some(offset.clone());
     }
 
     /// Another member of the group committed up to `offset` (archiving what
     /// lies before it): forget that part.
-    pub fn forget_before(&mut self, offset: u64) {
-        self.lines.retain(|l| l.offset >= offset);
+    pub fn forget_before(&mut self, offset: &Offset) {
+        self.lines.retain(|l| l.offset >= *offset);
         self.recount();
-        match (self.start, self.next) {
-            (Some(start), Some(next)) if next > offset => self.start = Some(start.max(offset)),
+        match (&self.start, &self.next) {
+            (Some(start), Some(next)) if next > offset => {
+                self.start = Some(start.clone().max(offset.clone()))
+            }
             _ => {
                 self.start = None;
                 self.since = None;
@@ -217,8 +220,8 @@ impl PartitionBuffer {
 
     /// Empties the buffer into its groups; None when nothing is pending.
     pub fn take(&mut self) -> Option<Batch> {
-        self.start?;
-        let commit = self.next?;
+        self.start.as_ref()?;
+        let commit = self.next.clone()?;
         let groups = std::mem::take(&mut self.groups);
         self.index.clear();
         let mut by_group: BTreeMap<&GroupKey, Group> = BTreeMap::new();
@@ -327,11 +330,15 @@ mod tests {
                 Bytes::from(format!("{s}{day}")),
             )
         };
-        b.accept(10, line("b", 0), now);
-        b.accept(11, Parsed::Dead("bad_json", String::new()), now);
-        b.accept(12, line("a", 1), now);
-        b.accept(13, line("b", 0), now);
-        b.accept(14, line("a", 0), now);
+        b.accept(Offset::new(10), line("b", 0), now);
+        b.accept(
+            Offset::new(11),
+            Parsed::Dead("bad_json", String::new()),
+            now,
+        );
+        b.accept(Offset::new(12), line("a", 1), now);
+        b.accept(Offset::new(13), line("b", 0), now);
+        b.accept(Offset::new(14), line("a", 0), now);
         assert_eq!(b.len(), 4);
         assert_eq!(b.bytes(), 4 * 3);
         let batch = b.take().expect("pending");
@@ -343,7 +350,7 @@ mod tests {
                 (
                     g.key.dt.clone(),
                     g.key.source.clone(),
-                    g.first,
+                    g.first.as_u64().expect("small"),
                     g.lines.len(),
                 )
             })
@@ -357,10 +364,14 @@ mod tests {
             ]
         );
         assert!(b.take().is_none());
-        assert_eq!(b.next(), Some(15));
+        assert_eq!(b.next(), Some(&Offset::new(15)));
 
         // Only dead letters: nothing to upload, but still a commit.
-        b.accept(15, Parsed::Dead("bad_json", String::new()), now);
+        b.accept(
+            Offset::new(15),
+            Parsed::Dead("bad_json", String::new()),
+            now,
+        );
         let batch = b.take().expect("pending");
         assert!(batch.groups.is_empty() && batch.commit == 16);
     }
@@ -371,23 +382,33 @@ mod tests {
         let mut b = PartitionBuffer::default();
         for o in 0..10 {
             b.accept(
-                o,
+                Offset::new(o),
                 Parsed::Line(GroupKey::of(0, "s"), Bytes::from_static(b"x")),
                 now,
             );
         }
-        b.rewind(4);
-        assert_eq!((b.len(), b.start(), b.next()), (4, Some(0), Some(4)));
-        b.forget_before(2);
-        assert_eq!((b.len(), b.start(), b.next()), (2, Some(2), Some(4)));
+        let at = |o: u64| Some(Offset::new(o));
+        b.rewind(&Offset::new(4));
+        assert_eq!(
+            (b.len(), b.start().cloned(), b.next().cloned()),
+            (4, at(0), at(4))
+        );
+        b.forget_before(&Offset::new(2));
+        assert_eq!(
+            (b.len(), b.start().cloned(), b.next().cloned()),
+            (2, at(2), at(4))
+        );
         let batch = b.take().expect("pending");
-        assert_eq!((batch.groups[0].first, batch.commit), (2, 4));
+        assert_eq!(
+            (&batch.groups[0].first, &batch.commit),
+            (&Offset::new(2), &Offset::new(4))
+        );
         b.accept(
-            4,
+            Offset::new(4),
             Parsed::Line(GroupKey::of(0, "s"), Bytes::from_static(b"x")),
             now,
         );
-        b.forget_before(9);
+        b.forget_before(&Offset::new(9));
         assert_eq!((b.len(), b.start()), (0, None));
         assert!(b.take().is_none());
     }
@@ -396,7 +417,7 @@ mod tests {
     fn compresses_to_lines() -> std::io::Result<()> {
         let g = Group {
             key: GroupKey::of(0, "s"),
-            first: 0,
+            first: Offset::ZERO,
             lines: vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{}")],
             bytes: 11,
         };

@@ -4,13 +4,19 @@
 
 use std::fmt::Write;
 
+use crate::backends::log::Offset;
 use crate::backends::objects::{validate_key, ObjectError};
 
 /// Hive's name for a partition whose value is missing; an empty source tag goes here.
 pub const EMPTY_SOURCE: &str = "__HIVE_DEFAULT_PARTITION__";
 
-/// Digits of the offset in a part name: every `u64` fits, so names sort by offset.
+/// Digits of the offset in a part name: every `u64` fits, so names sort by
+/// offset. Kinesis sequence numbers are longer (56 digits in practice, up to
+/// 129) and all of one length within a stream, so they sort too.
 const OFFSET_DIGITS: usize = 20;
+
+/// The most digits a Kinesis sequence number may have.
+const MAX_OFFSET_DIGITS: usize = 129;
 
 /// The UTC calendar date (`YYYY-MM-DD`) of a moment in ms since the Unix epoch.
 /// Pure arithmetic on the record's own timestamp, so a record's date never
@@ -94,7 +100,7 @@ impl Layout {
                 source: "s".into(),
             },
             0,
-            0,
+            &Offset::ZERO,
         ))?;
         Ok(layout)
     }
@@ -104,10 +110,11 @@ impl Layout {
         &self.prefix
     }
 
-    /// `PREFIX/dt=YYYY-MM-DD/source=TAG/part-<partition>-<offset, 20 digits>.jsonl.zst`.
-    pub fn part_key(&self, group: &GroupKey, partition: u32, first_offset: u64) -> String {
+    /// `PREFIX/dt=YYYY-MM-DD/source=TAG/part-<partition>-<offset, 20 digits>.jsonl.zst`
+    /// (an offset of more digits, a Kinesis sequence number, is written whole).
+    pub fn part_key(&self, group: &GroupKey, partition: u32, first_offset: &Offset) -> String {
         format!(
-            "{}dt={}/source={}/part-{partition}-{first_offset:0width$}.jsonl.zst",
+            "{}dt={}/source={}/part-{partition}-{first_offset:0>width$}.jsonl.zst",
             self.prefix,
             group.dt,
             group.source,
@@ -118,7 +125,11 @@ impl Layout {
     /// Whether every part of this group can be stored: the longest key it can
     /// produce is a valid key (a source tag of hundreds of characters is not).
     pub fn fits(&self, group: &GroupKey) -> bool {
-        validate_key(&self.part_key(group, u32::MAX, u64::MAX)).is_ok()
+        let longest: Offset = "9"
+            .repeat(MAX_OFFSET_DIGITS)
+            .parse()
+            .expect("digits are an offset");
+        validate_key(&self.part_key(group, u32::MAX, &longest)).is_ok()
     }
 }
 
@@ -190,14 +201,22 @@ mod tests {
         let g = GroupKey::of(1_709_251_200_000, "news feed");
         let l = Layout::new("/raw/")?;
         assert_eq!(
-            l.part_key(&g, 3, 42),
+            l.part_key(&g, 3, &Offset::new(42)),
             "raw/dt=2024-03-01/source=news%20feed/part-3-00000000000000000042.jsonl.zst"
         );
         assert!(l.fits(&g));
         assert!(!l.fits(&GroupKey::of(0, &"x".repeat(1000))));
         assert_eq!(
-            Layout::new("")?.part_key(&g, 0, u64::MAX),
+            Layout::new("")?.part_key(&g, 0, &Offset::new(u64::MAX)),
             "dt=2024-03-01/source=news%20feed/part-0-18446744073709551615.jsonl.zst"
+        );
+        let sequence: Offset = "49590338271490256608559692538361571095921575989136588898"
+            .parse()
+            .expect("digits");
+        assert_eq!(
+            l.part_key(&g, 1, &sequence),
+            "raw/dt=2024-03-01/source=news%20feed/\
+             part-1-49590338271490256608559692538361571095921575989136588898.jsonl.zst"
         );
         assert!(Layout::new("a/../b").is_err());
         assert!(Layout::new(".sift-tmp").is_err());

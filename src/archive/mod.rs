@@ -92,7 +92,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Watermarks};
+use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Offset, Watermarks};
 use crate::backends::objects::{self, ObjectStore, PutMode, PutOptions};
 use crate::config::{Config, ConfigError, Encryption};
 use crate::daemon::StageHealth;
@@ -375,8 +375,8 @@ async fn archive(
         let committed = log.committed(&settings.group, topics::RAW).await?;
         let target: u64 = marks
             .iter()
-            .map(|w| w.high.saturating_sub(position(w, &committed)))
-            .sum();
+            .map(|w| position(w, &committed).until(&w.high))
+            .fold(0u64, u64::saturating_add);
         progress.0.target.store(target, Ordering::Relaxed);
         Some(marks)
     } else {
@@ -449,8 +449,8 @@ async fn archive(
 /// Where the group stands on a partition ([`crate::stage::position`]); a
 /// commit beyond the end counts as not started: the consumer meets it and
 /// `log.on_offset_out_of_range` decides.
-fn position(w: &Watermarks, committed: &[(u32, Option<u64>)]) -> u64 {
-    crate::stage::position(w, committed).unwrap_or(w.low)
+fn position(w: &Watermarks, committed: &[(u32, Option<Offset>)]) -> Offset {
+    crate::stage::position(w, committed).unwrap_or_else(|| w.low.clone())
 }
 
 /// One run's state.
@@ -548,15 +548,15 @@ impl Archiver {
         let now = Instant::now();
         for (m, p) in batch.iter().zip(parsed) {
             let buf = self.buffers.entry(m.partition).or_default();
-            if buf.next().is_some_and(|next| m.offset < next) {
+            if buf.next().is_some_and(|next| m.offset < *next) {
                 tracing::debug!(
                     partition = m.partition,
-                    offset = m.offset,
+                    offset = %m.offset,
                     "The consumer went back to the committed offset; re-reading from there."
                 );
-                buf.rewind(m.offset);
+                buf.rewind(&m.offset);
             }
-            buf.accept(m.offset, p, now);
+            buf.accept(m.offset.clone(), p, now);
             if buf.bytes() >= self.settings.flush_bytes {
                 self.flush(&[m.partition]).await?;
             }
@@ -607,13 +607,13 @@ impl Archiver {
             let theirs = committed
                 .iter()
                 .find(|(q, _)| *q == p)
-                .and_then(|(_, c)| *c);
+                .and_then(|(_, c)| c.as_ref());
             if let (Some(c), Some(start)) = (theirs, buf.start()) {
                 if c > start {
                     tracing::info!(
                         partition = p,
-                        committed = c,
-                        from = start,
+                        committed = %c,
+                        from = %start,
                         "Another member archived part of this buffer; keeping only the rest."
                     );
                     buf.forget_before(c);
@@ -638,7 +638,7 @@ impl Archiver {
             let commit = Commit {
                 topic: topics::RAW.to_string(),
                 partition: p,
-                next_offset: batch.commit,
+                next_offset: batch.commit.clone(),
             };
             match self.consumer.commit(&[commit]).await {
                 Ok(()) => {}
@@ -658,7 +658,7 @@ impl Archiver {
                 partition = p,
                 parts,
                 records,
-                committed = batch.commit,
+                committed = %batch.commit,
                 "Flushed archive parts."
             );
         }
@@ -676,7 +676,8 @@ impl Archiver {
                     .buffers
                     .get(&tp.partition)
                     .and_then(PartitionBuffer::next)
-                    .unwrap_or(0);
+                    .cloned()
+                    .unwrap_or(Offset::ZERO);
                 targets
                     .iter()
                     .find(|w| w.partition == tp.partition)
@@ -713,10 +714,11 @@ impl Archiver {
                     .buffers
                     .get(&w.partition)
                     .and_then(PartitionBuffer::next)
-                    .unwrap_or(0);
-                w.high.saturating_sub(position(w, &committed).max(read))
+                    .cloned()
+                    .unwrap_or(Offset::ZERO);
+                position(w, &committed).max(read).until(&w.high)
             })
-            .sum();
+            .fold(0u64, u64::saturating_add);
         crate::metrics::global().lag(STAGE, i64::try_from(lag).unwrap_or(i64::MAX));
         if lag == 0 && !self.caught_up_once {
             self.caught_up_once = true;
@@ -767,7 +769,9 @@ async fn upload(
     partition: u32,
     group: Group,
 ) -> crate::Result<PartStats> {
-    let key = settings.layout.part_key(&group.key, partition, group.first);
+    let key = settings
+        .layout
+        .part_key(&group.key, partition, &group.first);
     let level = settings.zstd_level;
     let records = group.lines.len() as u64;
     let bytes_in = group.bytes;

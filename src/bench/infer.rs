@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
-use crate::backends::log::{EmbeddedLog, Log};
+use crate::backends::log::{EmbeddedLog, Log, Offset};
 use crate::backends::objects::{EmbeddedObjects, ObjectStore};
 use crate::backends::table::{EmbeddedTable, Table};
 use crate::config::Config;
@@ -324,7 +324,7 @@ async fn latency_run(
             .await
             .map_err(crate::Error::from)?
             .iter()
-            .map(|w| w.high)
+            .map(|w| Offset::ZERO.until(&w.high))
             .sum();
         if written >= total as u64 || Instant::now() > deadline {
             break;

@@ -664,7 +664,7 @@ async fn prepare(
                 }
             },
             Verdict::Dropped(r) => {
-                tracing::debug!(partition = m.partition, offset = m.offset, detail = %r.detail, "Dropped a document.");
+                tracing::debug!(partition = m.partition, offset = %m.offset, detail = %r.detail, "Dropped a document.");
                 p.dropped.push(r.reason);
             }
             Verdict::Dead(r) => p.dead.push(dead_letter(STAGE, m, r)),

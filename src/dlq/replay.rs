@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Record, Watermarks};
+use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Offset, Record, Watermarks};
 use crate::backends::objects::{ObjectError, ObjectStore};
 use crate::config::Config;
 use crate::envelope::{headers, topics, Stage};
@@ -59,7 +59,7 @@ pub struct Letter {
     /// Partition of `sift.dlq`.
     pub partition: u32,
     /// Offset in it.
-    pub offset: u64,
+    pub offset: Offset,
     /// When it was sent, ms since the Unix epoch.
     pub timestamp_ms: i64,
     /// The stage that gave up; None for letters written without one (`sift run`).
@@ -159,7 +159,7 @@ impl Letter {
         };
         Letter {
             partition: m.partition,
-            offset: m.offset,
+            offset: m.offset.clone(),
             timestamp_ms: m.timestamp_ms,
             stage,
             reason,
@@ -271,7 +271,7 @@ pub struct ReplayArgs {
     /// Start at this offset of every partition of sift.dlq instead of the
     /// group's committed position (letters replayed before are replayed again).
     #[arg(long, value_name = "N")]
-    pub from_offset: Option<u64>,
+    pub from_offset: Option<Offset>,
     /// Count what would be replayed; produce and commit nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -299,11 +299,11 @@ pub struct Standing {
     /// Partition.
     pub partition: u32,
     /// Earliest stored offset.
-    pub low: u64,
+    pub low: Offset,
     /// Next offset to be written.
-    pub high: u64,
+    pub high: Offset,
     /// The replay group's committed offset, if it ever committed.
-    pub replayed_to: Option<u64>,
+    pub replayed_to: Option<Offset>,
 }
 
 /// What `sift dlq list` shows.
@@ -327,7 +327,7 @@ pub struct Unreplayable {
     /// Partition.
     pub partition: u32,
     /// Offset.
-    pub offset: u64,
+    pub offset: Offset,
     /// Stage, `-` when none.
     pub stage: String,
     /// Reason code.
@@ -344,11 +344,11 @@ pub struct Span {
     /// Partition.
     pub partition: u32,
     /// First offset read.
-    pub from: u64,
+    pub from: Offset,
     /// Offset after the last one read (committed unless a dry run).
-    pub to: u64,
+    pub to: Offset,
     /// The first letter the filter passed over, to come back to with `--from-offset`.
-    pub first_passed_over: Option<u64>,
+    pub first_passed_over: Option<Offset>,
 }
 
 /// What `sift dlq replay` did.
@@ -427,29 +427,26 @@ async fn dlq_marks(log: &dyn Log) -> Result<Vec<Watermarks>, LogError> {
 async fn read_batch(
     log: &dyn Log,
     partition: u32,
-    from: &mut u64,
-    high: u64,
+    from: &mut Offset,
+    high: &Offset,
 ) -> Result<Vec<Message>, LogError> {
     loop {
-        if *from >= high {
+        if *from >= *high {
             return Ok(Vec::new());
         }
-        match log
-            .fetch(topics::DLQ, partition, *from, FETCH_LETTERS)
-            .await
-        {
+        match log.fetch(topics::DLQ, partition, from, FETCH_LETTERS).await {
             Ok(mut batch) => {
-                batch.retain(|m| m.offset < high);
+                batch.retain(|m| m.offset < *high);
                 if let Some(last) = batch.last() {
-                    *from = last.offset + 1;
+                    *from = last.offset.next();
                 }
                 return Ok(batch);
             }
             Err(LogError::OffsetOutOfRange { earliest, .. }) if earliest > *from => {
                 tracing::warn!(
                     partition,
-                    from = *from,
-                    to = earliest,
+                    from = %from,
+                    to = %earliest,
                     "Dead letters were deleted by retention; continuing from the earliest kept."
                 );
                 *from = earliest;
@@ -474,17 +471,17 @@ pub async fn list(log: &dyn Log, filter: &Filter, latest: usize) -> crate::Resul
     for w in &marks {
         listing.replay.push(Standing {
             partition: w.partition,
-            low: w.low,
-            high: w.high,
+            low: w.low.clone(),
+            high: w.high.clone(),
             replayed_to: committed
                 .iter()
                 .find(|(p, _)| *p == w.partition)
-                .and_then(|(_, c)| *c),
+                .and_then(|(_, c)| c.clone()),
         });
         let mut tail: VecDeque<Letter> = VecDeque::new();
-        let mut at = w.low;
+        let mut at = w.low.clone();
         loop {
-            let batch = read_batch(log, w.partition, &mut at, w.high).await?;
+            let batch = read_batch(log, w.partition, &mut at, &w.high).await?;
             if batch.is_empty() {
                 break;
             }
@@ -521,7 +518,9 @@ pub async fn list(log: &dyn Log, filter: &Filter, latest: usize) -> crate::Resul
         })
         .collect();
     // The latest across partitions, by the time each was sent.
-    latest_of_each.sort_by_key(|l| (l.timestamp_ms, l.partition, l.offset));
+    latest_of_each.sort_by(|a, b| {
+        (a.timestamp_ms, a.partition, &a.offset).cmp(&(b.timestamp_ms, b.partition, &b.offset))
+    });
     let skip = latest_of_each.len().saturating_sub(latest);
     listing.latest = latest_of_each.split_off(skip);
     Ok(listing)
@@ -541,8 +540,13 @@ fn print_listing(l: &Listing, filter: &Filter) {
         );
     }
     for s in &l.replay {
-        let pending = s.high - s.replayed_to.unwrap_or(s.low).clamp(s.low, s.high);
-        match s.replayed_to {
+        let at = s
+            .replayed_to
+            .clone()
+            .unwrap_or_else(|| s.low.clone())
+            .clamp(s.low.clone(), s.high.clone());
+        let pending = at.until(&s.high);
+        match &s.replayed_to {
             Some(c) => println!(
                 "  partition {}: offsets {}..{}, `sift dlq replay` is at {c} ({pending} after it)",
                 s.partition, s.low, s.high
@@ -648,35 +652,45 @@ async fn replay_with(
         Some(join(log, &marks).await?)
     };
     let committed = log.committed(REPLAY_GROUP, topics::DLQ).await?;
-    let starts: Vec<u64> = marks
+    let starts: Vec<Offset> = marks
         .iter()
         .map(|w| {
             let c = committed
                 .iter()
                 .find(|(p, _)| *p == w.partition)
-                .and_then(|(_, c)| *c);
-            args.from_offset.or(c).unwrap_or(w.low).clamp(w.low, w.high)
+                .and_then(|(_, c)| c.clone());
+            args.from_offset
+                .clone()
+                .or(c)
+                .unwrap_or_else(|| w.low.clone())
+                .clamp(w.low.clone(), w.high.clone())
         })
         .collect();
-    bar.set_length(marks.iter().zip(&starts).map(|(w, s)| w.high - s).sum());
+    bar.set_length(
+        marks
+            .iter()
+            .zip(&starts)
+            .map(|(w, s)| s.until(&w.high))
+            .fold(0u64, u64::saturating_add),
+    );
     let mut created: BTreeSet<&'static str> = BTreeSet::new();
     // Opened at the first claim-checked original.
     let mut objects: Option<std::sync::Arc<dyn ObjectStore>> = None;
     let result = async {
-        for (w, &start) in marks.iter().zip(&starts) {
+        for (w, start) in marks.iter().zip(&starts) {
             let mut span = Span {
                 partition: w.partition,
-                from: start,
-                to: start,
+                from: start.clone(),
+                to: start.clone(),
                 first_passed_over: None,
             };
-            let mut at = start;
+            let mut at = start.clone();
             loop {
-                let batch = read_batch(log, w.partition, &mut at, w.high).await?;
+                let batch = read_batch(log, w.partition, &mut at, &w.high).await?;
                 let Some(last) = batch.last() else {
                     break;
                 };
-                let next = last.offset + 1;
+                let next = last.offset.next();
                 let mut out: BTreeMap<&'static str, Vec<Record>> = BTreeMap::new();
                 for m in &batch {
                     summary.read += 1;
@@ -738,7 +752,7 @@ async fn replay_with(
                     // Polled to stay in the group: Kafka expels a member that
                     // has not polled for `max.poll.interval.ms`.
                     consumer.poll(1, Duration::ZERO).await?;
-                    commit(consumer, w.partition, next).await?;
+                    commit(consumer, w.partition, next.clone()).await?;
                 }
                 span.to = next;
                 bar.inc(batch.len() as u64);
@@ -796,12 +810,12 @@ async fn join(log: &dyn Log, marks: &[Watermarks]) -> crate::Result<Box<dyn Cons
 async fn commit(
     consumer: &mut dyn Consumer,
     partition: u32,
-    next_offset: u64,
+    next_offset: Offset,
 ) -> crate::Result<()> {
     let c = Commit {
         topic: topics::DLQ.to_string(),
         partition,
-        next_offset,
+        next_offset: next_offset.clone(),
     };
     match consumer.commit(&[c]).await {
         Ok(()) => Ok(()),
@@ -866,7 +880,7 @@ fn print_replay(s: &ReplaySummary) {
         s.passed_over
     );
     for sp in &s.spans {
-        if let Some(o) = sp.first_passed_over {
+        if let Some(o) = &sp.first_passed_over {
             println!(
                 "    partition {}: the first passed over is at offset {o}; \
                  `sift dlq replay --from-offset {o}` with other filters comes back to it",
@@ -927,7 +941,7 @@ mod tests {
         Message {
             topic: topics::DLQ.into(),
             partition: 0,
-            offset: 7,
+            offset: Offset::new(7),
             timestamp_ms: 1,
             key: r.key,
             value: r.value,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::backends::log::{Commit, Consumer, Log, Message, Watermarks};
+use crate::backends::log::{Commit, Consumer, Log, Message, Offset, Watermarks};
 use crate::backends::objects::ObjectStore;
 use crate::dlq::{self, DeadLetter};
 use crate::envelope::{topics, Envelope};
@@ -207,7 +207,7 @@ impl Poller {
 
     /// Commits the complete polls at the front; false if shutdown came while the log failed.
     async fn commit_ready(&mut self, summary: &mut InferSummary) -> bool {
-        let mut latest: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        let mut latest: BTreeMap<(String, u32), Offset> = BTreeMap::new();
         let mut consumed = 0;
         while let Some(entry) = self.units.first_entry() {
             if entry.get().remaining > 0 {
@@ -216,8 +216,10 @@ impl Poller {
             let unit = entry.remove();
             consumed += unit.consumed;
             for c in unit.commits {
-                let e = latest.entry((c.topic, c.partition)).or_insert(0);
-                *e = (*e).max(c.next_offset);
+                let e = latest.entry((c.topic, c.partition)).or_insert(Offset::ZERO);
+                if c.next_offset > *e {
+                    *e = c.next_offset;
+                }
             }
         }
         if latest.is_empty() {

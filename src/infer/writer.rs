@@ -169,7 +169,7 @@ pub(super) async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::log::Message;
+    use crate::backends::log::{Message, Offset};
     use crate::envelope::Envelope;
     use bytes::Bytes;
     use proptest::prelude::*;
@@ -208,7 +208,7 @@ mod tests {
             message: Message {
                 topic: topics::CLEAN.into(),
                 partition: 0,
-                offset: 0,
+                offset: Offset::ZERO,
                 timestamp_ms: 0,
                 key: None,
                 value: Bytes::new(),

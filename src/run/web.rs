@@ -1188,10 +1188,10 @@ mod tests {
         let mut ids = HashSet::new();
         let watermarks = log.watermarks(crate::envelope::topics::RAW).await?;
         for w in watermarks {
-            let mut offset = w.low;
+            let mut offset = w.low.clone();
             while offset < w.high {
                 let msgs = log
-                    .fetch(crate::envelope::topics::RAW, w.partition, offset, 1000)
+                    .fetch(crate::envelope::topics::RAW, w.partition, &offset, 1000)
                     .await?;
                 ensure!(
                     !msgs.is_empty(),
@@ -1199,7 +1199,7 @@ mod tests {
                     w.partition
                 );
                 for m in msgs {
-                    offset = m.offset + 1;
+                    offset = m.offset.next();
                     let env: crate::envelope::Envelope = serde_json::from_slice(&m.value)?;
                     ids.insert(env.id);
                 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use sift::backends::log::{Commit, Consumer, Log, LogError, Message, Record, TopicPartition};
+use sift::backends::log::{
+    Commit, Consumer, Log, LogError, Message, Offset, Record, TopicPartition,
+};
 
 use super::unique;
 
@@ -75,12 +77,12 @@ pub async fn read_all(log: &dyn Log, topic: &str) -> Result<Vec<Message>> {
     for w in log.watermarks(topic).await? {
         let mut pos = w.low;
         while pos < w.high {
-            let batch = log.fetch(topic, w.partition, pos, 1000).await?;
+            let batch = log.fetch(topic, w.partition, &pos, 1000).await?;
             ensure!(
                 !batch.is_empty(),
                 "fetch returned nothing below the high watermark"
             );
-            pos = batch.last().map_or(pos, |m| m.offset + 1);
+            pos = batch.last().map_or(pos, |m| m.offset.next());
             all.extend(batch);
         }
     }
@@ -108,12 +110,12 @@ async fn ordering_and_headers(log: &dyn Log) -> Result<()> {
     }
     // Same key -> same partition; offsets increase within a partition.
     let mut key_partition: BTreeMap<String, u32> = BTreeMap::new();
-    let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut last: BTreeMap<u32, Offset> = BTreeMap::new();
     for (r, p) in records.iter().zip(&positions) {
         let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
         let e = key_partition.entry(key.clone()).or_insert(p.partition);
         ensure!(*e == p.partition, "key {key} moved partition");
-        if let Some(prev) = last.insert(p.partition, p.offset) {
+        if let Some(prev) = last.insert(p.partition, p.offset.clone()) {
             ensure!(p.offset > prev, "offsets must increase within a partition");
         }
     }
@@ -122,9 +124,9 @@ async fn ordering_and_headers(log: &dyn Log) -> Result<()> {
         "10 keys all hashed to one partition"
     );
     let marks = log.watermarks(&t).await?;
-    ensure!(marks.iter().map(|w| w.high - w.low).sum::<u64>() == 1000);
+    ensure!(marks.iter().map(|w| w.low.until(&w.high)).sum::<u64>() == 1000);
     ensure!(
-        log.fetch(&t, 0, marks[0].high, 10).await?.is_empty(),
+        log.fetch(&t, 0, &marks[0].high, 10).await?.is_empty(),
         "fetch at high must be empty"
     );
 
@@ -150,13 +152,24 @@ async fn ordering_and_headers(log: &dyn Log) -> Result<()> {
         );
         ensure!(m.topic == t && m.timestamp_ms > 0);
     }
-    // Fetch from the middle of a partition starts exactly there.
+    // Fetch from the middle of a partition starts exactly there, and from
+    // just after a record, at the next one (offsets need not be dense).
     let w = marks
         .iter()
-        .find(|w| w.high > 10)
+        .find(|w| w.low.until(&w.high) > 10)
         .context("a partition with records")?;
-    let mid = log.fetch(&t, w.partition, w.low + 7, 3).await?;
-    ensure!(mid.len() == 3 && mid[0].offset == w.low + 7 && mid[2].offset == w.low + 9);
+    let head = log.fetch(&t, w.partition, &w.low, 10).await?;
+    ensure!(head.len() == 10, "{} records from the start", head.len());
+    let mid = log.fetch(&t, w.partition, &head[7].offset, 3).await?;
+    ensure!(
+        mid.len() == 3 && mid[0].offset == head[7].offset && mid[2].offset == head[9].offset,
+        "fetch from the 8th record: {:?}",
+        mid.iter().map(|m| &m.offset).collect::<Vec<_>>()
+    );
+    let after = log
+        .fetch(&t, w.partition, &head[7].offset.next(), 1)
+        .await?;
+    ensure!(after.len() == 1 && after[0].offset == head[8].offset);
     Ok(())
 }
 
@@ -167,7 +180,7 @@ async fn large_records(log: &dyn Log) -> Result<()> {
     let p = log
         .produce(&t, vec![Record::new("big", value.clone())])
         .await?;
-    let got = log.fetch(&t, p[0].partition, p[0].offset, 1).await?;
+    let got = log.fetch(&t, p[0].partition, &p[0].offset, 1).await?;
     ensure!(
         got.len() == 1 && got[0].value.as_ref() == value.as_slice(),
         "1 MB record corrupted"
@@ -229,10 +242,10 @@ async fn commit_and_resume(log: &dyn Log) -> Result<()> {
         commits.push(Commit {
             topic: t.clone(),
             partition: *p,
-            next_offset: ms[half].offset,
+            next_offset: ms[half].offset.clone(),
         });
         for m in &ms[half..] {
-            expected_rest.insert((m.partition, m.offset));
+            expected_rest.insert((m.partition, m.offset.clone()));
         }
     }
     c.commit(&commits).await?;
@@ -242,14 +255,17 @@ async fn commit_and_resume(log: &dyn Log) -> Result<()> {
         ensure!(
             committed
                 .iter()
-                .any(|(p, o)| *p == cm.partition && *o == Some(cm.next_offset)),
+                .any(|(p, o)| *p == cm.partition && o.as_ref() == Some(&cm.next_offset)),
             "committed offsets not reported"
         );
     }
     // A new member resumes from the committed offsets: exactly the uncommitted half.
     let mut c2 = log.subscribe(&g, &[t.as_str()]).await?;
     let rest = poll_n(c2.as_mut(), expected_rest.len(), 30).await?;
-    let got: BTreeSet<(u32, u64)> = rest.iter().map(|m| (m.partition, m.offset)).collect();
+    let got: BTreeSet<(u32, Offset)> = rest
+        .iter()
+        .map(|m| (m.partition, m.offset.clone()))
+        .collect();
     ensure!(
         got == expected_rest,
         "resume delivered {} records, expected {}",
@@ -312,7 +328,7 @@ async fn rebalance(log: &dyn Log) -> Result<()> {
         .map(|i| Record::new(format!("r{i}"), format!("{i}")))
         .collect();
     log.produce(&t, records).await?;
-    let mut seen: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(u32, Offset), usize> = BTreeMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while seen.len() < 400 && std::time::Instant::now() < deadline {
         for c in [&mut a, &mut b] {
@@ -323,7 +339,7 @@ async fn rebalance(log: &dyn Log) -> Result<()> {
                     mine.contains(&m.partition),
                     "got a record of a partition not assigned"
                 );
-                *seen.entry((m.partition, m.offset)).or_default() += 1;
+                *seen.entry((m.partition, m.offset.clone())).or_default() += 1;
             }
             if !batch.is_empty() {
                 c.commit(&Commit::after(&batch)).await?;
@@ -347,7 +363,10 @@ async fn rebalance(log: &dyn Log) -> Result<()> {
         .map(|i| Record::new(format!("s{i}"), format!("{i}")))
         .collect();
     let positions = log.produce(&t, more).await?;
-    let expect: BTreeSet<(u32, u64)> = positions.iter().map(|p| (p.partition, p.offset)).collect();
+    let expect: BTreeSet<(u32, Offset)> = positions
+        .iter()
+        .map(|p| (p.partition, p.offset.clone()))
+        .collect();
     ensure!(
         positions.iter().any(|p| b_parts.contains(&p.partition)),
         "test needs records on b's partitions"

@@ -101,7 +101,10 @@ impl Kills {
             .committed(group, topic)
             .await?
             .iter()
-            .map(|(_, c)| c.unwrap_or(0))
+            .map(|(_, c)| {
+                c.as_ref()
+                    .map_or(0, |c| c.as_u64().expect("a dense offset"))
+            })
             .sum();
         drop(log);
         std::thread::sleep(Duration::from_millis(300));
@@ -203,9 +206,9 @@ pub async fn read_all(
     for w in log.watermarks(topic).await? {
         let mut at = w.low;
         while at < w.high {
-            let got = log.fetch(topic, w.partition, at, 1000).await?;
+            let got = log.fetch(topic, w.partition, &at, 1000).await?;
             let Some(last) = got.last() else { break };
-            at = last.offset + 1;
+            at = last.offset.next();
             out.extend(got);
         }
     }

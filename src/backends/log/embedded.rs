@@ -42,10 +42,22 @@ use tokio::sync::watch;
 use super::faults;
 use super::segment::{self, Damage, ReadView, Repair, Segment};
 use super::{
-    partition_for_key, validate_name, Commit, Consumer, LogError, Message, Position, Record,
-    TopicInfo, TopicPartition, Watermarks, MAX_RECORD_BYTES,
+    partition_for_key, validate_name, Commit, Consumer, LogError, Message, Offset, Position,
+    Record, TopicInfo, TopicPartition, Watermarks, MAX_RECORD_BYTES,
 };
 use crate::config::{EmbeddedLogConfig, FsyncPolicy, OffsetOutOfRange, OnCorruption};
+
+/// The embedded log numbers each partition's records from 0 in 64 bits; an
+/// offset beyond that lies past the end of every partition.
+fn local(offset: &Offset) -> u64 {
+    offset.as_u64().unwrap_or(u64::MAX)
+}
+
+/// A commit as the partition and the 64-bit offset this log keeps.
+fn local_entry(commit: &Commit) -> (TopicPartition, u64) {
+    let (tp, next) = commit.entry();
+    (tp, local(&next))
+}
 
 pub(super) const OFFSETS_DIR: &str = "~offsets";
 pub(super) const TOPIC_META: &str = "topic.json";
@@ -325,7 +337,7 @@ impl EmbeddedLog {
             self.inner.partition(&t, c.partition)?;
         }
         self.inner
-            .update_offsets(group, g, commits.iter().map(Commit::entry))
+            .update_offsets(group, g, commits.iter().map(local_entry))
     }
 
     /// Syncs every partition written since the last sync.
@@ -831,7 +843,7 @@ impl Inner {
         let mut positions = vec![
             Position {
                 partition: 0,
-                offset: 0
+                offset: Offset::ZERO
             };
             records.len()
         ];
@@ -886,7 +898,7 @@ impl Inner {
                 ));
                 positions[*i] = Position {
                     partition: p as u32,
-                    offset,
+                    offset: Offset::new(offset),
                 };
             }
             let written = faults::write_all_at(&active.file, &active.path, &buf, start_pos)
@@ -1096,8 +1108,8 @@ impl Inner {
                 return Err(LogError::OffsetOutOfRange {
                     topic: topic.to_string(),
                     partition,
-                    offset,
-                    earliest: low,
+                    offset: Offset::new(offset),
+                    earliest: Offset::new(low),
                 });
             }
             if offset >= high {
@@ -1139,8 +1151,8 @@ impl Inner {
                 let st = p.state.lock();
                 Watermarks {
                     partition: p.id,
-                    low: st.low(),
-                    high: st.high(),
+                    low: Offset::new(st.low()),
+                    high: Offset::new(st.high()),
                 }
             })
             .collect())
@@ -1352,11 +1364,12 @@ impl super::Log for EmbeddedLog {
         &self,
         topic: &str,
         partition: u32,
-        offset: u64,
+        offset: &Offset,
         max: usize,
     ) -> Result<Vec<Message>, LogError> {
         let inner = self.inner.clone();
         let topic = topic.to_string();
+        let offset = local(offset);
         blocking(move || {
             let mut out = Vec::new();
             inner.fetch(
@@ -1396,7 +1409,7 @@ impl super::Log for EmbeddedLog {
         &self,
         group: &str,
         topic: &str,
-    ) -> Result<Vec<(u32, Option<u64>)>, LogError> {
+    ) -> Result<Vec<(u32, Option<Offset>)>, LogError> {
         validate_name("group", group)?;
         let t = self.inner.topic(topic)?;
         let mut groups = self.inner.groups.lock();
@@ -1408,7 +1421,7 @@ impl super::Log for EmbeddedLog {
                     topic: topic.to_string(),
                     partition: p,
                 };
-                (p, offsets.get(&tp).copied())
+                (p, offsets.get(&tp).copied().map(Offset::new))
             })
             .collect())
     }
@@ -1489,8 +1502,8 @@ impl EmbeddedConsumer {
                         group: self.group.clone(),
                         topic: tp.topic.clone(),
                         partition: tp.partition,
-                        committed: c,
-                        end: high,
+                        committed: Offset::new(c),
+                        end: Offset::new(high),
                     },
                 )?,
                 Some(c) if c < low => self.out_of_range(
@@ -1501,8 +1514,8 @@ impl EmbeddedConsumer {
                     LogError::OffsetOutOfRange {
                         topic: tp.topic.clone(),
                         partition: tp.partition,
-                        offset: c,
-                        earliest: low,
+                        offset: Offset::new(c),
+                        earliest: Offset::new(low),
                     },
                 )?,
                 Some(c) => c,
@@ -1616,14 +1629,16 @@ impl EmbeddedConsumer {
                 Err(e @ LogError::OffsetOutOfRange { .. }) => {
                     // Retention deleted records this member had not read.
                     let (low, high) = match &e {
-                        LogError::OffsetOutOfRange { earliest, .. } => (*earliest, *earliest),
+                        LogError::OffsetOutOfRange { earliest, .. } => {
+                            (local(earliest), local(earliest))
+                        }
                         _ => (pos, pos),
                     };
                     let high = self
                         .inner
                         .watermarks(&tp.topic)
                         .ok()
-                        .and_then(|w| w.get(tp.partition as usize).map(|w| w.high))
+                        .and_then(|w| w.get(tp.partition as usize).map(|w| local(&w.high)))
                         .unwrap_or(high);
                     let to = self.out_of_range(tp, pos, low, high, e)?;
                     self.positions.insert(tp.clone(), to);
@@ -1637,7 +1652,7 @@ impl EmbeddedConsumer {
                 .map(|m| m.value.len() + m.key.as_ref().map_or(0, |k| k.len()))
                 .sum::<usize>();
             if let Some(last) = out[before..].last() {
-                self.positions.insert(tp.clone(), last.offset + 1);
+                self.positions.insert(tp.clone(), local(&last.offset) + 1);
             }
         }
         crate::metrics::global()
@@ -1689,7 +1704,7 @@ impl Consumer for EmbeddedConsumer {
                 });
             }
         }
-        inner.update_offsets(&self.group, g, commits.iter().map(Commit::entry))
+        inner.update_offsets(&self.group, g, commits.iter().map(local_entry))
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {

@@ -30,6 +30,19 @@ use super::{
     validate_name, Commit, Consumer, LogError, Message, Position, Record, TopicInfo,
     TopicPartition, Watermarks, MAX_RECORD_BYTES,
 };
+
+/// Kafka numbers records with non-negative 64-bit signed offsets; a larger
+/// position (only another backend makes one) cannot be committed here.
+fn kafka_offset(offset: &super::Offset) -> Result<i64, LogError> {
+    offset
+        .as_u64()
+        .and_then(|o| i64::try_from(o).ok())
+        .ok_or_else(|| {
+            LogError::Backend(format!(
+                "offset {offset} is beyond what a Kafka partition can hold (2^63 - 1)"
+            ))
+        })
+}
 use crate::config::KafkaConfig;
 
 /// How long a metadata, watermark or committed-offset request may take.
@@ -320,8 +333,8 @@ impl Inner {
             return Err(LogError::OffsetOutOfRange {
                 topic: topic.to_string(),
                 partition,
-                offset,
-                earliest: low,
+                offset: offset.into(),
+                earliest: low.into(),
             });
         }
         let want = max.min(usize::try_from(high - offset).unwrap_or(usize::MAX));
@@ -387,8 +400,8 @@ impl Inner {
                     return Err(LogError::OffsetOutOfRange {
                         topic: topic.to_string(),
                         partition,
-                        offset,
-                        earliest,
+                        offset: offset.into(),
+                        earliest: earliest.into(),
                     });
                 }
                 // Transport errors and the like: librdkafka retries on its own.
@@ -458,7 +471,7 @@ impl Inner {
         group: &str,
         topic: &str,
         partitions: u32,
-    ) -> Result<Vec<(u32, Option<u64>)>, LogError> {
+    ) -> Result<Vec<(u32, Option<super::Offset>)>, LogError> {
         let what = format!("reading the committed offsets of group `{group}` on `{topic}`");
         let consumer = self.group_client(group, "offset reader")?;
         let mut tpl = TopicPartitionList::new();
@@ -470,7 +483,7 @@ impl Inner {
         for e in tpl.elements() {
             e.error().map_err(|err| self.backend(&what, err))?;
             let committed = match e.offset() {
-                Offset::Offset(o) if o >= 0 => Some(o as u64),
+                Offset::Offset(o) if o >= 0 => Some((o as u64).into()),
                 _ => None,
             };
             out.push((e.partition() as u32, committed));
@@ -489,7 +502,7 @@ impl Inner {
             tpl.add_partition_offset(
                 &c.topic,
                 c.partition as i32,
-                Offset::Offset(c.next_offset as i64),
+                Offset::Offset(kafka_offset(&c.next_offset)?),
             )
             .map_err(|e| self.backend(&what, e))?;
         }
@@ -578,7 +591,7 @@ fn to_message(m: &BorrowedMessage<'_>) -> Message {
     Message {
         topic: m.topic().to_string(),
         partition: m.partition() as u32,
-        offset: m.offset() as u64,
+        offset: (m.offset() as u64).into(),
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
         key: m.key().map(Bytes::copy_from_slice),
         value: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
@@ -730,7 +743,7 @@ impl super::Log for KafkaLog {
             match delivery.await {
                 Ok(Ok(d)) => positions.push(Position {
                     partition: d.partition as u32,
-                    offset: d.offset as u64,
+                    offset: (d.offset as u64).into(),
                 }),
                 Ok(Err((e, _))) => {
                     if first_error.is_none() {
@@ -763,8 +776,8 @@ impl super::Log for KafkaLog {
                     let (low, high) = inner.partition_watermarks(&topic, p)?;
                     Ok(Watermarks {
                         partition: p,
-                        low,
-                        high,
+                        low: low.into(),
+                        high: high.into(),
                     })
                 })
                 .collect()
@@ -776,9 +789,11 @@ impl super::Log for KafkaLog {
         &self,
         topic: &str,
         partition: u32,
-        offset: u64,
+        offset: &super::Offset,
         max: usize,
     ) -> Result<Vec<Message>, LogError> {
+        // Beyond any Kafka offset: past the end, so nothing to read.
+        let offset = offset.as_u64().unwrap_or(u64::MAX);
         let partitions = self.partitions(topic).await?;
         if partition >= partitions {
             return Err(LogError::NoSuchPartition {
@@ -842,7 +857,7 @@ impl super::Log for KafkaLog {
         &self,
         group: &str,
         topic: &str,
-    ) -> Result<Vec<(u32, Option<u64>)>, LogError> {
+    ) -> Result<Vec<(u32, Option<super::Offset>)>, LogError> {
         validate_name("group", group)?;
         let partitions = self.partitions(topic).await?;
         let inner = self.inner.clone();
@@ -991,11 +1006,11 @@ impl Consumer for KafkaConsumer {
                     if !assigned.contains(&tp) {
                         return Ok(Err(not_assigned(c)));
                     }
-                    tpl.add_partition_offset(
-                        &c.topic,
-                        c.partition as i32,
-                        Offset::Offset(c.next_offset as i64),
-                    )?;
+                    let offset = match kafka_offset(&c.next_offset) {
+                        Ok(o) => o,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    tpl.add_partition_offset(&c.topic, c.partition as i32, Offset::Offset(offset))?;
                 }
                 let fenced = |e: &KafkaError| {
                     matches!(

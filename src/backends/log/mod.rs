@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod faults;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+mod offset;
 mod segment;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 pub use embedded::EmbeddedLog;
+pub use offset::{Offset, ParseOffsetError};
 
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +61,9 @@ pub enum LogError {
         /// Partition.
         partition: u32,
         /// Requested offset.
-        offset: u64,
+        offset: Offset,
         /// Earliest offset still stored.
-        earliest: u64,
+        earliest: Offset,
     },
     /// A group's committed offset lies beyond the end of a partition: the
     /// records it passed are not there (lost, or the offsets belong to
@@ -80,9 +82,9 @@ pub enum LogError {
         /// Partition.
         partition: u32,
         /// The committed offset.
-        committed: u64,
+        committed: Offset,
         /// The partition's end (next offset to be written).
-        end: u64,
+        end: Offset,
     },
     /// A record is larger than the log accepts.
     #[error("record of {size} bytes exceeds the {max}-byte limit for topic `{topic}`")]
@@ -192,7 +194,7 @@ pub struct Message {
     /// Partition.
     pub partition: u32,
     /// Offset within the partition.
-    pub offset: u64,
+    pub offset: Offset,
     /// When it was produced, milliseconds since the Unix epoch.
     pub timestamp_ms: i64,
     /// Partitioning key.
@@ -211,12 +213,12 @@ impl Message {
 }
 
 /// Where a produced record landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Position {
     /// Partition.
     pub partition: u32,
     /// Offset.
-    pub offset: u64,
+    pub offset: Offset,
 }
 
 /// A topic and its partition count.
@@ -229,14 +231,14 @@ pub struct TopicInfo {
 }
 
 /// The offsets a partition holds: `low..high`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Watermarks {
     /// Partition.
     pub partition: u32,
     /// Earliest offset still stored.
-    pub low: u64,
+    pub low: Offset,
     /// Offset the next record will get.
-    pub high: u64,
+    pub high: Offset,
 }
 
 /// A partition of a topic.
@@ -256,16 +258,21 @@ pub struct Commit {
     /// Partition.
     pub partition: u32,
     /// Next offset to consume (last processed + 1).
-    pub next_offset: u64,
+    pub next_offset: Offset,
 }
 
 impl Commit {
     /// The commits that mark every message of a batch as processed (the highest per partition).
     pub fn after(messages: &[Message]) -> Vec<Commit> {
-        let mut best: std::collections::BTreeMap<(&str, u32), u64> = Default::default();
+        let mut best: std::collections::BTreeMap<(&str, u32), Offset> = Default::default();
         for m in messages {
-            let e = best.entry((m.topic.as_str(), m.partition)).or_insert(0);
-            *e = (*e).max(m.offset + 1);
+            let next = m.offset.next();
+            let e = best
+                .entry((m.topic.as_str(), m.partition))
+                .or_insert(Offset::ZERO);
+            if next > *e {
+                *e = next;
+            }
         }
         best.into_iter()
             .map(|((topic, partition), next_offset)| Commit {
@@ -277,13 +284,13 @@ impl Commit {
     }
 
     /// The partition it commits and the offset it commits there.
-    pub fn entry(&self) -> (TopicPartition, u64) {
+    pub fn entry(&self) -> (TopicPartition, Offset) {
         (
             TopicPartition {
                 topic: self.topic.clone(),
                 partition: self.partition,
             },
-            self.next_offset,
+            self.next_offset.clone(),
         )
     }
 }
@@ -310,7 +317,7 @@ pub trait Log: Send + Sync + 'static {
         &self,
         topic: &str,
         partition: u32,
-        offset: u64,
+        offset: &Offset,
         max: usize,
     ) -> Result<Vec<Message>, LogError>;
     /// Joins consumer group `group` on `topics`; the group rebalances its
@@ -321,7 +328,7 @@ pub trait Log: Send + Sync + 'static {
         &self,
         group: &str,
         topic: &str,
-    ) -> Result<Vec<(u32, Option<u64>)>, LogError>;
+    ) -> Result<Vec<(u32, Option<Offset>)>, LogError>;
     /// Sets a group's committed offsets, while none of its members runs
     /// (`sift topics offsets GROUP --reset-to …`).
     async fn set_committed(&self, group: &str, commits: &[Commit]) -> Result<(), LogError>;

@@ -125,7 +125,7 @@ fn decode(topic: &str, partition: u32, mut body: Bytes) -> Option<Message> {
     Some(Message {
         topic: topic.to_string(),
         partition,
-        offset,
+        offset: super::Offset::new(offset),
         timestamp_ms,
         key,
         value,
