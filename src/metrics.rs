@@ -64,6 +64,9 @@ pub struct Metrics {
     pub log_quarantined_bytes: Counter,
     /// Consumer positions reset by `log.on_offset_out_of_range`.
     pub log_offset_resets: Counter,
+    /// Records Kinesis refused for throughput (`ProvisionedThroughputExceeded`)
+    /// and sent again after a backoff.
+    pub log_throttled_records: Counter,
     /// Bytes written to the embedded object store.
     pub objects_written_bytes: Counter,
     /// Cells written to the embedded table.
@@ -182,6 +185,7 @@ impl Metrics {
             log_quarantined_ranges: Counter::default(),
             log_quarantined_bytes: Counter::default(),
             log_offset_resets: Counter::default(),
+            log_throttled_records: Counter::default(),
             objects_written_bytes: Counter::default(),
             table_cells_written: Counter::default(),
             documents: Family::default(),
@@ -223,6 +227,11 @@ impl Metrics {
             "sift_log_produced_records",
             "Records appended to the embedded log",
             m.log_produced_records.clone(),
+        );
+        registry.register(
+            "sift_log_throttled_records",
+            "Records Kinesis refused for throughput and sent again after a backoff",
+            m.log_throttled_records.clone(),
         );
         registry.register(
             "sift_log_produced_bytes",

@@ -62,6 +62,15 @@ async fn open_log_as(config: &Config, read_only: bool) -> Result<Arc<dyn Log>, l
             backend: "kafka",
             feature: "kafka",
         }),
+        #[cfg(feature = "kinesis")]
+        LogBackend::Kinesis => Ok(Arc::new(
+            log::kinesis::KinesisLog::connect(&config.log.kinesis).await?,
+        )),
+        #[cfg(not(feature = "kinesis"))]
+        LogBackend::Kinesis => Err(log::LogError::FeatureDisabled {
+            backend: "kinesis",
+            feature: "kinesis",
+        }),
     }
 }
 

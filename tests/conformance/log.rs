@@ -16,11 +16,7 @@ const PARTITIONS: u32 = 4;
 
 /// Runs every check.
 pub async fn check_log(log: Arc<dyn Log>) -> Result<()> {
-    topics(log.as_ref()).await.context("topics")?;
-    ordering_and_headers(log.as_ref())
-        .await
-        .context("ordering and headers")?;
-    large_records(log.as_ref()).await.context("large records")?;
+    check_records(log.as_ref()).await?;
     commit_and_resume(log.as_ref())
         .await
         .context("commit and resume")?;
@@ -28,6 +24,16 @@ pub async fn check_log(log: Arc<dyn Log>) -> Result<()> {
     concurrent_producers(log.clone())
         .await
         .context("concurrent producers")?;
+    Ok(())
+}
+
+/// The checks of topics, producing and fetching, without consumer groups.
+pub async fn check_records(log: &dyn Log) -> Result<()> {
+    topics(log).await.context("topics")?;
+    ordering_and_headers(log)
+        .await
+        .context("ordering and headers")?;
+    large_records(log).await.context("large records")?;
     Ok(())
 }
 
@@ -124,7 +130,7 @@ async fn ordering_and_headers(log: &dyn Log) -> Result<()> {
         "10 keys all hashed to one partition"
     );
     let marks = log.watermarks(&t).await?;
-    ensure!(marks.iter().map(|w| w.low.until(&w.high)).sum::<u64>() == 1000);
+    ensure!(marks.iter().all(|w| w.low <= w.high));
     ensure!(
         log.fetch(&t, 0, &marks[0].high, 10).await?.is_empty(),
         "fetch at high must be empty"
@@ -156,7 +162,7 @@ async fn ordering_and_headers(log: &dyn Log) -> Result<()> {
     // just after a record, at the next one (offsets need not be dense).
     let w = marks
         .iter()
-        .find(|w| w.low.until(&w.high) > 10)
+        .find(|w| all.iter().filter(|m| m.partition == w.partition).count() > 10)
         .context("a partition with records")?;
     let head = log.fetch(&t, w.partition, &w.low, 10).await?;
     ensure!(head.len() == 10, "{} records from the start", head.len());

@@ -11,6 +11,8 @@ pub mod embedded;
 pub mod faults;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "kinesis")]
+pub mod kinesis;
 mod offset;
 mod segment;
 
