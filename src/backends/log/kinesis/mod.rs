@@ -24,6 +24,8 @@
 //! Library keeps them) are not built yet: `subscribe`, `committed` and
 //! `set_committed` say so.
 
+pub mod leases;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
