@@ -117,3 +117,86 @@ async fn kinesis_produces_and_reads_as_the_log() -> Result<()> {
     ensure!(refused.to_string().contains("not built yet"), "{refused}");
     Ok(())
 }
+
+/// The lease table on a local DynamoDB (dynalite): every write is
+/// conditional on the counter, so a member that lost a lease cannot renew,
+/// checkpoint or release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_table_writes_are_conditional() -> Result<()> {
+    use sift::backends::log::kinesis::leases::Checkpoint;
+    use sift::backends::log::kinesis::table::LeaseTable;
+    let Some(endpoint) = conformance::service_addr("SIFT_TEST_DYNAMODB") else {
+        return Ok(());
+    };
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "sift-test"),
+        ("AWS_SECRET_ACCESS_KEY", "sift-test"),
+    ] {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    }
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    let name = format!("sift-leases-test-{}", std::process::id());
+    let table = LeaseTable::open(aws_sdk_dynamodb::Client::new(&shared), name.clone()).await?;
+    // Opening again finds it.
+    let table2 = LeaseTable::open(aws_sdk_dynamodb::Client::new(&shared), name).await?;
+
+    let key = "s:shardId-000000000000";
+    ensure!(table.create(key, &[]).await?);
+    ensure!(!table2.create(key, &[]).await?, "a lease is created once");
+    ensure!(
+        table
+            .create("s:shardId-000000000002", &["s:shardId-000000000000".into()])
+            .await?
+    );
+
+    // a takes it; b, with the counter it saw before, cannot.
+    ensure!(table.take(key, 0, "a").await? == Some(1));
+    ensure!(table2.take(key, 0, "b").await?.is_none());
+    // Only the owner renews, and only with the current counter.
+    ensure!(table2.renew(key, 1, "b").await?.is_none());
+    ensure!(table.renew(key, 1, "a").await? == Some(2));
+    ensure!(table.renew(key, 1, "a").await?.is_none(), "a stale renewal");
+    let seq: Offset = "49590338271490256608559692538361571095921575989136588898".parse()?;
+    ensure!(
+        table
+            .checkpoint(key, 2, "a", &Checkpoint::After(seq.clone()))
+            .await?
+            == Some(3)
+    );
+    // b steals it (as the balancer would): a's next write fails.
+    ensure!(table2.take(key, 3, "b").await? == Some(4));
+    ensure!(table
+        .checkpoint(key, 3, "a", &Checkpoint::ShardEnd)
+        .await?
+        .is_none());
+    ensure!(table.release(key, 3, "a").await?.is_none());
+
+    let leases = table.scan().await?;
+    ensure!(leases.len() == 2, "{leases:?}");
+    let l = &leases[0];
+    ensure!(
+        l.key == key
+            && l.owner.as_deref() == Some("b")
+            && l.counter == 4
+            && l.checkpoint == Checkpoint::After(seq),
+        "{l:?}"
+    );
+    ensure!(leases[1].parents == vec!["s:shardId-000000000000".to_string()]);
+    ensure!(leases[1].owner.is_none() && leases[1].checkpoint == Checkpoint::TrimHorizon);
+
+    // b lets it go; it can then be moved while nobody holds it.
+    ensure!(table2.release(key, 4, "b").await? == Some(5));
+    ensure!(table.set_checkpoint(key, 5, &Checkpoint::ShardEnd).await? == Some(6));
+    let l = &table.scan().await?[0];
+    ensure!(
+        l.owner.is_none() && l.checkpoint == Checkpoint::ShardEnd,
+        "{l:?}"
+    );
+    Ok(())
+}

@@ -1269,7 +1269,9 @@ mod tests {
 
     #[tokio::test]
     async fn failures_leave_the_window() -> anyhow::Result<()> {
-        let window = Duration::from_millis(400);
+        // Long enough that two password checks on a loaded machine (a debug
+        // build, other suites running) stay inside it.
+        let window = Duration::from_secs(3);
         let (_dir, _table, auth) = auth_with(2, Duration::from_secs(60), window).await?;
         for _ in 0..2 {
             assert!(is_invalid(
@@ -1278,7 +1280,10 @@ mod tests {
         }
         let wait = retry_after(&auth.login("alice", PASSWORD, ip(1)).await)
             .ok_or_else(|| anyhow::anyhow!("not rate limited"))?;
-        assert_eq!(wait, Duration::from_secs(1), "rounded up to a whole second");
+        assert!(
+            wait.subsec_nanos() == 0 && wait >= Duration::from_secs(1) && wait <= window,
+            "{wait:?}: what is left of the window, rounded up to a whole second"
+        );
         tokio::time::sleep(window + Duration::from_millis(50)).await;
         auth.login("alice", PASSWORD, ip(1)).await?;
         Ok(())

@@ -25,6 +25,7 @@
 //! `set_committed` say so.
 
 pub mod leases;
+pub mod table;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
