@@ -213,8 +213,8 @@ pub fn plan(me: &str, leases: &[Seen], now: Instant, duration: Duration) -> Vec<
     }]
 }
 
-/// The keys of the readable leases, for a caller that wants to know which
-/// shards are waiting on their parents.
+/// The keys of the unfinished leases that may not be read yet: their shards
+/// wait on a parent still being read.
 pub fn waiting_on_parents(leases: &[Lease]) -> BTreeSet<String> {
     let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
     leases

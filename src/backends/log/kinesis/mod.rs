@@ -136,6 +136,19 @@ impl KinesisLog {
         ))
     }
 
+    /// A call on a topic's stream failed: the topic does not exist when the
+    /// stream is `missing`, else the error as it came.
+    fn stream_error<E>(&self, topic: &str, missing: bool, what: &str, e: E) -> LogError
+    where
+        E: std::error::Error + 'static,
+    {
+        if missing {
+            LogError::NoSuchTopic(topic.to_string())
+        } else {
+            self.error(what, e)
+        }
+    }
+
     /// The stream a topic lives in.
     fn stream(&self, topic: &str) -> Result<String, LogError> {
         validate_name("topic", topic)?;
@@ -162,13 +175,15 @@ impl KinesisLog {
                 None => self.client.list_shards().stream_name(&stream),
             };
             let page = call.send().await.map_err(|e| {
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_not_found_exception())
-                {
-                    LogError::NoSuchTopic(topic.to_string())
-                } else {
-                    self.error(&format!("listing the shards of stream {stream}"), e)
-                }
+                let missing = e
+                    .as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception());
+                self.stream_error(
+                    topic,
+                    missing,
+                    &format!("listing the shards of stream {stream}"),
+                    e,
+                )
             })?;
             for shard in page.shards() {
                 out.push((shard_number(shard.shard_id())?, shard.clone()));
@@ -245,12 +260,7 @@ impl KinesisLog {
         shard: &Shard,
         offset: &Offset,
     ) -> Result<Option<String>, LogError> {
-        let start: Offset = shard
-            .sequence_number_range()
-            .map(|r| r.starting_sequence_number())
-            .unwrap_or("0")
-            .parse()
-            .map_err(|e| LogError::Backend(format!("Kinesis shard start: {e}")))?;
+        let start = shard_start(shard)?;
         let ask = |kind: ShardIteratorType, at: Option<String>| {
             self.client
                 .get_shard_iterator()
@@ -344,12 +354,7 @@ impl KinesisLog {
     /// would be cheaper on a cold start, but kinesalite never answers an
     /// `AT_TIMESTAMP` iterator on a shard with nothing after the timestamp.)
     async fn end_of(&self, stream: &str, shard: &Shard) -> Result<Offset, LogError> {
-        let start = sequence(
-            shard
-                .sequence_number_range()
-                .map(|r| r.starting_sequence_number())
-                .unwrap_or("0"),
-        )?;
+        let start = shard_start(shard)?;
         let tail_key = (stream.to_string(), shard.shard_id().to_string());
         let mut known = self.tails.lock().get(&tail_key).cloned();
         let mut iterator = loop {
@@ -425,6 +430,16 @@ fn shard_number(id: &str) -> Result<u32, LogError> {
         .next()
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| LogError::Backend(format!("Kinesis shard id `{id}` has no number")))
+}
+
+/// The first sequence number a shard can hold: its low watermark.
+fn shard_start(shard: &Shard) -> Result<Offset, LogError> {
+    sequence(
+        shard
+            .sequence_number_range()
+            .map(|r| r.starting_sequence_number())
+            .unwrap_or("0"),
+    )
 }
 
 fn sequence(s: &str) -> Result<Offset, LogError> {
@@ -671,13 +686,15 @@ impl super::Log for KinesisLog {
                 .send()
                 .await
                 .map_err(|e| {
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_resource_not_found_exception())
-                    {
-                        LogError::NoSuchTopic(topic.to_string())
-                    } else {
-                        self.error(&format!("putting records into stream {stream}"), e)
-                    }
+                    let missing = e
+                        .as_service_error()
+                        .is_some_and(|s| s.is_resource_not_found_exception());
+                    self.stream_error(
+                        topic,
+                        missing,
+                        &format!("putting records into stream {stream}"),
+                        e,
+                    )
                 })?;
             let mut throttled = 0u64;
             let mut stored = 0usize;
@@ -746,12 +763,7 @@ impl super::Log for KinesisLog {
         let stream = self.stream(topic)?;
         let mut out = Vec::new();
         for (partition, shard) in self.shards(topic).await? {
-            let low = sequence(
-                shard
-                    .sequence_number_range()
-                    .map(|r| r.starting_sequence_number())
-                    .unwrap_or("0"),
-            )?;
+            let low = shard_start(&shard)?;
             let high = self.end_of(&stream, &shard).await?;
             out.push(Watermarks {
                 partition,
