@@ -651,7 +651,7 @@ start_kinesis() {
   # Streams become ACTIVE (and reshard) in 50 ms rather than Kinesis's
   # seconds: clients wait for ACTIVE either way.
   launch kinesis kinesalite node "$NODE_PREFIX/node_modules/kinesalite/cli.js" \
-    --port $KINESIS_PORT --path "$rd/streams" --shardLimit 100 \
+    --port $KINESIS_PORT --path "$rd/streams" --shardLimit 1000 \
     --createStreamMs 50 --deleteStreamMs 50 --updateStreamMs 50
   launch kinesis dynalite node "$NODE_PREFIX/node_modules/dynalite/cli.js" \
     --port $DYNAMODB_PORT --path "$rd/tables" \

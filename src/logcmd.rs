@@ -228,7 +228,7 @@ pub async fn offsets(
             let lag = match &c {
                 Some(c) if *c > w.high => format!("BEYOND END by {}", w.high.until(c)),
                 Some(c) if *c < w.low => format!("BELOW START by {}", c.until(&w.low)),
-                Some(c) => c.until(&w.high).to_string(),
+                Some(c) => log.count(t, w.partition, c, &w.high).await?.to_string(),
                 None => "-".to_owned(),
             };
             println!(

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use sift::backends::log::{Log, Offset, Watermarks};
+use sift::backends::log::{Log, Offset};
 use sift::backends::{self, objects::PutMode, table::Scan};
 use sift::config::{self, Loaded, Sources};
 
@@ -415,14 +415,15 @@ async fn topics(config: &config::Config, cmd: TopicsCommand) -> anyhow::Result<(
             let mut rows = Vec::new();
             for t in log.list_topics().await? {
                 let marks = log.watermarks(&t.name).await?;
-                let count = |from: &dyn Fn(&Watermarks) -> Offset| {
-                    marks
-                        .iter()
-                        .map(|w| from(w).until(&w.high))
-                        .fold(0u64, u64::saturating_add)
-                };
-                let stored = count(&|w| w.low.clone());
-                let next = count(&|_| Offset::ZERO);
+                let (mut stored, mut next) = (0u64, 0u64);
+                for w in &marks {
+                    stored = stored
+                        .saturating_add(log.count(&t.name, w.partition, &w.low, &w.high).await?);
+                    next = next.saturating_add(
+                        log.count(&t.name, w.partition, &Offset::ZERO, &w.high)
+                            .await?,
+                    );
+                }
                 rows.push(serde_json::json!({
                     "name": t.name, "partitions": t.partitions, "stored": stored, "produced": next,
                 }));

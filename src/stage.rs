@@ -355,10 +355,12 @@ pub async fn standing(
 ) -> Result<(u64, bool), LogError> {
     let marks = log.watermarks(topic).await?;
     let committed = log.committed(group, topic).await?;
-    let lag = marks
-        .iter()
-        .map(|w| position(w, &committed).map_or(0, |p| p.until(&w.high)))
-        .fold(0u64, u64::saturating_add);
+    let mut lag = 0u64;
+    for w in &marks {
+        if let Some(p) = position(w, &committed) {
+            lag = lag.saturating_add(log.count(topic, w.partition, &p, &w.high).await?);
+        }
+    }
     // Done against the partitions' ends now, not the targets': a committed
     // offset beyond a partition's end is not done.
     let now = |partition: u32| marks.iter().find(|w| w.partition == partition);

@@ -373,10 +373,11 @@ async fn archive(
     let targets = if until.caught_up {
         let marks = log.watermarks(topics::RAW).await?;
         let committed = log.committed(&settings.group, topics::RAW).await?;
-        let target: u64 = marks
-            .iter()
-            .map(|w| position(w, &committed).until(&w.high))
-            .fold(0u64, u64::saturating_add);
+        let mut target = 0u64;
+        for w in &marks {
+            let from = position(w, &committed);
+            target = target.saturating_add(log.count(topics::RAW, w.partition, &from, &w.high).await?);
+        }
         progress.0.target.store(target, Ordering::Relaxed);
         Some(marks)
     } else {
@@ -707,18 +708,21 @@ impl Archiver {
             .log
             .committed(&self.settings.group, topics::RAW)
             .await?;
-        let lag: u64 = marks
-            .iter()
-            .map(|w| {
-                let read = self
-                    .buffers
-                    .get(&w.partition)
-                    .and_then(PartitionBuffer::next)
-                    .cloned()
-                    .unwrap_or(Offset::ZERO);
-                position(w, &committed).max(read).until(&w.high)
-            })
-            .fold(0u64, u64::saturating_add);
+        let mut lag = 0u64;
+        for w in &marks {
+            let read = self
+                .buffers
+                .get(&w.partition)
+                .and_then(PartitionBuffer::next)
+                .cloned()
+                .unwrap_or(Offset::ZERO);
+            let from = position(w, &committed).max(read);
+            lag = lag.saturating_add(
+                self.log
+                    .count(topics::RAW, w.partition, &from, &w.high)
+                    .await?,
+            );
+        }
         crate::metrics::global().lag(STAGE, i64::try_from(lag).unwrap_or(i64::MAX));
         if lag == 0 && !self.caught_up_once {
             self.caught_up_once = true;

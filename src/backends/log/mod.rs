@@ -301,6 +301,10 @@ impl Commit {
 /// default `message.max.bytes` is about this.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 
+/// The most records [`Log::count`] reads to count on a log whose offsets
+/// are not dense.
+pub const COUNT_LIMIT: u64 = 1_000;
+
 /// A log backend.
 #[async_trait]
 pub trait Log: Send + Sync + 'static {
@@ -322,6 +326,21 @@ pub trait Log: Send + Sync + 'static {
         offset: &Offset,
         max: usize,
     ) -> Result<Vec<Message>, LogError>;
+    /// How many records one partition holds from `from` up to `to`: the
+    /// lag of a group committed at `from` when `to` is the high watermark.
+    /// Offsets are dense on Kafka and the embedded log, so this is `to -
+    /// from`. On Kinesis, whose sequence numbers are not, the records are
+    /// counted by reading, up to [`COUNT_LIMIT`] per call: past it, a
+    /// lower bound.
+    async fn count(
+        &self,
+        _topic: &str,
+        _partition: u32,
+        from: &Offset,
+        to: &Offset,
+    ) -> Result<u64, LogError> {
+        Ok(from.until(to))
+    }
     /// Joins consumer group `group` on `topics`; the group rebalances its
     /// partitions among its members as they join and leave.
     async fn subscribe(&self, group: &str, topics: &[&str]) -> Result<Box<dyn Consumer>, LogError>;

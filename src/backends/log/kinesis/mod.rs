@@ -20,15 +20,17 @@
 //! each key, and a key's next record goes only once the one before it is
 //! stored, so a retry never puts a key's records out of order.
 //!
-//! Consumer groups (leases and checkpoints in DynamoDB, as the Kinesis Client
-//! Library keeps them) are not built yet: `subscribe`, `committed` and
-//! `set_committed` say so.
+//! Consumer groups keep their leases and checkpoints in DynamoDB, as the
+//! Kinesis Client Library does: see [`consumer`] for how a member works and
+//! [`leases`] for the table's layout and the rules of taking leases.
 
+pub mod consumer;
 pub mod leases;
 pub mod table;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,17 +75,20 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long to wait for a new stream to become ACTIVE.
 const ACTIVE_WAIT: Duration = Duration::from_secs(120);
 
-/// The log on Kinesis Data Streams.
+/// The log on Kinesis Data Streams. Clones share their clients and caches.
+#[derive(Clone)]
 pub struct KinesisLog {
     client: Client,
+    /// The lease tables' DynamoDB.
+    dynamodb: aws_sdk_dynamodb::Client,
     config: KinesisConfig,
     /// Where the API is, for messages.
     location: String,
     /// Partition keys for records without a key.
-    round_robin: AtomicU64,
+    round_robin: Arc<AtomicU64>,
     /// The highest sequence number this process knows of, per (stream,
     /// shard id): where looking for a shard's end starts.
-    tails: Mutex<HashMap<(String, String), Offset>>,
+    tails: Arc<Mutex<HashMap<(String, String), Offset>>>,
 }
 
 impl std::fmt::Debug for KinesisLog {
@@ -109,12 +114,17 @@ impl KinesisLog {
         } else {
             config.endpoint.clone()
         };
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&shared);
+        if !config.dynamodb_endpoint.is_empty() {
+            dynamodb = dynamodb.endpoint_url(&config.dynamodb_endpoint);
+        }
         let log = KinesisLog {
             client: Client::new(&shared),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
             config: config.clone(),
             location,
-            round_robin: AtomicU64::new(0),
-            tails: Mutex::new(HashMap::new()),
+            round_robin: Arc::new(AtomicU64::new(0)),
+            tails: Arc::new(Mutex::new(HashMap::new())),
         };
         log.client
             .list_streams()
@@ -252,25 +262,25 @@ impl KinesisLog {
         }
     }
 
-    /// An iterator that reads shard `shard` of `stream` from `offset` (its
-    /// records at `offset` or after).
+    /// An iterator that reads shard `shard_id` of `stream` (which starts at
+    /// `start`) from `offset`: its records at `offset` or after.
     async fn iterator_from(
         &self,
         stream: &str,
-        shard: &Shard,
+        shard_id: &str,
+        start: &Offset,
         offset: &Offset,
     ) -> Result<Option<String>, LogError> {
-        let start = shard_start(shard)?;
         let ask = |kind: ShardIteratorType, at: Option<String>| {
             self.client
                 .get_shard_iterator()
                 .stream_name(stream)
-                .shard_id(shard.shard_id())
+                .shard_id(shard_id)
                 .shard_iterator_type(kind)
                 .set_starting_sequence_number(at)
                 .send()
         };
-        if *offset <= start {
+        if offset <= start {
             let out = ask(ShardIteratorType::TrimHorizon, None)
                 .await
                 .map_err(|e| self.error("opening a shard iterator", e))?;
@@ -299,8 +309,7 @@ impl KinesisLog {
                 .map_err(|e| {
                     self.error(
                         &format!(
-                            "offset {offset} is neither a record of shard {} nor one past a record",
-                            shard.shard_id()
+                            "offset {offset} is neither a record of shard {shard_id} nor one past a record"
                         ),
                         e,
                     )
@@ -409,6 +418,79 @@ impl KinesisLog {
             }
             None => Ok(start),
         }
+    }
+
+    /// Deletes a topic's stream and every record in it (tests, and tidying up
+    /// after an experiment: the log trait never deletes).
+    pub async fn delete_topic(&self, topic: &str) -> Result<(), LogError> {
+        let stream = self.stream(topic)?;
+        self.client
+            .delete_stream()
+            .stream_name(&stream)
+            .enforce_consumer_deletion(true)
+            .send()
+            .await
+            .map_err(|e| {
+                let missing = e
+                    .as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception());
+                self.stream_error(topic, missing, &format!("deleting stream {stream}"), e)
+            })?;
+        self.tails.lock().retain(|(s, _), _| *s != stream);
+        Ok(())
+    }
+
+    /// Deletes a group's lease table, and so its checkpoints.
+    pub async fn delete_group(&self, group: &str) -> Result<(), LogError> {
+        validate_name("group", group)?;
+        if let Some(table) =
+            table::LeaseTable::existing(self.dynamodb.clone(), self.lease_table_name(group)).await?
+        {
+            table.delete().await?;
+        }
+        Ok(())
+    }
+
+    /// Splits a shard in two at the middle of its hash key range, as
+    /// `UpdateShardCount` and `SplitShard` do in production (tests of
+    /// resharding); waits until the stream is ACTIVE again.
+    pub async fn split_shard(&self, topic: &str, partition: u32) -> Result<(), LogError> {
+        let stream = self.stream(topic)?;
+        let shard = self.shard(topic, partition).await?;
+        let range = shard
+            .hash_key_range()
+            .ok_or_else(|| LogError::Backend(format!("shard {} has no hash key range", shard.shard_id())))?;
+        let low: u128 = range.starting_hash_key().parse().map_err(|e| {
+            LogError::Backend(format!("hash key {}: {e}", range.starting_hash_key()))
+        })?;
+        let high: u128 = range.ending_hash_key().parse().map_err(|e| {
+            LogError::Backend(format!("hash key {}: {e}", range.ending_hash_key()))
+        })?;
+        self.client
+            .split_shard()
+            .stream_name(&stream)
+            .shard_to_split(shard.shard_id())
+            .new_starting_hash_key((low + (high - low) / 2 + 1).to_string())
+            .send()
+            .await
+            .map_err(|e| self.error(&format!("splitting shard {}", shard.shard_id()), e))?;
+        self.wait_active(&stream).await
+    }
+
+    /// Merges two adjacent shards into one; waits until the stream is ACTIVE.
+    pub async fn merge_shards(&self, topic: &str, partition: u32, adjacent: u32) -> Result<(), LogError> {
+        let stream = self.stream(topic)?;
+        let a = self.shard(topic, partition).await?;
+        let b = self.shard(topic, adjacent).await?;
+        self.client
+            .merge_shards()
+            .stream_name(&stream)
+            .shard_to_merge(a.shard_id())
+            .adjacent_shard_to_merge(b.shard_id())
+            .send()
+            .await
+            .map_err(|e| self.error(&format!("merging shards {} and {}", a.shard_id(), b.shard_id()), e))?;
+        self.wait_active(&stream).await
     }
 
     /// Notes a record of a shard, so that finding the shard's end later
@@ -774,6 +856,23 @@ impl super::Log for KinesisLog {
         Ok(out)
     }
 
+    async fn count(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: &Offset,
+        to: &Offset,
+    ) -> Result<u64, LogError> {
+        if from >= to {
+            return Ok(0);
+        }
+        // Sequence numbers are not dense: read, up to a bound.
+        let records = self
+            .fetch(topic, partition, from, super::COUNT_LIMIT as usize)
+            .await?;
+        Ok(records.iter().filter(|m| m.offset < *to).count() as u64)
+    }
+
     async fn fetch(
         &self,
         topic: &str,
@@ -786,40 +885,30 @@ impl super::Log for KinesisLog {
         }
         let stream = self.stream(topic)?;
         let shard = self.shard(topic, partition).await?;
-        let iterator = self.iterator_from(&stream, &shard, offset).await?;
+        let iterator = self
+            .iterator_from(&stream, shard.shard_id(), &shard_start(&shard)?, offset)
+            .await?;
         self.read(topic, partition, iterator, max).await
     }
 
-    async fn subscribe(
-        &self,
-        group: &str,
-        _topics: &[&str],
-    ) -> Result<Box<dyn Consumer>, LogError> {
+    async fn subscribe(&self, group: &str, topics: &[&str]) -> Result<Box<dyn Consumer>, LogError> {
         validate_name("group", group)?;
-        Err(not_built())
+        Ok(Box::new(self.join(group, topics).await?))
     }
 
     async fn committed(
         &self,
         group: &str,
-        _topic: &str,
+        topic: &str,
     ) -> Result<Vec<(u32, Option<Offset>)>, LogError> {
         validate_name("group", group)?;
-        Err(not_built())
+        self.group_committed(group, topic).await
     }
 
-    async fn set_committed(&self, group: &str, _commits: &[Commit]) -> Result<(), LogError> {
+    async fn set_committed(&self, group: &str, commits: &[Commit]) -> Result<(), LogError> {
         validate_name("group", group)?;
-        Err(not_built())
+        self.group_set_committed(group, commits).await
     }
-}
-
-fn not_built() -> LogError {
-    LogError::Backend(
-        "consumer groups on Kinesis (leases in DynamoDB) are not built yet: the kinesis log \
-         produces and reads, but no stage can consume from it"
-            .into(),
-    )
 }
 
 #[cfg(test)]

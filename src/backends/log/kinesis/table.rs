@@ -117,6 +117,31 @@ impl LeaseTable {
         }
     }
 
+    /// The table, if it exists (a group that never ran has none).
+    pub async fn existing(client: Client, table: String) -> Result<Option<LeaseTable>, LogError> {
+        match client.describe_table().table_name(&table).send().await {
+            Ok(_) => Ok(Some(LeaseTable { client, table })),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(error(&table, "describing it", e)),
+        }
+    }
+
+    /// Deletes the table and every lease in it.
+    pub async fn delete(&self) -> Result<(), LogError> {
+        self.client
+            .delete_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| error(&self.table, "deleting it", e))?;
+        Ok(())
+    }
+
     /// Every lease, read consistently.
     pub async fn scan(&self) -> Result<Vec<Lease>, LogError> {
         let mut out = Vec::new();
