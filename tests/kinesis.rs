@@ -78,10 +78,12 @@ impl Scratch {
     /// A group's lease table, if it exists.
     async fn leases(&self, group: &str) -> Result<Vec<Lease>> {
         let name = format!("{}{group}", self.config.lease_table_prefix);
-        Ok(match LeaseTable::existing(self.dynamodb.clone(), name).await? {
-            Some(t) => t.scan().await?,
-            None => Vec::new(),
-        })
+        Ok(
+            match LeaseTable::existing(self.dynamodb.clone(), name).await? {
+                Some(t) => t.scan().await?,
+                None => Vec::new(),
+            },
+        )
     }
 
     /// Deletes every stream and lease table this scratch made.
@@ -221,7 +223,10 @@ async fn kinesis_consumer_groups_conform() -> Result<()> {
         let t = "kin-reset";
         log.create_topic(t, 2).await?;
         let p = log
-            .produce(t, (0..10).map(|i| Record::new(format!("k{i}"), "v")).collect())
+            .produce(
+                t,
+                (0..10).map(|i| Record::new(format!("k{i}"), "v")).collect(),
+            )
             .await?;
         let g = "kin-reset-group";
         ensure!(log.committed(g, t).await?.iter().all(|(_, c)| c.is_none()));
@@ -251,10 +256,14 @@ async fn kinesis_consumer_groups_conform() -> Result<()> {
             got.extend(c.poll(100, Duration::from_millis(300)).await?);
         }
         c.close().await?;
-        ensure!(got.len() == 9, "after the reset a member read {}", got.len());
-        ensure!(later
+        ensure!(
+            got.len() == 9,
+            "after the reset a member read {}",
+            got.len()
+        );
+        ensure!(later.iter().all(|q| got
             .iter()
-            .all(|q| got.iter().any(|m| m.partition == q.partition && m.offset == q.offset)));
+            .any(|m| m.partition == q.partition && m.offset == q.offset)));
         Ok(())
     })
     .await
@@ -384,11 +393,47 @@ async fn kinesis_member() -> Result<()> {
         out.write_all(text.as_bytes())?;
         out.sync_data()?;
         match c.commit(&Commit::after(&batch)).await {
+            // What the checkpoints now cover, so the test knows which of
+            // this member's records another member may process again.
+            Ok(()) => {
+                let mut last: BTreeMap<u32, &Offset> = BTreeMap::new();
+                for m in &batch {
+                    last.insert(m.partition, &m.offset);
+                }
+                let text: String = last
+                    .iter()
+                    .map(|(p, o)| format!("{COMMITTED} {p} {o}\n"))
+                    .collect();
+                out.write_all(text.as_bytes())?;
+                out.sync_data()?;
+            }
             // Lost to another member: it reads them again from the checkpoint.
-            Ok(()) | Err(LogError::NotAssigned { .. }) => {}
+            Err(LogError::NotAssigned { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Marks a sink line that says a commit succeeded: `COMMITTED partition offset`.
+const COMMITTED: &str = "COMMITTED";
+
+/// Per partition, the highest offset a sink's member committed.
+fn read_commits(path: &std::path::Path) -> Result<BTreeMap<u32, Offset>> {
+    let mut out: BTreeMap<u32, Offset> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let mut parts = line.split(' ');
+        let (Some(COMMITTED), Some(p), Some(o)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(p), Ok(o)) = (p.parse::<u32>(), o.parse::<Offset>()) else {
+            continue; // a line cut by the kill
+        };
+        let e = out.entry(p).or_insert_with(|| o.clone());
+        if o > *e {
+            *e = o;
+        }
+    }
+    Ok(out)
 }
 
 /// (partition, offset) → value, per line of a sink file, in order.
@@ -399,6 +444,9 @@ fn read_sink(path: &std::path::Path) -> Result<Vec<(u32, Offset, String)>> {
     let mut out = Vec::new();
     for line in std::io::BufReader::new(f).lines() {
         let line = line?;
+        if line.starts_with(COMMITTED) {
+            continue;
+        }
         let mut parts = line.splitn(3, ' ');
         let (Some(p), Some(o), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
             continue; // a line cut by the kill
@@ -433,10 +481,22 @@ struct Member {
     sink: std::path::PathBuf,
 }
 
-fn start_member(prefix: &str, topic: &str, group: &str, dir: &std::path::Path, name: &str) -> Result<Member> {
+fn start_member(
+    prefix: &str,
+    topic: &str,
+    group: &str,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<Member> {
     let sink = dir.join(format!("{name}.sink"));
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["kinesis_member", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "kinesis_member",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(
             MEMBER_ENV,
             format!("{prefix}\t{topic}\t{group}\t{}", sink.display()),
@@ -445,16 +505,27 @@ fn start_member(prefix: &str, topic: &str, group: &str, dir: &std::path::Path, n
         .stderr(Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(line) if line.as_ref().is_ok_and(|l| l.starts_with("READY")) => break,
-            Some(_) => continue,
-            None => bail!("member {name} exited before it was ready: {:?}", child.wait()?),
+    // The harness prints "test kinesis_member ... " before the member's own
+    // output, on the same line. Lines are read on a thread, which keeps
+    // draining them so the member never blocks on a full pipe.
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("READY ") {
+                let _ = ready.send(());
+            }
         }
+    });
+    if is_ready.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = child.kill();
+        bail!(
+            "member {name} was not ready within 60 s: {:?}",
+            child.wait()?
+        );
     }
-    // Keep draining its output so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
     let pid = child.id();
     Ok(Member { child, pid, sink })
 }
@@ -498,10 +569,16 @@ async fn kinesis_member_killed_with_sigkill_is_taken_over() -> Result<()> {
                 .chain(read_sink(&b.sink)?)
                 .map(|(p, o, _)| (p, o))
                 .collect();
-            if owned_by(&leases, a.pid) == 2 && owned_by(&leases, b.pid) == 2 && produced.is_subset(&done) {
+            if owned_by(&leases, a.pid) == 2
+                && owned_by(&leases, b.pid) == 2
+                && produced.is_subset(&done)
+            {
                 break;
             }
-            ensure!(Instant::now() < deadline, "the members never shared the shards: {leases:?}");
+            ensure!(
+                Instant::now() < deadline,
+                "the members never shared the shards: {leases:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // More records arrive, and a is killed in the middle of them.
@@ -511,17 +588,8 @@ async fn kinesis_member_killed_with_sigkill_is_taken_over() -> Result<()> {
         a.child.kill()?; // SIGKILL
         a.child.wait()?;
         let killed = Instant::now();
-        let at_kill: BTreeMap<u32, Checkpoint> = s
-            .leases(group)
-            .await?
-            .into_iter()
-            .filter(|l| owned_by(std::slice::from_ref(l), a.pid) == 1)
-            .map(|l| {
-                let shard = l.key.rsplit('-').next().unwrap_or("0").parse().unwrap_or(0);
-                (shard, l.checkpoint)
-            })
-            .collect();
-        ensure!(at_kill.len() == 2, "a held {at_kill:?}");
+        let a_held = owned_by(&s.leases(group).await?, a.pid);
+        ensure!(a_held == 2, "a held {a_held} leases when killed");
         let more = s.log.produce(topic, keyed(500, 40, &mut next)).await?;
         produced.extend(more.into_iter().map(|p| (p.partition, p.offset)));
         let takeover = loop {
@@ -529,7 +597,10 @@ async fn kinesis_member_killed_with_sigkill_is_taken_over() -> Result<()> {
             if owned_by(&leases, b.pid) == 4 {
                 break killed.elapsed();
             }
-            ensure!(killed.elapsed() < Duration::from_secs(30), "b never took a's leases: {leases:?}");
+            ensure!(
+                killed.elapsed() < Duration::from_secs(30),
+                "b never took a's leases: {leases:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         eprintln!(
@@ -546,8 +617,11 @@ async fn kinesis_member_killed_with_sigkill_is_taken_over() -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let (sink_a, sink_b) = loop {
             let (sa, sb) = (read_sink(&a.sink)?, read_sink(&b.sink)?);
-            let done: BTreeSet<(u32, Offset)> =
-                sa.iter().chain(&sb).map(|(p, o, _)| (*p, o.clone())).collect();
+            let done: BTreeSet<(u32, Offset)> = sa
+                .iter()
+                .chain(&sb)
+                .map(|(p, o, _)| (*p, o.clone()))
+                .collect();
             if produced.is_subset(&done) {
                 break (sa, sb);
             }
@@ -563,26 +637,35 @@ async fn kinesis_member_killed_with_sigkill_is_taken_over() -> Result<()> {
         b.child.wait()?;
         in_key_order(&sink_a)?;
         in_key_order(&sink_b)?;
-        // Twice only what a processed after its last checkpoint.
+        // Twice only what a processed and never committed: after its last
+        // checkpoint when killed, or in a batch whose commit failed because
+        // b had just taken the lease for balance. Nothing both committed.
+        let a_committed = read_commits(&a.sink)?;
+        let b_committed = read_commits(&b.sink)?;
         let a_set: BTreeSet<(u32, &Offset)> = sink_a.iter().map(|(p, o, _)| (*p, o)).collect();
         let mut twice = 0;
         for (p, o, _) in &sink_b {
             if a_set.contains(&(*p, o)) {
                 twice += 1;
-                let after_checkpoint = match at_kill.get(p) {
-                    Some(Checkpoint::TrimHorizon) => true,
-                    Some(Checkpoint::After(c)) => o > c,
-                    _ => false,
-                };
                 ensure!(
-                    after_checkpoint,
-                    "record {p}/{o} was processed by both, though a had checkpointed past it ({:?})",
-                    at_kill.get(p)
+                    a_committed.get(p).is_none_or(|c| o > c),
+                    "record {p}/{o} was processed by b though a had committed past it ({:?})",
+                    a_committed.get(p)
                 );
             }
         }
+        // And the other way: nothing a processed again after b committed it.
+        let b_set: BTreeSet<(u32, &Offset)> = sink_b.iter().map(|(p, o, _)| (*p, o)).collect();
+        for (p, o, _) in &sink_a {
+            ensure!(
+                !(b_set.contains(&(*p, o))
+                    && a_committed.get(p).is_some_and(|c| o <= c)
+                    && b_committed.get(p).is_some_and(|c| o <= c)),
+                "record {p}/{o} was processed and committed by both members"
+            );
+        }
         eprintln!(
-            "{} records, {} processed by a, {} by b, {twice} by both (a's work after its last checkpoint)",
+            "{} records, {} processed by a, {} by b, {twice} by both (a's work it never committed)",
             produced.len(),
             sink_a.len(),
             sink_b.len()
@@ -617,9 +700,13 @@ async fn kinesis_reshard_while_consuming_keeps_key_order() -> Result<()> {
                     if batch.is_empty() {
                         continue;
                     }
-                    delivered
-                        .lock()
-                        .extend(batch.iter().map(|m| (m.partition, m.offset.clone(), String::from_utf8_lossy(&m.value).into_owned())));
+                    delivered.lock().extend(batch.iter().map(|m| {
+                        (
+                            m.partition,
+                            m.offset.clone(),
+                            String::from_utf8_lossy(&m.value).into_owned(),
+                        )
+                    }));
                     match c.commit(&Commit::after(&batch)).await {
                         Ok(()) | Err(LogError::NotAssigned { .. }) => {}
                         Err(e) => return Err(anyhow::Error::from(e)),
@@ -646,14 +733,20 @@ async fn kinesis_reshard_while_consuming_keeps_key_order() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ensure!(
-            log.list_topics().await?.iter().any(|t| t.name == topic && t.partitions == 5),
+            log.list_topics()
+                .await?
+                .iter()
+                .any(|t| t.name == topic && t.partitions == 5),
             "{:?}",
             log.list_topics().await?
         );
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let got: BTreeSet<(u32, Offset)> =
-                delivered.lock().iter().map(|(p, o, _)| (*p, o.clone())).collect();
+            let got: BTreeSet<(u32, Offset)> = delivered
+                .lock()
+                .iter()
+                .map(|(p, o, _)| (*p, o.clone()))
+                .collect();
             if produced.is_subset(&got) {
                 break;
             }
@@ -673,11 +766,20 @@ async fn kinesis_reshard_while_consuming_keeps_key_order() -> Result<()> {
         let delivered = delivered.lock().clone();
         in_key_order(&delivered)?;
         // Every record of every key, and per key in the order written.
-        let per_key: BTreeSet<&str> = delivered.iter().filter_map(|(_, _, v)| v.split_once(':').map(|(k, _)| k)).collect();
+        let per_key: BTreeSet<&str> = delivered
+            .iter()
+            .filter_map(|(_, _, v)| v.split_once(':').map(|(k, _)| k))
+            .collect();
         ensure!(per_key.len() == 30);
         let leases = s.leases(group).await?;
-        let ended = leases.iter().filter(|l| l.checkpoint == Checkpoint::ShardEnd).count();
-        ensure!(ended == 3, "shards 0, 1 and 3 were closed and read to their ends: {leases:?}");
+        let ended = leases
+            .iter()
+            .filter(|l| l.checkpoint == Checkpoint::ShardEnd)
+            .count();
+        ensure!(
+            ended == 3,
+            "shards 0, 1 and 3 were closed and read to their ends: {leases:?}"
+        );
         eprintln!(
             "resharded while consuming: {} records, {} deliveries",
             produced.len(),

@@ -376,7 +376,8 @@ async fn archive(
         let mut target = 0u64;
         for w in &marks {
             let from = position(w, &committed);
-            target = target.saturating_add(log.count(topics::RAW, w.partition, &from, &w.high).await?);
+            target =
+                target.saturating_add(log.count(topics::RAW, w.partition, &from, &w.high).await?);
         }
         progress.0.target.store(target, Ordering::Relaxed);
         Some(marks)

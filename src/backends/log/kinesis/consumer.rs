@@ -250,16 +250,20 @@ impl KinesisLog {
     ) -> Result<Vec<(u32, Option<Offset>)>, LogError> {
         let stream = self.stream(topic)?;
         let shards = self.shards(topic).await?;
-        let leases: BTreeMap<String, Lease> =
-            match LeaseTable::existing(self.dynamodb.clone(), self.lease_table_name(group)).await? {
-                Some(table) => table
-                    .scan()
-                    .await?
-                    .into_iter()
-                    .map(|l| (l.key.clone(), l))
-                    .collect(),
-                None => BTreeMap::new(),
-            };
+        let leases: BTreeMap<String, Lease> = match LeaseTable::existing(
+            self.dynamodb.clone(),
+            self.lease_table_name(group),
+        )
+        .await?
+        {
+            Some(table) => table
+                .scan()
+                .await?
+                .into_iter()
+                .map(|l| (l.key.clone(), l))
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let mut out = Vec::with_capacity(shards.len());
         for (partition, shard) in &shards {
             let committed = match leases
@@ -289,7 +293,9 @@ impl KinesisLog {
         }
         for (topic, commits) in by_topic {
             let stream = self.stream(topic)?;
-            let shards = self.ensure_leases(&table, topic, &mut BTreeSet::new()).await?;
+            let shards = self
+                .ensure_leases(&table, topic, &mut BTreeSet::new())
+                .await?;
             let leases: BTreeMap<String, Lease> = table
                 .scan()
                 .await?
@@ -568,7 +574,10 @@ impl KinesisConsumer {
                     return Ok(Read::Throttled);
                 }
                 return Err(self.log.error(
-                    &format!("reading shard {} of stream {}", reader.shard_id, reader.stream),
+                    &format!(
+                        "reading shard {} of stream {}",
+                        reader.shard_id, reader.stream
+                    ),
                     e,
                 ));
             }
@@ -605,7 +614,12 @@ impl Consumer for KinesisConsumer {
                 if reader.iterator.is_none() {
                     let iterator = self
                         .log
-                        .iterator_from(&reader.stream, &reader.shard_id, &reader.start, &reader.from)
+                        .iterator_from(
+                            &reader.stream,
+                            &reader.shard_id,
+                            &reader.start,
+                            &reader.from,
+                        )
                         .await?;
                     let reader = &mut self.readers[at];
                     match iterator {
@@ -746,6 +760,9 @@ mod tests {
 
     #[test]
     fn keys_name_their_shard() {
-        assert_eq!(lease_key("s", "shardId-000000000007"), "s:shardId-000000000007");
+        assert_eq!(
+            lease_key("s", "shardId-000000000007"),
+            "s:shardId-000000000007"
+        );
     }
 }

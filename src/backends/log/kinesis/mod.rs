@@ -457,15 +457,16 @@ impl KinesisLog {
     pub async fn split_shard(&self, topic: &str, partition: u32) -> Result<(), LogError> {
         let stream = self.stream(topic)?;
         let shard = self.shard(topic, partition).await?;
-        let range = shard
-            .hash_key_range()
-            .ok_or_else(|| LogError::Backend(format!("shard {} has no hash key range", shard.shard_id())))?;
+        let range = shard.hash_key_range().ok_or_else(|| {
+            LogError::Backend(format!("shard {} has no hash key range", shard.shard_id()))
+        })?;
         let low: u128 = range.starting_hash_key().parse().map_err(|e| {
             LogError::Backend(format!("hash key {}: {e}", range.starting_hash_key()))
         })?;
-        let high: u128 = range.ending_hash_key().parse().map_err(|e| {
-            LogError::Backend(format!("hash key {}: {e}", range.ending_hash_key()))
-        })?;
+        let high: u128 = range
+            .ending_hash_key()
+            .parse()
+            .map_err(|e| LogError::Backend(format!("hash key {}: {e}", range.ending_hash_key())))?;
         self.client
             .split_shard()
             .stream_name(&stream)
@@ -478,7 +479,12 @@ impl KinesisLog {
     }
 
     /// Merges two adjacent shards into one; waits until the stream is ACTIVE.
-    pub async fn merge_shards(&self, topic: &str, partition: u32, adjacent: u32) -> Result<(), LogError> {
+    pub async fn merge_shards(
+        &self,
+        topic: &str,
+        partition: u32,
+        adjacent: u32,
+    ) -> Result<(), LogError> {
         let stream = self.stream(topic)?;
         let a = self.shard(topic, partition).await?;
         let b = self.shard(topic, adjacent).await?;
@@ -489,7 +495,12 @@ impl KinesisLog {
             .adjacent_shard_to_merge(b.shard_id())
             .send()
             .await
-            .map_err(|e| self.error(&format!("merging shards {} and {}", a.shard_id(), b.shard_id()), e))?;
+            .map_err(|e| {
+                self.error(
+                    &format!("merging shards {} and {}", a.shard_id(), b.shard_id()),
+                    e,
+                )
+            })?;
         self.wait_active(&stream).await
     }
 
