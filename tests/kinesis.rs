@@ -91,14 +91,22 @@ impl Scratch {
         for t in self.log.list_topics().await? {
             self.log.delete_topic(&t.name).await?;
         }
-        let tables = self
-            .dynamodb
-            .list_tables()
-            .limit(100)
-            .send()
-            .await?
-            .table_names()
-            .to_vec();
+        let mut tables = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .dynamodb
+                .list_tables()
+                .set_exclusive_start_table_name(after.take())
+                .limit(100)
+                .send()
+                .await?;
+            tables.extend(page.table_names().iter().cloned());
+            match page.last_evaluated_table_name() {
+                Some(last) => after = Some(last.to_string()),
+                None => break,
+            }
+        }
         for name in tables {
             if name.starts_with(&self.config.lease_table_prefix) {
                 self.dynamodb.delete_table().table_name(name).send().await?;
@@ -785,6 +793,69 @@ async fn kinesis_reshard_while_consuming_keeps_key_order() -> Result<()> {
             produced.len(),
             delivered.len()
         );
+        Ok(())
+    })
+    .await
+}
+
+/// `sift run --once`, the README's first command, with the log on the local
+/// Kinesis and every other role on the real services, from the config that
+/// `scripts/services-config.sh --log kinesis` prints: every stage processes
+/// the reduced sample, and the malformed inputs are dead letters by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sift_run_once_with_kinesis_as_the_log() -> Result<()> {
+    for var in ["SIFT_TEST_S3", "SIFT_TEST_HBASE", "SIFT_TEST_ES", "SIFT_TEST_REDIS"] {
+        if conformance::service_addr(var).is_none() {
+            return Ok(());
+        }
+    }
+    Scratch::run("kin-run", |s| async move {
+        let dir = tempfile::tempdir()?;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = Command::new("bash")
+            .arg(root.join("scripts/services-config.sh"))
+            .args(["--log", "kinesis"])
+            .env("SIFT_KINESIS_PREFIX", &s.config.stream_prefix)
+            .output()?;
+        ensure!(config.status.success(), "{}", String::from_utf8_lossy(&config.stderr));
+        let path = dir.path().join("sift.toml");
+        std::fs::write(&path, &config.stdout)?;
+        let port = std::net::TcpListener::bind("127.0.1.1:0")?.local_addr()?.port().to_string();
+        let out = Command::new(env!("CARGO_BIN_EXE_sift"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["run", "--once", "--json", "--sites", "100", "--documents", "240"])
+            .args(["--people", "5000", "--epochs=2", "--profiles", "300", "--outsiders", "60"])
+            .args(["--web-port", &port])
+            .env("RUST_LOG", "warn")
+            .env("SIFT__TELEMETRY__METRICS_ADDR", "")
+            .env("SIFT__REVIEW__LISTEN", "127.0.0.1:0")
+            .current_dir(dir.path())
+            .output()?;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_str(&stdout)
+            .with_context(|| format!("the summary is not JSON:\n{stdout}\nstderr:\n{stderr}"))?;
+        ensure!(out.status.success(), "sift run --once failed:\n{summary:#}\n{stderr}");
+        ensure!(summary["every_stage_processed"] == true, "{summary:#}");
+        for (stage, field, want) in [
+            ("ingest", "produced", 240),
+            ("clean", "produced", 240),
+            ("infer", "scored", 240),
+            ("archive", "records", 240),
+        ] {
+            ensure!(summary[stage][field] == want, "{stage}: {:#}", summary[stage]);
+        }
+        for reason in ["bad_json", "schema_version", "bad_profile"] {
+            ensure!(summary["dead_letters"]["match"][reason] == 1, "{:#}", summary["dead_letters"]);
+        }
+        let accuracy = &summary["identity"]["accuracy"];
+        ensure!(accuracy["profiles"] == 360 && accuracy["decided"] == 360, "{accuracy:#}");
+        // The stages' consumer groups kept their checkpoints in lease tables.
+        for group in ["sift-clean", "sift-archive", "sift-infer", "sift-match"] {
+            ensure!(!s.leases(group).await?.is_empty(), "group {group} has no leases");
+        }
         Ok(())
     })
     .await

@@ -117,10 +117,15 @@ impl LeaseTable {
         }
     }
 
-    /// The table, if it exists (a group that never ran has none).
+    /// The table, if it exists and can be read (a group that never ran has
+    /// none; one whose first member is creating it has no leases yet, and
+    /// DynamoDB refuses to read it until it is active).
     pub async fn existing(client: Client, table: String) -> Result<Option<LeaseTable>, LogError> {
         match client.describe_table().table_name(&table).send().await {
-            Ok(_) => Ok(Some(LeaseTable { client, table })),
+            Ok(d) => Ok(match d.table().and_then(|t| t.table_status()) {
+                Some(TableStatus::Creating | TableStatus::Deleting) => None,
+                _ => Some(LeaseTable { client, table }),
+            }),
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|s| s.is_resource_not_found_exception()) =>
