@@ -804,7 +804,12 @@ async fn kinesis_reshard_while_consuming_keeps_key_order() -> Result<()> {
 /// the reduced sample, and the malformed inputs are dead letters by reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sift_run_once_with_kinesis_as_the_log() -> Result<()> {
-    for var in ["SIFT_TEST_S3", "SIFT_TEST_HBASE", "SIFT_TEST_ES", "SIFT_TEST_REDIS"] {
+    for var in [
+        "SIFT_TEST_S3",
+        "SIFT_TEST_HBASE",
+        "SIFT_TEST_ES",
+        "SIFT_TEST_REDIS",
+    ] {
         if conformance::service_addr(var).is_none() {
             return Ok(());
         }
@@ -817,27 +822,56 @@ async fn sift_run_once_with_kinesis_as_the_log() -> Result<()> {
             .args(["--log", "kinesis"])
             .env("SIFT_KINESIS_PREFIX", &s.config.stream_prefix)
             .output()?;
-        ensure!(config.status.success(), "{}", String::from_utf8_lossy(&config.stderr));
+        ensure!(
+            config.status.success(),
+            "{}",
+            String::from_utf8_lossy(&config.stderr)
+        );
         let path = dir.path().join("sift.toml");
         std::fs::write(&path, &config.stdout)?;
-        let port = std::net::TcpListener::bind("127.0.1.1:0")?.local_addr()?.port().to_string();
+        let port = std::net::TcpListener::bind("127.0.1.1:0")?
+            .local_addr()?
+            .port()
+            .to_string();
         let out = Command::new(env!("CARGO_BIN_EXE_sift"))
             .arg("--config")
             .arg(&path)
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["run", "--once", "--json", "--sites", "100", "--documents", "240"])
-            .args(["--people", "5000", "--epochs=2", "--profiles", "300", "--outsiders", "60"])
+            .args([
+                "run",
+                "--once",
+                "--json",
+                "--sites",
+                "100",
+                "--documents",
+                "240",
+            ])
+            .args([
+                "--people",
+                "5000",
+                "--epochs=2",
+                "--profiles",
+                "300",
+                "--outsiders",
+                "60",
+            ])
             .args(["--web-port", &port])
             .env("RUST_LOG", "warn")
             .env("SIFT__TELEMETRY__METRICS_ADDR", "")
             .env("SIFT__REVIEW__LISTEN", "127.0.0.1:0")
             .current_dir(dir.path())
             .output()?;
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
         let summary: serde_json::Value = serde_json::from_str(&stdout)
             .with_context(|| format!("the summary is not JSON:\n{stdout}\nstderr:\n{stderr}"))?;
-        ensure!(out.status.success(), "sift run --once failed:\n{summary:#}\n{stderr}");
+        ensure!(
+            out.status.success(),
+            "sift run --once failed:\n{summary:#}\n{stderr}"
+        );
         ensure!(summary["every_stage_processed"] == true, "{summary:#}");
         for (stage, field, want) in [
             ("ingest", "produced", 240),
@@ -845,16 +879,30 @@ async fn sift_run_once_with_kinesis_as_the_log() -> Result<()> {
             ("infer", "scored", 240),
             ("archive", "records", 240),
         ] {
-            ensure!(summary[stage][field] == want, "{stage}: {:#}", summary[stage]);
+            ensure!(
+                summary[stage][field] == want,
+                "{stage}: {:#}",
+                summary[stage]
+            );
         }
         for reason in ["bad_json", "schema_version", "bad_profile"] {
-            ensure!(summary["dead_letters"]["match"][reason] == 1, "{:#}", summary["dead_letters"]);
+            ensure!(
+                summary["dead_letters"]["match"][reason] == 1,
+                "{:#}",
+                summary["dead_letters"]
+            );
         }
         let accuracy = &summary["identity"]["accuracy"];
-        ensure!(accuracy["profiles"] == 360 && accuracy["decided"] == 360, "{accuracy:#}");
+        ensure!(
+            accuracy["profiles"] == 360 && accuracy["decided"] == 360,
+            "{accuracy:#}"
+        );
         // The stages' consumer groups kept their checkpoints in lease tables.
         for group in ["sift-clean", "sift-archive", "sift-infer", "sift-match"] {
-            ensure!(!s.leases(group).await?.is_empty(), "group {group} has no leases");
+            ensure!(
+                !s.leases(group).await?.is_empty(),
+                "group {group} has no leases"
+            );
         }
         Ok(())
     })
