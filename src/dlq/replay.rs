@@ -304,6 +304,9 @@ pub struct Standing {
     pub high: Offset,
     /// The replay group's committed offset, if it ever committed.
     pub replayed_to: Option<Offset>,
+    /// Letters after where replay stands (a lower bound past
+    /// [`crate::backends::log::COUNT_LIMIT`] on a log with sparse offsets).
+    pub pending: u64,
 }
 
 /// What `sift dlq list` shows.
@@ -469,14 +472,20 @@ pub async fn list(log: &dyn Log, filter: &Filter, latest: usize) -> crate::Resul
     let mut counts: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     let mut latest_of_each: Vec<Letter> = Vec::new();
     for w in &marks {
+        let replayed_to = committed
+            .iter()
+            .find(|(p, _)| *p == w.partition)
+            .and_then(|(_, c)| c.clone());
+        let at = replayed_to
+            .clone()
+            .unwrap_or_else(|| w.low.clone())
+            .clamp(w.low.clone(), w.high.clone());
         listing.replay.push(Standing {
             partition: w.partition,
             low: w.low.clone(),
             high: w.high.clone(),
-            replayed_to: committed
-                .iter()
-                .find(|(p, _)| *p == w.partition)
-                .and_then(|(_, c)| c.clone()),
+            replayed_to,
+            pending: log.count(topics::DLQ, w.partition, &at, &w.high).await?,
         });
         let mut tail: VecDeque<Letter> = VecDeque::new();
         let mut at = w.low.clone();
@@ -540,12 +549,7 @@ fn print_listing(l: &Listing, filter: &Filter) {
         );
     }
     for s in &l.replay {
-        let at = s
-            .replayed_to
-            .clone()
-            .unwrap_or_else(|| s.low.clone())
-            .clamp(s.low.clone(), s.high.clone());
-        let pending = at.until(&s.high);
+        let pending = s.pending;
         match &s.replayed_to {
             Some(c) => println!(
                 "  partition {}: offsets {}..{}, `sift dlq replay` is at {c} ({pending} after it)",
@@ -666,13 +670,11 @@ async fn replay_with(
                 .clamp(w.low.clone(), w.high.clone())
         })
         .collect();
-    bar.set_length(
-        marks
-            .iter()
-            .zip(&starts)
-            .map(|(w, s)| s.until(&w.high))
-            .fold(0u64, u64::saturating_add),
-    );
+    let mut length = 0u64;
+    for (w, s) in marks.iter().zip(&starts) {
+        length = length.saturating_add(log.count(topics::DLQ, w.partition, s, &w.high).await?);
+    }
+    bar.set_length(length);
     let mut created: BTreeSet<&'static str> = BTreeSet::new();
     // Opened at the first claim-checked original.
     let mut objects: Option<std::sync::Arc<dyn ObjectStore>> = None;
