@@ -637,6 +637,7 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     ensure!(ingest.detail == "HTTP 503 after 3 attempts (1)");
     ensure!(l.latest[3].replay_to == Some(topics::RAW));
     ensure!(l.replay.len() == 1 && l.replay[0].replayed_to.is_none());
+    ensure!(l.replay[0].pending == l.total, "{:?}", l.replay);
     let only = letters::list(log.as_ref(), &filter(Some("ingest"), None), 10).await?;
     ensure!(only.matching == 2 && only.latest.len() == 2 && only.counts.len() == 1);
 
@@ -796,7 +797,9 @@ async fn dead_letters_go_back_where_they_came_from_once() -> Result<()> {
     // The listing shows where replay stands.
     let l = letters::list(log.as_ref(), &Filter::default(), 0).await?;
     ensure!(
-        l.latest.is_empty() && l.replay[0].replayed_to == Some(Offset::new(letters + 1)),
+        l.latest.is_empty()
+            && l.replay[0].replayed_to == Some(Offset::new(letters + 1))
+            && l.replay[0].pending == 0,
         "{l:?}"
     );
 
