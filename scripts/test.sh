@@ -27,6 +27,9 @@ export SIFT_TEST_REQUIRE_BROWSER=1
 step fmt cargo fmt --all --check
 # Dockerfile and Dockerfile.cuda (hadolint from PyPI; the images are not built here).
 step hadolint scripts/hadolint.sh
+# The Prometheus scrape config and alerting rules, and the rules' unit tests
+# (promtool from Debian); tests/monitoring.rs checks their metric names.
+step monitoring scripts/monitoring-check.sh
 # The default build is what `sift run` uses: embedded only, no services.
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end benchmark on a reduced workload on the embedded backends;
