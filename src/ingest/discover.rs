@@ -1,5 +1,6 @@
 //! Finding the pages of a source: `<loc>`s of sitemaps (and sitemap
-//! indexes), links of RSS and Atom items, files of a directory.
+//! indexes), links of RSS and Atom items, files of a directory, and the
+//! canonical form of a link a crawl follows.
 
 use std::path::{Path, PathBuf};
 
@@ -187,6 +188,53 @@ pub fn files(dir: &Path) -> Result<Vec<PathBuf>, DiscoverError> {
     Ok(out)
 }
 
+/// Query parameters that track visitors or sessions and never change what a
+/// page is: dropped from links, so one page is fetched once.
+const TRACKING_PARAMS: [&str; 9] = [
+    "gclid",
+    "fbclid",
+    "msclkid",
+    "mc_cid",
+    "mc_eid",
+    "sessionid",
+    "jsessionid",
+    "phpsessid",
+    "sid",
+];
+
+/// The canonical form of a link a crawl found, or None when it is not a web
+/// page (`mailto:`, `javascript:`, ...): http(s) only, host lower-cased and
+/// default port dropped (the `url` crate does both), no fragment, no
+/// `;jsessionid=` path parameter, no tracking or session query parameters
+/// (`utm_*` and [`TRACKING_PARAMS`]), the rest of the query sorted, and an
+/// empty query removed.
+pub fn canonical_link(link: &url::Url) -> Option<url::Url> {
+    if !matches!(link.scheme(), "http" | "https") || link.host_str().is_none() {
+        return None;
+    }
+    let mut u = link.clone();
+    u.set_fragment(None);
+    let path = u.path().to_string();
+    if let Some(at) = path.to_ascii_lowercase().find(";jsessionid=") {
+        u.set_path(&path[..at]);
+    }
+    let mut pairs: Vec<(String, String)> = u
+        .query_pairs()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            !k.starts_with("utm_") && !TRACKING_PARAMS.contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if pairs.is_empty() {
+        u.set_query(None);
+    } else {
+        pairs.sort();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    Some(u)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +293,71 @@ mod tests {
         assert_eq!(atom[0].section.as_deref(), Some("Sport"));
         assert!(feed(b"<html></html>").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn canonical_links() -> anyhow::Result<()> {
+        let c = |u: &str| -> anyhow::Result<Option<String>> {
+            Ok(canonical_link(&url::Url::parse(u)?).map(|u| u.to_string()))
+        };
+        assert_eq!(
+            c("HTTP://Council.Example:80/minutes/?b=2&utm_source=x&a=1#top")?.as_deref(),
+            Some("http://council.example/minutes/?a=1&b=2")
+        );
+        assert_eq!(
+            c("https://a.example/x;jsessionid=ABC123?PHPSESSID=9")?.as_deref(),
+            Some("https://a.example/x")
+        );
+        assert_eq!(
+            c("https://a.example/a/../b/./c.pdf?")?.as_deref(),
+            Some("https://a.example/b/c.pdf")
+        );
+        assert_eq!(c("mailto:clerk@council.example")?, None);
+        assert_eq!(c("javascript:void(0)")?, None);
+        assert_eq!(c("ftp://a.example/f")?, None);
+        Ok(())
+    }
+
+    proptest::proptest! {
+        /// Canonical is a fixed point; fragments, tracking parameters and
+        /// the order of the others never make two forms of one page.
+        #[test]
+        fn canonical_is_stable_under_what_does_not_change_a_page(
+            path in "(/[a-z0-9]{1,6}){0,3}/?",
+            params in proptest::collection::btree_map("[a-z]{1,4}", "[a-z0-9]{0,3}", 0..4),
+            fragment in proptest::option::of("[a-z]{1,5}"),
+            tracking in proptest::option::of("[a-z0-9]{1,5}"),
+            shuffle in proptest::bool::ANY,
+        ) {
+            let mut pairs: Vec<(String, String)> = params.into_iter().collect();
+            let plain = {
+                let mut u = url::Url::parse(&format!("http://A.example{path}")).unwrap();
+                if !pairs.is_empty() {
+                    u.query_pairs_mut().extend_pairs(pairs.iter());
+                }
+                u
+            };
+            if shuffle {
+                pairs.reverse();
+            }
+            let mut noisy = url::Url::parse(&format!("http://a.EXAMPLE:80{path}")).unwrap();
+            {
+                let mut q = noisy.query_pairs_mut();
+                if let Some(t) = &tracking {
+                    q.append_pair("utm_campaign", t);
+                    q.append_pair("gclid", t);
+                }
+                q.extend_pairs(pairs.iter());
+            }
+            if noisy.query() == Some("") {
+                noisy.set_query(None);
+            }
+            noisy.set_fragment(fragment.as_deref());
+            let a = canonical_link(&plain).unwrap();
+            let b = canonical_link(&noisy).unwrap();
+            proptest::prop_assert_eq!(&a, &b);
+            proptest::prop_assert_eq!(canonical_link(&a).unwrap(), a.clone());
+            proptest::prop_assert!(a.fragment().is_none());
+        }
     }
 }

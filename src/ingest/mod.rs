@@ -77,6 +77,9 @@ pub struct IngestSummary {
     pub sources: u64,
     /// Page URLs found (after include/exclude).
     pub discovered: u64,
+    /// Pages a `links` source's crawl fetched to find links (documents
+    /// among them are not fetched again).
+    pub crawled: u64,
     /// Bodies fetched or read.
     pub fetched: u64,
     /// Pages that had not changed (304, same mtime/ETag).
@@ -99,6 +102,7 @@ impl IngestSummary {
     fn add(&mut self, o: &IngestSummary) {
         self.sources += o.sources;
         self.discovered += o.discovered;
+        self.crawled += o.crawled;
         self.fetched += o.fetched;
         self.not_modified += o.not_modified;
         self.produced += o.produced;
@@ -131,12 +135,15 @@ impl From<IngestError> for crate::Error {
 }
 
 /// A page to fetch or read, and what to attach to it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Target {
     /// What is fetched: an http(s) URL, `file:///…`, or `objects:KEY`.
     url: String,
     /// Metadata from discovery (feed title, published).
     extra: BTreeMap<String, serde_json::Value>,
+    /// What a crawl got when it fetched the page to find its links (so a
+    /// page is fetched once a visit).
+    prefetched: Option<Box<Fetched>>,
 }
 
 /// What came of one target.
@@ -258,7 +265,9 @@ impl Ingest {
             ..Default::default()
         };
         let mut dead = Vec::new();
-        let targets = self.discover(source, &mut dead).await?;
+        let targets = self
+            .discover(source, &mut dead, &mut summary.crawled)
+            .await?;
         let mut seen = HashSet::new();
         let mut wanted = Vec::new();
         for t in targets {
@@ -350,6 +359,7 @@ impl Ingest {
         &self,
         source: &Source,
         dead: &mut Vec<DeadLetter>,
+        crawled: &mut u64,
     ) -> crate::Result<Vec<Target>> {
         let mut out = Vec::new();
         let letter = |reason: &'static str, url: &str, detail: String| DeadLetter {
@@ -364,6 +374,7 @@ impl Ingest {
             SourceKind::Pages => out.extend(source.urls.iter().map(|u| Target {
                 url: u.to_string(),
                 extra: BTreeMap::new(),
+                prefetched: None,
             })),
             SourceKind::Sitemap => {
                 let mut queue: Vec<(Url, u32)> =
@@ -387,6 +398,7 @@ impl Ingest {
                                     Ok(u) => out.push(Target {
                                         url: u.to_string(),
                                         extra: BTreeMap::new(),
+                                        prefetched: None,
                                     }),
                                     Err(e) => dead.push(letter(
                                         "bad_url",
@@ -442,12 +454,16 @@ impl Ingest {
                                 out.push(Target {
                                     url: u.to_string(),
                                     extra,
+                                    prefetched: None,
                                 });
                             }
                         }
                         Err(e) => dead.push(letter("bad_feed", url.as_str(), e.to_string())),
                     }
                 }
+            }
+            SourceKind::Links => {
+                out.extend(self.crawl(source, dead, crawled).await?);
             }
             SourceKind::Dir => {
                 let dir = source.path.clone().unwrap_or_default();
@@ -461,6 +477,7 @@ impl Ingest {
                                 Ok(u) => out.push(Target {
                                     url: u.to_string(),
                                     extra: BTreeMap::new(),
+                                    prefetched: None,
                                 }),
                                 Err(()) => dead.push(letter(
                                     "bad_url",
@@ -488,11 +505,185 @@ impl Ingest {
                     out.push(Target {
                         url: envelope::claim_uri(&meta.key),
                         extra: BTreeMap::new(),
+                        prefetched: None,
                     });
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The pages of a `links` source: its start pages and the pages they
+    /// link to within the site (same host and port), breadth first, up to
+    /// `max_depth` links away and `max_pages` fetches a visit. Links are
+    /// made canonical ([`discover::canonical_link`]) so a page is fetched
+    /// once; a page is followed if it matches `follow` (when given) and not
+    /// `exclude`, and is a document if `include`/`exclude` want it. A
+    /// document the crawl fetched is handed on with its body (fetched
+    /// conditionally, as any document is); a page asking robots not to
+    /// follow its links (`<meta name="robots" content="nofollow">`) is not
+    /// followed; robots.txt and the per-host rate hold as for every fetch.
+    async fn crawl(
+        &self,
+        source: &Source,
+        dead: &mut Vec<DeadLetter>,
+        crawled: &mut u64,
+    ) -> crate::Result<Vec<Target>> {
+        let site: HashSet<(String, Option<u16>)> = source
+            .urls
+            .iter()
+            .filter_map(|u| {
+                Some((
+                    u.host_str()?.to_ascii_lowercase(),
+                    u.port_or_known_default(),
+                ))
+            })
+            .collect();
+        let in_site = |u: &Url| {
+            u.host_str().is_some_and(|h| {
+                site.contains(&(h.to_ascii_lowercase(), u.port_or_known_default()))
+            })
+        };
+        let follows = |u: &str| {
+            source.follow.as_ref().is_none_or(|f| f.is_match(u))
+                && !source.exclude.as_ref().is_some_and(|x| x.is_match(u))
+        };
+        let letter = |reason: &'static str, url: &Url, detail: String| DeadLetter {
+            stage: Stage::Ingest,
+            reason,
+            detail,
+            source: Some(source.tag.clone()),
+            url: Some(url.to_string()),
+            original: None,
+        };
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut queue: std::collections::VecDeque<(Url, u32)> = std::collections::VecDeque::new();
+        for u in &source.urls {
+            if let Some(c) = discover::canonical_link(u) {
+                if seen.insert(c.to_string()) {
+                    queue.push_back((c, 0));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut documents: HashSet<String> = HashSet::new();
+        while let Some((url, depth)) = queue.pop_front() {
+            if *crawled >= u64::from(source.max_pages) {
+                // Out of budget: a page left in the queue is still fetched
+                // if it is a document, just not searched for links.
+                queue.push_front((url, depth));
+                break;
+            }
+            *crawled += 1;
+            let document = source.wants(url.as_str());
+            let validators = if document {
+                self.validators(url.as_str()).await?
+            } else {
+                (None, None)
+            };
+            let req = fetch::Request {
+                etag: validators.0,
+                last_modified: validators.1,
+                max_bytes: self.max_bytes(source),
+                rate: source.rate_limit,
+            };
+            let fetched = match self.fetcher.fetch(&url, &req).await {
+                Ok(f) => f,
+                Err(e) => {
+                    crate::metrics::global().fetch(e.reason());
+                    dead.push(letter(e.reason(), &url, format!("crawl: {e}")));
+                    continue;
+                }
+            };
+            crate::metrics::global().fetch(match fetched {
+                Fetched::Body(_) => "ok",
+                Fetched::NotModified => "not_modified",
+            });
+            let links = match &fetched {
+                Fetched::Body(page) if depth < source.max_depth => {
+                    // A redirect's target counts as seen too.
+                    if let Some(c) = discover::canonical_link(&page.final_url) {
+                        seen.insert(c.to_string());
+                    }
+                    let (body, ct, at) = (
+                        page.body.clone(),
+                        page.content_type.clone(),
+                        page.final_url.clone(),
+                    );
+                    match tokio::task::spawn_blocking(move || {
+                        extract::links(&body, ct.as_deref(), &at)
+                    })
+                    .await
+                    .map_err(|e| {
+                        crate::Error::Invalid(format!("a link extraction thread failed: {e}"))
+                    })? {
+                        Ok(l) => l,
+                        Err(e) => {
+                            // A document's own extraction reports it.
+                            if !document {
+                                dead.push(letter(e.reason(), &url, format!("crawl: {e}")));
+                            }
+                            None
+                        }
+                    }
+                }
+                // Unchanged documents' links were followed when they changed.
+                _ => None,
+            };
+            if document && documents.insert(url.to_string()) {
+                out.push(Target {
+                    url: url.to_string(),
+                    extra: BTreeMap::new(),
+                    prefetched: Some(Box::new(fetched)),
+                });
+            }
+            let Some(links) = links.filter(|l| !l.nofollow) else {
+                continue;
+            };
+            for link in links.hrefs {
+                let Some(c) = discover::canonical_link(&link) else {
+                    continue;
+                };
+                if !in_site(&c) || !seen.insert(c.to_string()) {
+                    continue;
+                }
+                if follows(c.as_str()) {
+                    queue.push_back((c, depth + 1));
+                } else if source.wants(c.as_str()) && documents.insert(c.to_string()) {
+                    out.push(Target {
+                        url: c.to_string(),
+                        extra: BTreeMap::new(),
+                        prefetched: None,
+                    });
+                }
+            }
+        }
+        for (url, _) in queue {
+            if source.wants(url.as_str()) && documents.insert(url.to_string()) {
+                out.push(Target {
+                    url: url.to_string(),
+                    extra: BTreeMap::new(),
+                    prefetched: None,
+                });
+            }
+        }
+        out.truncate(source.max_urls as usize);
+        Ok(out)
+    }
+
+    /// The validators kept for a URL: its `ETag` and `Last-Modified`.
+    async fn validators(&self, url: &str) -> crate::Result<(Option<String>, Option<String>)> {
+        let row = self
+            .table
+            .get(STATE_TABLE, format!("u/{url}").as_bytes(), None)
+            .await?;
+        let get = |q: &str| {
+            row.as_ref()
+                .and_then(|r| r.get(STATE_FAMILY, q.as_bytes()))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .filter(|v| !v.is_empty())
+        };
+        Ok((get("etag"), get("last_modified")))
     }
 
     /// A sitemap or feed body (never conditional: its list is needed every visit).
@@ -532,6 +723,7 @@ impl Ingest {
                 original: None,
             }))
         };
+        let prefetched = target.prefetched.is_some();
         let state_key = format!("u/{}", target.url);
         let previous = self
             .table
@@ -611,9 +803,16 @@ impl Ingest {
                 max_bytes: limit,
                 rate: source.rate_limit,
             };
-            match self.fetcher.fetch(&url, &req).await {
+            let fetched = match target.prefetched {
+                // The crawl fetched it, and counted the fetch.
+                Some(f) => Ok(*f),
+                None => self.fetcher.fetch(&url, &req).await,
+            };
+            match fetched {
                 Ok(Fetched::NotModified) => {
-                    crate::metrics::global().fetch("not_modified");
+                    if !prefetched {
+                        crate::metrics::global().fetch("not_modified");
+                    }
                     return Ok(Outcome::NotModified);
                 }
                 Ok(Fetched::Body(p)) => (
@@ -629,7 +828,9 @@ impl Ingest {
                 }
             }
         };
-        crate::metrics::global().fetch("ok");
+        if !prefetched {
+            crate::metrics::global().fetch("ok");
+        }
         let bytes = body.len() as u64;
         let name = final_url.clone();
         let extracted = tokio::task::spawn_blocking(move || {

@@ -7,7 +7,7 @@
 //!
 //! [[source]]
 //! tag = "acme-news"       # [a-z0-9._-], unique
-//! kind = "rss"            # pages | sitemap | rss | atom | dir | prefix
+//! kind = "rss"            # pages | sitemap | rss | atom | links | dir | prefix
 //! urls = ["https://acme.example/feed.xml"]
 //! include = ['^https://acme\.example/news/']   # regexes; a URL must match one (if any)
 //! exclude = ['\?print=']                       # ... and none of these
@@ -17,6 +17,15 @@
 //! content_types = ["text/html", "application/pdf"]   # others are filtered out
 //! [source.metadata]       # copied into every document's metadata
 //! region = "us"
+//!
+//! [[source]]              # a site with neither sitemap nor feed: crawl it
+//! tag = "council-minutes"
+//! kind = "links"
+//! urls = ["https://council.example/minutes/"]   # start pages
+//! follow = ['/minutes/']  # pages whose links are followed (default: every page of the site)
+//! include = ['/minutes/\d{4}-\d{2}-\d{2}\.html$', '\.pdf$']   # which pages are documents
+//! max_depth = 3           # links followed this many steps from a start page
+//! max_pages = 200         # pages fetched to find links, per visit
 //! ```
 //!
 //! Loading checks everything up front and names the source and field of
@@ -49,6 +58,8 @@ pub enum SourceKind {
     Rss,
     /// Atom feeds; every entry's link is a page.
     Atom,
+    /// Start pages of a site whose links are followed, within the site.
+    Links,
     /// A local directory of files, read recursively.
     Dir,
     /// A key prefix in sift's object store.
@@ -63,6 +74,7 @@ impl SourceKind {
             SourceKind::Sitemap => "sitemap",
             SourceKind::Rss => "rss",
             SourceKind::Atom => "atom",
+            SourceKind::Links => "links",
             SourceKind::Dir => "dir",
             SourceKind::Prefix => "prefix",
         }
@@ -71,7 +83,11 @@ impl SourceKind {
     fn is_web(self) -> bool {
         matches!(
             self,
-            SourceKind::Pages | SourceKind::Sitemap | SourceKind::Rss | SourceKind::Atom
+            SourceKind::Pages
+                | SourceKind::Sitemap
+                | SourceKind::Rss
+                | SourceKind::Atom
+                | SourceKind::Links
         )
     }
 }
@@ -89,6 +105,9 @@ struct Settings {
     min_text_chars: Option<u32>,
     content_types: Option<Vec<String>>,
     max_urls: Option<u32>,
+    follow: Option<Vec<String>>,
+    max_depth: Option<u32>,
+    max_pages: Option<u32>,
     metadata: Option<BTreeMap<String, toml::Value>>,
 }
 
@@ -142,8 +161,15 @@ pub struct Source {
     /// Content types kept (after extraction: `text/html`, `application/pdf`,
     /// `text/plain`, `application/json`); empty = all.
     pub content_types: Vec<String>,
-    /// Most page URLs taken from one sitemap or feed visit.
+    /// Most page URLs taken from one sitemap, feed or crawl visit.
     pub max_urls: u32,
+    /// `links`: pages whose links are followed must match one of these (if
+    /// any are given); `exclude` applies too.
+    pub follow: Option<RegexSet>,
+    /// `links`: how many links away from a start page a crawl goes.
+    pub max_depth: u32,
+    /// `links`: most pages fetched to find links, per visit.
+    pub max_pages: u32,
     /// Copied into every document's metadata.
     pub metadata: BTreeMap<String, serde_json::Value>,
 }
@@ -354,6 +380,32 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Source>, SourcesError> {
         if max_urls == 0 {
             return Err(err("max_urls", "must be at least 1".into()));
         }
+        let crawl_field = |field: &'static str, set: bool| {
+            if set && s.kind != SourceKind::Links {
+                Err(err(field, "only `links` sources take it".into()))
+            } else {
+                Ok(())
+            }
+        };
+        crawl_field("follow", st.follow.is_some())?;
+        crawl_field("max_depth", st.max_depth.is_some())?;
+        crawl_field("max_pages", st.max_pages.is_some())?;
+        let follow = patterns(
+            "follow",
+            if st.follow.is_some() {
+                &st.follow
+            } else {
+                &d.follow
+            },
+        )?;
+        let max_depth = st.max_depth.or(d.max_depth).unwrap_or(3);
+        if max_depth > 20 {
+            return Err(err("max_depth", format!("{max_depth} is more than 20")));
+        }
+        let max_pages = st.max_pages.or(d.max_pages).unwrap_or(200);
+        if max_pages == 0 {
+            return Err(err("max_pages", "must be at least 1".into()));
+        }
         let mut metadata = BTreeMap::new();
         for table in [&d.metadata, &st.metadata].into_iter().flatten() {
             for (k, v) in table {
@@ -376,6 +428,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Source>, SourcesError> {
             min_text_chars: st.min_text_chars.or(d.min_text_chars).unwrap_or(0),
             content_types,
             max_urls,
+            follow,
+            max_depth,
+            max_pages,
             metadata,
         });
     }
@@ -438,7 +493,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sources.example.toml");
         let s = load(&path)?;
         let kinds: HashSet<&str> = s.iter().map(|s| s.kind.as_str()).collect();
-        assert_eq!(kinds.len(), 6, "every kind is shown: {kinds:?}");
+        assert_eq!(kinds.len(), 7, "every kind is shown: {kinds:?}");
         Ok(())
     }
 
@@ -476,6 +531,29 @@ mod tests {
                 kind = "pages"
                 urls = ["ftp://x/"]"#,
                 "only http and https",
+            ),
+            (
+                r#"[[source]]
+                tag = "a"
+                kind = "pages"
+                urls = ["https://x/"]
+                follow = ["/"]"#,
+                "field `follow`: only `links` sources take it",
+            ),
+            (
+                r#"[[source]]
+                tag = "a"
+                kind = "links"
+                urls = ["https://x/"]
+                max_pages = 0"#,
+                "field `max_pages`: must be at least 1",
+            ),
+            (
+                r#"[[source]]
+                tag = "a"
+                kind = "links"
+                urls = []"#,
+                "a `links` source needs at least one URL",
             ),
             (
                 r#"[[source]]

@@ -113,6 +113,58 @@ fn parse(source: &str, budget: Duration, max_nodes: usize) -> Result<Html, Extra
     Ok(parser.finish())
 }
 
+/// The links of an HTML page, for crawling.
+#[derive(Debug, Default, PartialEq)]
+pub struct Links {
+    /// Every `<a href>` and `<area href>`, resolved against the page's URL
+    /// (or its `<base href>`), in document order; unparseable ones left out.
+    pub hrefs: Vec<url::Url>,
+    /// The page asks robots not to follow its links
+    /// (`<meta name="robots" content="nofollow">`, or `none`).
+    pub nofollow: bool,
+}
+
+/// The links of an HTML body whose header charset (if any) is
+/// `header_charset`, fetched from `url`.
+pub fn links(
+    body: &[u8],
+    header_charset: Option<&str>,
+    url: &url::Url,
+) -> Result<Links, ExtractError> {
+    let tld = charset::tld_of(url.as_str());
+    let decoded = charset::decode(body, header_charset, meta_charset(body), tld.as_deref());
+    let doc = parse(&decoded.text, super::TIME_BUDGET, super::MAX_NODES)?;
+    let elements: Vec<&Element> = doc
+        .tree
+        .root()
+        .descendants()
+        .filter_map(|n| n.value().as_element())
+        .collect();
+    let base = elements
+        .iter()
+        .find(|e| e.name() == "base")
+        .and_then(|e| e.attr("href"))
+        .and_then(|h| url.join(h.trim()).ok())
+        .unwrap_or_else(|| url.clone());
+    let nofollow = elements.iter().any(|e| {
+        e.name() == "meta"
+            && e.attr("name")
+                .is_some_and(|n| n.eq_ignore_ascii_case("robots"))
+            && e.attr("content").is_some_and(|c| {
+                c.split(',')
+                    .map(str::trim)
+                    .any(|d| d.eq_ignore_ascii_case("nofollow") || d.eq_ignore_ascii_case("none"))
+            })
+    });
+    let hrefs = elements
+        .iter()
+        .filter(|e| matches!(e.name(), "a" | "area"))
+        .filter_map(|e| e.attr("href"))
+        .filter_map(|h| base.join(h.trim()).ok())
+        .collect();
+    Ok(Links { hrefs, nofollow })
+}
+
 /// The page's `<meta property="article:section">` (Open Graph's article
 /// section; `name=` is accepted too), when it has one.
 fn section_of(root: NodeRef<'_, Node>) -> Option<String> {
@@ -383,6 +435,36 @@ fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_resolve_against_the_base_and_see_nofollow() -> anyhow::Result<()> {
+        let page = url::Url::parse("http://council.example/minutes/index.html")?;
+        let l = links(
+            br#"<html><head><base href="/archive/2024/"></head><body>
+            <a href="jan.html">Jan</a> <a href=" /top.html ">Top</a>
+            <map><area href="https://other.example/x"></map>
+            <a>no href</a> <a href="http://[bad">bad</a></body></html>"#,
+            None,
+            &page,
+        )?;
+        let hrefs: Vec<&str> = l.hrefs.iter().map(url::Url::as_str).collect();
+        assert_eq!(
+            hrefs,
+            [
+                "http://council.example/archive/2024/jan.html",
+                "http://council.example/top.html",
+                "https://other.example/x"
+            ]
+        );
+        assert!(!l.nofollow);
+        let l = links(
+            br#"<meta name="ROBOTS" content="noindex, NoFollow"><a href="a.html">a</a>"#,
+            None,
+            &page,
+        )?;
+        assert!(l.nofollow && l.hrefs.len() == 1);
+        Ok(())
+    }
 
     fn ex(html: &str) -> (String, String) {
         extract_str(html).expect("within the budget")

@@ -151,6 +151,21 @@ pub fn extract(
     }
 }
 
+/// The links of a fetched page, if it is HTML (anything else has none to
+/// follow).
+pub fn links(
+    body: &[u8],
+    content_type: Option<&str>,
+    url: &url::Url,
+) -> Result<Option<html::Links>, ExtractError> {
+    match sniff(body, content_type, url.as_str()) {
+        Ok(Kind::Html) => {
+            html::links(body, content_type.and_then(sniff::charset_param), url).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// `sift extract` flags.
 #[derive(Debug, clap::Args)]
 pub struct ExtractArgs {
