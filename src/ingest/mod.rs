@@ -265,9 +265,7 @@ impl Ingest {
             ..Default::default()
         };
         let mut dead = Vec::new();
-        let targets = self
-            .discover(source, &mut dead, &mut summary.crawled)
-            .await?;
+        let targets = self.discover(source, &mut dead, &mut summary).await?;
         let mut seen = HashSet::new();
         let mut wanted = Vec::new();
         for t in targets {
@@ -359,7 +357,7 @@ impl Ingest {
         &self,
         source: &Source,
         dead: &mut Vec<DeadLetter>,
-        crawled: &mut u64,
+        summary: &mut IngestSummary,
     ) -> crate::Result<Vec<Target>> {
         let mut out = Vec::new();
         let letter = |reason: &'static str, url: &str, detail: String| DeadLetter {
@@ -463,7 +461,7 @@ impl Ingest {
                 }
             }
             SourceKind::Links => {
-                out.extend(self.crawl(source, dead, crawled).await?);
+                out.extend(self.crawl(source, dead, summary).await?);
             }
             SourceKind::Dir => {
                 let dir = source.path.clone().unwrap_or_default();
@@ -522,12 +520,14 @@ impl Ingest {
     /// document the crawl fetched is handed on with its body (fetched
     /// conditionally, as any document is); a page asking robots not to
     /// follow its links (`<meta name="robots" content="nofollow">`) is not
-    /// followed; robots.txt and the per-host rate hold as for every fetch.
+    /// followed; robots.txt and the per-host rate hold as for every fetch (a
+    /// link robots.txt disallows is dropped as `robots`, or a dead letter
+    /// when it is a document). A page that fails is a dead letter.
     async fn crawl(
         &self,
         source: &Source,
         dead: &mut Vec<DeadLetter>,
-        crawled: &mut u64,
+        summary: &mut IngestSummary,
     ) -> crate::Result<Vec<Target>> {
         let site: HashSet<(String, Option<u16>)> = source
             .urls
@@ -568,13 +568,12 @@ impl Ingest {
         let mut out = Vec::new();
         let mut documents: HashSet<String> = HashSet::new();
         while let Some((url, depth)) = queue.pop_front() {
-            if *crawled >= u64::from(source.max_pages) {
+            if summary.crawled >= u64::from(source.max_pages) {
                 // Out of budget: a page left in the queue is still fetched
                 // if it is a document, just not searched for links.
                 queue.push_front((url, depth));
                 break;
             }
-            *crawled += 1;
             let document = source.wants(url.as_str());
             let validators = if document {
                 self.validators(url.as_str()).await?
@@ -591,10 +590,20 @@ impl Ingest {
                 Ok(f) => f,
                 Err(e) => {
                     crate::metrics::global().fetch(e.reason());
-                    dead.push(letter(e.reason(), &url, format!("crawl: {e}")));
+                    // robots.txt refused it before any request: no budget spent.
+                    if e.reason() != "robots" {
+                        summary.crawled += 1;
+                    }
+                    if e.reason() == "robots" && !document {
+                        *summary.dropped.entry("robots".into()).or_default() += 1;
+                        crate::metrics::global().drop(Stage::Ingest, "robots");
+                    } else {
+                        dead.push(letter(e.reason(), &url, format!("crawl: {e}")));
+                    }
                     continue;
                 }
             };
+            summary.crawled += 1;
             crate::metrics::global().fetch(match fetched {
                 Fetched::Body(_) => "ok",
                 Fetched::NotModified => "not_modified",
