@@ -561,6 +561,10 @@ pub struct IngestConfig {
     /// How long a fetched robots.txt is trusted.
     #[serde(with = "humantime_serde")]
     pub robots_ttl: Duration,
+    /// Consumer group on `sift.sources`: the daemons with this group share
+    /// the sources (each site goes to one instance); "" = every instance
+    /// visits every source of its file.
+    pub group: String,
 }
 
 impl Default for IngestConfig {
@@ -579,6 +583,7 @@ impl Default for IngestConfig {
             claim_check_bytes: 900 * 1024,
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             robots_ttl: Duration::from_secs(3600),
+            group: "sift-ingest".into(),
         }
     }
 }

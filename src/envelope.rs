@@ -36,6 +36,9 @@ pub mod headers {
 pub mod topics {
     /// Fetched, extracted documents.
     pub const RAW: &str = "sift.raw";
+    /// One record per source of the sources file, keyed by its site: the
+    /// ingest daemons' consumer group shares them out by partition.
+    pub const SOURCES: &str = "sift.sources";
     /// Rejected records with their reason.
     pub const DLQ: &str = "sift.dlq";
     /// Normalized, language-tagged, de-duplicated documents.

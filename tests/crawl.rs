@@ -150,10 +150,11 @@ async fn serve(hits: Arc<Hits>, other: SocketAddr, uri: Uri, req: HeaderMap) -> 
             body.push_str("<a href=\"/print/reports/\">Print all</a>");
             ok(html("Reports", &body))
         }
-        "/nofollow.html" => ok(format!(
+        "/nofollow.html" => ok(
             "<html><head><meta name=\"robots\" content=\"noindex, nofollow\"><title>Notices</title></head>\
              <body><a href=\"/nofollow-target.html\">Hidden</a></body></html>"
-        )),
+                .to_string(),
+        ),
         _ => {
             if let Some(name) = path.strip_prefix("/minutes/").and_then(|p| p.strip_suffix(".html")) {
                 let Some(n) = (0..INDEX_PAGES * PER_PAGE + DEEP).find(|n| minutes_name(*n) == name) else {

@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use url::Url;
 
-use crate::backends::log::{Log, Record};
+use crate::backends::log::{Commit, Log, Record, TopicPartition};
 use crate::backends::objects::{ObjectStore, PutMode};
 use crate::backends::table::{Delete, RowPut, Scan, Table};
 use crate::config::{Config, IngestConfig};
@@ -184,6 +184,10 @@ impl Ingest {
         log.create_topic(topics::RAW, config.log.default_partitions)
             .await?;
         log.create_topic(topics::DLQ, 1).await?;
+        if !config.ingest.group.is_empty() {
+            log.create_topic(topics::SOURCES, config.log.default_partitions)
+                .await?;
+        }
         table.ensure_table(STATE_TABLE, &[STATE_FAMILY]).await?;
         let fetcher = Fetcher::new(&config.ingest).map_err(IngestError::from)?;
         Ok(Ingest {
@@ -237,9 +241,11 @@ impl Ingest {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let total = Mutex::new(IngestSummary::default());
-        let mut visits = futures::stream::iter(sources.iter())
-            .map(|s| self.visit(s))
-            .buffer_unordered(16);
+        // The visits are made up front (they do nothing until polled): a
+        // stream mapping `&Source` to them would make this future not `Send`
+        // (a closure over a borrowed item is not general enough).
+        let visits: Vec<_> = sources.iter().map(|s| self.visit(s)).collect();
+        let mut visits = futures::stream::iter(visits).buffer_unordered(16);
         while let Some(r) = visits.next().await {
             let s = r?;
             let mut t = total.lock();
@@ -976,7 +982,276 @@ pub async fn main(config: &Config, args: IngestArgs) -> crate::Result<()> {
         return Ok(());
     }
     crate::daemon::serve_metrics(config, HEALTH.probe()).await?;
-    serve(&ingest, &sources, crate::daemon::shutdown_signal()).await;
+    if config.ingest.group.is_empty() {
+        serve(&ingest, &sources, crate::daemon::shutdown_signal()).await;
+    } else {
+        serve_group(
+            &ingest,
+            &sources,
+            &config.ingest.group,
+            crate::daemon::shutdown_signal(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// One pass over `batch`, with the tags it visited. Each source's visit is
+/// marked in the state table first, so an instance that takes the source
+/// over in a rebalance keeps its schedule instead of visiting it again.
+async fn visit_batch(
+    ingest: &Ingest,
+    batch: Vec<Source>,
+) -> (Vec<String>, crate::Result<IngestSummary>) {
+    let tags: Vec<String> = batch.iter().map(|s| s.tag.clone()).collect();
+    let now = crate::now_ms().to_string();
+    let marks = tags
+        .iter()
+        .map(|t| RowPut::new(format!("v/{t}")).cell(STATE_FAMILY, "at", now.clone()))
+        .collect();
+    if let Err(e) = ingest.table.put(STATE_TABLE, marks).await {
+        return (tags, Err(e.into()));
+    }
+    (tags, ingest.pass(&batch).await)
+}
+
+/// When a source was last visited by any instance (ms since the epoch).
+async fn last_visit(table: &dyn Table, tag: &str) -> crate::Result<Option<i64>> {
+    Ok(table
+        .get(STATE_TABLE, format!("v/{tag}").as_bytes(), None)
+        .await?
+        .as_ref()
+        .and_then(|r| r.get(STATE_FAMILY, b"at"))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
+}
+
+/// How long a member waits after its partitions change before it starts
+/// visiting, so that a group forming at once (replicas starting together)
+/// settles before anyone fetches.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// A source's record in `sift.sources`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct SourceRecord {
+    /// The source's tag.
+    tag: String,
+    /// Its site key (the record's key).
+    site: String,
+    /// When it was published: the latest record of a tag says where it lives.
+    published_ms: i64,
+}
+
+/// The key of a source's record in `sift.sources`: its site, the host of its
+/// first URL (lower-cased), so every source of one site lands in one
+/// partition and so with one instance, and politeness holds across
+/// instances; a `dir` or `prefix` source goes by its tag.
+pub fn site_key(source: &Source) -> String {
+    source.urls.first().and_then(|u| u.host_str()).map_or_else(
+        || format!("tag:{}", source.tag),
+        |h| format!("site:{}", h.to_ascii_lowercase()),
+    )
+}
+
+/// Where each tag's latest record in `sift.sources` is: tag → (partition, site).
+async fn recorded_sources(log: &dyn Log) -> crate::Result<BTreeMap<String, (u32, String)>> {
+    let mut latest: BTreeMap<String, (i64, u32, String)> = BTreeMap::new();
+    for w in log.watermarks(topics::SOURCES).await? {
+        let mut at = w.low.clone();
+        while at < w.high {
+            let batch = log.fetch(topics::SOURCES, w.partition, &at, 1000).await?;
+            let Some(last) = batch.last() else { break };
+            at = last.offset.next();
+            for m in &batch {
+                match serde_json::from_slice::<SourceRecord>(&m.value) {
+                    Ok(r) => {
+                        let newer = latest
+                            .get(&r.tag)
+                            .is_none_or(|(t, _, _)| r.published_ms >= *t);
+                        if newer {
+                            latest.insert(r.tag, (r.published_ms, m.partition, r.site));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = m.partition, offset = %m.offset, error = %e, "Skipping a record of sift.sources that is not a source record.")
+                    }
+                }
+            }
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .map(|(tag, (_, p, site))| (tag, (p, site)))
+        .collect())
+}
+
+/// Publishes the sources this instance loaded that `sift.sources` lacks, or
+/// holds under another site; returns how many.
+pub async fn publish_sources(log: &dyn Log, sources: &[Source]) -> crate::Result<u64> {
+    let recorded = recorded_sources(log).await?;
+    let now = crate::now_ms();
+    let records: Vec<Record> = sources
+        .iter()
+        .filter(|s| {
+            recorded
+                .get(&s.tag)
+                .is_none_or(|(_, site)| *site != site_key(s))
+        })
+        .map(|s| {
+            let r = SourceRecord {
+                tag: s.tag.clone(),
+                site: site_key(s),
+                published_ms: now,
+            };
+            Record {
+                key: Some(Bytes::from(r.site.clone())),
+                value: Bytes::from(serde_json::to_vec(&r).unwrap_or_default()),
+                headers: Vec::new(),
+            }
+        })
+        .collect();
+    let n = records.len() as u64;
+    if n > 0 {
+        log.produce(topics::SOURCES, records).await?;
+    }
+    Ok(n)
+}
+
+/// The tags whose latest record is in one of `partitions` of `sift.sources`.
+async fn owned_tags(
+    log: &dyn Log,
+    partitions: &[TopicPartition],
+) -> crate::Result<HashSet<String>> {
+    let mine: HashSet<u32> = partitions
+        .iter()
+        .filter(|tp| tp.topic == topics::SOURCES)
+        .map(|tp| tp.partition)
+        .collect();
+    Ok(recorded_sources(log)
+        .await?
+        .into_iter()
+        .filter(|(_, (p, _))| mine.contains(p))
+        .map(|(tag, _)| tag)
+        .collect())
+}
+
+/// How often a member of the ingest group reads `sift.sources` again for
+/// sources other instances published.
+const SOURCES_REFRESH: Duration = Duration::from_secs(60);
+
+/// The ingest daemon as a member of consumer group `group` on
+/// `sift.sources`: it publishes the sources of its file that the topic
+/// lacks, then visits, on each source's schedule, only the sources whose
+/// records are in the partitions assigned to it. A rebalance (an instance
+/// joins, leaves or dies) moves whole partitions, so each site is visited
+/// by one instance at a time (while a pass that started before a rebalance
+/// finishes, its sources may be visited by their new owner too). A source
+/// another instance published that this instance's file lacks is left
+/// alone: every instance should load the same file.
+pub async fn serve_group(
+    ingest: &Ingest,
+    sources: &[Source],
+    group: &str,
+    stop: impl std::future::Future<Output = ()>,
+) -> crate::Result<()> {
+    let log = ingest.log.as_ref();
+    let published = publish_sources(log, sources).await?;
+    let mut consumer = log.subscribe(group, &[topics::SOURCES]).await?;
+    tracing::info!(group, published, "Joined the ingest group.");
+    let mut due: Vec<Instant> = vec![Instant::now(); sources.len()];
+    let mut assignment: Vec<TopicPartition> = Vec::new();
+    let mut owned: HashSet<String> = HashSet::new();
+    let mut refreshed = Instant::now();
+    let mut settled_at = Instant::now() + SETTLE;
+    let mut pass = None;
+    tokio::pin!(stop);
+    loop {
+        if pass.is_none() && Instant::now() >= settled_at {
+            let now = Instant::now();
+            let batch: Vec<Source> = sources
+                .iter()
+                .zip(&due)
+                .filter(|(s, d)| **d <= now && owned.contains(&s.tag))
+                .map(|(s, _)| s.clone())
+                .collect();
+            if !batch.is_empty() {
+                pass = Some(Box::pin(visit_batch(ingest, batch)));
+            }
+        }
+        tokio::select! {
+            (tags, r) = async { match pass.as_mut() { Some(p) => p.await, None => std::future::pending().await } } => {
+                pass = None;
+                let next = match r {
+                    Ok(s) => {
+                        HEALTH.recovered();
+                        tracing::info!(sources = s.sources, produced = s.produced, unchanged = s.not_modified, dead_letters = s.dead_letters.values().sum::<u64>(), seconds = s.seconds, "Visited sources.");
+                        None
+                    }
+                    Err(e) => {
+                        HEALTH.fail();
+                        tracing::error!(error = %e, "A pass failed; retrying in 30 s.");
+                        Some(Instant::now() + Duration::from_secs(30))
+                    }
+                };
+                for (s, d) in sources.iter().zip(due.iter_mut()) {
+                    if tags.contains(&s.tag) {
+                        *d = next.unwrap_or_else(|| Instant::now() + s.poll_interval);
+                    }
+                }
+            }
+            polled = consumer.poll(1000, Duration::from_secs(1)) => {
+                match polled {
+                    Ok(batch) => {
+                        if !batch.is_empty() {
+                            // New sources' records: ownership is read again below.
+                            refreshed = Instant::now() - SOURCES_REFRESH;
+                            if let Err(e) = consumer.commit(&Commit::after(&batch)).await {
+                                tracing::warn!(error = %e, "Could not commit sift.sources.");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        HEALTH.fail();
+                        tracing::warn!(error = %e, "Polling sift.sources failed; trying again.");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                let now_assigned = consumer.assignment();
+                if now_assigned != assignment || refreshed.elapsed() >= SOURCES_REFRESH {
+                    match owned_tags(log, &now_assigned).await {
+                        Ok(tags) => {
+                            if tags != owned {
+                                tracing::info!(partitions = now_assigned.len(), sources = tags.iter().filter(|t| sources.iter().any(|s| &s.tag == *t)).count(), "The ingest group gave this instance its sources.");
+                                settled_at = Instant::now() + SETTLE;
+                                // Sources new to this instance keep the
+                                // schedule of whoever visited them last.
+                                for (s, d) in sources.iter().zip(due.iter_mut()) {
+                                    if tags.contains(&s.tag) && !owned.contains(&s.tag) {
+                                        match last_visit(ingest.table.as_ref(), &s.tag).await {
+                                            Ok(Some(at)) => {
+                                                let interval = i64::try_from(s.poll_interval.as_millis()).unwrap_or(i64::MAX);
+                                                let wait = at.saturating_add(interval).saturating_sub(crate::now_ms()).max(0);
+                                                *d = Instant::now() + Duration::from_millis(wait as u64);
+                                            }
+                                            Ok(None) => *d = Instant::now(),
+                                            Err(e) => tracing::warn!(source = %s.tag, error = %e, "Could not read when a source was last visited; visiting it now."),
+                                        }
+                                    }
+                                }
+                            }
+                            owned = tags;
+                            assignment = now_assigned;
+                            refreshed = Instant::now();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "Could not read sift.sources; keeping the sources held."),
+                    }
+                }
+            }
+            _ = &mut stop => break,
+        }
+    }
+    drop(pass);
+    consumer.close().await?;
     Ok(())
 }
 
