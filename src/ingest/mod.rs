@@ -171,6 +171,8 @@ pub struct Ingest {
     table: Arc<dyn Table>,
     fetcher: Fetcher,
     config: IngestConfig,
+    /// Partitions of the topics it creates (`log.default_partitions`).
+    partitions: u32,
 }
 
 impl Ingest {
@@ -184,10 +186,6 @@ impl Ingest {
         log.create_topic(topics::RAW, config.log.default_partitions)
             .await?;
         log.create_topic(topics::DLQ, 1).await?;
-        if !config.ingest.group.is_empty() {
-            log.create_topic(topics::SOURCES, config.log.default_partitions)
-                .await?;
-        }
         table.ensure_table(STATE_TABLE, &[STATE_FAMILY]).await?;
         let fetcher = Fetcher::new(&config.ingest).map_err(IngestError::from)?;
         Ok(Ingest {
@@ -196,6 +194,7 @@ impl Ingest {
             table,
             fetcher,
             config: config.ingest.clone(),
+            partitions: config.log.default_partitions,
         })
     }
 
@@ -1154,6 +1153,7 @@ pub async fn serve_group(
     stop: impl std::future::Future<Output = ()>,
 ) -> crate::Result<()> {
     let log = ingest.log.as_ref();
+    log.create_topic(topics::SOURCES, ingest.partitions).await?;
     let published = publish_sources(log, sources).await?;
     let mut consumer = log.subscribe(group, &[topics::SOURCES]).await?;
     tracing::info!(group, published, "Joined the ingest group.");
