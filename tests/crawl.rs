@@ -232,6 +232,15 @@ fn config(dir: &Path) -> Config {
     c
 }
 
+/// An ingest on fresh embedded backends in `dir`, and its log.
+async fn fresh(dir: &Path) -> Result<(Ingest, Arc<dyn Log>)> {
+    let c = config(dir);
+    let log = sift::backends::open_log(&c).await?;
+    let objects = sift::backends::open_objects(&c).await?;
+    let table = sift::backends::open_table(&c).await?;
+    Ok((Ingest::new(log.clone(), objects, table, &c).await?, log))
+}
+
 fn source(addr: SocketAddr, extra: &str) -> Result<Vec<sources::Source>> {
     let text = format!(
         r#"[[source]]
@@ -268,11 +277,7 @@ async fn crawls_index_pages_with_pagination_and_cycles_fetching_each_page_once()
     let (other, other_hits) = start_other().await?;
     let (addr, hits) = start(other).await?;
     let dir = tempfile::tempdir()?;
-    let c = config(dir.path());
-    let log = sift::backends::open_log(&c).await?;
-    let objects = sift::backends::open_objects(&c).await?;
-    let table = sift::backends::open_table(&c).await?;
-    let ingest = Ingest::new(log.clone(), objects, table, &c).await?;
+    let (ingest, log) = fresh(dir.path()).await?;
     // Depth 8: /deep/8.html is fetched (depth 8) but its links are not read,
     // so the documents of /deep/1..7 are found and /deep/9 never asked for.
     let sources = source(addr, "max_depth = 8\nmax_pages = 100")?;
@@ -378,11 +383,7 @@ async fn a_page_budget_and_a_depth_limit_bound_a_visit() -> Result<()> {
     let (other, _) = start_other().await?;
     let (addr, hits) = start(other).await?;
     let dir = tempfile::tempdir()?;
-    let c = config(dir.path());
-    let log = sift::backends::open_log(&c).await?;
-    let objects = sift::backends::open_objects(&c).await?;
-    let table = sift::backends::open_table(&c).await?;
-    let ingest = Ingest::new(log, objects, table, &c).await?;
+    let (ingest, _) = fresh(dir.path()).await?;
 
     // Six pages: the home page, then breadth first /minutes/, /reports/,
     // /about.html, /deep/1.html, /nofollow.html. The documents those index
@@ -404,14 +405,7 @@ async fn a_page_budget_and_a_depth_limit_bound_a_visit() -> Result<()> {
 
     // Depth 1: the home page's links are followed, theirs are not.
     let dir = tempfile::tempdir()?;
-    let c = config(dir.path());
-    let ingest = Ingest::new(
-        sift::backends::open_log(&c).await?,
-        sift::backends::open_objects(&c).await?,
-        sift::backends::open_table(&c).await?,
-        &c,
-    )
-    .await?;
+    let (ingest, _) = fresh(dir.path()).await?;
     let s = ingest.pass(&source(addr, "max_depth = 1")?).await?;
     ensure!(s.produced == 0, "no document is one link from home: {s:?}");
     let s = ingest.pass(&source(addr, "max_depth = 2")?).await?;

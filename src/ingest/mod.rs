@@ -365,14 +365,7 @@ impl Ingest {
         summary: &mut IngestSummary,
     ) -> crate::Result<Vec<Target>> {
         let mut out = Vec::new();
-        let letter = |reason: &'static str, url: &str, detail: String| DeadLetter {
-            stage: Stage::Ingest,
-            reason,
-            detail,
-            source: Some(source.tag.clone()),
-            url: Some(url.to_string()),
-            original: None,
-        };
+        let letter = |reason, url: &str, detail| source_letter(source, reason, url, detail);
         match source.kind {
             SourceKind::Pages => out.extend(source.urls.iter().map(|u| Target {
                 url: u.to_string(),
@@ -553,14 +546,8 @@ impl Ingest {
             source.follow.as_ref().is_none_or(|f| f.is_match(u))
                 && !source.exclude.as_ref().is_some_and(|x| x.is_match(u))
         };
-        let letter = |reason: &'static str, url: &Url, detail: String| DeadLetter {
-            stage: Stage::Ingest,
-            reason,
-            detail,
-            source: Some(source.tag.clone()),
-            url: Some(url.to_string()),
-            original: None,
-        };
+        let letter =
+            |reason, url: &Url, detail| source_letter(source, reason, url.as_str(), detail);
         let mut seen: HashSet<String> = HashSet::new();
         let mut queue: std::collections::VecDeque<(Url, u32)> = std::collections::VecDeque::new();
         for u in &source.urls {
@@ -952,6 +939,18 @@ impl Ingest {
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok());
         let window = i64::try_from(self.config.dedupe_window.as_millis()).unwrap_or(i64::MAX);
         Ok(at.is_some_and(|at| crate::now_ms().saturating_sub(at) <= window))
+    }
+}
+
+/// A dead letter about a URL of `source`.
+fn source_letter(source: &Source, reason: &'static str, url: &str, detail: String) -> DeadLetter {
+    DeadLetter {
+        stage: Stage::Ingest,
+        reason,
+        detail,
+        source: Some(source.tag.clone()),
+        url: Some(url.to_string()),
+        original: None,
     }
 }
 
