@@ -140,6 +140,10 @@ pub struct LogConfig {
     pub backend: LogBackend,
     /// Partitions given to topics sift creates on its own.
     pub default_partitions: u32,
+    /// Prefix of every topic and consumer group name, so several
+    /// deployments can share one cluster ("" = none): topic `sift.raw` is
+    /// `PREFIXsift.raw`, group `sift-clean` is `PREFIXsift-clean`.
+    pub topic_prefix: String,
     /// What a consumer does when its group's committed offset lies outside
     /// what a partition stores (beyond its end, or below its start after
     /// retention): `fail`, `earliest` or `latest`.
@@ -160,6 +164,7 @@ impl Default for LogConfig {
         LogConfig {
             backend: LogBackend::Embedded,
             default_partitions: 4,
+            topic_prefix: String::new(),
             on_offset_out_of_range: OffsetOutOfRange::default(),
             on_corruption: OnCorruption::default(),
             embedded: EmbeddedLogConfig::default(),

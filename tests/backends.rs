@@ -33,6 +33,52 @@ async fn embedded_log_conformance() -> Result<()> {
     conformance::log::check_log(Arc::new(EmbeddedLog::open(dir.path(), opts)?)).await
 }
 
+/// `log.topic_prefix`: the same suite through the prefix, and what one
+/// namespace creates is invisible from another and from none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefixed_log_conforms_and_keeps_to_its_namespace() -> Result<()> {
+    use sift::backends::log::prefixed::PrefixedLog;
+    use sift::backends::log::{Log, Record};
+    let dir = tempfile::tempdir()?;
+    let inner: Arc<dyn Log> = Arc::new(EmbeddedLog::open(dir.path(), log_opts())?);
+    conformance::log::check_log(Arc::new(PrefixedLog::new(inner.clone(), "run-a."))).await?;
+    let a = PrefixedLog::new(inner.clone(), "ns-a.");
+    let b = PrefixedLog::new(inner.clone(), "ns-b.");
+    a.create_topic("sift.raw", 2).await?;
+    a.produce("sift.raw", vec![Record::new("k", "v")]).await?;
+    anyhow::ensure!(a.list_topics().await?.iter().any(|t| t.name == "sift.raw"));
+    anyhow::ensure!(b.list_topics().await?.is_empty());
+    anyhow::ensure!(inner
+        .list_topics()
+        .await?
+        .iter()
+        .any(|t| t.name == "ns-a.sift.raw"));
+    anyhow::ensure!(!inner
+        .list_topics()
+        .await?
+        .iter()
+        .any(|t| t.name == "sift.raw"));
+    let mut c = a.subscribe("sift-clean", &["sift.raw"]).await?;
+    let got = c.poll(10, std::time::Duration::from_secs(5)).await?;
+    anyhow::ensure!(got.len() == 1 && got[0].topic == "sift.raw", "{got:?}");
+    c.commit(&sift::backends::log::Commit::after(&got)).await?;
+    anyhow::ensure!(c.assignment().iter().all(|tp| tp.topic == "sift.raw"));
+    c.close().await?;
+    anyhow::ensure!(inner
+        .committed("ns-a.sift-clean", "ns-a.sift.raw")
+        .await?
+        .iter()
+        .any(|(_, o)| o.is_some()));
+    anyhow::ensure!(
+        b.committed("sift-clean", "sift.raw").await.is_err()
+            || b.committed("sift-clean", "sift.raw")
+                .await?
+                .iter()
+                .all(|(_, o)| o.is_none())
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_log_conformance_fsync_always() -> Result<()> {
     let dir = tempfile::tempdir()?;

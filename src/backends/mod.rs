@@ -43,6 +43,16 @@ pub async fn open_log_read_only(config: &Config) -> Result<Arc<dyn Log>, log::Lo
 }
 
 async fn open_log_as(config: &Config, read_only: bool) -> Result<Arc<dyn Log>, log::LogError> {
+    let log = open_backend_log(config, read_only).await?;
+    let prefix = &config.log.topic_prefix;
+    if prefix.is_empty() {
+        return Ok(log);
+    }
+    log::validate_name("log.topic_prefix", prefix)?;
+    Ok(Arc::new(log::prefixed::PrefixedLog::new(log, prefix)))
+}
+
+async fn open_backend_log(config: &Config, read_only: bool) -> Result<Arc<dyn Log>, log::LogError> {
     match config.log.backend {
         LogBackend::Embedded if read_only => Ok(Arc::new(log::EmbeddedLog::open_read_only(
             &config.data_dir.join("log"),

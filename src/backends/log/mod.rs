@@ -14,6 +14,7 @@ pub mod kafka;
 #[cfg(feature = "kinesis")]
 pub mod kinesis;
 mod offset;
+pub mod prefixed;
 mod segment;
 
 use std::time::Duration;
