@@ -121,8 +121,6 @@ pub(crate) struct Group {
     pub first: Offset,
     /// Its lines in offset order, without newlines.
     pub lines: Vec<Bytes>,
-    /// Each line's offset.
-    pub offsets: Vec<Offset>,
     /// Uncompressed size, newlines included.
     pub bytes: u64,
 }
@@ -231,14 +229,12 @@ impl PartitionBuffer {
             let key = &groups[line.group as usize];
             let g = by_group.entry(key).or_insert_with(|| Group {
                 key: key.clone(),
-                first: line.offset.clone(),
+                first: line.offset,
                 lines: Vec::new(),
-                offsets: Vec::new(),
                 bytes: 0,
             });
             g.bytes += line.bytes.len() as u64 + 1;
             g.lines.push(line.bytes);
-            g.offsets.push(line.offset);
         }
         self.bytes = 0;
         self.start = None;
@@ -423,7 +419,6 @@ mod tests {
             key: GroupKey::of(0, "s"),
             first: Offset::ZERO,
             lines: vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{}")],
-            offsets: vec![Offset::ZERO, Offset::new(1)],
             bytes: 11,
         };
         let z = compress(&g, 3)?;

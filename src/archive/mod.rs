@@ -82,7 +82,7 @@ pub mod replay;
 
 mod buffer;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -767,192 +767,38 @@ async fn upload_all(
     Ok(stats)
 }
 
-/// Compresses one group (on a blocking thread) and uploads it as its part,
-/// only if no part of that name exists. One does when another member of the
-/// group archived the same records (the partition moved in a rebalance
-/// while both held it, or this member crashed after uploading and before
-/// committing): then the lines that part already holds are left out, and
-/// the rest, if any, go to the part named by their first offset. Both
-/// members derive part names from the same commit points, so the records
-/// they both read meet under one name and each record is archived once.
+/// Compresses one group (on a blocking thread) and uploads it as its part.
 async fn upload(
     store: Arc<dyn ObjectStore>,
     settings: Arc<Settings>,
     partition: u32,
-    mut group: Group,
+    group: Group,
 ) -> crate::Result<PartStats> {
-    let mut stats = PartStats {
-        records: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-    };
-    while !group.lines.is_empty() {
-        let key = settings
-            .layout
-            .part_key(&group.key, partition, &group.first);
-        let level = settings.zstd_level;
-        let records = group.lines.len() as u64;
-        let bytes_in = group.bytes;
-        let (body, back) = tokio::task::spawn_blocking(move || {
-            let body = buffer::compress(&group, level);
-            (body, group)
-        })
+    let key = settings
+        .layout
+        .part_key(&group.key, partition, &group.first);
+    let level = settings.zstd_level;
+    let records = group.lines.len() as u64;
+    let bytes_in = group.bytes;
+    let body = tokio::task::spawn_blocking(move || buffer::compress(&group, level))
         .await
-        .map_err(|e| crate::Error::io("compressing an archive part", std::io::Error::other(e)))?;
-        group = back;
-        let body =
-            body.map_err(|e| crate::Error::io(format!("compressing archive part {key}"), e))?;
-        let bytes_out = body.len() as u64;
-        match store
-            .put_with(&key, Bytes::from(body), PutMode::IfAbsent, &settings.put)
-            .await
-        {
-            Ok(_) => {
-                HEALTH.beat();
-                tracing::debug!(
-                    key,
-                    records,
-                    bytes_in,
-                    bytes_out,
-                    "Uploaded an archive part."
-                );
-                stats.records += records;
-                stats.bytes_in += bytes_in;
-                stats.bytes_out += bytes_out;
-                return Ok(stats);
-            }
-            Err(crate::backends::objects::ObjectError::PreconditionFailed { .. }) => {
-                let (_, existing) = store.get(&key).await?;
-                let held: HashSet<Bytes> = tokio::task::spawn_blocking(move || {
-                    zstd::decode_all(&existing[..]).map(|text| {
-                        text.split(|b| *b == b'\n')
-                            .filter(|l| !l.is_empty())
-                            .map(Bytes::copy_from_slice)
-                            .collect()
-                    })
-                })
-                .await
-                .map_err(|e| crate::Error::io("reading an archive part", std::io::Error::other(e)))?
-                .map_err(|e| {
-                    crate::Error::io(
-                        format!("reading archive part {key}, which another member wrote"),
-                        e,
-                    )
-                })?;
-                let before = group.lines.len();
-                let (mut lines, mut offsets) = (Vec::new(), Vec::new());
-                for (line, offset) in group.lines.drain(..).zip(group.offsets.drain(..)) {
-                    if !held.contains(&line) {
-                        lines.push(line);
-                        offsets.push(offset);
-                    }
-                }
-                if lines.len() == before {
-                    return Err(crate::Error::Invalid(format!(
-                        "archive part {key} exists and holds none of the {before} records this member would write there; \
-                         is another archive writing under the same prefix?"
-                    )));
-                }
-                tracing::info!(
-                    key,
-                    already = before - lines.len(),
-                    rest = lines.len(),
-                    "Another member archived some of these records under this name; archiving only the rest."
-                );
-                group.bytes = lines.iter().map(|l| l.len() as u64 + 1).sum();
-                if let Some(first) = offsets.first() {
-                    group.first = first.clone();
-                }
-                group.lines = lines;
-                group.offsets = offsets;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::archive::keys::GroupKey;
-
-    fn line(n: u64) -> Bytes {
-        Bytes::from(format!("{{\"id\":\"doc-{n}\",\"n\":{n}}}"))
-    }
-
-    /// A member's flush of records `from..to` of partition 0, all of one
-    /// (date, source) group, as the buffer hands them over.
-    fn group(from: u64, to: u64) -> Group {
-        let lines: Vec<Bytes> = (from..to).map(line).collect();
-        Group {
-            key: GroupKey::of(0, "s"),
-            first: Offset::new(from),
-            bytes: lines.iter().map(|l| l.len() as u64 + 1).sum(),
-            offsets: (from..to).map(Offset::new).collect(),
-            lines,
-        }
-    }
-
-    /// Every line of every part, with how many parts hold it.
-    async fn archived(store: &Arc<dyn ObjectStore>) -> anyhow::Result<BTreeMap<Bytes, u32>> {
-        let mut out = BTreeMap::new();
-        for meta in store.list("raw/").await? {
-            let (_, body) = store.get(&meta.key).await?;
-            for l in zstd::decode_all(&body[..])?.split(|b| *b == b'\n') {
-                if !l.is_empty() {
-                    *out.entry(Bytes::copy_from_slice(l)).or_default() += 1;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Two members flush overlapping ranges of one partition, as they do
-    /// when it moves in a rebalance (the old owner uploads, then cannot
-    /// commit; the new one re-reads from the last commit), in every order,
-    /// then the new owner goes on from its own commit. Each record ends up
-    /// in exactly one part.
-    #[tokio::test]
-    async fn members_flushing_one_partition_archive_each_record_once() -> anyhow::Result<()> {
-        // (old owner's flush, new owner's flushes), ranges from commit 100.
-        let cases: [(&[(u64, u64)], u64); 4] = [
-            (&[(100, 200), (100, 250)], 250),
-            (&[(100, 250), (100, 200)], 250),
-            // The new owner flushed less, then the old owner, then the new
-            // owner from its commit at 130.
-            (&[(100, 130), (100, 200), (130, 220)], 220),
-            // A member that crashed after uploading writes the same part again.
-            (&[(100, 180), (100, 180), (180, 190)], 190),
-        ];
-        for (flushes, end) in cases {
-            let dir = tempfile::tempdir()?;
-            let config = Config {
-                data_dir: dir.path().to_path_buf(),
-                ..Config::default()
-            };
-            let store = crate::backends::open_objects(&config).await?;
-            let settings = Arc::new(Settings::new(&config, store.as_ref())?);
-            let mut uploaded = 0;
-            for (from, to) in flushes {
-                uploaded += upload(store.clone(), settings.clone(), 0, group(*from, *to))
-                    .await?
-                    .records;
-            }
-            let parts = archived(&store).await?;
-            let want: BTreeSet<Bytes> = (100..end).map(line).collect();
-            anyhow::ensure!(
-                parts.keys().cloned().collect::<BTreeSet<_>>() == want,
-                "{flushes:?}: archived {} of {} records",
-                parts.len(),
-                want.len()
-            );
-            anyhow::ensure!(
-                parts.values().all(|n| *n == 1),
-                "{flushes:?}: a record is in two parts"
-            );
-            anyhow::ensure!(uploaded == end - 100, "{flushes:?}: {uploaded} uploaded");
-        }
-        Ok(())
-    }
+        .map_err(|e| crate::Error::io("compressing an archive part", std::io::Error::other(e)))?
+        .map_err(|e| crate::Error::io(format!("compressing archive part {key}"), e))?;
+    let bytes_out = body.len() as u64;
+    store
+        .put_with(&key, Bytes::from(body), PutMode::Overwrite, &settings.put)
+        .await?;
+    HEALTH.beat();
+    tracing::debug!(
+        key,
+        records,
+        bytes_in,
+        bytes_out,
+        "Uploaded an archive part."
+    );
+    Ok(PartStats {
+        records,
+        bytes_in,
+        bytes_out,
+    })
 }
