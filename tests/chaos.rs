@@ -203,7 +203,10 @@ fn services(verb: &str) -> Result<()> {
 // Not in the test command yet: of three runs on Kafka 4.4, one failed its
 // 300 s drain deadline and one passed only after the groups stood still for
 // 300 s (max.poll.interval.ms) once a clean and an archive member were
-// killed together and restarted. Until that is understood, run it by hand:
+// killed together and restarted. And two archive members flushing one
+// partition around a rebalance can still overwrite each other's part of the
+// same name, which the exactly-once check of the archive catches. Until
+// both are fixed, run it by hand:
 //   cargo test --features full --test chaos -- --ignored --nocapture
 #[ignore = "the groups can stand still for 300 s after two members are killed together on Kafka 4.4; run by hand with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
