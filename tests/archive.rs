@@ -1,7 +1,8 @@
 //! `sift archive` on the embedded backends: the exact part layout, flushing by
 //! size and by age, dead letters, refusing encryption the store cannot do, a
-//! deterministic check of the crash-idempotency argument (a flush that dies
-//! after some uploads, rerun with other flush boundaries), and the real
+//! deterministic check of the crash argument (a flush that dies after some
+//! uploads, rerun with other flush boundaries), rival members flushing the
+//! same partitions at once with puts failing at random, and the real
 //! binary killed with SIGKILL at random moments, then stopped with SIGTERM.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -544,13 +545,15 @@ impl ObjectStore for Flaky {
     }
 }
 
-/// The idempotency argument of `sift::archive`, step by step: a first run
-/// flushes everything as one batch and dies after uploading all parts but
-/// one; a second run cuts batches of 37 records and dies in its sixth batch
-/// after some of that batch's uploads; a third cuts batches of 23. Group `late`
-/// has its first record near the end, so its part from the first run is
-/// replaced only by a later batch of the rerun. In the end the parts are
-/// exactly those of the committed batches, and each record is in one part.
+/// The crash argument of `sift::archive`, step by step: a first run flushes
+/// everything as one batch, claiming the range [0, 300), and dies after
+/// uploading all parts but one; a second run cuts batches of 37 records, yet
+/// finds the claim, waits until it holds the whole range, and dies on
+/// another part of it; a third, with batches of 23, archives the range as it
+/// was claimed, then cuts its own batches in 100 records more. Group `late`
+/// has its first record near the end of the first range. In the end the
+/// parts are exactly those of the claimed ranges, and each record is in one
+/// part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -561,15 +564,19 @@ async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
     });
     log.create_topic(topics::RAW, 1).await?;
     // Equal-size lines; groups: a/b on two days interleaved, `late` from 250.
-    let mut envs = Vec::new();
-    for n in 0..300usize {
-        let (source, day) = if n >= 250 && n % 2 == 0 {
-            ("late", 0)
-        } else {
-            (["srca", "srcb"][n % 2], (n / 7 % 2) as i64)
-        };
-        envs.push(envelope(source, n, MARCH_1 + day * DAY_MS, 100));
-    }
+    let envelopes = |range: std::ops::Range<usize>| {
+        range
+            .map(|n| {
+                let (source, day) = if n >= 250 && n % 2 == 0 {
+                    ("late", 0)
+                } else {
+                    (["srca", "srcb"][n % 2], (n / 7 % 2) as i64)
+                };
+                envelope(source, n, MARCH_1 + day * DAY_MS, 100)
+            })
+            .collect::<Vec<_>>()
+    };
+    let envs = envelopes(0..300);
     let line = serde_json::to_vec(&envs[0])?.len() as u64 + 1;
     ensure!(envs
         .iter()
@@ -580,18 +587,20 @@ async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
             envs.iter().map(record_of).collect::<Result<_>>()?,
         )
         .await?;
-    let produced: Vec<(Envelope, Position)> = envs.into_iter().zip(positions).collect();
+    let mut produced: Vec<(Envelope, Position)> = envs.into_iter().zip(positions).collect();
     let group = "sift-archive";
+    let fail_only = |key: &str| -> Result<()> {
+        let mut f = store.fail.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        f.clear();
+        f.insert(key.to_string());
+        Ok(())
+    };
 
     // Run 1: one batch [0, 300); the part of source srcb on 2024-03-02 fails.
     let run1 = expected_parts(&produced, 0, &[0, 300], standard_key);
     let failing = "raw/dt=2024-03-02/source=srcb/part-0-00000000000000000007.jsonl.zst";
     ensure!(run1.contains_key(failing), "{:#?}", run1.keys());
-    store
-        .fail
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .insert(failing.into());
+    fail_only(failing)?;
     let c = config(dir.path(), u64::MAX, Duration::from_secs(3600));
     let err = archive::run(log.clone(), store.clone(), &c, Until::caught_up()).await;
     ensure!(err.is_err(), "run 1 must fail");
@@ -604,45 +613,52 @@ async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
         after1 == uploaded,
         "all parts but the failing one are uploaded"
     );
-    ensure!(
-        after1.contains_key("raw/dt=2024-03-01/source=late/part-0-00000000000000000250.jsonl.zst")
-    );
+    let late = "raw/dt=2024-03-01/source=late/part-0-00000000000000000250.jsonl.zst";
+    ensure!(after1.contains_key(late));
+    let claim = "_sift/archive-ranges/raw/part-0-00000000000000000000.json";
+    let (_, held) = store.get(claim).await?;
+    let held: serde_json::Value = serde_json::from_slice(&held)?;
+    ensure!(held["end"] == "300" && held["first"] == "0", "{held}");
 
-    // Run 2: batches of 37; the sixth batch [185, 222) fails on one part.
-    let b2: Vec<u64> = (0..=5).map(|i| i * 37).chain([222]).collect();
-    let sixth = expected_parts(&produced, 0, &b2[5..], standard_key);
-    let failing2 = sixth
-        .keys()
-        .nth(1)
-        .context("a second part in batch six")?
-        .clone();
-    {
-        let mut f = store.fail.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        f.clear();
-        f.insert(failing2.clone());
-    }
+    // Run 2: batches of 37 asked, but [0, 300) is claimed; `late` fails.
+    fail_only(late)?;
     let c = config(dir.path(), 37 * line, Duration::from_secs(3600));
     ensure!(
         archive::run(log.clone(), store.clone(), &c, Until::caught_up())
             .await
             .is_err()
     );
-    ensure!(committed(log.as_ref(), group).await? == vec![Some(185)]);
+    ensure!(committed(log.as_ref(), group).await? == vec![None]);
+    ensure!(
+        store.list("_sift/archive-ranges/").await?.len() == 1,
+        "no range of its own before the claimed one is archived"
+    );
 
-    // Run 3: batches of 23 from the commit.
+    // Run 3: batches of 23; the claimed range first, then 100 new records.
     store
         .fail
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clear();
+    let more = envelopes(300..400);
+    let positions = log
+        .produce(
+            topics::RAW,
+            more.iter().map(record_of).collect::<Result<_>>()?,
+        )
+        .await?;
+    produced.extend(more.into_iter().zip(positions));
     let c = config(dir.path(), 23 * line, Duration::from_secs(3600));
     let summary = archive::run(log.clone(), store.clone(), &c, Until::caught_up()).await?;
-    ensure!(committed(log.as_ref(), group).await? == vec![Some(300)]);
-    ensure!(summary.records == 115, "{summary:?}");
+    ensure!(committed(log.as_ref(), group).await? == vec![Some(400)]);
+    ensure!(
+        summary.records == 400 && summary.ranges_adopted == 1,
+        "{summary:?}"
+    );
 
-    let mut boundaries: Vec<u64> = (0..=5).map(|i| i * 37).collect();
-    boundaries.extend((1..=5).map(|i| 185 + i * 23));
-    boundaries.push(300);
+    let mut boundaries: Vec<u64> = vec![0, 300];
+    boundaries.extend((1..=4).map(|i| 300 + i * 23));
+    boundaries.push(400);
     let want = expected_parts(&produced, 0, &boundaries, standard_key);
     let got = ids_by_key(&read_archive(store.as_ref()).await?)?;
     ensure!(
@@ -652,13 +668,180 @@ async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
         want.keys()
     );
     ensure!(got == want);
+    ensure!(store.list("_sift/archive-ranges/").await?.len() == boundaries.len() - 1);
     let mut seen = HashSet::new();
     for ids in got.values() {
         for id in ids {
             ensure!(seen.insert(id.clone()), "{id} archived twice");
         }
     }
-    ensure!(seen.len() == 300);
+    ensure!(seen.len() == 400);
+    Ok(())
+}
+
+/// The embedded store, failing a seeded share of puts (parts and claims
+/// alike) as crashes and outages would.
+struct Unreliable {
+    inner: EmbeddedObjects,
+    rng: Mutex<rand::rngs::StdRng>,
+    failure_rate: f64,
+}
+
+#[async_trait]
+impl ObjectStore for Unreliable {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<ObjectMeta, ObjectError> {
+        let fail = self
+            .rng
+            .lock()
+            .map_or(true, |mut r| r.random_bool(self.failure_rate));
+        if fail {
+            return Err(ObjectError::Backend(format!("injected failure at {key}")));
+        }
+        self.inner.put(key, body, mode).await
+    }
+    async fn put_stream(
+        &self,
+        key: &str,
+        body: ObjectReader,
+        mode: PutMode,
+    ) -> Result<ObjectMeta, ObjectError> {
+        self.inner.put_stream(key, body, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<(ObjectMeta, Bytes), ObjectError> {
+        self.inner.get(key).await
+    }
+    async fn get_stream(&self, key: &str) -> Result<(ObjectMeta, ObjectReader), ObjectError> {
+        self.inner.get_stream(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// The rebalance race at its worst: members that each believe they own
+/// every partition (each in a consumer group of its own, so none ever sees
+/// another's commits), flushing at their own seeded batch sizes at the same
+/// time into one archive, while puts fail at random and failed members
+/// restart from their commits. Whoever claims a range first decides its cut;
+/// every record ends up in exactly one part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rival_members_archive_each_record_once() -> Result<()> {
+    for seed in 0..4u64 {
+        let dir = tempfile::tempdir()?;
+        let log = open_log(dir.path())?;
+        log.create_topic(topics::RAW, 2).await?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let envs: Vec<Envelope> = (0..600)
+            .map(|n| {
+                let source = ["a", "b", "c", "x y"][rng.random_range(0..4)];
+                let day = rng.random_range(0..3);
+                envelope(source, n, MARCH_1 + day * DAY_MS, rng.random_range(20..200))
+            })
+            .collect();
+        let mut records: Vec<Record> = envs.iter().map(record_of).collect::<Result<_>>()?;
+        for bad in [17, 230, 411] {
+            records[bad] = Record::new(format!("bad-{bad}"), b"{not json".to_vec());
+        }
+        let positions = log.produce(topics::RAW, records).await?;
+        let produced: Vec<(Envelope, Position)> = envs
+            .into_iter()
+            .zip(positions)
+            .enumerate()
+            .filter(|(n, _)| ![17, 230, 411].contains(n))
+            .map(|(_, p)| p)
+            .collect();
+        let store = Arc::new(Unreliable {
+            inner: EmbeddedObjects::open(&dir.path().join("objects"))?,
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed)),
+            failure_rate: 0.04,
+        });
+        let mut members = Vec::new();
+        for m in 0..3 {
+            let mut c = config(
+                dir.path(),
+                rng.random_range(400..20_000),
+                Duration::from_secs(3600),
+            );
+            c.archive.group = format!("member-{m}");
+            let (log, store) = (log.clone(), store.clone());
+            members.push(tokio::spawn(async move {
+                let mut failures = 0;
+                loop {
+                    match archive::run(log.clone(), store.clone(), &c, Until::caught_up()).await {
+                        Ok(_) => return anyhow::Ok(failures),
+                        Err(_) if failures < 200 => failures += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }));
+        }
+        let mut failures = 0;
+        for m in members {
+            failures += m.await??;
+        }
+        ensure!(
+            failures > 0,
+            "seed {seed}: no put failed, so nothing was tested"
+        );
+        let archive = ids_by_key(&read_archive(&store.inner).await?)?;
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for ids in archive.values() {
+            for id in ids {
+                *seen.entry(id).or_default() += 1;
+            }
+        }
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        ensure!(
+            twice.is_empty(),
+            "seed {seed}: {} records archived more than once, e.g. {:?}",
+            twice.len(),
+            &twice[..twice.len().min(5)]
+        );
+        let missing: Vec<&str> = produced
+            .iter()
+            .map(|(e, _)| e.id.as_str())
+            .filter(|id| !seen.contains_key(id))
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "seed {seed}: {} records missing, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        ensure!(seen.len() == produced.len());
+        // The claims tile each partition: each starts where the previous ended.
+        for p in 0..2u32 {
+            let mut claims: Vec<(u64, u64)> = Vec::new();
+            for m in store
+                .inner
+                .list(&format!("_sift/archive-ranges/raw/part-{p}-"))
+                .await?
+            {
+                let (_, body) = store.inner.get(&m.key).await?;
+                let c: serde_json::Value = serde_json::from_slice(&body)?;
+                let num = |v: &serde_json::Value| {
+                    v.as_str()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .context("an offset")
+                };
+                claims.push((num(&c["first"])?, num(&c["end"])?));
+            }
+            claims.sort();
+            let high = highs(log.as_ref()).await?[p as usize];
+            let mut at = 0;
+            for (first, end) in &claims {
+                ensure!(*first == at && end > first, "seed {seed}: {claims:?}");
+                at = *end;
+            }
+            ensure!(at == high, "seed {seed}: claims end at {at}, log at {high}");
+        }
+    }
     Ok(())
 }
 

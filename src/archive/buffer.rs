@@ -84,32 +84,42 @@ pub(crate) fn parse(value: &Bytes, layout: &Layout) -> Parsed {
     Parsed::Line(group, value.clone())
 }
 
-/// One buffered line.
+/// One buffered record.
 #[derive(Debug)]
 struct Line {
     offset: Offset,
+    /// Index into the buffer's groups, or [`NOT_ARCHIVED`].
     group: u32,
     bytes: Bytes,
 }
 
+/// The group of a record that is in the offset range but in no part (a dead
+/// letter or a replay): it is kept only for its offset.
+const NOT_ARCHIVED: u32 = u32::MAX;
+
 /// The records of one log partition consumed since its last commit.
 ///
-/// Dead letters are not held, only counted in the offset range: they are
-/// acknowledged by `sift.dlq` before they enter, so the commit that covers
-/// the buffer may cover them too.
+/// Dead letters are held only by their offset: they are acknowledged by
+/// `sift.dlq` before they enter, so the commit that covers the buffer may
+/// cover them too. Every record's offset is kept, so after any cut the
+/// buffer knows the first record that follows it.
 #[derive(Debug, Default)]
 pub(crate) struct PartitionBuffer {
     lines: Vec<Line>,
     groups: Vec<GroupKey>,
     index: HashMap<GroupKey, u32>,
-    /// Uncompressed bytes of the lines, newlines included.
+    /// Uncompressed bytes of the archivable lines, newlines included.
     bytes: u64,
-    /// Offset of the first record (archivable or not) since the last commit.
-    start: Option<Offset>,
+    /// Archivable lines.
+    archivable: usize,
     /// Offset after the last record seen: the commit that covers the buffer.
     next: Option<Offset>,
-    /// When the first record since the last commit arrived.
+    /// When the first pending record arrived.
     since: Option<Instant>,
+    /// Where the range that starts at the first pending record ends, when the
+    /// range was claimed (by another member or an earlier run) beyond what
+    /// this buffer holds: (first offset, end).
+    cut: Option<(Offset, Offset)>,
 }
 
 /// One (date, source) group of a flushed buffer: the lines of one part.
@@ -137,28 +147,32 @@ pub(crate) struct Batch {
 impl PartitionBuffer {
     /// Takes a record; records arrive in offset order.
     pub fn accept(&mut self, offset: Offset, parsed: Parsed, now: Instant) {
-        if self.start.is_none() {
-            self.start = Some(offset.clone());
+        if self.lines.is_empty() {
             self.since = Some(now);
         }
         self.next = Some(offset.next());
-        if let Parsed::Line(key, bytes) = parsed {
-            let group = match self.index.get(&key) {
-                Some(g) => *g,
-                None => {
-                    let g = self.groups.len() as u32;
-                    self.groups.push(key.clone());
-                    self.index.insert(key, g);
-                    g
-                }
-            };
-            self.bytes += bytes.len() as u64 + 1;
-            self.lines.push(Line {
-                offset,
-                group,
-                bytes,
-            });
-        }
+        let (group, bytes) = match parsed {
+            Parsed::Line(key, bytes) => {
+                let group = match self.index.get(&key) {
+                    Some(g) => *g,
+                    None => {
+                        let g = self.groups.len() as u32;
+                        self.groups.push(key.clone());
+                        self.index.insert(key, g);
+                        g
+                    }
+                };
+                self.bytes += bytes.len() as u64 + 1;
+                self.archivable += 1;
+                (group, bytes)
+            }
+            Parsed::Dead(..) | Parsed::Replayed => (NOT_ARCHIVED, Bytes::new()),
+        };
+        self.lines.push(Line {
+            offset,
+            group,
+            bytes,
+        });
     }
 
     /// Offset after the last record seen, if any.
@@ -166,9 +180,9 @@ impl PartitionBuffer {
         self.next.as_ref()
     }
 
-    /// Offset of the first record since the last commit, if any is pending.
+    /// Offset of the first pending record, if any.
     pub fn start(&self) -> Option<&Offset> {
-        self.start.as_ref()
+        self.lines.first().map(|l| &l.offset)
     }
 
     /// When the oldest pending record arrived.
@@ -177,13 +191,44 @@ impl PartitionBuffer {
     }
 
     /// Uncompressed bytes buffered.
+    #[cfg(test)]
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// Lines buffered.
+    /// Archivable lines buffered.
     pub fn len(&self) -> usize {
-        self.lines.len()
+        self.archivable
+    }
+
+    /// Remembers that the range starting at the first pending record ends at
+    /// `end`, beyond what is buffered.
+    pub fn wait_for(&mut self, end: Offset) {
+        self.cut = self.start().cloned().map(|s| (s, end));
+    }
+
+    /// The end of the claimed range this buffer is filling, if it waits for one.
+    pub fn waiting_for(&self) -> Option<&Offset> {
+        match (&self.cut, self.start()) {
+            (Some((first, end)), Some(start)) if first == start => Some(end),
+            _ => None,
+        }
+    }
+
+    /// Whether a flush is due: the buffer holds the whole claimed range it
+    /// waits for, or (waiting for none) `flush_bytes` of lines.
+    pub fn full(&self, flush_bytes: u64) -> bool {
+        match self.waiting_for() {
+            Some(end) => self.next.as_ref().is_some_and(|n| n >= end),
+            None => self.bytes >= flush_bytes,
+        }
+    }
+
+    /// Whether the buffer waits for records of a claimed range it does not
+    /// hold yet (a flush cannot complete it).
+    pub fn short_of_cut(&self) -> bool {
+        self.waiting_for()
+            .is_some_and(|end| self.next.as_ref().is_none_or(|n| n < end))
     }
 
     /// The consumer went back to `offset` (it re-reads from the committed
@@ -191,10 +236,6 @@ impl PartitionBuffer {
     pub fn rewind(&mut self, offset: &Offset) {
         self.lines.retain(|l| l.offset < *offset);
         self.recount();
-        if self.start.as_ref().is_some_and(|s| s >= offset) {
-            self.start = None;
-            self.since = None;
-        }
         self.next = Some(offset.clone());
     }
 
@@ -203,29 +244,43 @@ impl PartitionBuffer {
     pub fn forget_before(&mut self, offset: &Offset) {
         self.lines.retain(|l| l.offset >= *offset);
         self.recount();
-        match (&self.start, &self.next) {
-            (Some(start), Some(next)) if next > offset => {
-                self.start = Some(start.clone().max(offset.clone()))
-            }
-            _ => {
-                self.start = None;
-                self.since = None;
-            }
-        }
     }
 
     fn recount(&mut self) {
-        self.bytes = self.lines.iter().map(|l| l.bytes.len() as u64 + 1).sum();
+        let archivable = self.lines.iter().filter(|l| l.group != NOT_ARCHIVED);
+        self.bytes = archivable.clone().map(|l| l.bytes.len() as u64 + 1).sum();
+        self.archivable = archivable.count();
+        if self.lines.is_empty() {
+            self.since = None;
+        }
     }
 
     /// Empties the buffer into its groups; None when nothing is pending.
+    #[cfg(test)]
     pub fn take(&mut self) -> Option<Batch> {
-        self.start.as_ref()?;
-        let commit = self.next.clone()?;
+        let next = self.next.clone()?;
+        self.take_before(&next)
+    }
+
+    /// Takes the records before `end` as a batch that commits `end`, keeping
+    /// the rest; None when no record lies before `end`.
+    pub fn take_before(&mut self, end: &Offset) -> Option<Batch> {
+        if self.lines.first().is_none_or(|l| l.offset >= *end) {
+            return None;
+        }
+        let lines = std::mem::take(&mut self.lines);
         let groups = std::mem::take(&mut self.groups);
         self.index.clear();
         let mut by_group: BTreeMap<&GroupKey, Group> = BTreeMap::new();
-        for line in std::mem::take(&mut self.lines) {
+        let mut rest = Vec::new();
+        for line in lines {
+            if line.offset >= *end {
+                rest.push(line);
+                continue;
+            }
+            if line.group == NOT_ARCHIVED {
+                continue;
+            }
             let key = &groups[line.group as usize];
             let g = by_group.entry(key).or_insert_with(|| Group {
                 key: key.clone(),
@@ -236,13 +291,28 @@ impl PartitionBuffer {
             g.bytes += line.bytes.len() as u64 + 1;
             g.lines.push(line.bytes);
         }
-        self.bytes = 0;
-        self.start = None;
-        self.since = None;
-        Some(Batch {
+        let batch = Batch {
             groups: by_group.into_values().collect(),
-            commit,
-        })
+            commit: end.clone(),
+        };
+        // What lies beyond the cut stays, with its groups numbered afresh.
+        for mut line in rest {
+            if line.group != NOT_ARCHIVED {
+                let key = &groups[line.group as usize];
+                line.group = match self.index.get(key) {
+                    Some(g) => *g,
+                    None => {
+                        let g = self.groups.len() as u32;
+                        self.groups.push(key.clone());
+                        self.index.insert(key.clone(), g);
+                        g
+                    }
+                };
+            }
+            self.lines.push(line);
+        }
+        self.recount();
+        Some(batch)
     }
 }
 
@@ -411,6 +481,79 @@ mod tests {
         b.forget_before(&Offset::new(9));
         assert_eq!((b.len(), b.start()), (0, None));
         assert!(b.take().is_none());
+    }
+
+    #[test]
+    fn cuts_where_a_claim_ends() {
+        let now = Instant::now();
+        let mut b = PartitionBuffer::default();
+        let line = |s: &str| Parsed::Line(GroupKey::of(0, s), Bytes::from(s.to_string()));
+        b.accept(Offset::new(3), Parsed::Dead("bad_json", String::new()), now);
+        b.accept(Offset::new(4), line("a"), now);
+        b.accept(Offset::new(5), line("b"), now);
+        b.accept(Offset::new(6), Parsed::Replayed, now);
+        b.accept(Offset::new(7), line("b"), now);
+        b.accept(Offset::new(8), line("a"), now);
+        // A dead letter is the first record: the range starts at it.
+        assert_eq!(b.start(), Some(&Offset::new(3)));
+        assert!(b.take_before(&Offset::new(3)).is_none());
+        let batch = b.take_before(&Offset::new(6)).expect("records before 6");
+        assert_eq!(batch.commit, 6);
+        let firsts: Vec<u64> = batch
+            .groups
+            .iter()
+            .map(|g| g.first.as_u64().expect("small"))
+            .collect();
+        assert_eq!(firsts, vec![4, 5]);
+        // The rest starts at the replay at 6, its groups renumbered.
+        assert_eq!(
+            (b.start(), b.len(), b.bytes()),
+            (Some(&Offset::new(6)), 2, 4)
+        );
+        b.accept(Offset::new(9), line("c"), now);
+        let rest = b.take().expect("pending");
+        let got: Vec<(String, u64, usize)> = rest
+            .groups
+            .iter()
+            .map(|g| {
+                (
+                    g.key.source.clone(),
+                    g.first.as_u64().expect("small"),
+                    g.lines.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("a".into(), 8, 1), ("b".into(), 7, 1), ("c".into(), 9, 1)]
+        );
+        assert_eq!(rest.commit, 10);
+        assert!(b.start().is_none());
+    }
+
+    #[test]
+    fn waits_for_a_claimed_end() {
+        let now = Instant::now();
+        let mut b = PartitionBuffer::default();
+        let x = || Parsed::Line(GroupKey::of(0, "s"), Bytes::from_static(b"x"));
+        b.accept(Offset::new(0), x(), now);
+        assert!(b.full(1) && !b.short_of_cut());
+        b.wait_for(Offset::new(3));
+        assert!(!b.full(1) && b.short_of_cut());
+        b.accept(Offset::new(1), x(), now);
+        assert!(!b.full(0));
+        b.accept(Offset::new(2), x(), now);
+        assert!(b.full(u64::MAX) && !b.short_of_cut());
+        assert_eq!(b.waiting_for(), Some(&Offset::new(3)));
+        b.take_before(&Offset::new(3)).expect("three records");
+        // The wait belonged to the range that started at 0.
+        b.accept(Offset::new(3), x(), now);
+        assert_eq!(b.waiting_for(), None);
+        assert!(!b.full(100));
+        // A rewind before the range's start forgets the wait too.
+        b.wait_for(Offset::new(9));
+        b.rewind(&Offset::new(3));
+        assert_eq!(b.waiting_for(), None);
     }
 
     #[test]

@@ -10,6 +10,9 @@ use crate::backends::objects::{validate_key, ObjectError};
 /// Hive's name for a partition whose value is missing; an empty source tag goes here.
 pub const EMPTY_SOURCE: &str = "__HIVE_DEFAULT_PARTITION__";
 
+/// Where range claims live, before the archive's prefix.
+pub const CLAIMS: &str = "_sift/archive-ranges";
+
 /// Digits of the offset in a part name: every `u64` fits, so names sort by
 /// offset. Kinesis sequence numbers are longer (56 digits in practice, up to
 /// 129) and all of one length within a stream, so they sort too.
@@ -102,6 +105,7 @@ impl Layout {
             0,
             &Offset::ZERO,
         ))?;
+        validate_key(&layout.claim_key(0, &Offset::ZERO))?;
         Ok(layout)
     }
 
@@ -118,6 +122,25 @@ impl Layout {
             self.prefix,
             group.dt,
             group.source,
+            width = OFFSET_DIGITS
+        )
+    }
+
+    /// The prefix under which flushed ranges are claimed ([`Layout::claim_key`]):
+    /// outside the archive's own prefix, so the table Spark, Athena or Trino
+    /// reads holds parts only.
+    pub fn claims_prefix(&self) -> String {
+        format!("{CLAIMS}/{}", self.prefix)
+    }
+
+    /// `_sift/archive-ranges/PREFIX/part-<partition>-<offset, 20 digits>.json`: the
+    /// claim of the range of log `partition` whose first record is at `first`
+    /// (see "Why neither a crash nor a rebalance loses or duplicates a record"
+    /// in [`crate::archive`]).
+    pub fn claim_key(&self, partition: u32, first: &Offset) -> String {
+        format!(
+            "{}part-{partition}-{first:0>width$}.json",
+            self.claims_prefix(),
             width = OFFSET_DIGITS
         )
     }
@@ -217,6 +240,10 @@ mod tests {
             l.part_key(&g, 1, &sequence),
             "raw/dt=2024-03-01/source=news%20feed/\
              part-1-49590338271490256608559692538361571095921575989136588898.jsonl.zst"
+        );
+        assert_eq!(
+            l.claim_key(3, &Offset::new(42)),
+            "_sift/archive-ranges/raw/part-3-00000000000000000042.json"
         );
         assert!(Layout::new("a/../b").is_err());
         assert!(Layout::new(".sift-tmp").is_err());

@@ -30,46 +30,55 @@
 //! buffer by (date, source), compresses each group into one part (zstd at
 //! `archive.zstd_level`, a few groups at a time, so memory holds the buffer
 //! plus a few compressed parts, not a second copy of the buffer: about
-//! `flush_bytes` per assigned partition in all), uploads
-//! every part (overwriting), and only then commits the partition's offset past
-//! the buffer. A partition therefore has at most one batch whose parts may be
-//! uploaded but not committed.
+//! `flush_bytes` per assigned partition in all), uploads every part
+//! (overwriting), and only then commits the partition's offset past the
+//! batch.
 //!
-//! # Why a crash neither loses nor duplicates a record
+//! # Why neither a crash nor a rebalance loses or duplicates a record
 //!
-//! Say the process dies while flushing batch `[s, e)` of partition `P`, `s`
-//! being the committed offset: some of the batch's parts are uploaded, the
-//! commit is not. The part of a group `G` (a date and a source) was named by
-//! `g`, the first record of `G` at or after `s`, and held `G`'s records in
-//! `[s, e)`.
+//! A part is named by the first record of its group within its batch, so
+//! where a batch is cut decides which parts exist. Two writers that cut the
+//! same records differently would write parts that overlap under different
+//! names (duplicates) or that replace each other (losses): a rerun after a
+//! crash between upload and commit, or two members that both believe they own
+//! a partition during a rebalance (one expelled while flushing).
 //!
-//! The restarted consumer resumes at `s` and cuts new batches wherever its
-//! buffers fill. Record `g` falls into exactly one new batch `[b, b')` with
-//! `s ≤ b ≤ g`. That batch holds no record of `G` before `g`, because there is
-//! none in `[s, g)`; so `g` is again the first record of `G` in its batch, and
-//! the new part has the old part's name and replaces it, whatever either
-//! holds. Nothing in this needs `G` to appear in the first new batch: a group
-//! that the old batch held but the new run meets only in a later batch is
-//! overwritten when that batch flushes. Further crashes change nothing: a
-//! later restart resumes at a commit `c ≥ s`; if `c ≤ g` the same reasoning
-//! holds from `c`, and if `c > g` the batch holding `g` was committed, so its
-//! upload, which came first, already replaced the old part.
+//! So batches are cut once, by whoever flushes a range first. Before
+//! uploading a batch `[s, e)` of partition `P` (`s` the offset of its first
+//! record, `e` the offset it commits), a member claims it: it puts the
+//! object `_sift/archive-ranges/<prefix>/part-<P>-<s>.json`, holding `e`,
+//! only if no object of that name exists (S3 `If-None-Match: *`; the
+//! embedded store checks under a lock). If the put succeeds, the batch is
+//! this member's. If a claim exists, another member or an earlier run cut
+//! this range at `e'`: the member archives exactly `[s, e')`, waiting for
+//! more records if it holds fewer, and goes on with what follows `e'`.
 //!
-//! Once the consumer has caught up, the committed batches tile the partition's
-//! offsets without overlap, every record is in the one part of its batch and
-//! group, and every part left from an abandoned batch has been replaced by a
-//! part of the same name. So no record is lost or duplicated, whatever the new
-//! flush boundaries are. The one gap is retention: if record `g` is deleted
-//! from the log before the restart reads it, the old part is never replaced,
-//! and its records that the log still holds are archived a second time.
+//! A range's parts then have the same names and the same lines whoever
+//! writes them: the lines are the records of the range's groups in offset
+//! order, as the log holds them. Writing them twice, or at the same time,
+//! changes nothing, and a member that finds a claim writes the range's parts
+//! again in case their claimer died before uploading them.
+//!
+//! Every batch starts at the first record after a claimed range's end (or at
+//! the partition's first record), because members start at the group's
+//! committed offset, and a commit is always the end of a claimed range. So
+//! the claimed ranges tile the partition without overlap, every record is in
+//! exactly one range, and in exactly one part of it.
+//!
+//! Limits:
+//! - Claims are small (about 150 bytes, one per flush of a partition) and
+//!   are never deleted by sift. A lifecycle rule may expire them once no
+//!   member can still be flushing a range that old: days, not minutes.
+//! - Retention: if the log deletes records a run has not archived yet, the
+//!   next range starts elsewhere than a claim that an earlier run made, and
+//!   records of that claim that the log still holds can be archived twice.
+//! - An archive written before claims existed has none, so a rerun over a
+//!   crashed batch of that version is cut afresh.
 //!
 //! Rebalances: a partition taken from this member loses its buffer (the new
 //! owner re-reads from the committed offset), a consumer sent back to the
 //! committed offset forgets what it will re-read, and a flush first drops
-//! whatever another member has committed meanwhile. Two members can still
-//! write the same part name if one is expelled mid-flush (Kafka revokes a
-//! partition in its owner's poll before reassigning it, so this needs a flush
-//! longer than `max.poll.interval.ms`).
+//! whatever another member has committed meanwhile.
 //!
 //! # Encryption
 //!
@@ -93,7 +102,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::backends::log::{Commit, Consumer, Log, LogError, Message, Offset, Watermarks};
-use crate::backends::objects::{self, ObjectStore, PutMode, PutOptions};
+use crate::backends::objects::{self, ObjectError, ObjectStore, PutMode, PutOptions};
 use crate::config::{Config, ConfigError, Encryption};
 use crate::daemon::StageHealth;
 use crate::dlq::{self, DeadLetter};
@@ -155,6 +164,9 @@ pub struct ArchiveSummary {
     pub dead_letters: BTreeMap<String, u64>,
     /// Replayed records skipped because the archive holds them already.
     pub replays_skipped: u64,
+    /// Ranges flushed as another member or an earlier run had claimed them
+    /// (their parts written again, identical).
+    pub ranges_adopted: u64,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -480,6 +492,7 @@ impl Archiver {
     fn next_age_flush(&self) -> Option<Instant> {
         self.buffers
             .values()
+            .filter(|b| !b.short_of_cut())
             .filter_map(PartitionBuffer::since)
             .min()
             .and_then(|t| t.checked_add(self.settings.flush_age))
@@ -559,7 +572,7 @@ impl Archiver {
                 buf.rewind(&m.offset);
             }
             buf.accept(m.offset.clone(), p, now);
-            if buf.bytes() >= self.settings.flush_bytes {
+            if buf.full(self.settings.flush_bytes) {
                 self.flush(&[m.partition]).await?;
             }
         }
@@ -571,6 +584,7 @@ impl Archiver {
         let due: Vec<u32> = self
             .buffers
             .iter()
+            .filter(|(_, b)| !b.short_of_cut())
             .filter(|(_, b)| {
                 b.since()
                     .and_then(|t| t.checked_add(self.settings.flush_age))
@@ -585,13 +599,14 @@ impl Archiver {
         let pending: Vec<u32> = self
             .buffers
             .iter()
-            .filter(|(_, b)| b.start().is_some())
+            .filter(|(_, b)| b.start().is_some() && !b.short_of_cut())
             .map(|(p, _)| *p)
             .collect();
         self.flush(&pending).await
     }
 
-    /// Flushes partitions: uploads each one's parts, then commits it.
+    /// Flushes partitions: claims each one's range, uploads its parts, then
+    /// commits it.
     async fn flush(&mut self, partitions: &[u32]) -> crate::Result<()> {
         if partitions.is_empty() {
             return Ok(());
@@ -621,50 +636,93 @@ impl Archiver {
                     buf.forget_before(c);
                 }
             }
-            let Some(batch) = buf.take() else {
-                continue;
-            };
-            let records: usize = batch.groups.iter().map(|g| g.lines.len()).sum();
-            let parts = batch.groups.len();
-            let stats = upload_all(&self.store, &self.settings, p, batch.groups).await?;
-            let metrics = crate::metrics::global();
-            for s in &stats {
-                self.summary.records += s.records;
-                self.summary.parts += 1;
-                self.summary.bytes_in += s.bytes_in;
-                self.summary.bytes_out += s.bytes_out;
-                metrics.archive_part_bytes.observe(s.bytes_in as f64);
-                metrics.archive_part_records.observe(s.records as f64);
-                metrics.stage(STAGE, s.records);
-            }
-            let commit = Commit {
-                topic: topics::RAW.to_string(),
-                partition: p,
-                next_offset: batch.commit.clone(),
-            };
-            match self.consumer.commit(&[commit]).await {
-                Ok(()) => {}
-                // The parts are uploaded; the new owner re-reads from the
-                // committed offset and writes the same parts again.
-                Err(LogError::NotAssigned { .. }) => {
-                    tracing::info!(
-                        partition = p,
-                        "Partition reassigned during a flush; its new owner re-archives the batch."
-                    );
-                    self.buffers.remove(&p);
-                    continue;
+            while let Some(buf) = self.buffers.get_mut(&p) {
+                if buf.short_of_cut() {
+                    break;
                 }
-                Err(e) => return Err(e.into()),
+                let (Some(first), Some(next)) = (buf.start().cloned(), buf.next().cloned()) else {
+                    break;
+                };
+                let end = match buf.waiting_for() {
+                    Some(end) => end.clone(),
+                    None => {
+                        let (end, ours) =
+                            claim(&self.store, &self.settings, p, &first, &next).await?;
+                        if !ours {
+                            self.summary.ranges_adopted += 1;
+                            tracing::info!(
+                                partition = p,
+                                first = %first,
+                                end = %end,
+                                "This range was claimed by another member or an earlier run; \
+                                 archiving exactly its records."
+                            );
+                        }
+                        end
+                    }
+                };
+                let Some(buf) = self.buffers.get_mut(&p) else {
+                    break;
+                };
+                if end > next {
+                    buf.wait_for(end);
+                    break;
+                }
+                let Some(batch) = buf.take_before(&end) else {
+                    break;
+                };
+                if !self.upload_and_commit(p, batch).await? {
+                    break;
+                }
             }
-            tracing::info!(
-                partition = p,
-                parts,
-                records,
-                committed = %batch.commit,
-                "Flushed archive parts."
-            );
         }
         Ok(())
+    }
+
+    /// Uploads a batch's parts and commits it; false when the partition was
+    /// reassigned meanwhile (its buffer is dropped: the new owner goes on).
+    async fn upload_and_commit(&mut self, p: u32, batch: buffer::Batch) -> crate::Result<bool> {
+        let records: usize = batch.groups.iter().map(|g| g.lines.len()).sum();
+        let parts = batch.groups.len();
+        let stats = upload_all(&self.store, &self.settings, p, batch.groups).await?;
+        let metrics = crate::metrics::global();
+        for s in &stats {
+            self.summary.records += s.records;
+            self.summary.parts += 1;
+            self.summary.bytes_in += s.bytes_in;
+            self.summary.bytes_out += s.bytes_out;
+            metrics.archive_part_bytes.observe(s.bytes_in as f64);
+            metrics.archive_part_records.observe(s.records as f64);
+            metrics.stage(STAGE, s.records);
+        }
+        let commit = Commit {
+            topic: topics::RAW.to_string(),
+            partition: p,
+            next_offset: batch.commit.clone(),
+        };
+        match self.consumer.commit(&[commit]).await {
+            Ok(()) => {}
+            // The parts are uploaded; the new owner re-reads from the
+            // committed offset, finds the range claimed and writes the same
+            // parts again.
+            Err(LogError::NotAssigned { .. }) => {
+                tracing::info!(
+                    partition = p,
+                    "Partition reassigned during a flush; its new owner re-archives the batch."
+                );
+                self.buffers.remove(&p);
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(
+            partition = p,
+            parts,
+            records,
+            committed = %batch.commit,
+            "Flushed archive parts."
+        );
+        Ok(true)
     }
 
     /// Whether this member has read every assigned partition up to its target.
@@ -731,6 +789,89 @@ impl Archiver {
         }
         Ok(())
     }
+}
+
+/// What a range claim holds: `_sift/archive-ranges/<prefix>/part-<P>-<FIRST>.json`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Claim {
+    /// Log partition.
+    partition: u32,
+    /// Offset of the range's first record.
+    first: String,
+    /// Offset after the range: what its flush commits.
+    end: String,
+    /// Consumer group of the member that claimed it.
+    group: String,
+    /// When it was claimed, ms since the Unix epoch.
+    claimed_at_ms: i64,
+}
+
+/// The end of the range of `partition` whose first record is at `first`:
+/// `proposed`, claimed now (true), or the end another member or an earlier
+/// run claimed (false). The claim is a put that succeeds only where no
+/// object exists, so of members flushing the same range at once, exactly
+/// one claims it and every other one archives the range it claimed.
+async fn claim(
+    store: &Arc<dyn ObjectStore>,
+    settings: &Settings,
+    partition: u32,
+    first: &Offset,
+    proposed: &Offset,
+) -> crate::Result<(Offset, bool)> {
+    let key = settings.layout.claim_key(partition, first);
+    let body = serde_json::to_vec(&Claim {
+        partition,
+        first: first.to_string(),
+        end: proposed.to_string(),
+        group: settings.group.clone(),
+        claimed_at_ms: crate::now_ms(),
+    })
+    .map_err(|e| crate::Error::Invalid(format!("cannot encode a range claim: {e}")))?;
+    // A claim deleted between the failed put and the read (by a lifecycle
+    // rule) is claimed again; three rounds are plenty.
+    for _ in 0..3 {
+        match store
+            .put_with(
+                &key,
+                Bytes::from(body.clone()),
+                PutMode::IfAbsent,
+                &settings.put,
+            )
+            .await
+        {
+            Ok(_) => return Ok((proposed.clone(), true)),
+            Err(ObjectError::PreconditionFailed { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let held = match store.get(&key).await {
+            Ok((_, held)) => held,
+            Err(ObjectError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let damaged = |why: String| {
+            crate::Error::Invalid(format!(
+                "archive range claim `{key}` is damaged ({why}); it says where the flush of \
+                 log partition {partition} from offset {first} ends. Restore it, or delete it \
+                 if no part holds records of partition {partition} from offset {first} on"
+            ))
+        };
+        let c: Claim = serde_json::from_slice(&held).map_err(|e| damaged(e.to_string()))?;
+        let end: Offset = c
+            .end
+            .parse()
+            .map_err(|_| damaged(format!("end `{}` is not an offset", c.end)))?;
+        if c.partition != partition || c.first != first.to_string() || end <= *first {
+            return Err(damaged(format!(
+                "it names partition {} from {} to {}",
+                c.partition, c.first, c.end
+            )));
+        }
+        return Ok((end, false));
+    }
+    Err(crate::Error::Invalid(format!(
+        "archive range claim `{key}` keeps appearing and disappearing; is a lifecycle rule \
+         deleting fresh claims?"
+    )))
 }
 
 /// Uploads a batch's parts, a few at a time. After a failure no new upload
