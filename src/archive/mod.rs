@@ -107,6 +107,7 @@ use crate::config::{Config, ConfigError, Encryption};
 use crate::daemon::StageHealth;
 use crate::dlq::{self, DeadLetter};
 use crate::envelope::{topics, Stage};
+use crate::stage::{Backoff, Stop};
 use buffer::{Group, Parsed, PartitionBuffer};
 use keys::Layout;
 
@@ -405,48 +406,53 @@ async fn archive(
         encryption = ?settings.put.encryption,
         "Archiving sift.raw."
     );
+    let (stop, watcher) = crate::stage::Stop::bounded(
+        until.stop,
+        until.caught_up.then_some(crate::stage::ONCE_ATTEMPTS),
+    );
     let mut a = Archiver {
         log,
         store,
         settings,
         consumer,
+        stop: stop.clone(),
         buffers: BTreeMap::new(),
         summary: ArchiveSummary::default(),
         progress,
         last_lag: None,
         caught_up_once: false,
     };
-    let mut stop = until
-        .stop
-        .unwrap_or_else(|| Box::pin(std::future::pending()));
     // With nothing to catch up on, there is nothing to poll for.
     let mut done = targets.is_some() && a.progress.target() == 0;
+    let mut stop_wait = stop.clone();
+    let mut backoff = Backoff::new(&HEALTH);
     while !done {
         HEALTH.beat();
-        let wait = a.next_age_flush().map_or(POLL_WAIT, |at| {
-            at.saturating_duration_since(Instant::now()).min(POLL_WAIT)
-        });
-        let polled = tokio::select! {
-            _ = &mut stop => None,
-            batch = a.consumer.poll(POLL_RECORDS, wait) => Some(batch?),
-        };
-        let Some(batch) = polled else {
-            tracing::info!("Stopping: flushing what is buffered.");
-            a.flush_all().await?;
-            break;
-        };
-        a.drop_revoked();
-        let empty = batch.is_empty();
-        if let Some(targets) = &targets {
-            a.count_progress(&batch, targets);
-        }
-        a.ingest(batch).await?;
-        a.flush_aged().await?;
-        a.report_lag().await?;
-        if let Some(targets) = &targets {
-            done = (empty || a.reached(targets)) && a.caught_up(targets).await?;
+        match a.step(&mut stop_wait, targets.as_deref()).await {
+            Ok(Some(d)) => {
+                done = d;
+                backoff = Backoff::new(&HEALTH);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // Nothing is lost by a failed step: every write that must
+                // not be skipped (dead letters, claims, parts, commits) is
+                // retried where it failed, so what fails here is a poll or
+                // a read of offsets, and the consumer keeps its place.
+                if stop.is_set() || !backoff.wait(&mut stop_wait, "archive", &e).await {
+                    if let Some(w) = watcher {
+                        w.abort();
+                    }
+                    stop.check()?;
+                    return Err(e);
+                }
+            }
         }
     }
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    stop.check()?;
     a.consumer.close().await?;
     let mut summary = a.summary;
     summary.seconds = started.elapsed().as_secs_f64();
@@ -473,6 +479,8 @@ struct Archiver {
     store: Arc<dyn ObjectStore>,
     settings: Arc<Settings>,
     consumer: Box<dyn Consumer>,
+    /// Set on shutdown, or when a one-pass run gives up.
+    stop: Stop,
     buffers: BTreeMap<u32, PartitionBuffer>,
     summary: ArchiveSummary,
     progress: Progress,
@@ -488,6 +496,47 @@ struct PartStats {
 }
 
 impl Archiver {
+    /// One poll and what follows it: Some(whether the run is done), or
+    /// None once stopped (everything buffered flushed).
+    async fn step(
+        &mut self,
+        stop: &mut Stop,
+        targets: Option<&[Watermarks]>,
+    ) -> crate::Result<Option<bool>> {
+        let wait = self.next_age_flush().map_or(POLL_WAIT, |at| {
+            at.saturating_duration_since(Instant::now()).min(POLL_WAIT)
+        });
+        let polled = if stop.is_set() {
+            None
+        } else {
+            tokio::select! {
+                _ = stop.wait() => None,
+                batch = self.consumer.poll(POLL_RECORDS, wait) => Some(batch?),
+            }
+        };
+        let Some(batch) = polled else {
+            if self.stop.gave_up().is_none() {
+                tracing::info!("Stopping: flushing what is buffered.");
+                self.flush_all().await?;
+            }
+            return Ok(None);
+        };
+        self.drop_revoked();
+        let empty = batch.is_empty();
+        if let Some(targets) = targets {
+            self.count_progress(&batch, targets);
+        }
+        self.ingest(batch).await?;
+        self.flush_aged().await?;
+        if let Err(e) = self.report_lag().await {
+            tracing::warn!(error = %e, "Could not measure the consumer lag.");
+        }
+        Ok(Some(match targets {
+            Some(targets) => (empty || self.reached(targets)) && self.caught_up(targets).await?,
+            None => false,
+        }))
+    }
+
     /// When the oldest buffered record of any partition reaches `flush_age`.
     fn next_age_flush(&self) -> Option<Instant> {
         self.buffers
@@ -559,7 +608,10 @@ impl Archiver {
             }
             parsed.push(p);
         }
-        dlq::send(self.log.as_ref(), self.store.as_ref(), &dead).await?;
+        persist(&self.stop, "send dead letters to sift.dlq", || {
+            dlq::send(self.log.as_ref(), self.store.as_ref(), &dead)
+        })
+        .await?;
         let now = Instant::now();
         for (m, p) in batch.iter().zip(parsed) {
             let buf = self.buffers.entry(m.partition).or_default();
@@ -611,10 +663,13 @@ impl Archiver {
         if partitions.is_empty() {
             return Ok(());
         }
-        let committed = self
-            .log
-            .committed(&self.settings.group, topics::RAW)
-            .await?;
+        let committed = persist(&self.stop, "read the group's committed offsets", || async {
+            Ok(self
+                .log
+                .committed(&self.settings.group, topics::RAW)
+                .await?)
+        })
+        .await?;
         for &p in partitions {
             let Some(buf) = self.buffers.get_mut(&p) else {
                 continue;
@@ -646,8 +701,10 @@ impl Archiver {
                 let end = match buf.waiting_for() {
                     Some(end) => end.clone(),
                     None => {
-                        let (end, ours) =
-                            claim(&self.store, &self.settings, p, &first, &next).await?;
+                        let (end, ours) = persist(&self.stop, "claim an archive range", || {
+                            claim(&self.store, &self.settings, p, &first, &next)
+                        })
+                        .await?;
                         if !ours {
                             self.summary.ranges_adopted += 1;
                             tracing::info!(
@@ -684,7 +741,10 @@ impl Archiver {
     async fn upload_and_commit(&mut self, p: u32, batch: buffer::Batch) -> crate::Result<bool> {
         let records: usize = batch.groups.iter().map(|g| g.lines.len()).sum();
         let parts = batch.groups.len();
-        let stats = upload_all(&self.store, &self.settings, p, batch.groups).await?;
+        let stats = persist(&self.stop, "upload archive parts", || {
+            upload_all(&self.store, &self.settings, p, batch.groups.clone())
+        })
+        .await?;
         let metrics = crate::metrics::global();
         for s in &stats {
             self.summary.records += s.records;
@@ -700,20 +760,28 @@ impl Archiver {
             partition: p,
             next_offset: batch.commit.clone(),
         };
-        match self.consumer.commit(&[commit]).await {
-            Ok(()) => {}
-            // The parts are uploaded; the new owner re-reads from the
-            // committed offset, finds the range claimed and writes the same
-            // parts again.
-            Err(LogError::NotAssigned { .. }) => {
-                tracing::info!(
-                    partition = p,
-                    "Partition reassigned during a flush; its new owner re-archives the batch."
-                );
-                self.buffers.remove(&p);
-                return Ok(false);
+        let mut stop = self.stop.clone();
+        let mut backoff = Backoff::new(&HEALTH);
+        loop {
+            match self.consumer.commit(std::slice::from_ref(&commit)).await {
+                Ok(()) => break,
+                // The parts are uploaded; the new owner re-reads from the
+                // committed offset, finds the range claimed and writes the
+                // same parts again.
+                Err(LogError::NotAssigned { .. }) => {
+                    tracing::info!(
+                        partition = p,
+                        "Partition reassigned during a flush; its new owner re-archives the batch."
+                    );
+                    self.buffers.remove(&p);
+                    return Ok(false);
+                }
+                Err(e) => {
+                    if !backoff.wait(&mut stop, "commit archived offsets", &e).await {
+                        return Err(e.into());
+                    }
+                }
             }
-            Err(e) => return Err(e.into()),
         }
         tracing::info!(
             partition = p,
@@ -788,6 +856,30 @@ impl Archiver {
             tracing::info!("Caught up with sift.raw; archiving new records as they arrive.");
         }
         Ok(())
+    }
+}
+
+/// Calls `call` until it succeeds, with backoff between failures (a backend
+/// away: a broker or the object store restarting), so a write that must not
+/// be skipped is never skipped; fails only once shutdown was asked for or a
+/// one-pass run gave up.
+async fn persist<T, F, Fut>(stop: &Stop, what: &str, mut call: F) -> crate::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let mut stop = stop.clone();
+    let mut backoff = Backoff::new(&HEALTH);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if !backoff.wait(&mut stop, what, &e).await {
+                    stop.check()?;
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
