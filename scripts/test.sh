@@ -71,6 +71,20 @@ scripts/services-config.sh > "$services_config"
 AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-sift} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-sift} \
   SIFT_CONFIG=$services_config SIFT_E2E_JSON=bench-e2e-services.json \
   step bench-e2e-services bench_e2e --features full
+# Every stage with 1 and 2 instances on the same services, small, so the
+# bench keeps working (bench-scale.json; the figures in the README come from
+# a full run: 1, 2 and 4 instances at the default sizes).
+bench_scale() {
+  mkdir -p "$ARTIFACTS"
+  local data
+  data=$(mktemp -d)
+  SIFT_CONFIG=$services_config cargo run --locked --quiet --features full -- --data-dir "$data" \
+    bench scale --instances 1,2 --documents 600 --bulk-documents 4000 --profiles 300 \
+    --people 5000 --sites 20 --partitions 4 --output "$ARTIFACTS/bench-scale.json"
+  rm -rf "$data"
+}
+AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-sift} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-sift} \
+  step bench-scale bench_scale
 # And with the log on the local Kinesis instead of Kafka (bench-e2e-kinesis.json).
 kinesis_config=$(mktemp)
 scripts/services-config.sh --log kinesis > "$kinesis_config"

@@ -153,7 +153,13 @@ pub struct Workload {
 
 /// Process CPU seconds so far (user + system), from `/proc/self/stat`.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// CPU seconds (user + system) of the process whose `/proc/PID/stat` is at
+/// `path`; 0 where it cannot be read (the process is gone, or not Linux).
+pub(crate) fn cpu_seconds_of(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // Fields after the command name (which may contain spaces) in parentheses.

@@ -23,6 +23,7 @@ pub mod feedback;
 pub mod infer;
 pub mod matching;
 pub mod review;
+pub mod scale;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ pub enum BenchCommand {
     E2e(e2e::E2eBenchArgs),
     /// Simulated analysts, day by day: does reviewing (least certain first, random, none) teach the model?
     Feedback(feedback::FeedbackBenchArgs),
+    /// Each stage with 1, 2 and 4 instances on the real services: items/s, CPU, and what bounds it.
+    Scale(scale::ScaleBenchArgs),
 }
 
 /// Runs `sift bench`.
@@ -61,6 +64,7 @@ pub async fn main(config: &Config, command: BenchCommand) -> Result<(), TrainCom
         BenchCommand::Match(args) => Ok(matching::main(config, args).await?),
         BenchCommand::Review(args) => Ok(review::main(config, args).await?),
         BenchCommand::E2e(args) => Ok(e2e::main(config, args).await?),
+        BenchCommand::Scale(args) => Ok(scale::main(config, args).await?),
         BenchCommand::Feedback(args) => tokio::task::spawn_blocking(move || feedback::main(args))
             .await
             .map_err(|e| TrainCommandError::Invalid(format!("the bench thread failed: {e}")))?,

@@ -819,9 +819,16 @@ impl super::Log for KafkaLog {
                 ("enable.auto.commit", "false".into()),
                 ("enable.auto.offset.store", "false".into()),
                 ("auto.offset.reset", "earliest".into()),
-                // Incremental rebalances: members keep the partitions they
-                // still own while the group changes.
-                ("partition.assignment.strategy", "cooperative-sticky".into()),
+                // Eager rebalances: every member gives up all its partitions
+                // and starts each partition it is assigned at the group's
+                // committed offset. With cooperative-sticky, a member that
+                // kept a partition through a rebalance kept librdkafka's
+                // fetch position too, so records it had read but could not
+                // commit during the rebalance were never read again and the
+                // group's lag stayed above 0 until a restart (`sift bench
+                // scale`, 4 infer instances starting together: 2 of 8
+                // partitions stuck in 3 of 3 runs).
+                ("partition.assignment.strategy", "range,roundrobin".into()),
                 // A member that vanishes without leaving is replaced within
                 // seconds, not the default 45.
                 ("session.timeout.ms", "10000".into()),
