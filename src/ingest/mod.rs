@@ -1023,6 +1023,9 @@ async fn last_visit(table: &dyn Table, tag: &str) -> crate::Result<Option<i64>> 
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
 }
 
+/// How long `serve_group` keeps trying to join the group at start-up.
+const STARTUP_RETRIES: Duration = Duration::from_secs(60);
+
 /// How long a member waits after its partitions change before it starts
 /// visiting, so that a group forming at once (replicas starting together)
 /// settles before anyone fetches.
@@ -1152,9 +1155,27 @@ pub async fn serve_group(
     stop: impl std::future::Future<Output = ()>,
 ) -> crate::Result<()> {
     let log = ingest.log.as_ref();
-    log.create_topic(topics::SOURCES, ingest.partitions).await?;
-    let published = publish_sources(log, sources).await?;
-    let mut consumer = log.subscribe(group, &[topics::SOURCES]).await?;
+    // Instances starting together race to create `sift.sources`, and a
+    // topic another client just created can take a moment to reach this
+    // one's metadata; a broker may still be starting. Keep trying for a while.
+    let deadline = Instant::now() + STARTUP_RETRIES;
+    let (published, mut consumer) = loop {
+        let attempt = async {
+            log.create_topic(topics::SOURCES, ingest.partitions).await?;
+            let published = publish_sources(log, sources).await?;
+            let consumer = log.subscribe(group, &[topics::SOURCES]).await?;
+            crate::Result::Ok((published, consumer))
+        }
+        .await;
+        match attempt {
+            Ok(v) => break v,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "Could not join the ingest group yet; trying again.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     tracing::info!(group, published, "Joined the ingest group.");
     let mut due: Vec<Instant> = vec![Instant::now(); sources.len()];
     let mut assignment: Vec<TopicPartition> = Vec::new();
