@@ -505,17 +505,39 @@ async fn encryption_on_embedded_store_is_refused() -> Result<()> {
 }
 
 /// The embedded store, failing puts of chosen keys, as a crash would stop
-/// them: `run` fails after the other parts of the batch are uploaded and
-/// before the commit.
+/// them (`run` fails after the other parts of the batch are uploaded and
+/// before the commit), and a seeded share of all puts, as outages would.
 struct Flaky {
     inner: EmbeddedObjects,
     fail: Mutex<BTreeSet<String>>,
+    rng: Mutex<rand::rngs::StdRng>,
+    failure_rate: f64,
+    injected: std::sync::atomic::AtomicU64,
+}
+
+impl Flaky {
+    fn open(dir: &Path, seed: u64, failure_rate: f64) -> Result<Self> {
+        Ok(Flaky {
+            inner: EmbeddedObjects::open(&dir.join("objects"))?,
+            fail: Mutex::new(BTreeSet::new()),
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+            failure_rate,
+            injected: Default::default(),
+        })
+    }
 }
 
 #[async_trait]
 impl ObjectStore for Flaky {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<ObjectMeta, ObjectError> {
-        if self.fail.lock().map_or(true, |f| f.contains(key)) {
+        let chosen = self.fail.lock().map_or(true, |f| f.contains(key));
+        let drawn = self
+            .rng
+            .lock()
+            .map_or(true, |mut r| r.random_bool(self.failure_rate));
+        if chosen || drawn {
+            self.injected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(ObjectError::Backend(format!("injected failure at {key}")));
         }
         self.inner.put(key, body, mode).await
@@ -558,10 +580,7 @@ impl ObjectStore for Flaky {
 async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = open_log(dir.path())?;
-    let store = Arc::new(Flaky {
-        inner: EmbeddedObjects::open(&dir.path().join("objects"))?,
-        fail: Mutex::new(BTreeSet::new()),
-    });
+    let store = Arc::new(Flaky::open(dir.path(), 0, 0.0)?);
     log.create_topic(topics::RAW, 1).await?;
     // Equal-size lines; groups: a/b on two days interleaved, `late` from 250.
     let envelopes = |range: std::ops::Range<usize>| {
@@ -679,54 +698,6 @@ async fn crash_between_upload_and_commit_is_idempotent() -> Result<()> {
     Ok(())
 }
 
-/// The embedded store, failing a seeded share of puts (parts and claims
-/// alike) as crashes and outages would.
-struct Unreliable {
-    inner: EmbeddedObjects,
-    rng: Mutex<rand::rngs::StdRng>,
-    failure_rate: f64,
-    injected: std::sync::atomic::AtomicU64,
-}
-
-#[async_trait]
-impl ObjectStore for Unreliable {
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<ObjectMeta, ObjectError> {
-        let fail = self
-            .rng
-            .lock()
-            .map_or(true, |mut r| r.random_bool(self.failure_rate));
-        if fail {
-            self.injected
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(ObjectError::Backend(format!("injected failure at {key}")));
-        }
-        self.inner.put(key, body, mode).await
-    }
-    async fn put_stream(
-        &self,
-        key: &str,
-        body: ObjectReader,
-        mode: PutMode,
-    ) -> Result<ObjectMeta, ObjectError> {
-        self.inner.put_stream(key, body, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<(ObjectMeta, Bytes), ObjectError> {
-        self.inner.get(key).await
-    }
-    async fn get_stream(&self, key: &str) -> Result<(ObjectMeta, ObjectReader), ObjectError> {
-        self.inner.get_stream(key).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
-        self.inner.delete(key).await
-    }
-}
-
 /// The rebalance race at its worst: members that each believe they own
 /// every partition (each in a consumer group of its own, so none ever sees
 /// another's commits), flushing at their own seeded batch sizes at the same
@@ -759,12 +730,7 @@ async fn rival_members_archive_each_record_once() -> Result<()> {
             .filter(|(n, _)| ![17, 230, 411].contains(n))
             .map(|(_, p)| p)
             .collect();
-        let store = Arc::new(Unreliable {
-            inner: EmbeddedObjects::open(&dir.path().join("objects"))?,
-            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed)),
-            failure_rate: 0.01,
-            injected: Default::default(),
-        });
+        let store = Arc::new(Flaky::open(dir.path(), seed ^ 0x5eed, 0.01)?);
         let mut members = Vec::new();
         for m in 0..3 {
             let mut c = config(
