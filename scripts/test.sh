@@ -4,7 +4,9 @@
 # embedded backends, and the same conformance suites plus a fault test per
 # backend against real Kafka, S3 (moto), HBase, OpenSearch and Redis, which
 # scripts/services.sh installs and starts on loopback and stops at the end,
-# also when a step fails.
+# also when a step fails; among them the chaos suite (tests/chaos.rs: every
+# stage as several processes while instances are killed and every service
+# restarted, about 5 minutes).
 #
 # SIFT_TEST_EMBEDDED_ONLY=1 skips the services and the real-backend tests
 # (they then print that they were skipped).

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub log_quarantined_bytes: Counter,
     /// Consumer positions reset by `log.on_offset_out_of_range`.
     pub log_offset_resets: Counter,
+    /// Kafka group members replaced because they failed every poll (or
+    /// failed fatally) while the cluster answered.
+    pub log_consumer_rejoins: Counter,
     /// Records Kinesis refused for throughput (`ProvisionedThroughputExceeded`)
     /// and sent again after a backoff.
     pub log_throttled_records: Counter,
@@ -185,6 +188,7 @@ impl Metrics {
             log_quarantined_ranges: Counter::default(),
             log_quarantined_bytes: Counter::default(),
             log_offset_resets: Counter::default(),
+            log_consumer_rejoins: Counter::default(),
             log_throttled_records: Counter::default(),
             objects_written_bytes: Counter::default(),
             table_cells_written: Counter::default(),
@@ -262,6 +266,11 @@ impl Metrics {
             "sift_log_offset_resets",
             "Consumer positions reset because they lay outside the stored offsets",
             m.log_offset_resets.clone(),
+        );
+        registry.register(
+            "sift_log_consumer_rejoins",
+            "Kafka group members replaced by fresh ones because they failed every poll while the cluster answered",
+            m.log_consumer_rejoins.clone(),
         );
         registry.register(
             "sift_objects_written_bytes",

@@ -137,6 +137,7 @@ impl Stop {
 /// Exponential backoff between retries of a failed backend call.
 pub struct Backoff {
     delay: Duration,
+    max: Duration,
     attempt: u32,
     /// The stage's health, which counts failures in a row for `/healthz`.
     health: &'static StageHealth,
@@ -146,12 +147,27 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(30);
 
+    /// Longest wait between failed polls of a consumer group.
+    const POLL_MAX: Duration = Duration::from_secs(5);
+
     /// A fresh backoff that counts failures in `health`.
     pub fn new(health: &'static StageHealth) -> Self {
         Backoff {
             delay: Self::FIRST,
+            max: Self::MAX,
             attempt: 0,
             health,
+        }
+    }
+
+    /// A backoff between failed polls, which waits at most 5 s: a poll
+    /// already waits for records, costs the brokers little, and a member
+    /// that does not poll within the group's `max.poll.interval.ms` is put
+    /// out of the group, which then rebalances without it.
+    pub fn for_polls(health: &'static StageHealth) -> Self {
+        Backoff {
+            max: Self::POLL_MAX,
+            ..Self::new(health)
         }
     }
 
@@ -187,7 +203,7 @@ impl Backoff {
             _ = tokio::time::sleep(self.delay) => true,
             _ = stop.wait() => false,
         };
-        self.delay = (self.delay * 2).min(Self::MAX);
+        self.delay = (self.delay * 2).min(self.max);
         slept
     }
 }

@@ -425,13 +425,13 @@ async fn archive(
     // With nothing to catch up on, there is nothing to poll for.
     let mut done = targets.is_some() && a.progress.target() == 0;
     let mut stop_wait = stop.clone();
-    let mut backoff = Backoff::new(&HEALTH);
+    let mut backoff = Backoff::for_polls(&HEALTH);
     while !done {
         HEALTH.beat();
         match a.step(&mut stop_wait, targets.as_deref()).await {
             Ok(Some(d)) => {
                 done = d;
-                backoff = Backoff::new(&HEALTH);
+                backoff = Backoff::for_polls(&HEALTH);
             }
             Ok(None) => break,
             Err(e) => {

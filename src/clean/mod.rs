@@ -486,7 +486,7 @@ async fn consume(
     let mut last_lag: Option<Instant> = None;
     let mut last_progress = Instant::now();
     let mut lag = 0u64;
-    let mut poll_backoff = Backoff::new(&HEALTH);
+    let mut poll_backoff = Backoff::for_polls(&HEALTH);
     let mut pending: Option<Prepared> = None;
     loop {
         if stop.is_set() {
@@ -555,10 +555,10 @@ async fn consume(
         }
         match polled? {
             Polled::Batch(p) => {
-                poll_backoff = Backoff::new(&HEALTH);
+                poll_backoff = Backoff::for_polls(&HEALTH);
                 pending = Some(p);
             }
-            Polled::Empty => poll_backoff = Backoff::new(&HEALTH),
+            Polled::Empty => poll_backoff = Backoff::for_polls(&HEALTH),
             Polled::Stopped => break,
             Polled::Failed(e) => {
                 if !poll_backoff.wait(&mut stop, "poll sift.raw", &e).await {

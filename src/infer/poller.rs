@@ -67,7 +67,7 @@ impl Poller {
         let metrics = crate::metrics::global();
         let mut last_lag: Option<Instant> = None;
         let mut last_progress = (Instant::now(), 0u64);
-        let mut poll_backoff = Backoff::new(&HEALTH);
+        let mut poll_backoff = Backoff::for_polls(&HEALTH);
         loop {
             if !self.settle(summary, false).await {
                 return Ok(());
@@ -132,9 +132,9 @@ impl Poller {
                 .poll(self.settings.poll_records.min(room), wait)
                 .await
             {
-                Ok(batch) if batch.is_empty() => poll_backoff = Backoff::new(&HEALTH),
+                Ok(batch) if batch.is_empty() => poll_backoff = Backoff::for_polls(&HEALTH),
                 Ok(batch) => {
-                    poll_backoff = Backoff::new(&HEALTH);
+                    poll_backoff = Backoff::for_polls(&HEALTH);
                     if !self.admit(batch, summary).await? {
                         break;
                     }

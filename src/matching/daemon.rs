@@ -128,7 +128,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
     let metrics = crate::metrics::global();
     let cache_ttl = Some(config.matching.cache_ttl).filter(|d| !d.is_zero());
     let concurrency = config.matching.concurrency.max(1) as usize;
-    let mut poll_backoff = Backoff::new(&HEALTH);
+    let mut poll_backoff = Backoff::for_polls(&HEALTH);
     let mut last_progress = Instant::now();
     let mut wait_stop = stop.clone();
     let result: crate::Result<()> = async {
@@ -163,7 +163,7 @@ pub async fn run(parts: Parts, config: &Config, until: Until) -> crate::Result<M
                 .await
             {
                 Ok(b) => {
-                    poll_backoff = Backoff::new(&HEALTH);
+                    poll_backoff = Backoff::for_polls(&HEALTH);
                     b
                 }
                 Err(e) => {

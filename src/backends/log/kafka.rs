@@ -836,27 +836,24 @@ impl super::Log for KafkaLog {
             ],
         );
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-        let brokers = self.inner.brokers().to_string();
-        let group_name = group.to_string();
-        let settings = self.inner.settings.clone();
-        let member = blocking(move || {
-            let member: Member = config
-                .create()
-                .map_err(|e| client_error(&settings, "group consumer", e))?;
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            member.subscribe(&names).map_err(|e| {
-                LogError::Backend(format!(
-                    "joining group `{group_name}` on Kafka at {brokers} failed: {e}"
-                ))
-            })?;
-            Ok(member)
-        })
-        .await?;
+        let member = {
+            let (config, topics, settings, group) = (
+                config.clone(),
+                topics.clone(),
+                self.inner.settings.clone(),
+                group.to_string(),
+            );
+            blocking(move || join(&config, &topics, &settings, &group)).await?
+        };
         Ok(Box::new(KafkaConsumer {
             member: Some(Arc::new(member)),
             group: group.to_string(),
             brokers: self.inner.brokers().to_string(),
             assignment: Vec::new(),
+            inner: self.inner.clone(),
+            config,
+            topics,
+            failing: Failing::new(REJOIN_AFTER),
         }))
     }
 
@@ -880,6 +877,79 @@ impl super::Log for KafkaLog {
     }
 }
 
+/// Creates a group member and subscribes it to `topics` (blocking).
+fn join(
+    config: &ClientConfig,
+    topics: &[String],
+    settings: &KafkaConfig,
+    group: &str,
+) -> Result<Member, LogError> {
+    let member: Member = config
+        .create()
+        .map_err(|e| client_error(settings, "group consumer", e))?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    member.subscribe(&names).map_err(|e| {
+        LogError::Backend(format!(
+            "joining group `{group}` on Kafka at {} failed: {e}",
+            settings.brokers
+        ))
+    })?;
+    Ok(member)
+}
+
+/// How long a member's polls may fail, while the cluster answers other
+/// clients, before the member is replaced by a fresh one.
+const REJOIN_AFTER: Duration = Duration::from_secs(60);
+
+/// Tracks a member's polls failing in a row, to tell a member that is stuck
+/// from a cluster that is down. After a broker restart, a librdkafka member
+/// has been seen to answer `AllBrokersDown` to every poll for 15 minutes
+/// while every other client of the same process had reconnected; its group
+/// then waited on it.
+#[derive(Debug)]
+struct Failing {
+    since: Option<Instant>,
+    after: Duration,
+}
+
+impl Failing {
+    fn new(after: Duration) -> Self {
+        Failing { since: None, after }
+    }
+
+    /// A poll succeeded.
+    fn ok(&mut self) {
+        self.since = None;
+    }
+
+    /// A poll failed at `now`: whether the member has failed long enough
+    /// (or fatally) that it should be replaced, if the cluster answers.
+    fn failed(&mut self, now: Instant, fatal: bool) -> bool {
+        let since = *self.since.get_or_insert(now);
+        fatal || now.saturating_duration_since(since) >= self.after
+    }
+
+    /// How long polls have failed, as of `now`.
+    fn for_how_long(&self, now: Instant) -> Duration {
+        self.since
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
+    }
+}
+
+/// Drops a member on a thread of its own: closing one that is stuck can
+/// block in librdkafka for as long as it stays stuck, and must neither hold
+/// a worker nor keep the runtime from shutting down.
+fn close_detached(member: Arc<Member>) {
+    let spare = member.clone();
+    if std::thread::Builder::new()
+        .name("sift-kafka-close".into())
+        .spawn(move || drop(member))
+        .is_err()
+    {
+        off_executor(spare);
+    }
+}
+
 /// A member of a Kafka consumer group.
 struct KafkaConsumer {
     /// None once closed.
@@ -888,6 +958,12 @@ struct KafkaConsumer {
     brokers: String,
     /// As of the last poll.
     assignment: Vec<TopicPartition>,
+    /// The log's clients, to ask whether the cluster answers.
+    inner: Arc<Inner>,
+    /// What the member was created with, to create it again.
+    config: ClientConfig,
+    topics: Vec<String>,
+    failing: Failing,
 }
 
 impl KafkaConsumer {
@@ -900,11 +976,54 @@ impl KafkaConsumer {
         })
     }
 
+    /// After a failed poll: replaces a member that failed fatally, or has
+    /// failed every poll for [`REJOIN_AFTER`] while the cluster answers
+    /// metadata requests, with a fresh member of the group. It starts each
+    /// partition it is assigned at the group's committed offset, as after
+    /// any rebalance.
+    async fn after_failed_poll(&mut self, fatal: bool) {
+        if !self.failing.failed(Instant::now(), fatal) {
+            return;
+        }
+        let probe = self.inner.clone();
+        if let Err(e) = blocking(move || probe.read_metadata().map(|_| ())).await {
+            tracing::debug!(error = %e, group = %self.group, "The Kafka cluster does not answer either; keeping the member");
+            return;
+        }
+        let (config, topics, settings, group) = (
+            self.config.clone(),
+            self.topics.clone(),
+            self.inner.settings.clone(),
+            self.group.clone(),
+        );
+        match blocking(move || join(&config, &topics, &settings, &group)).await {
+            Ok(fresh) => {
+                tracing::warn!(
+                    group = %self.group,
+                    failing_for = ?self.failing.for_how_long(Instant::now()),
+                    fatal,
+                    "The Kafka consumer failed every poll while the cluster answered; \
+                     replaced it with a fresh member of the group."
+                );
+                crate::metrics::global().log_consumer_rejoins.inc();
+                if let Some(old) = self.member.replace(Arc::new(fresh)) {
+                    close_detached(old);
+                }
+                self.assignment.clear();
+                self.failing.ok();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, group = %self.group, "Could not replace a failing Kafka consumer; trying again after the next failed poll")
+            }
+        }
+    }
+
     fn error(&self, what: &str, e: KafkaError) -> LogError {
         let advice = if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
-            "the member cannot continue: close it and subscribe again"
+            "the member cannot continue: the next poll replaces it with a fresh member of the group"
         } else {
-            "the member keeps its place: poll again, and check the brokers if this persists"
+            "the member keeps its place: poll again, and check the brokers if this persists \
+             (a member that fails every poll for a minute while the cluster answers is replaced)"
         };
         LogError::Backend(format!(
             "{what} for group `{}` on Kafka at {}: {e}; {advice}",
@@ -929,6 +1048,15 @@ fn assignment_of(member: &Member) -> Result<Vec<TopicPartition>, KafkaError> {
 
 /// Collects up to `max` messages: waits up to `timeout` for the first, then
 /// takes only what is already there. Rebalance callbacks run inside `poll`.
+///
+/// librdkafka queues an error event on the consumer for every failed
+/// connection attempt while the brokers are away (hundreds in a broker
+/// restart), and each `poll` hands out one of them. So an error does not end
+/// the poll: it goes on until the deadline, draining the queue, and the last
+/// error is returned only if no message came. Returning at the first error
+/// left a stage that backs off between failed polls draining one queued
+/// event per backoff, minutes after the broker was back. A fatal error ends
+/// the poll at once.
 fn poll_member(
     member: &Member,
     max: usize,
@@ -936,6 +1064,7 @@ fn poll_member(
 ) -> (Vec<Message>, Option<KafkaError>) {
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
+    let mut error = None;
     while out.len() < max {
         let wait = if out.is_empty() {
             deadline.saturating_duration_since(Instant::now())
@@ -945,14 +1074,15 @@ fn poll_member(
         match member.poll(wait) {
             Some(Ok(m)) => out.push(to_message(&m)),
             Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => {
-                if out.is_empty() {
-                    return (out, Some(e));
-                }
-                // The messages already taken must reach the caller; librdkafka
-                // keeps retrying whatever failed.
-                tracing::warn!(error = %e, "Kafka consumer error after a partial poll");
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                error = Some(e);
                 break;
+            }
+            Some(Err(e)) => {
+                error = Some(e);
+                if Instant::now() >= deadline {
+                    break;
+                }
             }
             // Nothing, or a rebalance was served: go on until the deadline.
             None => {
@@ -962,7 +1092,15 @@ fn poll_member(
             }
         }
     }
-    (out, None)
+    match error {
+        // The messages taken must reach the caller; librdkafka keeps
+        // retrying whatever failed.
+        Some(e) if !out.is_empty() => {
+            tracing::debug!(error = %e, "Kafka consumer error during a poll that returned messages");
+            (out, None)
+        }
+        error => (out, error),
+    }
 }
 
 #[async_trait]
@@ -975,13 +1113,25 @@ impl Consumer for KafkaConsumer {
         })
         .await
         .map_err(|e| LogError::Backend(format!("Kafka worker thread failed: {e}")))?;
-        match assignment {
-            Ok(a) => self.assignment = a,
-            Err(e) => return Err(self.error("reading the assignment", e)),
-        }
-        match error {
-            Some(e) => Err(self.error("polling", e)),
-            None => Ok(messages),
+        let failure = match (assignment, error) {
+            (Ok(a), error) => {
+                self.assignment = a;
+                error.map(|e| ("polling", e))
+            }
+            (Err(e), None) => Some(("reading the assignment", e)),
+            (Err(_), Some(e)) => Some(("polling", e)),
+        };
+        match failure {
+            None => {
+                self.failing.ok();
+                Ok(messages)
+            }
+            Some((what, e)) => {
+                let fatal = matches!(e, KafkaError::MessageConsumptionFatal(_));
+                let error = self.error(what, e);
+                self.after_failed_poll(fatal).await;
+                Err(error)
+            }
         }
     }
 
@@ -1081,5 +1231,29 @@ impl Drop for KafkaConsumer {
         if let Some(member) = self.member.take() {
             off_executor(member);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_replaced_only_after_failing_throughout_or_fatally() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut f = Failing::new(s(60));
+        assert!(!f.failed(t0, false));
+        assert!(!f.failed(t0 + s(59), false));
+        assert_eq!(f.for_how_long(t0 + s(59)), s(59));
+        // A poll that succeeds in between starts the count again.
+        f.ok();
+        assert!(!f.failed(t0 + s(61), false));
+        assert!(!f.failed(t0 + s(120), false));
+        assert!(f.failed(t0 + s(121), false));
+        // Fatal errors do not wait.
+        let mut g = Failing::new(s(60));
+        assert!(g.failed(t0, true));
+        assert_eq!(Failing::new(s(1)).for_how_long(t0), Duration::ZERO);
     }
 }
