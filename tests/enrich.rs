@@ -4,17 +4,19 @@
 //! key rejected without the key leaking, the client-side rate limit shared
 //! by concurrent callers; answers paid once (stored in the table across
 //! runs, one call per handle however many lookups are in flight), counted
-//! for `sift enrich stats`; and the generator's canned answers served back.
+//! for `sift enrich stats`, and never paid again because the table of
+//! answers is down; and the generator's canned answers served back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use sift::backends::cache::EmbeddedCache;
-use sift::backends::table::EmbeddedTable;
+use sift::backends::table::{Delete, EmbeddedTable, Row, RowPut, Scan, Table, TableError};
 use sift::backends::Cache;
 use sift::config::EnrichConfig;
 use sift::dbusa::generate::{generate, Spec};
@@ -538,6 +540,132 @@ async fn answers_are_paid_once_across_runs() -> Result<()> {
     let (_, source) = stale.enrich(&twitter("user0")).await?;
     ensure!(source == EnrichSource::Api, "{source}");
     ensure!(server.requests() == 11);
+    server.stop().await;
+    Ok(())
+}
+
+/// The embedded table, with an outage switched on and off: while down every
+/// call fails as a gateway that refuses connections does.
+struct Outage {
+    inner: Arc<EmbeddedTable>,
+    down: AtomicBool,
+    /// Writes still to refuse while reads work.
+    failing_puts: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), TableError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(TableError::Backend("connection refused (an outage)".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Table for Outage {
+    async fn ensure_table(&self, table: &str, families: &[&str]) -> Result<(), TableError> {
+        self.check()?;
+        self.inner.ensure_table(table, families).await
+    }
+    async fn list_tables(&self) -> Result<Vec<(String, Vec<String>)>, TableError> {
+        self.check()?;
+        self.inner.list_tables().await
+    }
+    async fn put(&self, table: &str, rows: Vec<RowPut>) -> Result<(), TableError> {
+        self.check()?;
+        if self
+            .failing_puts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(TableError::Backend("connection refused (writes)".into()));
+        }
+        self.inner.put(table, rows).await
+    }
+    async fn get(
+        &self,
+        table: &str,
+        row: &[u8],
+        families: Option<&[String]>,
+    ) -> Result<Option<Row>, TableError> {
+        self.check()?;
+        self.inner.get(table, row, families).await
+    }
+    async fn scan(&self, table: &str, scan: &Scan) -> Result<Vec<Row>, TableError> {
+        self.check()?;
+        self.inner.scan(table, scan).await
+    }
+    async fn delete(&self, table: &str, row: &[u8], what: Delete) -> Result<(), TableError> {
+        self.check()?;
+        self.inner.delete(table, row, what).await
+    }
+}
+
+/// A table of answers that cannot be read makes the lookup wait (an
+/// error the matcher retries), not pay the API again; an answer paid for
+/// while the table refuses writes is stored once it is back.
+#[tokio::test]
+async fn a_table_outage_never_pays_twice() -> Result<()> {
+    let server = serve(vec![answer("paid", &[]), answer("later", &[])], fast()).await?;
+    let dir = tempfile::tempdir()?;
+    let table = Arc::new(Outage {
+        inner: Arc::new(EmbeddedTable::open(&dir.path().join("t.redb"))?),
+        down: AtomicBool::new(false),
+        failing_puts: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
+    });
+    let config = config(&server.url());
+    let fresh = || client(&config);
+    let store = AnswerStore::open(table.clone()).await?;
+    let first = fresh()?.with_store(store.clone());
+    let (_, source) = first.enrich(&twitter("paid")).await?;
+    ensure!(source == EnrichSource::Api && server.requests() == 1);
+
+    // A restarted process (empty cache) while the table is down: an error
+    // for the caller to retry, and no call.
+    table.down.store(true, Ordering::SeqCst);
+    let second = fresh()?.with_store(store.clone());
+    for _ in 0..3 {
+        match second.enrich(&twitter("paid")).await {
+            Err(EnrichError::Store(msg)) => ensure!(msg.contains("an outage"), "{msg}"),
+            other => bail!("a lookup with the table down gave {other:?}"),
+        }
+    }
+    ensure!(
+        server.requests() == 1,
+        "paid again: {} calls",
+        server.requests()
+    );
+    table.down.store(false, Ordering::SeqCst);
+    let (_, source) = second.enrich(&twitter("paid")).await?;
+    ensure!(source == EnrichSource::Stored, "{source}");
+    ensure!(server.requests() == 1);
+
+    // The table refuses the write of a new answer (it went down after the
+    // read): the write is tried again until the table takes it.
+    table.failing_puts.store(3, Ordering::SeqCst);
+    let refused = table.refused.load(Ordering::SeqCst);
+    let (_, source) = fresh()?
+        .with_store(store.clone())
+        .enrich(&twitter("later"))
+        .await?;
+    ensure!(
+        table.refused.load(Ordering::SeqCst) == refused + 3,
+        "{} writes refused",
+        table.refused.load(Ordering::SeqCst) - refused
+    );
+    ensure!(source == EnrichSource::Api && server.requests() == 2);
+    let third = fresh()?.with_store(store);
+    let (_, source) = third.enrich(&twitter("later")).await?;
+    ensure!(
+        source == EnrichSource::Stored,
+        "the answer paid during the outage was not stored: {source}"
+    );
+    ensure!(server.requests() == 2);
     server.stop().await;
     Ok(())
 }

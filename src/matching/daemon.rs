@@ -299,7 +299,8 @@ async fn handle(
     Ok(Some(Handled { decided, dead }))
 }
 
-/// Matches one profile, retrying while the search index fails; None if
+/// Matches one profile, retrying while the search index or the table of
+/// enrichment answers fails; None if
 /// shutdown was asked for meanwhile; an error when retrying cannot help
 /// (the enrichment API refused the key).
 async fn decide(matcher: &Matcher, p: &ProfileIn, stop: &Stop) -> crate::Result<Option<Outcome>> {
@@ -312,10 +313,13 @@ async fn decide(matcher: &Matcher, p: &ProfileIn, stop: &Stop) -> crate::Result<
                 return Err(crate::Error::Invalid(e.to_string()))
             }
             Err(e) => {
-                if !backoff
-                    .wait(&mut s, "search the consumer database", &e)
-                    .await
-                {
+                let what = match e {
+                    super::matcher::MatchError::EnrichmentStore(_) => {
+                        "read the table of enrichment answers"
+                    }
+                    _ => "search the consumer database",
+                };
+                if !backoff.wait(&mut s, what, &e).await {
                     return Ok(None);
                 }
             }

@@ -44,6 +44,9 @@ pub const ENRICH_PATH: &str = "/v3/person.enrich";
 
 /// First wait after a 429 or 5xx; doubled at each further attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How long an answer just paid for is offered to a failing table before it
+/// is left in the cache only.
+const STORE_PATIENCE: Duration = Duration::from_secs(120);
 /// The longest wait between two attempts computed by the backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A `Retry-After` longer than this is not waited for: the lookup is reported
@@ -463,6 +466,11 @@ pub enum EnrichError {
     /// after every attempt; the profile can be tried again later.
     #[error("the enrichment API is unavailable: {0}")]
     Unavailable(String),
+    /// The table of stored answers could not be read: the lookup waits for
+    /// it (the caller retries) rather than paying the API for an answer
+    /// that may be stored already.
+    #[error("the table of enrichment answers could not be read: {0}; the lookup waits for it rather than paying the API again")]
+    Store(String),
     /// The API refused the key (401 or 403): every further lookup would
     /// fail the same way, so the matcher stops.
     #[error("the enrichment API refused the key with status {status}: {message} (check enrich.api_key, best set as SIFT__ENRICH__API_KEY, and the account's plan)")]
@@ -718,7 +726,11 @@ impl Enricher {
     ) -> Result<(Enrichment, EnrichSource), EnrichError> {
         self.count(|c| &mut c.lookups);
         let key = req.cache_key();
-        if let Some(hit) = self.known(&key).await {
+        let known = self.known(&key).await;
+        if known.is_err() {
+            self.count(|c| &mut c.failed);
+        }
+        if let Some(hit) = known? {
             match hit.1 {
                 EnrichSource::Stored => self.count(|c| &mut c.stored_hits),
                 _ => {
@@ -742,11 +754,12 @@ impl Enricher {
             let _turn = gate.lock().await;
             // Whoever held the handle before may have paid for it meanwhile.
             match self.known(&key).await {
-                Some(hit) => {
+                Ok(Some(hit)) => {
                     self.count(|c| &mut c.joined);
                     Ok(hit)
                 }
-                None => self.fetch(req, &key).await,
+                Ok(None) => self.fetch(req, &key).await,
+                Err(e) => Err(e),
             }
         };
         self.release(&key, &gate);
@@ -766,33 +779,68 @@ impl Enricher {
     }
 
     /// The answer already paid for: the cache's, else a fresh stored one
-    /// (which goes back into the cache). Counted by the caller.
-    async fn known(&self, key: &str) -> Option<(Enrichment, EnrichSource)> {
+    /// (which goes back into the cache). Counted by the caller. A table that
+    /// cannot be read is an error, not a miss: a miss would pay again.
+    async fn known(&self, key: &str) -> Result<Option<(Enrichment, EnrichSource)>, EnrichError> {
         match self.cache.get(CACHE_NAMESPACE, key).await {
             Ok(Some(bytes)) => match serde_json::from_slice::<Enrichment>(&bytes) {
-                Ok(e) => return Some((e, EnrichSource::Cache)),
+                Ok(e) => return Ok(Some((e, EnrichSource::Cache))),
                 Err(e) => tracing::warn!(error = %e, "Ignoring an unreadable cached enrichment."),
             },
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "The enrichment cache failed; reading the table."),
         }
-        let store = self.store.as_ref()?;
-        let stored = match store.get(key).await {
-            Ok(stored) => stored?,
-            Err(e) => {
-                tracing::warn!(error = %e, "The table of enrichment answers could not be read; asking the API.");
-                return None;
-            }
+        let Some(store) = self.store.as_ref() else {
+            return Ok(None);
+        };
+        let Some(stored) = store
+            .get(key)
+            .await
+            .map_err(|e| EnrichError::Store(e.to_string()))?
+        else {
+            return Ok(None);
         };
         let ttl = self.ttl(&stored.answer);
         let age = Duration::from_millis(
             u64::try_from(crate::now_ms().saturating_sub(stored.fetched_at_ms)).unwrap_or(0),
         );
         if age >= ttl {
-            return None;
+            return Ok(None);
         }
         self.cache_answer(key, &stored.answer, ttl - age).await;
-        Some((stored.answer, EnrichSource::Stored))
+        Ok(Some((stored.answer, EnrichSource::Stored)))
+    }
+
+    /// Stores an answer just paid for, trying again while the table fails
+    /// (a Thrift gateway restarting), for up to [`STORE_PATIENCE`]; after
+    /// that the answer stays in the cache only, and an error says so.
+    async fn store_answer(&self, store: &AnswerStore, key: &str, stored: &StoredAnswer) {
+        let started = Instant::now();
+        let mut wait = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match store.put(key, stored).await {
+                Ok(()) => {
+                    if attempts > 1 {
+                        tracing::info!(
+                            attempts,
+                            "Stored an enrichment answer after the table came back."
+                        );
+                    }
+                    return;
+                }
+                Err(e) if started.elapsed() + wait <= STORE_PATIENCE => {
+                    tracing::warn!(error = %e, attempts, retry_in = ?wait, "Could not store an enrichment answer; trying again.");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, attempts, "Could not store an enrichment answer; it stays in the cache only, and is paid again once the cache forgets it.");
+                    return;
+                }
+            }
+        }
     }
 
     fn ttl(&self, answer: &Enrichment) -> Duration {
@@ -851,9 +899,7 @@ impl Enricher {
                 fetched_at_ms: crate::now_ms(),
                 calls,
             };
-            if let Err(e) = store.put(key, &stored).await {
-                tracing::warn!(error = %e, "Could not store an enrichment answer; it stays in the cache only.");
-            }
+            self.store_answer(store, key, &stored).await;
         }
         self.cache_answer(key, &outcome, self.ttl(&outcome)).await;
         Ok((outcome, EnrichSource::Api))

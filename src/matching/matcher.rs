@@ -217,6 +217,9 @@ pub enum MatchError {
     /// The enrichment API refused the key: every lookup would fail alike.
     #[error("{0}")]
     EnrichmentKey(super::enrich::EnrichError),
+    /// The table of enrichment answers failed: the profile waits for it.
+    #[error("{0}")]
+    EnrichmentStore(super::enrich::EnrichError),
 }
 
 /// Matches profiles. Cheap to share: every part is behind an `Arc` or immutable.
@@ -421,6 +424,7 @@ impl Matcher {
                     Err(e @ EnrichError::KeyRefused { .. }) => {
                         return Err(MatchError::EnrichmentKey(e))
                     }
+                    Err(e @ EnrichError::Store(_)) => return Err(MatchError::EnrichmentStore(e)),
                     Err(e) => {
                         log_enrich_error(&e);
                         Enriched::Failed

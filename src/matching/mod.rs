@@ -422,6 +422,7 @@ impl From<matcher::MatchError> for crate::Error {
         match e {
             matcher::MatchError::Search(s) => crate::Error::Search(s),
             e @ matcher::MatchError::EnrichmentKey(_) => crate::Error::Invalid(e.to_string()),
+            matcher::MatchError::EnrichmentStore(e) => e.into(),
         }
     }
 }
