@@ -43,6 +43,11 @@ fn main() -> anyhow::Result<()> {
     if let Ok(lr) = std::env::var("SIFT_LR") {
         options.learning_rate = lr.parse()?;
     }
+    if std::env::var("SIFT_CHAR_GRAMS").is_ok() {
+        if let Some(linear) = &mut options.linear {
+            linear.char_grams = true;
+        }
+    }
     if let Ok(c) = std::env::var("SIFT_LINEAR_C") {
         if let Some(linear) = &mut options.linear {
             linear.c = c.parse()?;

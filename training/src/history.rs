@@ -56,6 +56,25 @@ pub struct EnsembleRecord {
     pub linear_weight: f32,
     /// Every weight tried, with its tuning figures.
     pub grid: Vec<GridPoint>,
+    /// The linear half, when it is not the baseline itself (it reads
+    /// character grams as well as the baseline's word grams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear: Option<LinearHalfRecord>,
+}
+
+/// The linear half of the shipped model, trained apart from the baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearHalfRecord {
+    /// What it is.
+    pub name: String,
+    /// Its figures on the validation split, alone.
+    pub validation: Figures,
+    /// Training time, seconds.
+    pub seconds: f64,
+    /// Features in its vocabulary.
+    pub features: u64,
+    /// Weights kept.
+    pub weights: u64,
 }
 
 /// One point of the training-loss curve (the mean over the steps since the

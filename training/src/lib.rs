@@ -6,8 +6,9 @@
 //!   validation) and of the id (seen-source), so whole sources are held out
 //!   and a document never moves between parts when data is added.
 //! - [`LinearModel`]: TF-IDF (1,2)-grams + one-vs-rest linear SVM, the
-//!   anchor trained in the same run; [`ensemble`] combines it with the
-//!   transformer.
+//!   anchor trained in the same run and the shipped model's linear half,
+//!   which [`ensemble`] combines with the transformer (optionally reading
+//!   character grams too).
 //! - [`Labels`]: the label list saved as `labels.json`; its order is the
 //!   order of the model's outputs.
 //! - [`TextTokenizer`]: a WordPiece tokenizer trained on the corpus (or
@@ -41,7 +42,10 @@ mod vocab;
 pub use batch::{plan_batches, Batch, BatchLimits, Example};
 pub use dataset::{is_validation, DataError, Dataset, Document, Part, SplitPlan};
 pub use ensemble::Ensemble;
-pub use history::{BaselineRecord, EnsembleRecord, EpochRecord, Figures, ModelMetrics, StepRecord};
+pub use history::{
+    BaselineRecord, EnsembleRecord, EpochRecord, Figures, LinearHalfRecord, ModelMetrics,
+    StepRecord,
+};
 pub use labels::{Labels, LabelsError};
 pub use linear::{LinearModel, LinearOptions};
 pub use metrics::{Metric, Metrics};

@@ -1,6 +1,6 @@
 //! Hashed word n-grams for the model's fastText-style branch.
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Hashes the lowercased words of a text and its adjacent word pairs into
 /// `buckets` ids. Words are maximal runs of alphanumeric characters. The
@@ -83,6 +83,48 @@ pub fn gram_hashes(text: &str) -> Vec<u64> {
     hashes
 }
 
+/// Seed of the character n-gram hashes, so that no character gram shares a
+/// hash with a word gram by construction.
+const CHAR_SEED: u64 = 0x63_6861_7273; // "chars"
+
+/// Shortest and longest character n-gram.
+pub const CHAR_GRAMS: (usize, usize) = (2, 5);
+
+/// The 64-bit hashes of a text's character n-grams within words, as
+/// scikit-learn's `char_wb` analyser makes them: the text lowercased, split
+/// on whitespace, each word padded with a space on both sides, and every run
+/// of 2 to 5 characters of the padded word (a padded word shorter than n
+/// counts once, whole). They see inside package names (`python3-`, `-dev`,
+/// `lib…`) and word forms that word grams keep apart.
+pub fn char_gram_hashes(text: &str) -> Vec<u64> {
+    let lowered = text.to_lowercase();
+    let (min_n, max_n) = CHAR_GRAMS;
+    let mut hashes = Vec::with_capacity(lowered.len() * (max_n - min_n + 1));
+    let mut padded = String::new();
+    let mut bounds: Vec<usize> = Vec::new();
+    for word in lowered.split_whitespace() {
+        padded.clear();
+        padded.push(' ');
+        padded.push_str(word);
+        padded.push(' ');
+        bounds.clear();
+        bounds.extend(padded.char_indices().map(|(i, _)| i));
+        bounds.push(padded.len());
+        let chars = bounds.len() - 1;
+        for n in min_n..=max_n {
+            if chars < n {
+                hashes.push(xxh3_64_with_seed(padded.as_bytes(), CHAR_SEED));
+                break;
+            }
+            for start in 0..=chars - n {
+                let gram = &padded.as_bytes()[bounds[start]..bounds[start + n]];
+                hashes.push(xxh3_64_with_seed(gram, CHAR_SEED));
+            }
+        }
+    }
+    hashes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +139,23 @@ mod tests {
         assert!(ids.iter().all(|&id| id < 1 << 18));
         // Recorded values: changing them invalidates every trained model.
         assert_eq!(ids, [42513, 134560, 42513, 134560, 143451, 43730, 143451]);
+    }
+
+    #[test]
+    fn char_grams_follow_char_wb() {
+        // " ab " has 3 bigrams, 2 trigrams, 1 four-gram; then 5 > 4 chars:
+        // the padded word once more.
+        assert_eq!(char_gram_hashes("AB").len(), 3 + 2 + 1 + 1);
+        // A one-letter word: " a " gives 2 bigrams, 1 trigram, then itself once.
+        assert_eq!(char_gram_hashes("a").len(), 2 + 1 + 1);
+        let h = |g: &str| xxh3_64_with_seed(g.as_bytes(), CHAR_SEED);
+        let grams = char_gram_hashes("Été");
+        assert!(grams.contains(&h(" é")) && grams.contains(&h("été ")));
+        // Words are split on whitespace only: the hyphen stays inside.
+        assert!(char_gram_hashes("python3-foo").contains(&h("3-f")));
+        assert!(char_gram_hashes(" \n\t ").is_empty());
+        // Never a word gram's hash.
+        assert!(!char_gram_hashes("ab").contains(&xxh3_64(b"ab")));
     }
 
     #[test]

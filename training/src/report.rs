@@ -186,10 +186,19 @@ fn render_comparison(out: &mut String, m: &ModelMetrics) {
     );
     figure_cells(out, &shipped);
     out.push_str("</tr>\n");
-    if let (Some(t), Some(_)) = (&m.transformer, &m.ensemble) {
+    if let (Some(t), Some(e)) = (&m.transformer, &m.ensemble) {
         out.push_str("<tr><th>Transformer alone</th>");
         figure_cells(out, t);
         out.push_str("</tr>\n");
+        if let Some(half) = &e.linear {
+            put!(
+                out,
+                "<tr><th>Linear half alone: {}</th>",
+                escape(&half.name)
+            );
+            figure_cells(out, &half.validation);
+            out.push_str("</tr>\n");
+        }
     }
     let Some(baseline) = &m.baseline else {
         out.push_str(
@@ -1240,6 +1249,13 @@ mod tests {
             ensemble: Some(crate::EnsembleRecord {
                 linear_weight: 2.0,
                 grid: Vec::new(),
+                linear: Some(crate::LinearHalfRecord {
+                    name: crate::train::LINEAR_HALF_NAME.to_owned(),
+                    validation: figures(0.83, 0.95, 0.79),
+                    seconds: 30.0,
+                    features: 400_000,
+                    weights: 5_000_000,
+                }),
             }),
             tuning: Some(figures(0.85, 0.95, 0.78)),
             seen: Some(figures(0.88, 0.97, 0.80)),
@@ -1280,6 +1296,7 @@ mod tests {
         assert!(html.contains("TF-IDF &lt;svm&gt;"));
         assert!(html.contains("The baseline beats this model on recall@5."));
         assert!(html.contains("Transformer alone"));
+        assert!(html.contains("Linear half alone: TF-IDF word (1,2)-grams and character"));
         assert!(html.contains("Seen sources: 3% of documents by id"));
         assert!(html.contains("Validation without section and page name"));
         assert!(html.contains("15% of training documents"));
