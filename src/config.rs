@@ -686,6 +686,11 @@ pub struct TrainConfig {
     /// Train the TF-IDF + linear SVM anchor beside the transformer, report
     /// it, and ship both combined.
     pub linear: bool,
+    /// The shipped linear half also reads character 2- to 5-grams within
+    /// words (the baseline always reads word grams alone): on the debtags
+    /// development set it lifts recall@5 on unseen sources, for a model
+    /// file about twice as large and about 90 s more training.
+    pub char_grams: bool,
     /// Seed of the weights, the batch order and dropout.
     pub seed: u64,
     /// Add the analysts' decisions (family `r` of the `documents` table) to the training data.
@@ -703,6 +708,7 @@ impl Default for TrainConfig {
             tuning_percent: 5,
             seen_percent: 3,
             linear: true,
+            char_grams: true,
             seed: 42,
             feedback: true,
         }

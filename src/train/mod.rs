@@ -302,6 +302,7 @@ fn options(config: &Config, args: &TrainArgs) -> Result<TrainOptions, TrainComma
     o.split = split_plan(config);
     o.linear = config.train.linear.then(|| LinearOptions {
         seed: o.seed,
+        char_grams: config.train.char_grams,
         ..LinearOptions::default()
     });
     // The gate metric is checked here so a typo fails before training; the

@@ -1,14 +1,21 @@
 //! Writes, for the tuning and validation parts of a dataset, every label's
-//! transformer probability and linear decision value, as JSON lines: for
-//! studying how to combine the two outside the training run. Each document
+//! transformer probability and the decision values of two linear models
+//! trained here on the training part as `sift train` trains them (word
+//! grams alone: `s`; with character grams: `c`), as JSON lines: for
+//! studying how to combine them outside the training run. Each document
 //! twice: as the models read it, and without its fields (part `…Bare`).
 //!
-//! `cargo run -p sift-training --example dump_scores -- MODEL_DIR DATA.jsonl OUT.jsonl`
+//! `cargo run --release -p sift-training --example dump_scores -- MODEL_DIR DATA.jsonl OUT.jsonl`
 
 use std::io::Write;
 
 use candle_core::{DType, Device};
-use sift_training::{Dataset, LinearModel, Part, Predictor, SplitPlan};
+use rayon::prelude::*;
+use sift_training::linear::LinearExample;
+use sift_training::{
+    drops_fields, model_text, Dataset, LinearModel, LinearOptions, Part, Predictor, SplitPlan,
+    TrainOptions,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -29,14 +36,64 @@ fn main() -> anyhow::Result<()> {
     )?;
     let predictor = Predictor::load(alone.path(), &Device::Cpu, DType::F32)?;
     let labels = predictor.labels().clone();
-    let linear = LinearModel::load(&dir.join(sift_training::files::LINEAR), labels.len())?;
     let plan = SplitPlan::default();
-    let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
-    for doc in Dataset::open(data)?.documents {
-        let part = plan.part(&doc);
-        if !matches!(part, Part::Tuning | Part::Validation) || doc.tags.is_empty() {
+    let documents = Dataset::open(data)?.documents;
+    let dropout = TrainOptions::for_preset(sift_training::Preset::Tiny).field_dropout_percent;
+
+    // The training part's texts and labels, as the training run reads them.
+    let mut texts = Vec::new();
+    let mut positives = Vec::new();
+    let mut rejected = Vec::new();
+    for doc in documents.iter().filter(|d| plan.part(d) == Part::Train) {
+        let (p, r) = (labels.indices(&doc.tags), labels.indices(&doc.rejected));
+        if p.is_empty() && r.is_empty() {
             continue;
         }
+        let text = if drops_fields(doc, dropout) {
+            doc.text_alone()
+        } else {
+            doc.full_text()
+        };
+        texts.push(model_text(&text).to_owned());
+        positives.push(p);
+        rejected.push(r);
+    }
+    let examples: Vec<LinearExample<'_>> = texts
+        .iter()
+        .zip(&positives)
+        .zip(&rejected)
+        .map(|((text, labels), rejected)| LinearExample {
+            text,
+            labels,
+            rejected,
+        })
+        .collect();
+    let words = LinearModel::train(
+        &examples,
+        labels.len(),
+        &LinearOptions {
+            char_grams: false,
+            ..LinearOptions::default()
+        },
+    );
+    eprintln!("word grams trained on {} documents", examples.len());
+    let chars = LinearModel::train(
+        &examples,
+        labels.len(),
+        &LinearOptions {
+            char_grams: true,
+            ..LinearOptions::default()
+        },
+    );
+    eprintln!("character grams trained");
+
+    let held: Vec<_> = documents
+        .iter()
+        .filter(|d| matches!(plan.part(d), Part::Tuning | Part::Validation) && !d.tags.is_empty())
+        .collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
+    for doc in held {
+        let part = plan.part(doc);
         // Each document as the model reads it, then (as part
         // "<Part>Bare") without its section and page name.
         for (text, bare) in [(doc.full_text(), ""), (doc.text_alone(), "Bare")] {
@@ -46,11 +103,16 @@ fn main() -> anyhow::Result<()> {
             for &(i, score) in &top[0] {
                 p[i as usize] = score;
             }
-            let s = linear.scores(sift_training::model_text(&text));
+            let [s, c]: [Vec<f32>; 2] = [&words, &chars]
+                .par_iter()
+                .map(|m| m.scores(model_text(&text)))
+                .collect::<Vec<_>>()
+                .try_into()
+                .expect("two models");
             writeln!(
                 file,
                 "{}",
-                serde_json::json!({"part": format!("{part:?}{bare}"), "tags": doc.tags, "p": p, "s": s})
+                serde_json::json!({"part": format!("{part:?}{bare}"), "tags": doc.tags, "p": p, "s": s, "c": c})
             )?;
         }
     }

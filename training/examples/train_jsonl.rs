@@ -43,9 +43,9 @@ fn main() -> anyhow::Result<()> {
     if let Ok(lr) = std::env::var("SIFT_LR") {
         options.learning_rate = lr.parse()?;
     }
-    if std::env::var("SIFT_CHAR_GRAMS").is_ok() {
+    if let Ok(on) = std::env::var("SIFT_CHAR_GRAMS") {
         if let Some(linear) = &mut options.linear {
-            linear.char_grams = true;
+            linear.char_grams = on != "0";
         }
     }
     if let Ok(c) = std::env::var("SIFT_LINEAR_C") {
@@ -94,11 +94,20 @@ fn main() -> anyhow::Result<()> {
         line("no fields", t);
     }
     if let Some(e) = &m.ensemble {
-        println!("ensemble linear weight {}", e.linear_weight);
+        println!(
+            "ensemble {:?}, linear weight {}, slope {}",
+            e.form, e.linear_weight, e.linear_scale
+        );
         for p in &e.grid {
             println!(
-                "  w {:>5}: tuning P@1 {:.4} hit@5 {:.4} recall@5 {:.4}",
-                p.linear_weight, p.p_at_1, p.hit_at_5, p.recall_at_5
+                "  {:<8} w {:>5} k {:>4}: tuning P@1 {:.4} hit@5 {:.4} recall@5 {:.4} mean {:.4}",
+                format!("{:?}", p.form),
+                p.linear_weight,
+                p.linear_scale,
+                p.p_at_1,
+                p.hit_at_5,
+                p.recall_at_5,
+                (p.p_at_1 + p.hit_at_5 + p.recall_at_5) / 3.0
             );
         }
     }

@@ -54,6 +54,13 @@ pub struct BaselineRecord {
 pub struct EnsembleRecord {
     /// The linear model's weight chosen on the tuning split.
     pub linear_weight: f32,
+    /// The form chosen on the tuning split (records written before there
+    /// was a choice: the product).
+    #[serde(default)]
+    pub form: crate::ensemble::Form,
+    /// The mixture's slope chosen on the tuning split.
+    #[serde(default = "one")]
+    pub linear_scale: f32,
     /// Every weight tried, with its tuning figures.
     pub grid: Vec<GridPoint>,
     /// The linear half, when it is not the baseline itself (it reads
@@ -189,4 +196,8 @@ pub struct ModelMetrics {
     pub epochs: Vec<EpochRecord>,
     /// The training-loss curve.
     pub steps: Vec<StepRecord>,
+}
+
+fn one() -> f32 {
+    1.0
 }

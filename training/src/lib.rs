@@ -54,8 +54,8 @@ pub use predict::{Encoded, PredictError, Prediction, Predictor, Scored};
 pub use report::render_report;
 pub use tokenizer::{TextTokenizer, TokenizerError, CLS, PAD, SEP, UNK};
 pub use train::{
-    device_name, evaluate, files, fingerprint, learning_rate_at, merge_feedback, planned_epochs,
-    train, Preset, Pretrained, TrainError, TrainOptions, Trained, MIN_EPOCHS,
+    device_name, drops_fields, evaluate, files, fingerprint, learning_rate_at, merge_feedback,
+    planned_epochs, train, Preset, Pretrained, TrainError, TrainOptions, Trained, MIN_EPOCHS,
 };
 
 /// Most bytes of a document's text the model reads: far more than any

@@ -48,7 +48,9 @@ pub enum PredictError {
 pub struct Scored {
     /// Label name.
     pub label: String,
-    /// Score in [0, 1] (a sigmoid, or a softmax share, per the model config).
+    /// Score in [0, 1]: a sigmoid or a softmax share per the model config,
+    /// or, combined with the linear half, the ensemble's score
+    /// ([`crate::ensemble`]).
     pub score: f32,
 }
 
@@ -200,7 +202,7 @@ impl Predictor {
     fn finish_row(&self, row: &[f32], features: &Features, k: usize) -> Vec<(u32, f32)> {
         match &self.linear {
             Some((linear, ensemble)) => top_k(
-                &ensemble::combine(row, &linear.scores_of(features), ensemble.linear_weight),
+                &ensemble::combine(row, &linear.scores_of(features), ensemble),
                 k,
             ),
             None => top_k(row, k),

@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 
+use crate::ensemble::Form;
 use crate::history::{EpochRecord, Figures, ModelMetrics};
 use crate::metrics::{LabelMetrics, Metric, TOP_K};
 
@@ -277,12 +278,36 @@ fn render_comparison(out: &mut String, m: &ModelMetrics) {
             put!(
                 out,
                 "<p class=\"note\">The transformer alone is behind the baseline on {} of 3 \
-                 figures; the shipped scores combine both (linear weight {}, chosen on the \
-                 tuning split).</p>\n",
+                 figures; the shipped scores combine both.</p>\n",
                 behind.iter().filter(|&&b| b).count(),
-                fmt_weight(e.linear_weight)
             );
         }
+        let tried = match e.grid.len() {
+            0 => String::new(),
+            n => format!(" ({n} combinations tried)"),
+        };
+        put!(
+            out,
+            "<p class=\"note\">Shipped scores: {}, chosen on the tuning split{tried}.</p>\n",
+            escape(&combination(e)),
+        );
+    }
+}
+
+/// How the shipped scores combine the transformer's `p` with the linear
+/// half's `s`, as a formula.
+fn combination(e: &crate::EnsembleRecord) -> String {
+    let w = fmt_weight(e.linear_weight);
+    if e.linear_weight == 0.0 {
+        return "the transformer alone (linear weight 0)".to_owned();
+    }
+    match e.form {
+        Form::Mixture => format!(
+            "the mixture (p + {w} · σ({} · s)) / {}",
+            fmt_weight(e.linear_scale),
+            fmt_weight(1.0 + e.linear_weight)
+        ),
+        Form::Product => format!("the product softmax(ln p + {w} · s)"),
     }
 }
 
@@ -1247,7 +1272,9 @@ mod tests {
                 weights: 5000,
             }),
             ensemble: Some(crate::EnsembleRecord {
-                linear_weight: 2.0,
+                linear_weight: 0.5,
+                form: Form::Mixture,
+                linear_scale: 2.0,
                 grid: Vec::new(),
                 linear: Some(crate::LinearHalfRecord {
                     name: crate::train::LINEAR_HALF_NAME.to_owned(),
@@ -1296,6 +1323,10 @@ mod tests {
         assert!(html.contains("TF-IDF &lt;svm&gt;"));
         assert!(html.contains("The baseline beats this model on recall@5."));
         assert!(html.contains("Transformer alone"));
+        assert!(
+            html.contains("Shipped scores: the mixture (p + 0.5 · σ(2 · s)) / 1.5, chosen on the tuning split."),
+            "{html}"
+        );
         assert!(html.contains("Linear half alone: TF-IDF word (1,2)-grams and character"));
         assert!(html.contains("Seen sources: 3% of documents by id"));
         assert!(html.contains("Validation without section and page name"));

@@ -299,7 +299,7 @@ pub fn planned_epochs(options: &TrainOptions, documents: usize) -> u32 {
 
 /// Whether a training document is in the share shown without its fields:
 /// a seeded hash of its id, so the same documents every run and epoch.
-fn drops_fields(doc: &Document, percent: u8) -> bool {
+pub fn drops_fields(doc: &Document, percent: u8) -> bool {
     percent > 0
         && doc.has_fields()
         && xxhash_rust::xxh3::xxh3_64_with_seed(doc.id.as_bytes(), FIELD_DROPOUT_SEED) % 100
@@ -997,7 +997,7 @@ pub fn train(
         let combined = |p: &[Vec<f32>], s: &[Vec<f32>]| -> Vec<Vec<f32>> {
             p.iter()
                 .zip(s)
-                .map(|(p, s)| ensemble::combine(p, s, choice.linear_weight))
+                .map(|(p, s)| ensemble::combine(p, s, &choice))
                 .collect()
         };
         shipped.validation = ensemble::evaluate_rows(
@@ -1046,6 +1046,8 @@ pub fn train(
         .map_err(io_error(&path))?;
         shipped.ensemble = Some(crate::EnsembleRecord {
             linear_weight: choice.linear_weight,
+            form: choice.form,
+            linear_scale: choice.linear_scale,
             grid,
             linear: half,
         });
