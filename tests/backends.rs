@@ -350,6 +350,7 @@ async fn embedded_search_keeps_documents_across_reopen() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let spec = IndexSpec {
         name: "people".to_owned(),
+        source_excludes: Vec::new(),
         fields: vec![
             FieldSpec {
                 name: "name".to_owned(),
@@ -406,6 +407,103 @@ async fn embedded_search_keeps_documents_across_reopen() -> Result<()> {
     Ok(())
 }
 
+/// During a bulk load the embedded index commits only when asked to
+/// persist: what it acknowledged after the last `persist` is gone after a
+/// crash (the process ends without `end_bulk_load`), what it persisted is
+/// there; a field left out of stored documents is still found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_bulk_load_keeps_what_was_persisted() -> Result<()> {
+    use sift::backends::search::{Clause, Query};
+    let dir = tempfile::tempdir()?;
+    let spec = IndexSpec {
+        name: "people".to_owned(),
+        source_excludes: vec!["key".to_owned()],
+        fields: vec![
+            FieldSpec {
+                name: "name".to_owned(),
+                kind: FieldKind::Text,
+            },
+            FieldSpec {
+                name: "key".to_owned(),
+                kind: FieldKind::Keyword,
+            },
+        ],
+    };
+    let doc = |id: &str, name: &str| {
+        let source = json!({ "name": name, "key": name.to_lowercase() });
+        SearchDoc {
+            id: id.to_owned(),
+            source: source.as_object().cloned().unwrap_or_default(),
+        }
+    };
+    {
+        let search = EmbeddedSearch::open(dir.path())?;
+        search.ensure_index(&spec).await?;
+        search.begin_bulk_load("people").await?;
+        let report = search
+            .bulk_new("people", vec![doc("a", "Ada"), doc("b", "Alan")])
+            .await?;
+        ensure!(report.indexed == 2, "{report:?}");
+        search.persist("people").await?;
+        search.bulk_new("people", vec![doc("c", "Grace")]).await?;
+        search.bulk("people", vec![doc("a", "Ada King")]).await?;
+        // Killed here: no persist, no end_bulk_load.
+    }
+    let search = EmbeddedSearch::open(dir.path())?;
+    ensure!(
+        search.count("people").await? == 2,
+        "only a and b were persisted"
+    );
+    ensure!(
+        search.get("people", "c").await?.is_none(),
+        "c was never persisted"
+    );
+    let ada = search.get("people", "a").await?.context("a persisted")?;
+    ensure!(
+        ada.source.get("name") == Some(&json!("Ada")) && !ada.source.contains_key("key"),
+        "a is stored without its excluded field, as first sent: {ada:?}"
+    );
+    let by_key = Query {
+        must: vec![Clause::Term {
+            field: "key".to_owned(),
+            value: json!("alan"),
+            boost: 1.0,
+        }],
+        k: 5,
+        ..Query::default()
+    };
+    let hits = search.search("people", &by_key).await?;
+    ensure!(
+        hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>() == ["b"],
+        "the excluded field is searchable: {hits:?}"
+    );
+    // The run after the crash sends a and c again: a replaces itself.
+    search.begin_bulk_load("people").await?;
+    search
+        .bulk("people", vec![doc("a", "Ada King"), doc("c", "Grace")])
+        .await?;
+    search
+        .end_bulk_load("people", &sift::backends::search::LoadSettings::default())
+        .await?;
+    ensure!(search.count("people").await? == 3, "a, b and c once each");
+    let ada = search.get("people", "a").await?.context("a")?;
+    ensure!(
+        ada.source.get("name") == Some(&json!("Ada King")),
+        "{ada:?}"
+    );
+    let mut wrong = spec.clone();
+    wrong.name = "other".to_owned();
+    wrong.source_excludes = vec!["age".to_owned()];
+    ensure!(
+        matches!(
+            search.ensure_index(&wrong).await,
+            Err(SearchError::BadField { .. })
+        ),
+        "an excluded field that is not a field is refused"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_search_breaks_ties_by_id() -> Result<()> {
     use sift::backends::search::{Clause, Query};
@@ -413,6 +511,7 @@ async fn embedded_search_breaks_ties_by_id() -> Result<()> {
     let search = EmbeddedSearch::open(dir.path())?;
     let spec = IndexSpec {
         name: "ties".to_owned(),
+        source_excludes: Vec::new(),
         fields: vec![FieldSpec {
             name: "tag".to_owned(),
             kind: FieldKind::Keyword,

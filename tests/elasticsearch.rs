@@ -52,6 +52,7 @@ async fn connect(addr: &str) -> Result<ElasticsearchIndex> {
 fn spec(name: &str) -> IndexSpec {
     IndexSpec {
         name: name.to_owned(),
+        source_excludes: Vec::new(),
         fields: vec![
             FieldSpec {
                 name: "name".to_owned(),

@@ -34,9 +34,14 @@ pub const FIELDS: [(&str, FieldKind); 15] = [
 ];
 
 /// The layout of a `dbusa` index called `name`.
+///
+/// Only `person` is stored: the searchable fields are made from it by
+/// [`person_doc`] and left out of the stored document, which halves what
+/// the index stores per person.
 pub fn spec(name: &str) -> IndexSpec {
     IndexSpec {
         name: name.to_owned(),
+        source_excludes: FIELDS.iter().map(|(n, _)| (*n).to_owned()).collect(),
         fields: FIELDS
             .iter()
             .map(|(n, k)| FieldSpec {

@@ -71,6 +71,7 @@ fn person_spec(name: &str) -> IndexSpec {
     };
     IndexSpec {
         name: name.to_owned(),
+        source_excludes: Vec::new(),
         fields: vec![
             field("first", FieldKind::Text),
             field("last", FieldKind::Text),
@@ -637,7 +638,10 @@ async fn concurrent_writers(s: &dyn SearchIndex) -> Result<()> {
 async fn bulk_load(s: &dyn SearchIndex) -> Result<()> {
     let name = unique("sift-conf-load");
     let index = name.as_str();
-    s.ensure_index(&person_spec(index)).await?;
+    // `zip` is searchable but not stored.
+    let mut spec = person_spec(index);
+    spec.source_excludes = vec!["zip".to_owned()];
+    s.ensure_index(&spec).await?;
     // Settings other than the defaults, where the backend has them, so that
     // putting back the defaults would be caught.
     let custom = LoadSettings {
@@ -660,15 +664,38 @@ async fn bulk_load(s: &dyn SearchIndex) -> Result<()> {
     );
     let model: HashMap<String, Person> = people().into_iter().collect();
     let docs: Vec<SearchDoc> = people().iter().map(|(id, p)| p.doc(id)).collect();
-    for batch in docs.chunks(37) {
-        let report = s.bulk(index, batch.to_vec()).await?;
+    // New documents, persisted half way, then replacements of some of them.
+    for (i, batch) in docs.chunks(37).enumerate() {
+        let report = s.bulk_new(index, batch.to_vec()).await?;
         ensure!(
             report.indexed == batch.len() && report.failed.is_empty(),
             "{report:?}"
         );
+        if i == 2 {
+            s.persist(index).await.context("persisting during a load")?;
+        }
     }
+    let again = s.bulk(index, docs[..50].to_vec()).await?;
+    ensure!(again.indexed == 50, "{again:?}");
+    s.persist(index).await?;
     s.end_bulk_load(index, &restore).await?;
     expect_count(s, index, model.len()).await?;
+    let (zip_id, zip_person) = model.iter().next().context("a person")?;
+    let hits = search(
+        s,
+        index,
+        query(vec![term("zip", json!(zip_person.zip))], 1000),
+    )
+    .await?;
+    let found = hits.iter().find(|h| &h.id == zip_id).with_context(|| {
+        format!("{zip_id} is not found by its zip code, which is indexed but not stored")
+    })?;
+    ensure!(
+        !found.source.contains_key("zip")
+            && found.source.get("last") == Some(&json!(zip_person.last)),
+        "the stored document leaves out `zip` and keeps the rest: {:?}",
+        found.source
+    );
     let expected: BTreeSet<String> = model
         .iter()
         .filter(|(_, p)| p.state == "TX")

@@ -904,6 +904,8 @@ fn check_value(kind: FieldKind, name: &str, value: &Value) -> Result<(), String>
 
 /// The settings and mappings of a new index for `spec`.
 fn index_body(spec: &IndexSpec) -> Value {
+    let mut source_excludes = vec![ID_FIELD.to_owned()];
+    source_excludes.extend(spec.source_excludes.iter().cloned());
     let mut properties = Map::new();
     properties.insert(ID_FIELD.to_owned(), json!({ "type": "keyword" }));
     for field in &spec.fields {
@@ -938,7 +940,7 @@ fn index_body(spec: &IndexSpec) -> Value {
         "mappings": {
             // Fields outside the spec are stored in `_source` but not indexed.
             "dynamic": false,
-            "_source": { "excludes": [ID_FIELD] },
+            "_source": { "excludes": source_excludes },
             "properties": properties
         }
     })
@@ -960,9 +962,22 @@ fn spec_from_mapping(index: &str, mapping: &Value) -> Result<IndexSpec, SearchEr
     }
     let mut fields = Vec::new();
     collect_fields("", properties, &mut fields).map_err(foreign)?;
+    let source_excludes = mapping
+        .pointer("/_source/excludes")
+        .and_then(Value::as_array)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|name| *name != ID_FIELD)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(IndexSpec {
         name: index.to_owned(),
         fields,
+        source_excludes,
     })
 }
 
@@ -1324,6 +1339,7 @@ mod tests {
     fn spec() -> IndexSpec {
         IndexSpec {
             name: "people".to_owned(),
+            source_excludes: Vec::new(),
             fields: vec![
                 FieldSpec {
                     name: "last".to_owned(),

@@ -8,13 +8,21 @@
 //! `sift-index.json`, so a later `ensure_index` can tell whether the caller
 //! still means the same layout.
 //!
-//! A bulk load ([`SearchIndex::begin_bulk_load`]) changes nothing here: the
-//! index has no settings to save ([`LoadSettings`] is always the default),
-//! and every `bulk` still commits, because what a loader counts as
-//! acknowledged must survive a crash. Leaving out the reader reload after
-//! each commit during a load was tried and measured (100,000 rows, release
-//! build, runs interleaved): no gain beyond the run-to-run spread at 500 or
-//! 2,000 documents a request, so it is not done.
+//! A bulk load ([`SearchIndex::begin_bulk_load`]) is the exception: from it
+//! to `end_bulk_load`, a `bulk` adds its documents and returns without a
+//! commit, and they survive a crash once [`SearchIndex::persist`] has
+//! committed them, which a loader calls before it records rows as loaded.
+//! A commit per request was what a load spent most of its time on: each made
+//! a small segment that the merges then read and wrote again (at 10,000
+//! documents a request, 37,500 rows/s into an empty index; see
+//! `benches/README.md` for the figures since). A write that fails during a
+//! load rolls back every uncommitted document, other requests' included, so
+//! the next `persist` says so instead of committing what is left.
+//!
+//! Documents are converted outside the writer lock, and during a load
+//! several requests add theirs at once (tantivy's writer takes documents
+//! from many threads; only a commit or rollback needs it alone). Stored
+//! documents are compressed with lz4.
 
 use super::{
     compare_fields, describe_fields, expected_value, json_type, kind_name, validate_fields,
@@ -28,7 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
+use serde::ser::{SerializeMap, Serializer as _};
 use serde_json::{Map, Value};
 use tantivy::collector::sort_key::{SortBySimilarityScore, SortByString};
 use tantivy::collector::TopDocs;
@@ -37,7 +46,8 @@ use tantivy::query::{
     Occur, Query as EngineQuery, RangeQuery, TermQuery,
 };
 use tantivy::schema::{
-    Field, IndexRecordOption, Schema, Value as _, FAST, INDEXED, STORED, STRING, TEXT,
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value as _, FAST, INDEXED,
+    STORED, STRING,
 };
 use tantivy::tokenizer::TokenStream as _;
 use tantivy::{
@@ -55,8 +65,11 @@ const SPEC_FILE: &str = "sift-index.json";
 const ID_FIELD: &str = "_id";
 /// Field holding the whole source document as JSON text.
 const SOURCE_FIELD: &str = "_source";
-/// Memory the index writer may use before it flushes a segment.
-const WRITER_HEAP_BYTES: usize = 50_000_000;
+/// Memory each indexing thread may use before it flushes a segment.
+const WRITER_HEAP_BYTES_PER_THREAD: usize = 64_000_000;
+/// Most indexing threads of a writer (one per core up to this): each builds
+/// its own segments, so a load uses every core; tantivy allows 8.
+const MAX_WRITER_THREADS: usize = 4;
 /// Longest accepted id, as in Elasticsearch.
 const MAX_ID_BYTES: usize = 512;
 /// Longest accepted keyword value, as in Elasticsearch (Lucene's term limit).
@@ -120,7 +133,13 @@ impl SearchIndex for EmbeddedSearch {
 
     async fn bulk(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError> {
         let index = index.to_owned();
-        self.blocking(move |inner| inner.handle(&index)?.bulk(docs))
+        self.blocking(move |inner| inner.handle(&index)?.bulk(docs, true))
+            .await
+    }
+
+    async fn bulk_new(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError> {
+        let index = index.to_owned();
+        self.blocking(move |inner| inner.handle(&index)?.bulk(docs, false))
             .await
     }
 
@@ -167,11 +186,24 @@ impl SearchIndex for EmbeddedSearch {
     }
 
     async fn begin_bulk_load(&self, index: &str) -> Result<LoadSettings, SearchError> {
-        self.bulk_load_settings(index).await
+        let index = index.to_owned();
+        self.blocking(move |inner| {
+            inner.handle(&index)?.begin_load();
+            Ok(LoadSettings::default())
+        })
+        .await
+    }
+
+    async fn persist(&self, index: &str) -> Result<(), SearchError> {
+        let index = index.to_owned();
+        self.blocking(move |inner| inner.handle(&index)?.persist())
+            .await
     }
 
     async fn end_bulk_load(&self, index: &str, _restore: &LoadSettings) -> Result<(), SearchError> {
-        self.refresh(index).await
+        let index = index.to_owned();
+        self.blocking(move |inner| inner.handle(&index)?.end_load())
+            .await
     }
 }
 
@@ -256,10 +288,34 @@ struct OpenIndex {
     id: Field,
     source: Field,
     /// Searchable fields by name.
-    fields: HashMap<String, (Field, FieldKind)>,
-    /// The only writer of this index; held for a whole batch so a batch commits as one.
-    writer: Mutex<IndexWriter>,
+    fields: HashMap<String, Searchable>,
+    /// The only writer of this index. Outside a bulk load it is held alone
+    /// for a whole batch, so a batch commits as one; during a load, requests
+    /// share it to add documents and a commit or rollback takes it alone.
+    writer: RwLock<IndexWriter>,
+    /// Whether a bulk load defers commits, and what it has not committed.
+    load: Mutex<LoadState>,
     reader: IndexReader,
+}
+
+/// A searchable field of an index.
+#[derive(Debug, Clone, Copy)]
+struct Searchable {
+    field: Field,
+    kind: FieldKind,
+    /// Kept in the stored document (not in the spec's `source_excludes`).
+    stored: bool,
+}
+
+/// The bulk load of one index, as its writer sees it.
+#[derive(Debug, Default)]
+struct LoadState {
+    /// Between `begin_bulk_load` and `end_bulk_load`: `bulk` does not commit.
+    active: bool,
+    /// Documents added and acknowledged since the last commit.
+    pending: u64,
+    /// Why acknowledged documents were rolled back since the last commit.
+    lost: Option<String>,
 }
 
 impl OpenIndex {
@@ -308,10 +364,21 @@ impl OpenIndex {
         let mut fields = HashMap::new();
         for f in &spec.fields {
             let field = schema.get_field(&f.name).map_err(|_| missing(&f.name))?;
-            fields.insert(f.name.clone(), (field, f.kind));
+            let stored = !spec.source_excludes.contains(&f.name);
+            fields.insert(
+                f.name.clone(),
+                Searchable {
+                    field,
+                    kind: f.kind,
+                    stored,
+                },
+            );
         }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_WRITER_THREADS);
         let writer = index
-            .writer_with_num_threads(1, WRITER_HEAP_BYTES)
+            .writer_with_num_threads(threads, threads * WRITER_HEAP_BYTES_PER_THREAD)
             .map_err(|e| engine(format!("cannot open a writer on index `{}`", spec.name), e))?;
         let reader = index
             .reader_builder()
@@ -324,41 +391,112 @@ impl OpenIndex {
             id,
             source,
             fields,
-            writer: Mutex::new(writer),
+            writer: RwLock::new(writer),
+            load: Mutex::new(LoadState::default()),
             reader,
         })
     }
 
-    fn bulk(&self, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError> {
+    /// Adds `docs`; with `replace`, each first deletes a document of its id.
+    fn bulk(&self, docs: Vec<SearchDoc>, replace: bool) -> Result<BulkReport, SearchError> {
         let mut report = BulkReport::default();
-        let mut writer = self.writer.lock();
+        let mut ready = Vec::with_capacity(docs.len());
         for doc in docs {
             match self.to_document(&doc) {
                 Ok(document) => {
-                    writer.delete_term(Term::from_field_text(self.id, &doc.id));
-                    if let Err(e) = writer.add_document(document) {
-                        return Err(self.abandon(&mut writer, e));
-                    }
-                    report.indexed += 1;
+                    let id = replace.then(|| Term::from_field_text(self.id, &doc.id));
+                    ready.push((id, document));
                 }
                 Err(reason) => report.failed.push((doc.id, reason)),
             }
         }
-        if report.indexed > 0 {
-            if let Err(e) = writer.commit() {
+        if ready.is_empty() {
+            return Ok(report);
+        }
+        report.indexed = ready.len();
+        if self.load.lock().active {
+            return self.add_deferred(ready).map(|()| report);
+        }
+        let mut writer = self.writer.write();
+        for (id, document) in ready {
+            if let Some(id) = id {
+                writer.delete_term(id);
+            }
+            if let Err(e) = writer.add_document(document) {
                 return Err(self.abandon(&mut writer, e));
             }
-            self.refresh()?;
         }
+        if let Err(e) = writer.commit() {
+            return Err(self.abandon(&mut writer, e));
+        }
+        drop(writer);
+        self.refresh()?;
         Ok(report)
     }
 
+    /// Adds documents during a bulk load, beside other requests, without a commit.
+    fn add_deferred(&self, ready: Vec<(Option<Term>, TantivyDocument)>) -> Result<(), SearchError> {
+        let n = ready.len() as u64;
+        let failed = {
+            let writer = self.writer.read();
+            ready.into_iter().find_map(|(id, document)| {
+                if let Some(id) = id {
+                    writer.delete_term(id);
+                }
+                writer.add_document(document).err()
+            })
+        };
+        match failed {
+            None => {
+                self.load.lock().pending += n;
+                Ok(())
+            }
+            Some(e) => Err(self.abandon(&mut self.writer.write(), e)),
+        }
+    }
+
+    /// Commits what bulk requests added during a load; fails, committing
+    /// nothing, when a failed write rolled acknowledged documents back.
+    fn persist(&self) -> Result<(), SearchError> {
+        let mut writer = self.writer.write();
+        let mut load = self.load.lock();
+        if let Some(lost) = load.lost.take() {
+            load.pending = 0;
+            return Err(SearchError::Engine(lost));
+        }
+        if load.pending == 0 {
+            return Ok(());
+        }
+        if let Err(e) = writer.commit() {
+            drop(load);
+            return Err(self.abandon(&mut writer, e));
+        }
+        load.pending = 0;
+        Ok(())
+    }
+
+    /// Starts deferring commits until `end_load`.
+    fn begin_load(&self) {
+        self.load.lock().active = true;
+    }
+
+    /// Commits what the load left uncommitted, stops deferring commits and
+    /// makes the documents visible.
+    fn end_load(&self) -> Result<(), SearchError> {
+        let persisted = self.persist();
+        self.load.lock().active = false;
+        persisted?;
+        self.refresh()
+    }
+
     fn delete(&self, id: &str) -> Result<(), SearchError> {
-        let mut writer = self.writer.lock();
+        let mut writer = self.writer.write();
         writer.delete_term(Term::from_field_text(self.id, id));
         if let Err(e) = writer.commit() {
             return Err(self.abandon(&mut writer, e));
         }
+        self.load.lock().pending = 0;
+        drop(writer);
         self.refresh()
     }
 
@@ -369,6 +507,18 @@ impl OpenIndex {
             Ok(_) => String::new(),
             Err(e) => format!("; rolling back also failed: {e}"),
         };
+        let mut load = self.load.lock();
+        let pending = load.pending;
+        if pending > 0 {
+            load.lost.get_or_insert_with(|| {
+                format!(
+                    "writing to index `{}` failed ({cause}), which rolled back {} documents \
+                     acknowledged since the last commit; send them again",
+                    self.spec.name, pending
+                )
+            });
+            load.pending = 0;
+        }
         SearchError::Engine(format!(
             "writing to index `{}` failed: {cause}{rollback}",
             self.spec.name
@@ -472,13 +622,28 @@ impl OpenIndex {
         }
         let mut document = TantivyDocument::new();
         document.add_text(self.id, &doc.id);
+        // The stored JSON is written as the fields are indexed, leaving out
+        // the spec's `source_excludes`.
+        let mut stored = Vec::with_capacity(512);
+        let mut json = serde_json::Serializer::new(&mut stored);
+        let unstorable =
+            |e: serde_json::Error| format!("the document cannot be stored as JSON: {e}");
+        let mut kept = json.serialize_map(None).map_err(unstorable)?;
         for (name, value) in &doc.source {
-            if let Some(&(field, kind)) = self.fields.get(name) {
-                add_value(&mut document, field, kind, name, value)?;
+            let keep = match self.fields.get(name) {
+                Some(f) => {
+                    add_value(&mut document, f.field, f.kind, name, value)?;
+                    f.stored
+                }
+                None => true,
+            };
+            if keep {
+                kept.serialize_entry(name, value).map_err(unstorable)?;
             }
         }
-        let source = serde_json::to_string(&doc.source)
-            .map_err(|e| format!("the document cannot be stored as JSON: {e}"))?;
+        SerializeMap::end(kept).map_err(unstorable)?;
+        let source =
+            String::from_utf8(stored).map_err(|e| unstorable(serde::ser::Error::custom(e)))?;
         document.add_text(self.source, source);
         Ok(document)
     }
@@ -626,7 +791,7 @@ impl OpenIndex {
     fn field(&self, name: &str) -> Result<(Field, FieldKind), SearchError> {
         self.fields
             .get(name)
-            .copied()
+            .map(|f| (f.field, f.kind))
             .ok_or_else(|| SearchError::BadField {
                 index: self.spec.name.clone(),
                 detail: format!(
@@ -670,7 +835,15 @@ fn build_schema(spec: &IndexSpec) -> Schema {
     for field in &spec.fields {
         match field.kind {
             FieldKind::Keyword => builder.add_text_field(&field.name, STRING),
-            FieldKind::Text => builder.add_text_field(&field.name, TEXT),
+            // Queries match words, never phrases: no positions to keep.
+            FieldKind::Text => builder.add_text_field(
+                &field.name,
+                TextOptions::default().set_indexing_options(
+                    TextFieldIndexing::default()
+                        .set_tokenizer("default")
+                        .set_index_option(IndexRecordOption::WithFreqs),
+                ),
+            ),
             FieldKind::Integer => builder.add_i64_field(&field.name, INDEXED | FAST),
         };
     }

@@ -90,6 +90,12 @@ pub struct IndexSpec {
     pub name: String,
     /// Searchable fields.
     pub fields: Vec<FieldSpec>,
+    /// Searchable fields left out of the stored document (Elasticsearch
+    /// `_source.excludes`): found by queries, never returned in a hit. For
+    /// values derived from what is stored, which would double what each
+    /// document stores.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_excludes: Vec<String>,
 }
 
 impl IndexSpec {
@@ -202,6 +208,15 @@ pub trait SearchIndex: Send + Sync + 'static {
     async fn drop_index(&self, index: &str) -> Result<bool, SearchError>;
     /// Indexes (inserts or replaces) documents; per-document failures are reported, not fatal.
     async fn bulk(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError>;
+    /// Indexes documents the caller knows the index does not hold (a load
+    /// into an empty index): no older copy is looked for, which saves the
+    /// embedded index a lookup per document in every segment. A document
+    /// that is there after all is then held twice.
+    ///
+    /// The default is [`SearchIndex::bulk`].
+    async fn bulk_new(&self, index: &str, docs: Vec<SearchDoc>) -> Result<BulkReport, SearchError> {
+        self.bulk(index, docs).await
+    }
     /// Deletes a document; deleting a missing id is not an error.
     async fn delete(&self, index: &str, id: &str) -> Result<(), SearchError>;
     /// Makes everything written so far visible to searches.
@@ -230,6 +245,18 @@ pub trait SearchIndex: Send + Sync + 'static {
     /// The default changes nothing.
     async fn begin_bulk_load(&self, index: &str) -> Result<LoadSettings, SearchError> {
         self.bulk_load_settings(index).await
+    }
+    /// Makes every document a `bulk` acknowledged during a bulk load survive
+    /// a crash; a loader calls it before it records rows as loaded. Fails
+    /// when acknowledged documents were lost since the last call (a failed
+    /// write rolled them back): they must be sent again.
+    ///
+    /// The default does nothing: Elasticsearch acknowledges a bulk request
+    /// once its translog holds it. The embedded index commits here (see its
+    /// module).
+    async fn persist(&self, index: &str) -> Result<(), SearchError> {
+        let _ = index;
+        Ok(())
     }
     /// Restores what `begin_bulk_load` changed, then refreshes.
     ///
@@ -298,6 +325,16 @@ fn validate_fields(spec: &IndexSpec) -> Result<(), SearchError> {
         if !seen.insert(name) {
             return Err(bad(format!("field `{name}` is listed twice")));
         }
+    }
+    if let Some(name) = spec
+        .source_excludes
+        .iter()
+        .find(|n| !seen.contains(n.as_str()))
+    {
+        return Err(bad(format!(
+            "`{name}` is left out of stored documents but is not a field of the index; \
+             list only its fields"
+        )));
     }
     Ok(())
 }
