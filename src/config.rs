@@ -737,7 +737,7 @@ pub struct InferConfig {
     pub write_rows: u32,
     /// Where the model runs: `cpu` or `cuda`.
     pub device: DeviceArg,
-    /// Arithmetic: `f32`, `bf16` or `f16` (the last two on a GPU).
+    /// Arithmetic: `f32`, `int8` (CPU), or `bf16` or `f16` (GPU).
     pub dtype: DtypeArg,
     /// Threads for tokenizing and the model on the CPU; 0 = one per core.
     pub threads: u32,

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+use sift_training::Arithmetic;
 
 /// Where to train or score.
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,15 +31,28 @@ pub enum DtypeArg {
     Bf16,
     /// IEEE half (GPU).
     F16,
+    /// int8 on the CPU: the encoder's linear layers with int8 weights (per
+    /// output channel) and activations (per row), on AVX-512 VNNI or AVX2
+    /// as the CPU has them; the rest in f32.
+    Int8,
 }
 
 impl DtypeArg {
-    /// The Candle dtype.
+    /// The Candle dtype the weights are loaded in (f32 for int8, which is
+    /// quantised from them).
     pub fn dtype(self) -> DType {
         match self {
-            DtypeArg::F32 => DType::F32,
+            DtypeArg::F32 | DtypeArg::Int8 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
             DtypeArg::F16 => DType::F16,
+        }
+    }
+
+    /// What the predictor computes in.
+    pub fn arithmetic(self) -> Arithmetic {
+        match self {
+            DtypeArg::Int8 => Arithmetic::Int8(None),
+            other => Arithmetic::Float(other.dtype()),
         }
     }
 }

@@ -4,7 +4,7 @@
 # See benches/reference/README.md. Not part of CI.
 #
 #   benches/reference/run.sh MODEL_DIR DATA.jsonl [--limit N] [--batch B]
-#       [--threads T] [--repeat R] [--onnx] [--sdpa] [--out DIR]
+#       [--threads T] [--repeat R] [--onnx] [--int8] [--sdpa] [--out DIR]
 #
 # Environment: SIFT_BIN (default target/debug/sift, built if missing),
 # PYTHON (the interpreter that creates the virtualenv, default python3).
@@ -28,6 +28,7 @@ threads="$(nproc)"
 repeat=3
 onnx=0
 sdpa=0
+int8=0
 out=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,6 +38,7 @@ while [ $# -gt 0 ]; do
         --repeat) repeat="$2"; shift 2 ;;
         --out) out="$(realpath -m "$2")"; shift 2 ;;
         --onnx) onnx=1; shift ;;
+        --int8) int8=1; shift ;;
         --sdpa) sdpa=1; shift ;;
         -h|--help) usage ;;
         *) echo "run.sh: unknown argument $1" >&2; usage ;;
@@ -81,11 +83,17 @@ mkdir -p "$out"
 echo "== sift bench model -> $out" >&2
 (cd "$root" && "$sift" bench model --model "$model" --data "$data" --limit "$limit" \
     --batch "$batch" --threads "$threads" --repeat "$repeat" --export "$out")
+if [ "$int8" = 1 ]; then
+    echo "== sift bench model --dtype int8 -> $out/int8" >&2
+    (cd "$root" && "$sift" bench model --model "$model" --data "$data" --limit "$limit" \
+        --batch "$batch" --threads "$threads" --repeat "$repeat" --dtype int8 --export "$out/int8")
+fi
 
 # The reference: the same ids, batches and thread count.
 echo "== PyTorch reference" >&2
 py_args=(--model "$model" --export "$out" --batch "$batch" --threads "$threads" --repeat "$repeat")
 [ "$onnx" = 1 ] && py_args+=(--onnx)
+[ "$int8" = 1 ] && py_args+=(--int8-export "$out/int8")
 [ "$sdpa" = 1 ] && py_args+=(--sdpa)
 # One thread pool each, of the size asked for: OpenMP (torch) reads these.
 OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" \

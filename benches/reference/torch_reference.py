@@ -395,6 +395,15 @@ def export_onnx(model: Classifier, sample: Batch, path: Path) -> str:
     return "TorchScript"
 
 
+def quantize_onnx(path: Path, out: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation with its defaults (int8
+    weights per tensor, activations quantised per tensor at run time): what
+    a user of ONNX Runtime gets from the documented one-liner."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+
+
 def onnx_scorer(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -450,6 +459,22 @@ class Check:
             "top5_order_swaps_within_tie": self.ties_allowed,
             "first_differ": self.first_differ,
         }
+
+
+def agreement(reference: np.ndarray, tops: list[list[int]]) -> dict:
+    """How often a quantised model's top 5 (``tops``, per document) matches
+    the f32 reference's: the same first label, the same set of five."""
+    top1 = top5 = 0
+    for row, theirs in zip(reference, tops, strict=True):
+        ours = top_k(row, len(theirs))
+        top1 += bool(ours) and bool(theirs) and ours[0] == theirs[0]
+        top5 += set(ours) == set(theirs)
+    n = len(tops)
+    return {
+        "same_top1": top1 / n,
+        "same_top5_set": top5 / n,
+        "documents": n,
+    }
 
 
 def check(
@@ -536,8 +561,20 @@ def print_table(report: dict) -> None:
             f"{name:15} {figures['docs_per_second']:10.1f} {figures['tokens_per_second']:11.0f} "
             f"{figures['seconds']:9.3f} {diff:>12} {differ:>13}"
         )
+    for name in ("sift_int8", "onnxruntime_int8"):
+        if name in report:
+            figures = report[name]
+            a = figures["agreement_with_f32"]
+            print(
+                f"{name:15} {figures['docs_per_second']:10.1f} {figures['tokens_per_second']:11.0f} "
+                f"{figures['seconds']:9.3f}   same top 1 {a['same_top1']:.2%}, same top-5 set {a['same_top5_set']:.2%}"
+            )
     print()
     print(f"sift / torch throughput: {report['sift_over_torch']:.2f}x")
+    for name, over in (("sift_int8", "torch"), ("sift_int8", "onnxruntime_int8")):
+        key = f"{name}_over_{over}"
+        if key in report:
+            print(f"{name} / {over} throughput: {report[key]:.2f}x")
     if "sift_over_onnxruntime" in report:
         print(f"sift / onnxruntime throughput: {report['sift_over_onnxruntime']:.2f}x")
     for name, _, result in rows[1:]:
@@ -567,7 +604,17 @@ def main() -> int:
         action="store_true",
         help="torch's fused scaled_dot_product_attention instead of the op-for-op attention",
     )
-    parser.add_argument("--onnx", action="store_true", help="also export to ONNX and time ONNX Runtime")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export to ONNX and time ONNX Runtime, in f32 and with dynamic int8 quantisation",
+    )
+    parser.add_argument(
+        "--int8-export",
+        type=Path,
+        help="directory `sift bench model --dtype int8 --export` wrote: reported beside the others, "
+        "with its agreement with the f32 reference",
+    )
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest |score difference| allowed")
     parser.add_argument("--tie", type=float, default=1e-5, help="scores this close may swap order")
     parser.add_argument("--out", type=Path, help="report path (default EXPORT/reference.json)")
@@ -636,6 +683,7 @@ def main() -> int:
             "machine": platform.machine(),
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
+            "cpu_model": sift_timing.get("cpu") or platform.processor(),
             "python": platform.python_version(),
             # Other work on the machine skews every figure; this says how busy it was.
             "load_average_1m_at_end": os.getloadavg()[0],
@@ -676,6 +724,44 @@ def main() -> int:
             report["sift"]["docs_per_second"] / report["onnxruntime"]["docs_per_second"]
         )
         checks.append(ort_check)
+
+        quantized = args.export / "model.int8.onnx"
+        quantize_onnx(path, quantized)
+        scorer, _ = onnx_scorer(quantized, threads)
+        int8_run = time_passes(batches, docs, num_labels, scorer, args.repeat)
+        report["onnxruntime_int8"] = {
+            **rate(docs, tokens, int8_run.seconds),
+            "version": version,
+            "quantization": "quantize_dynamic(weight_type=QInt8), its defaults",
+            "intra_op_threads": threads,
+            "agreement_with_f32": agreement(
+                torch_run.scores, [top_k(row, TOP_K) for row in int8_run.scores]
+            ),
+        }
+
+    if args.int8_export:
+        timing = json.loads((args.int8_export / "sift.json").read_text())
+        int8_scores = read_jsonl(args.int8_export / "sift_scores.jsonl")
+        if [d["id"] for d in int8_scores] != ids:
+            raise SystemExit(f"{args.int8_export} scored other documents than {args.export}")
+        report["sift_int8"] = {
+            "seconds": float(timing["seconds"]),
+            "docs_per_second": float(timing["docs_per_second"]),
+            "tokens_per_second": float(timing["tokens_per_second"]),
+            "kernel": timing.get("int8_kernel"),
+            "agreement_with_f32": agreement(
+                torch_run.scores,
+                [[label_index[s["label"]] for s in d["top5"]] for d in int8_scores],
+            ),
+        }
+        report["sift_int8_over_torch"] = (
+            report["sift_int8"]["docs_per_second"] / report["torch"]["docs_per_second"]
+        )
+        if "onnxruntime_int8" in report:
+            report["sift_int8_over_onnxruntime_int8"] = (
+                report["sift_int8"]["docs_per_second"]
+                / report["onnxruntime_int8"]["docs_per_second"]
+            )
 
     report["pass"] = all(c.max_abs_diff <= args.tolerance and c.top5_differ == 0 for c in checks)
     out = args.out or args.export / "reference.json"

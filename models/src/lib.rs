@@ -49,17 +49,22 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod simd;
+
 pub mod bert;
 mod classifier;
 mod config;
 mod init;
+pub mod int8;
 pub mod ops;
 pub mod packed;
 
 pub use classifier::{Classifier, NgramBatch};
 pub use config::{ConfigError, ModelConfig, NgramConfig, Norm, Output, Pooling};
 pub use init::seeded_var_builder;
-pub use packed::{PackedEncoder, PackedInput};
+pub use int8::Kernel as Int8Kernel;
+pub use packed::{PackedEncoder, PackedInput, Precision};
 
 /// What can go wrong building or running a model.
 #[derive(Debug, thiserror::Error)]

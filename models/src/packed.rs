@@ -33,6 +33,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::config::{ModelConfig, Norm, Output, Pooling};
+use crate::int8::{Kernel, QuantWeight};
 use crate::{Classifier, Error, Result};
 
 /// Rows per parallel task in elementwise passes: large enough to amortise
@@ -57,15 +58,38 @@ struct NormWeights {
 }
 
 /// A linear layer, its weight transposed to row-major `[inputs, outputs]`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Dense {
+    /// Empty when the layer runs in int8.
     weight: Vec<f32>,
     bias: Vec<f32>,
     inputs: usize,
     outputs: usize,
+    /// The weight quantised, for [`Precision::Int8`].
+    int8: Option<QuantWeight>,
 }
 
-#[derive(Debug, Clone)]
+impl Dense {
+    /// Replaces the f32 weight by its int8 form for `kernel`.
+    fn quantize(&mut self, kernel: Kernel) {
+        self.int8 = Some(QuantWeight::new(&self.weight, self.inputs, self.outputs, kernel));
+        self.weight = Vec::new();
+    }
+}
+
+/// The arithmetic of the encoder's linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout: the same scores as candle within rounding.
+    #[default]
+    F32,
+    /// The four linear layers of every encoder layer in int8 (weights per
+    /// output channel, activations per row; see [`crate::int8`]) with the
+    /// given kernel; embeddings, attention, norms and the head stay f32.
+    Int8(Kernel),
+}
+
+#[derive(Clone)]
 struct Layer {
     /// Query, key and value side by side: outputs `[q | k | v]`.
     qkv: Dense,
@@ -82,6 +106,7 @@ struct Layer {
 #[derive(Clone)]
 pub struct PackedEncoder {
     config: ModelConfig,
+    precision: Precision,
     eps: f32,
     /// `[vocab_size, hidden]`.
     tokens: Vec<f32>,
@@ -100,6 +125,7 @@ impl std::fmt::Debug for PackedEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackedEncoder")
             .field("config", &self.config)
+            .field("precision", &self.precision)
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +180,7 @@ impl Weights {
             bias,
             inputs,
             outputs: total,
+            int8: None,
         })
     }
 }
@@ -162,6 +189,21 @@ impl PackedEncoder {
     /// Copies `classifier`'s weights (from any device and dtype) into host
     /// f32 buffers laid out for [`scores`](Self::scores).
     pub fn from_classifier(classifier: &Classifier) -> Result<Self> {
+        Self::with_precision(classifier, Precision::F32)
+    }
+
+    /// [`from_classifier`](Self::from_classifier) computing the encoder
+    /// layers' linear products in `precision`. Fails if the CPU cannot run
+    /// the int8 kernel asked for.
+    pub fn with_precision(classifier: &Classifier, precision: Precision) -> Result<Self> {
+        if let Precision::Int8(kernel) = precision {
+            if !kernel.supported() {
+                return Err(Error::Input(format!(
+                    "this CPU cannot run the {} int8 kernel",
+                    kernel.name()
+                )));
+            }
+        }
         let config = classifier.config().clone();
         config.validate()?;
         let weights = Weights(classifier.named_weights().into_iter().collect());
@@ -169,7 +211,7 @@ impl PackedEncoder {
         let layers = (0..config.layers)
             .map(|i| {
                 let p = |name: &str| format!("layers.{i}.{name}");
-                Ok(Layer {
+                let mut layer = Layer {
                     qkv: weights.dense(
                         &[
                             &p("attention.query"),
@@ -184,7 +226,13 @@ impl PackedEncoder {
                     up: weights.dense(&[&p("ff.up")], h, config.ff)?,
                     down: weights.dense(&[&p("ff.down")], config.ff, h)?,
                     ff_norm: weights.norm(&p("ff_norm"), h)?,
-                })
+                };
+                if let Precision::Int8(kernel) = precision {
+                    for dense in [&mut layer.qkv, &mut layer.output, &mut layer.up, &mut layer.down] {
+                        dense.quantize(kernel);
+                    }
+                }
+                Ok(layer)
             })
             .collect::<Result<Vec<_>>>()?;
         let (embedding_norm, final_norm) = match config.norm {
@@ -196,6 +244,7 @@ impl PackedEncoder {
             .map(|n| weights.take("ngrams.weight", n.buckets * n.dim))
             .transpose()?;
         Ok(Self {
+            precision,
             eps: config.norm_eps as f32,
             tokens: weights.take("embeddings.tokens.weight", config.vocab_size * h)?,
             positions: weights.take("embeddings.positions.weight", config.max_len * h)?,
@@ -211,6 +260,11 @@ impl PackedEncoder {
     /// The configuration of the classifier the weights came from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The arithmetic of the linear layers.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Per-label scores of each document, in input order: what
@@ -253,7 +307,15 @@ impl PackedEncoder {
         starts.push(ids.len());
         let rows = ids.len();
 
-        let mut x = vec![0f32; rows * h];
+        let mut buffers = Buffers::take();
+        let Buffers {
+            x,
+            normed,
+            qkv,
+            context,
+            up,
+        } = &mut buffers;
+        let x = Buffers::sized(x, rows * h);
         x.par_chunks_mut(h * ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, block)| {
@@ -268,10 +330,10 @@ impl PackedEncoder {
             });
 
         let zeros = vec![0f32; h];
-        let mut normed = vec![0f32; rows * h];
-        let mut qkv = vec![0f32; rows * 3 * h];
-        let mut context = vec![0f32; rows * h];
-        let mut up = vec![0f32; rows * config.ff];
+        let normed = Buffers::sized(normed, rows * h);
+        let qkv = Buffers::sized(qkv, rows * 3 * h);
+        let context = Buffers::sized(context, rows * h);
+        let up = Buffers::sized(up, rows * config.ff);
         match config.norm {
             Norm::Pre => {
                 let first = self
@@ -280,12 +342,12 @@ impl PackedEncoder {
                     .map(|l| &l.attention_norm)
                     .or(self.final_norm.as_ref());
                 if let Some(norm) = first {
-                    self.bias_norm_into(&mut x, &zeros, norm, &mut normed);
+                    self.bias_norm_into(&mut *x, &zeros, norm, &mut *normed);
                 }
             }
             Norm::Post => {
                 if let Some(norm) = &self.embedding_norm {
-                    self.bias_norm_in_place(&mut x, &zeros, norm);
+                    self.bias_norm_in_place(&mut *x, &zeros, norm);
                 }
             }
         }
@@ -293,26 +355,26 @@ impl PackedEncoder {
         for (i, layer) in self.layers.iter().enumerate() {
             // The attention input: normalised for pre-norm, raw for post-norm.
             let input = match config.norm {
-                Norm::Pre => &normed,
-                Norm::Post => &x,
+                Norm::Pre => &*normed,
+                Norm::Post => &*x,
             };
-            fill_rows(&mut qkv, &layer.qkv.bias);
-            linear(&mut qkv, input, &layer.qkv, rows, true);
-            self.attention(&qkv, &mut context, &starts);
+            fill_rows(&mut *qkv, &layer.qkv.bias);
+            linear(&mut *qkv, input, &layer.qkv, rows, true);
+            self.attention(&*qkv, &mut *context, &starts);
             // x += context · W_o; the bias joins in the pass below.
-            linear(&mut x, &context, &layer.output, rows, true);
+            linear(&mut *x, &*context, &layer.output, rows, true);
             match config.norm {
                 Norm::Pre => {
-                    self.bias_norm_into(&mut x, &layer.output.bias, &layer.ff_norm, &mut normed);
-                    linear(&mut up, &normed, &layer.up, rows, false);
+                    self.bias_norm_into(&mut *x, &layer.output.bias, &layer.ff_norm, &mut *normed);
+                    linear(&mut *up, &*normed, &layer.up, rows, false);
                 }
                 Norm::Post => {
-                    self.bias_norm_in_place(&mut x, &layer.output.bias, &layer.attention_norm);
-                    linear(&mut up, &x, &layer.up, rows, false);
+                    self.bias_norm_in_place(&mut *x, &layer.output.bias, &layer.attention_norm);
+                    linear(&mut *up, &*x, &layer.up, rows, false);
                 }
             }
-            bias_gelu(&mut up, &layer.up.bias);
-            linear(&mut x, &up, &layer.down, rows, true);
+            bias_gelu(&mut *up, &layer.up.bias);
+            linear(&mut *x, &*up, &layer.down, rows, true);
             match config.norm {
                 Norm::Pre => {
                     // The next layer's attention norm, or the final norm.
@@ -322,18 +384,19 @@ impl PackedEncoder {
                         .map(|l| &l.attention_norm)
                         .or(self.final_norm.as_ref());
                     if let Some(norm) = next {
-                        self.bias_norm_into(&mut x, &layer.down.bias, norm, &mut normed);
+                        self.bias_norm_into(&mut *x, &layer.down.bias, norm, &mut *normed);
                     }
                 }
-                Norm::Post => self.bias_norm_in_place(&mut x, &layer.down.bias, &layer.ff_norm),
+                Norm::Post => self.bias_norm_in_place(&mut *x, &layer.down.bias, &layer.ff_norm),
             }
         }
         let states = match config.norm {
-            Norm::Pre => &normed,
-            Norm::Post => &x,
+            Norm::Pre => &*normed,
+            Norm::Post => &*x,
         };
 
         let features = self.features(docs, states, &starts);
+        buffers.give_back();
         let mut logits = vec![0f32; docs.len() * config.num_labels];
         fill_rows(&mut logits, &self.head.bias);
         linear(&mut logits, &features, &self.head, docs.len(), true);
@@ -552,6 +615,49 @@ impl PackedEncoder {
     }
 }
 
+/// The activation buffers of one forward pass, kept for the next: a
+/// batch's buffers are tens of megabytes, and fresh ones cost a page fault
+/// per 4 KiB on first touch (7% of a `tiny` pass at batch 32).
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    up: Vec<f32>,
+}
+
+/// Buffers between passes; at most [`SPARE_BUFFERS`] sets are kept, so
+/// memory stays bounded whatever the number of threads that score.
+static SPARE: std::sync::Mutex<Vec<Buffers>> = std::sync::Mutex::new(Vec::new());
+const SPARE_BUFFERS: usize = 2;
+
+impl Buffers {
+    fn take() -> Self {
+        SPARE
+            .lock()
+            .map(|mut spare| spare.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn give_back(self) {
+        if let Ok(mut spare) = SPARE.lock() {
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(self);
+            }
+        }
+    }
+
+    /// `buffer` holding `len` values. What it held before is left in place:
+    /// every user overwrites its buffer before reading it.
+    fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+        buffer.resize(len, 0.0);
+        &mut buffer[..]
+    }
+}
+
 /// Sets every row of `out` to `row`.
 fn fill_rows(out: &mut [f32], row: &[f32]) {
     out.par_chunks_mut(row.len() * ROWS_PER_TASK)
@@ -567,6 +673,9 @@ fn fill_rows(out: &mut [f32], row: &[f32]) {
 /// holds (a residual or a bias filled in beforehand).
 #[allow(unsafe_code)]
 fn linear(out: &mut [f32], input: &[f32], dense: &Dense, rows: usize, accumulate: bool) {
+    if let Some(weight) = &dense.int8 {
+        return crate::int8::linear(out, input, weight, rows, accumulate);
+    }
     let (k, n) = (dense.inputs, dense.outputs);
     assert_eq!(input.len(), rows * k, "input is [rows, inputs]");
     assert_eq!(out.len(), rows * n, "output is [rows, outputs]");
@@ -606,42 +715,6 @@ fn linear(out: &mut [f32], input: &[f32], dense: &Dense, rows: usize, accumulate
             parallelism,
         );
     }
-}
-
-/// Defines a function over slices whose body is compiled three times (for
-/// AVX-512, for AVX2 with FMA, and for the baseline target) and picks the
-/// best at run time, so the loops vectorise without a `target-cpu` flag.
-macro_rules! simd_fn {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        #[allow(unsafe_code)]
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-                fn avx512($($arg: $ty),*) { generic($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) { generic($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the CPU has every feature `avx512` is compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has every feature `avx2` is compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            generic($($arg),*)
-        }
-    };
 }
 
 /// Lanes of the partial sums in reductions: one AVX-512 register of f32.
@@ -716,8 +789,14 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // n is in -126..=127 after the clamps, a normal power of two.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is in -126..=127 after the clamps, a normal power of two. Adding
+    // 1.5·2²³ puts the integer n + 127 in the low mantissa bits, so the
+    // exponent field is built with integer operations alone: `n as i32`
+    // would saturate and map NaN to 0 lane by lane, which keeps the loop
+    // from vectorising.
+    const SHIFTER: f32 = 12_582_912.0;
+    let biased = (n + (127.0 + SHIFTER)).to_bits().wrapping_sub(SHIFTER.to_bits());
+    let scale = f32::from_bits(biased << 23);
     y * scale
 }
 

@@ -126,6 +126,10 @@ pub struct ModelBench {
     pub device: String,
     /// Arithmetic.
     pub dtype: DtypeArg,
+    /// The int8 kernel, with `--dtype int8`.
+    pub int8_kernel: Option<&'static str>,
+    /// The CPU, as `/proc/cpuinfo` names it.
+    pub cpu: String,
     /// The model's configuration.
     pub model: serde_json::Value,
 }
@@ -135,7 +139,7 @@ async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommand
     let (dir, version) =
         crate::classify::resolve_model(config, args.model.as_deref(), None).await?;
     let device = crate::device::device(args.device)?;
-    let predictor = Predictor::load(&dir, &device, args.dtype.dtype())
+    let predictor = Predictor::load_as(&dir, &device, args.dtype.arithmetic())
         .map_err(|e| TrainCommandError::Invalid(format!("cannot load model {version}: {e}")))?;
     let mut documents: Vec<Document> = match &args.data {
         Some(path) => {
@@ -197,6 +201,8 @@ async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommand
         batch: args.batch,
         device: format!("{:?}", args.device).to_lowercase(),
         dtype: args.dtype,
+        int8_kernel: predictor.int8_kernel().map(|k| k.name()),
+        cpu: cpu_model(),
         model: serde_json::to_value(predictor.config()).unwrap_or_default(),
     };
     println!(
@@ -266,4 +272,17 @@ fn export(
         .map_err(|e| TrainCommandError::Invalid(format!("cannot write sift.json: {e}")))?;
     std::fs::write(out.join("sift.json"), json).map_err(|e| io("sift.json", e))?;
     Ok(())
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (empty elsewhere): every
+/// figure is stated with the CPU that gave it.
+pub(crate) fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_default()
 }

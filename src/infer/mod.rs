@@ -349,20 +349,20 @@ pub async fn run(
     // The model: loaded before anything is consumed.
     let device = crate::device::device(config.infer.device)
         .map_err(|e| crate::Error::Invalid(e.to_string()))?;
-    let dtype = config.infer.dtype.dtype();
+    let arithmetic = config.infer.dtype.arithmetic();
     let slot = Arc::new(Slot::default());
     let source = Source::new(
         objects.clone(),
         &config.train.prefix,
         crate::train::model_cache(config),
         device.clone(),
-        dtype,
+        arithmetic,
     );
     let model_watcher = match &choice {
         ModelChoice::Dir(dir) => {
             let d = dir.clone();
             let predictor = tokio::task::spawn_blocking(move || {
-                sift_training::Predictor::load(&d, &device, dtype)
+                sift_training::Predictor::load_as(&d, &device, arithmetic)
             })
             .await
             .map_err(|e| crate::Error::Invalid(format!("loading the model failed: {e}")))?
@@ -410,7 +410,7 @@ pub async fn run(
                 crate::train::model_cache(config),
                 crate::device::device(config.infer.device)
                     .map_err(|e| crate::Error::Invalid(e.to_string()))?,
-                dtype,
+                arithmetic,
             ),
             shadow_choice,
         );

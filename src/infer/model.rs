@@ -17,9 +17,9 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use parking_lot::RwLock;
-use sift_training::Predictor;
+use sift_training::{Arithmetic, Predictor};
 
 use crate::train::registry::Registry;
 use std::panic::AssertUnwindSafe;
@@ -87,7 +87,7 @@ pub struct Source {
     /// Device.
     pub device: Device,
     /// Arithmetic.
-    pub dtype: DType,
+    pub arithmetic: Arithmetic,
 }
 
 impl Source {
@@ -97,13 +97,13 @@ impl Source {
         prefix: &str,
         cache: PathBuf,
         device: Device,
-        dtype: DType,
+        arithmetic: Arithmetic,
     ) -> Self {
         Source {
             registry: Arc::new(Registry::new(objects, prefix)),
             cache,
             device,
-            dtype,
+            arithmetic,
         }
     }
 
@@ -123,8 +123,8 @@ impl Source {
             .fetch(version, &self.cache)
             .await
             .map_err(|e| format!("cannot fetch model {version}: {e}"))?;
-        let (device, dtype) = (self.device.clone(), self.dtype);
-        tokio::task::spawn_blocking(move || Predictor::load(&dir, &device, dtype))
+        let (device, arithmetic) = (self.device.clone(), self.arithmetic);
+        tokio::task::spawn_blocking(move || Predictor::load_as(&dir, &device, arithmetic))
             .await
             .map_err(|e| format!("loading model {version} failed: {e}"))?
             .map_err(|e| format!("cannot load model {version}: {e}"))

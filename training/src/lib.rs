@@ -50,7 +50,7 @@ pub use labels::{Labels, LabelsError};
 pub use linear::{LinearModel, LinearOptions};
 pub use metrics::{Metric, Metrics};
 pub use ngrams::NgramHasher;
-pub use predict::{Encoded, PredictError, Prediction, Predictor, Scored};
+pub use predict::{Arithmetic, Encoded, PredictError, Prediction, Predictor, Scored};
 pub use report::render_report;
 pub use tokenizer::{TextTokenizer, TokenizerError, CLS, PAD, SEP, UNK};
 pub use train::{

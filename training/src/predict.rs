@@ -5,7 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sift_models::{ops, Classifier, ModelConfig, NgramBatch, PackedEncoder, PackedInput};
+use sift_models::{
+    ops, Classifier, Int8Kernel, ModelConfig, NgramBatch, PackedEncoder, PackedInput, Precision,
+};
 
 use crate::ensemble::{self, Ensemble};
 use crate::linear::{Features, LinearModel};
@@ -81,9 +83,19 @@ enum Backend {
     /// Candle's tensors on the load device (a GPU, or a CPU in half
     /// precision).
     Candle(Classifier),
-    /// f32 on the CPU: the packed encoder computes the same scores several
-    /// times faster, and holds the only copy of the weights.
+    /// f32 or int8 on the CPU: the packed encoder computes the same scores
+    /// (f32) several times faster, and holds the only copy of the weights.
     Packed(PackedEncoder),
+}
+
+/// The arithmetic a [`Predictor`] computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// Floating point of this dtype (f32 on the CPU; bf16 or f16 on a GPU).
+    Float(DType),
+    /// The encoder's linear layers in int8 on the CPU, with this kernel
+    /// (see `sift_models::int8`); `None` picks the CPU's best.
+    Int8(Option<Int8Kernel>),
 }
 
 /// A loaded model directory ([`files::ALL`]).
@@ -104,6 +116,25 @@ impl Predictor {
     /// `labels.json` from `dir` onto `device`, computing in `dtype` (f32 on
     /// the CPU; bf16 or f16 on a GPU halves memory and time).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, PredictError> {
+        Self::load_as(dir, device, Arithmetic::Float(dtype))
+    }
+
+    /// [`load`](Self::load) in any [`Arithmetic`]; int8 only on the CPU.
+    pub fn load_as(
+        dir: &Path,
+        device: &Device,
+        arithmetic: Arithmetic,
+    ) -> Result<Self, PredictError> {
+        let dtype = match arithmetic {
+            Arithmetic::Float(dtype) => dtype,
+            Arithmetic::Int8(_) if !device.is_cpu() => {
+                return Err(PredictError::Mismatch {
+                    dir: dir.display().to_string(),
+                    reason: "int8 runs on the CPU only; on a GPU use bf16 or f16".into(),
+                })
+            }
+            Arithmetic::Int8(_) => DType::F32,
+        };
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| PredictError::Io {
@@ -142,7 +173,10 @@ impl Predictor {
             });
         }
         let classifier = Classifier::load_safetensors(&config, &[weights], dtype, device)?;
-        let model = if device.is_cpu() && dtype == DType::F32 {
+        let model = if let Arithmetic::Int8(kernel) = arithmetic {
+            let kernel = kernel.unwrap_or_else(Int8Kernel::detect);
+            Backend::Packed(PackedEncoder::with_precision(&classifier, Precision::Int8(kernel))?)
+        } else if device.is_cpu() && dtype == DType::F32 {
             Backend::Packed(PackedEncoder::from_classifier(&classifier)?)
         } else {
             Backend::Candle(classifier)
@@ -184,6 +218,17 @@ impl Predictor {
         match &self.model {
             Backend::Candle(model) => model.config(),
             Backend::Packed(model) => model.config(),
+        }
+    }
+
+    /// The int8 kernel the encoder runs, if it runs in int8.
+    pub fn int8_kernel(&self) -> Option<Int8Kernel> {
+        match &self.model {
+            Backend::Packed(model) => match model.precision() {
+                Precision::Int8(kernel) => Some(kernel),
+                Precision::F32 => None,
+            },
+            Backend::Candle(_) => None,
         }
     }
 
