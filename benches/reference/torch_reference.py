@@ -399,9 +399,17 @@ def quantize_onnx(path: Path, out: Path) -> None:
     """ONNX Runtime's dynamic int8 quantisation with its defaults (int8
     weights per tensor, activations quantised per tensor at run time): what
     a user of ONNX Runtime gets from the documented one-liner."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    # The dynamo exporter records intermediate shapes that ONNX's own shape
+    # inference, run by the quantiser, then contradicts ("Inferred shape and
+    # existing shape differ"); without them it infers its own.
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]
+    plain = out.with_suffix(".shapeless.onnx")
+    onnx.save(model, str(plain))
+    quantize_dynamic(str(plain), str(out), weight_type=QuantType.QInt8)
 
 
 def onnx_scorer(path: Path, threads: int):

@@ -37,6 +37,8 @@
 
 use rayon::prelude::*;
 
+use crate::packed::gelu;
+
 /// Output columns per weight block: one 512-bit register of i32.
 const BLOCK: usize = 16;
 /// Weight blocks per micro-tile of the VNNI kernel.
@@ -123,9 +125,17 @@ pub(crate) struct QuantWeight {
 impl QuantWeight {
     /// Quantises `weight`, row-major `[inputs, outputs]`, for `kernel`.
     pub(crate) fn new(weight: &[f32], inputs: usize, outputs: usize, kernel: Kernel) -> Self {
-        assert_eq!(weight.len(), inputs * outputs, "weight is [inputs, outputs]");
+        assert_eq!(
+            weight.len(),
+            inputs * outputs,
+            "weight is [inputs, outputs]"
+        );
         // The products run `kernel`'s instructions without checking again.
-        assert!(kernel.supported(), "this CPU cannot run the {} kernel", kernel.name());
+        assert!(
+            kernel.supported(),
+            "this CPU cannot run the {} kernel",
+            kernel.name()
+        );
         let groups = inputs.div_ceil(4);
         let blocks = outputs.div_ceil(BLOCK * NR) * NR;
         let limit = kernel.weight_limit();
@@ -138,7 +148,9 @@ impl QuantWeight {
             scales[n] = scale;
             let (block, lane) = (n / BLOCK, n % BLOCK);
             for k in 0..inputs {
-                let q = (weight[k * outputs + n] / scale).round().clamp(-limit, limit) as i8;
+                let q = (weight[k * outputs + n] / scale)
+                    .round()
+                    .clamp(-limit, limit) as i8;
                 sums[n] += i32::from(q);
                 packed[((block * groups + k / 4) * BLOCK + lane) * 4 + k % 4] = q;
             }
@@ -234,9 +246,30 @@ fn quantize_rows(
     }
 }
 
+/// What the product does with `out`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    /// `out = product`.
+    Store,
+    /// `out += product` (a residual, or a bias filled in beforehand).
+    Accumulate,
+    /// `out = gelu(product + bias)`, while the tile is in registers rather
+    /// than in a pass of its own over the whole matrix.
+    BiasGelu(&'a [f32]),
+}
+
 /// `out[rows, outputs] (+)= input[rows, inputs] · weight` in int8 over
-/// rayon's threads; `accumulate` adds to what `out` holds.
-pub(crate) fn linear(out: &mut [f32], input: &[f32], weight: &QuantWeight, rows: usize, accumulate: bool) {
+/// rayon's threads; `epilogue` says what is done with the product.
+pub(crate) fn linear(
+    out: &mut [f32],
+    input: &[f32],
+    weight: &QuantWeight,
+    rows: usize,
+    epilogue: Epilogue<'_>,
+) {
+    if let Epilogue::BiasGelu(bias) = epilogue {
+        assert_eq!(bias.len(), weight.outputs, "one bias per output");
+    }
     let (k, n) = (weight.inputs, weight.outputs);
     assert_eq!(input.len(), rows * k, "input is [rows, inputs]");
     assert_eq!(out.len(), rows * n, "output is [rows, outputs]");
@@ -247,13 +280,19 @@ pub(crate) fn linear(out: &mut [f32], input: &[f32], weight: &QuantWeight, rows:
     out.par_chunks_mut(TASK_ROWS * n)
         .zip(input.par_chunks(TASK_ROWS * k))
         .for_each_init(
-            || (vec![0u8; TASK_ROWS * width], vec![0f32; TASK_ROWS], vec![0i32; TASK_ROWS]),
+            || {
+                (
+                    vec![0u8; TASK_ROWS * width],
+                    vec![0f32; TASK_ROWS],
+                    vec![0i32; TASK_ROWS],
+                )
+            },
             |(bytes, scales, zeros), (out, input)| {
                 let task_rows = input.len() / k;
                 quantize_rows(input, k, width, bytes, scales, zeros);
                 // Padding rows of the last micro-tile: computed, never stored.
                 bytes[task_rows * width..task_rows.div_ceil(MR) * MR * width].fill(0);
-                run_task(out, bytes, scales, zeros, task_rows, weight, accumulate);
+                run_task(out, bytes, scales, zeros, task_rows, weight, epilogue);
             },
         );
 }
@@ -267,12 +306,13 @@ fn run_task(
     zeros: &[i32],
     rows: usize,
     weight: &QuantWeight,
-    accumulate: bool,
+    epilogue: Epilogue<'_>,
 ) {
     let width = weight.groups * 4;
     let mut acc = [[0i32; BLOCK * NR]; MR];
     for quad in 0..weight.blocks / NR {
-        let w = &weight.packed[quad * NR * weight.groups * BLOCK * 4..][..NR * weight.groups * BLOCK * 4];
+        let w = &weight.packed[quad * NR * weight.groups * BLOCK * 4..]
+            [..NR * weight.groups * BLOCK * 4];
         for tile in 0..rows.div_ceil(MR) {
             let a = &bytes[tile * MR * width..][..MR * width];
             match weight.kernel {
@@ -300,7 +340,7 @@ fn run_task(
                 &weight.scales[at..][..columns],
                 &scales[first..][..tile_rows],
                 &zeros[first..][..tile_rows],
-                accumulate,
+                epilogue,
             );
         }
     }
@@ -319,19 +359,27 @@ simd_fn! {
         scales: &[f32],
         row_scales: &[f32],
         zeros: &[i32],
-        accumulate: bool,
+        epilogue: Epilogue<'_>,
     ) {
         for (r, (row, acc)) in out.chunks_exact_mut(n).zip(acc).enumerate() {
             let (scale, zero) = (row_scales[r], zeros[r]);
             let row = &mut row[at..][..columns];
             let terms = acc[..columns].iter().zip(sums).zip(scales);
-            if accumulate {
-                for (o, ((&a, &s), &w)) in row.iter_mut().zip(terms) {
-                    *o += (a - zero * s) as f32 * (scale * w);
+            match epilogue {
+                Epilogue::Store => {
+                    for (o, ((&a, &s), &w)) in row.iter_mut().zip(terms) {
+                        *o = (a - zero * s) as f32 * (scale * w);
+                    }
                 }
-            } else {
-                for (o, ((&a, &s), &w)) in row.iter_mut().zip(terms) {
-                    *o = (a - zero * s) as f32 * (scale * w);
+                Epilogue::Accumulate => {
+                    for (o, ((&a, &s), &w)) in row.iter_mut().zip(terms) {
+                        *o += (a - zero * s) as f32 * (scale * w);
+                    }
+                }
+                Epilogue::BiasGelu(bias) => {
+                    for ((o, ((&a, &s), &w)), &b) in row.iter_mut().zip(terms).zip(&bias[at..]) {
+                        *o = gelu((a - zero * s) as f32 * (scale * w) + b);
+                    }
                 }
             }
         }
@@ -340,7 +388,13 @@ simd_fn! {
 
 /// The reference kernel: `acc[r][c] = Σₖ a[r][k] · w[k][c]` over MR rows
 /// and NR blocks.
-fn tile_portable(a: &[u8], width: usize, w: &[i8], groups: usize, acc: &mut [[i32; BLOCK * NR]; MR]) {
+fn tile_portable(
+    a: &[u8],
+    width: usize,
+    w: &[i8],
+    groups: usize,
+    acc: &mut [[i32; BLOCK * NR]; MR],
+) {
     for (r, acc) in acc.iter_mut().enumerate() {
         let row = &a[r * width..][..width];
         for (b, block) in acc.chunks_exact_mut(BLOCK).enumerate() {
@@ -349,7 +403,8 @@ fn tile_portable(a: &[u8], width: usize, w: &[i8], groups: usize, acc: &mut [[i3
                 let mut total = 0i32;
                 for g in 0..groups {
                     for j in 0..4 {
-                        total += i32::from(row[g * 4 + j]) * i32::from(weights[(g * BLOCK + c) * 4 + j]);
+                        total +=
+                            i32::from(row[g * 4 + j]) * i32::from(weights[(g * BLOCK + c) * 4 + j]);
                     }
                 }
                 *out = total;
@@ -542,7 +597,8 @@ mod tests {
                 let (block, lane) = (c / BLOCK, c % BLOCK);
                 let mut total = 0i64;
                 for j in 0..k {
-                    let q = weight.packed[((block * weight.groups + j / 4) * BLOCK + lane) * 4 + j % 4];
+                    let q =
+                        weight.packed[((block * weight.groups + j / 4) * BLOCK + lane) * 4 + j % 4];
                     total += i64::from(bytes[j]) * i64::from(q);
                 }
                 let total = (total - i64::from(zero) * i64::from(weight.sums[c])) as i32;
@@ -556,7 +612,9 @@ mod tests {
         let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         (0..len)
             .map(|_| {
-                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
             })
             .collect()
@@ -565,7 +623,13 @@ mod tests {
     #[test]
     fn every_kernel_computes_the_exact_integer_product() {
         // Shapes with ragged rows, inputs and outputs.
-        for &(rows, k, n) in &[(1, 4, 16), (7, 13, 70), (50, 128, 384), (97, 66, 65), (6, 3, 129)] {
+        for &(rows, k, n) in &[
+            (1, 4, 16),
+            (7, 13, 70),
+            (50, 128, 384),
+            (97, 66, 65),
+            (6, 3, 129),
+        ] {
             let input = values(rows * k, rows as u64);
             let w = values(k * n, n as u64);
             for kernel in [Kernel::Portable, Kernel::Avx2, Kernel::Vnni512] {
@@ -575,11 +639,18 @@ mod tests {
                 let weight = QuantWeight::new(&w, k, n, kernel);
                 let want = reference(&input, &weight, rows);
                 let mut out = vec![0f32; rows * n];
-                linear(&mut out, &input, &weight, rows, false);
+                linear(&mut out, &input, &weight, rows, Epilogue::Store);
                 assert_eq!(out, want, "{kernel:?} {rows}×{k}×{n}");
+                // The fused GELU is the stored product through GELU.
+                let bias = values(n, 9);
+                let mut fused = vec![0f32; rows * n];
+                linear(&mut fused, &input, &weight, rows, Epilogue::BiasGelu(&bias));
+                for (i, (f, o)) in fused.iter().zip(&out).enumerate() {
+                    assert_eq!(*f, gelu(o + bias[i % n]));
+                }
                 // Accumulating adds the same product to what was there.
                 let mut twice = out.clone();
-                linear(&mut twice, &input, &weight, rows, true);
+                linear(&mut twice, &input, &weight, rows, Epilogue::Accumulate);
                 for (t, o) in twice.iter().zip(&out) {
                     assert_eq!(*t, o + o);
                 }
@@ -595,7 +666,7 @@ mod tests {
         for kernel in [Kernel::Portable, Kernel::Avx2] {
             let weight = QuantWeight::new(&w, k, n, kernel);
             let mut out = vec![0f32; rows * n];
-            linear(&mut out, &input, &weight, rows, false);
+            linear(&mut out, &input, &weight, rows, Epilogue::Store);
             let mut worst = 0f32;
             for r in 0..rows {
                 for c in 0..n {

@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use sift_models::{
-    ops, seeded_var_builder, Classifier, ModelConfig, NgramBatch, Norm, Output, PackedEncoder,
-    PackedInput, Pooling,
+    ops, seeded_var_builder, Classifier, Int8Kernel, ModelConfig, NgramBatch, Norm, Output,
+    PackedEncoder, PackedInput, Pooling, Precision,
 };
 
 /// Largest allowed difference between the two paths' scores.
@@ -245,6 +245,71 @@ fn packed_matches_candle_for_every_config_and_length() -> Result<()> {
                 ensure!(alone[0] == ours[d] || compare(&ours[d..=d], &alone, name).is_ok());
             }
             eprintln!("{name}, lengths {lengths:?}: max diff {worst:e}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn int8_is_close_to_f32_and_every_kernel_computes_the_same() -> Result<()> {
+    let kernels: Vec<Int8Kernel> = [Int8Kernel::Vnni512, Int8Kernel::Avx2, Int8Kernel::Portable]
+        .into_iter()
+        .filter(|k| k.supported())
+        .collect();
+    for (seed, (name, config)) in configs().into_iter().enumerate() {
+        let model = random_model(&config, seed as u64)?;
+        let exact = PackedEncoder::from_classifier(&model)?;
+        let encoders: Vec<PackedEncoder> = kernels
+            .iter()
+            .map(|&k| PackedEncoder::with_precision(&model, Precision::Int8(k)))
+            .collect::<Result<_, _>>()?;
+        for (i, lengths) in batches(config.max_len).into_iter().enumerate() {
+            let docs = Docs::new(&config, &lengths, 100 * seed as u64 + i as u64);
+            let reference = exact.scores(&docs.inputs())?;
+            let mut first: Option<Vec<Vec<f32>>> = None;
+            for (kernel, encoder) in kernels.iter().zip(&encoders) {
+                ensure!(encoder.precision() == Precision::Int8(*kernel));
+                let ours = encoder.scores(&docs.inputs())?;
+                let worst = reference
+                    .iter()
+                    .flatten()
+                    .zip(ours.iter().flatten())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // Random weights at unit scale through every layer: int8's
+                // rounding moves scores, but by little (twice as much with
+                // the AVX2 kernel's 7-bit weights).
+                let bound = if *kernel == Int8Kernel::Avx2 {
+                    0.1
+                } else {
+                    0.05
+                };
+                eprintln!("{name} {kernel:?}, lengths {lengths:?}: max diff {worst}");
+                ensure!(
+                    worst < bound,
+                    "{name} {kernel:?}, lengths {lengths:?}: max diff {worst}"
+                );
+                // A document scores the same alone as in a batch: every
+                // activation is quantised per row.
+                for (d, doc) in docs.inputs().iter().enumerate() {
+                    let alone = encoder.scores(std::slice::from_ref(doc))?;
+                    ensure!(
+                        compare(&ours[d..=d], &alone, name).is_ok(),
+                        "{name} {kernel:?}: document {d} scores differently alone"
+                    );
+                }
+                // The 8-bit kernels agree exactly; AVX2 keeps 7-bit weights.
+                if *kernel != Int8Kernel::Avx2 {
+                    match &first {
+                        Some(f) => ensure!(
+                            f == &ours,
+                            "{name}: {kernel:?} differs from {:?}",
+                            kernels[0]
+                        ),
+                        None => first = Some(ours),
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -175,7 +175,10 @@ impl Predictor {
         let classifier = Classifier::load_safetensors(&config, &[weights], dtype, device)?;
         let model = if let Arithmetic::Int8(kernel) = arithmetic {
             let kernel = kernel.unwrap_or_else(Int8Kernel::detect);
-            Backend::Packed(PackedEncoder::with_precision(&classifier, Precision::Int8(kernel))?)
+            Backend::Packed(PackedEncoder::with_precision(
+                &classifier,
+                Precision::Int8(kernel),
+            )?)
         } else if device.is_cpu() && dtype == DType::F32 {
             Backend::Packed(PackedEncoder::from_classifier(&classifier)?)
         } else {
