@@ -481,40 +481,78 @@ impl PackedEncoder {
         // Each task writes its own (document rows × head columns) block, so
         // tasks never write the same element; see the SAFETY note below.
         let context_at = context.as_mut_ptr().expose_provenance();
+        let qkv_at = qkv.as_ptr().expose_provenance();
         tasks.par_iter().with_min_len(1).for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(keys, scores, out), &(doc, head)| {
+            Vec::new,
+            |scores: &mut Vec<f32>, &(doc, head)| {
                 let start = starts[doc];
                 let t = starts[doc + 1] - start;
-                // Keys per row of scores, padded to whole vectors.
-                let width = t.div_ceil(LANES) * LANES;
-                let base = start * stride + head * d;
-                keys.clear();
-                keys.resize(d * width, 0.0);
-                transpose_keys(&qkv[base + h..], stride, t, d, width, keys);
                 scores.clear();
-                scores.resize(t * width, 0.0);
-                attention_scores(&qkv[base..], stride, keys, t, d, width, scale, scores);
-                for row in scores.chunks_exact_mut(width) {
-                    softmax_in_place(&mut row[..t]);
+                scores.resize(t * t, 0.0);
+                let base = start * stride + head * d;
+                let q = std::ptr::with_exposed_provenance::<f32>(qkv_at).wrapping_add(base);
+                let k = q.wrapping_add(h);
+                let v = q.wrapping_add(2 * h);
+                let out = std::ptr::with_exposed_provenance_mut::<f32>(context_at)
+                    .wrapping_add(start * h + head * d);
+                // SAFETY: rows `start..start + t` exist in both buffers
+                // (checked lengths above; `starts` is ascending and ends at
+                // `rows`) and `head * d + d <= h`, so every element read
+                // from q, k, v and written to `out` is in bounds. `scores`
+                // holds t × t elements. Tasks write disjoint blocks of
+                // `context`, which is exclusively borrowed for this call,
+                // and no task writes `qkv`.
+                unsafe {
+                    // scores = scale · q kᵀ: kᵀ[j][c] is k[c][j], so its row
+                    // stride is 1 and its column stride one packed row.
+                    gemm::gemm(
+                        t,
+                        t,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        t as isize,
+                        false,
+                        q,
+                        1,
+                        stride as isize,
+                        k,
+                        stride as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
-                out.clear();
-                out.resize(t * d, 0.0);
-                attention_values(scores, width, &qkv[base + 2 * h..], stride, t, d, out);
-                let context = std::ptr::with_exposed_provenance_mut::<f32>(context_at);
-                for (i, row) in out.chunks_exact(d).enumerate() {
-                    // SAFETY: row `start + i` exists in `context` (its
-                    // length was checked above; `starts` is ascending and
-                    // ends at `rows`) and `head * d + d <= h`. Tasks write
-                    // disjoint (document rows × head columns) blocks of
-                    // `context`, which is exclusively borrowed for this call.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            row.as_ptr(),
-                            context.add((start + i) * h + head * d),
-                            d,
-                        );
-                    }
+                for row in scores.chunks_exact_mut(t) {
+                    softmax_in_place(row);
+                }
+                // SAFETY: as above; `out` is this task's block of `context`.
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        d,
+                        t,
+                        out,
+                        1,
+                        h as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        t as isize,
+                        v,
+                        1,
+                        stride as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
                 }
             },
         );
@@ -835,88 +873,6 @@ simd_fn! {
         let inv = 1.0 / (var + eps).sqrt();
         for (((o, x), g), b) in out.iter_mut().zip(x.iter()).zip(gain).zip(beta) {
             *o = (x - mean) * inv * g + b;
-        }
-    }
-}
-
-simd_fn! {
-    /// `keys[c][j] = k[j][c]` for one head: rows of `k` at `stride`, `t`
-    /// of them, `d` columns; rows of `keys` are `width` long, zero-padded.
-    fn transpose_keys(k: &[f32], stride: usize, t: usize, d: usize, width: usize, keys: &mut [f32]) {
-        for j in 0..t {
-            for (c, &value) in k[j * stride..][..d].iter().enumerate() {
-                keys[c * width + j] = value;
-            }
-        }
-    }
-}
-
-simd_fn! {
-    /// `scores[i][j] = scale · q_i · k_j` for one head, [`LANES`] keys at a
-    /// time with the sums in registers; `keys` from [`transpose_keys`].
-    fn attention_scores(
-        q: &[f32],
-        stride: usize,
-        keys: &[f32],
-        t: usize,
-        d: usize,
-        width: usize,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        for (i, row) in scores.chunks_exact_mut(width).enumerate().take(t) {
-            let query = &q[i * stride..][..d];
-            for (block, out) in row.chunks_exact_mut(LANES).enumerate() {
-                let mut acc = [0f32; LANES];
-                for (c, &qc) in query.iter().enumerate() {
-                    let k = &keys[c * width + block * LANES..][..LANES];
-                    for (a, &kv) in acc.iter_mut().zip(k) {
-                        *a += qc * kv;
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(acc) {
-                    *o = a * scale;
-                }
-            }
-        }
-    }
-}
-
-simd_fn! {
-    /// `out[i] = Σ_j p[i][j] · v_j` for one head: `p` is the softmax of
-    /// [`attention_scores`] (rows `width` long, `t` used), rows of `v` at
-    /// `stride`, `d` columns.
-    fn attention_values(
-        p: &[f32],
-        width: usize,
-        v: &[f32],
-        stride: usize,
-        t: usize,
-        d: usize,
-        out: &mut [f32],
-    ) {
-        for (row, o) in p.chunks_exact(width).zip(out.chunks_exact_mut(d)) {
-            let mut blocks = o.chunks_exact_mut(LANES);
-            let mut at = 0;
-            for block in &mut blocks {
-                let mut acc = [0f32; LANES];
-                for (j, &pj) in row[..t].iter().enumerate() {
-                    let values = &v[j * stride + at..][..LANES];
-                    for (a, &x) in acc.iter_mut().zip(values) {
-                        *a += pj * x;
-                    }
-                }
-                block.copy_from_slice(&acc);
-                at += LANES;
-            }
-            let rest = blocks.into_remainder();
-            for (c, o) in rest.iter_mut().enumerate() {
-                *o = row[..t]
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &pj)| pj * v[j * stride + at + c])
-                    .sum();
-            }
         }
     }
 }
