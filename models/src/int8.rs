@@ -277,24 +277,27 @@ pub(crate) fn linear(
         return;
     }
     let width = weight.groups * 4;
+    thread_local! {
+        /// A task's quantised rows, kept per thread: rayon calls a
+        /// `for_each_init` closure once per split, and fresh buffers cost
+        /// page faults.
+        static ROWS: std::cell::RefCell<(Vec<u8>, Vec<f32>, Vec<i32>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    }
     out.par_chunks_mut(TASK_ROWS * n)
         .zip(input.par_chunks(TASK_ROWS * k))
-        .for_each_init(
-            || {
-                (
-                    vec![0u8; TASK_ROWS * width],
-                    vec![0f32; TASK_ROWS],
-                    vec![0i32; TASK_ROWS],
-                )
-            },
-            |(bytes, scales, zeros), (out, input)| {
+        .for_each(|(out, input)| {
+            ROWS.with_borrow_mut(|(bytes, scales, zeros)| {
+                bytes.resize(TASK_ROWS * width, 0);
+                scales.resize(TASK_ROWS, 0.0);
+                zeros.resize(TASK_ROWS, 0);
                 let task_rows = input.len() / k;
                 quantize_rows(input, k, width, bytes, scales, zeros);
                 // Padding rows of the last micro-tile: computed, never stored.
                 bytes[task_rows * width..task_rows.div_ceil(MR) * MR * width].fill(0);
                 run_task(out, bytes, scales, zeros, task_rows, weight, epilogue);
-            },
-        );
+            })
+        });
 }
 
 /// The micro-tiles of one task's rows, by the weight's kernel.

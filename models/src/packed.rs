@@ -482,9 +482,12 @@ impl PackedEncoder {
         // tasks never write the same element; see the SAFETY note below.
         let context_at = context.as_mut_ptr().expose_provenance();
         let qkv_at = qkv.as_ptr().expose_provenance();
-        tasks.par_iter().with_min_len(1).for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, &(doc, head)| {
+        thread_local! {
+            /// A task's attention scores, kept per thread (see `Buffers`).
+            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        tasks.par_iter().with_min_len(1).for_each(|&(doc, head)| {
+            SCORES.with_borrow_mut(|scores| {
                 let start = starts[doc];
                 let t = starts[doc + 1] - start;
                 scores.clear();
@@ -554,8 +557,8 @@ impl PackedEncoder {
                         Parallelism::None,
                     );
                 }
-            },
-        );
+            })
+        });
     }
 
     /// Pooled encoder state (mean over the document's tokens, or its first

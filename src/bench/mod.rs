@@ -83,6 +83,10 @@ pub struct ModelBenchArgs {
     /// Use only the first N documents (0 = all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Only the documents `sift train`'s default split holds out for
+    /// validation (10% of the sources, by the same hash), before --limit.
+    #[arg(long)]
+    pub validation: bool,
     /// Documents per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -126,6 +130,9 @@ pub struct ModelBench {
     pub device: String,
     /// Arithmetic.
     pub dtype: DtypeArg,
+    /// Share of documents whose first label is one of their tags (only
+    /// when the documents have tags).
+    pub p_at_1: Option<f64>,
     /// The int8 kernel, with `--dtype int8`.
     pub int8_kernel: Option<&'static str>,
     /// The CPU, as `/proc/cpuinfo` names it.
@@ -148,6 +155,10 @@ async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommand
         }
         None => crate::train::bundled_documents()?,
     };
+    if args.validation {
+        let plan = sift_training::SplitPlan::default();
+        documents.retain(|d| plan.part(d) == sift_training::Part::Validation);
+    }
     if args.limit > 0 {
         documents.truncate(args.limit);
     }
@@ -201,6 +212,7 @@ async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommand
         batch: args.batch,
         device: format!("{:?}", args.device).to_lowercase(),
         dtype: args.dtype,
+        p_at_1: p_at_1(&documents, &encoded, &order, &tops, &predictor),
         int8_kernel: predictor.int8_kernel().map(|k| k.name()),
         cpu: cpu_model(),
         model: serde_json::to_value(predictor.config()).unwrap_or_default(),
@@ -219,6 +231,9 @@ async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommand
         args.repeat,
         result.tokenize_seconds
     );
+    if let Some(p) = result.p_at_1 {
+        println!("P@1 {p:.4} (the first label is one of the document's tags)");
+    }
     if let Some(out) = &args.export {
         export(
             out, &documents, &encoded, &order, &tops, &predictor, &result,
@@ -229,6 +244,29 @@ async fn model(config: &Config, args: ModelBenchArgs) -> Result<(), TrainCommand
         );
     }
     Ok(())
+}
+
+/// P@1 of the scored documents (`tops` in `order`), if they have tags.
+fn p_at_1(
+    documents: &[Document],
+    encoded: &[Encoded],
+    order: &[usize],
+    tops: &[Vec<(u32, f32)>],
+    predictor: &Predictor,
+) -> Option<f64> {
+    if documents.iter().all(|d| d.tags.is_empty()) || tops.len() != encoded.len() {
+        return None;
+    }
+    let hits = order
+        .iter()
+        .zip(tops)
+        .filter(|(&i, top)| {
+            top.first()
+                .and_then(|&(label, _)| predictor.labels().name(label as usize))
+                .is_some_and(|name| documents[i].tags.iter().any(|t| t == name))
+        })
+        .count();
+    Some(hits as f64 / documents.len() as f64)
 }
 
 /// Writes the inputs, the top 5 (in input order) and the timing.
