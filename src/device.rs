@@ -92,3 +92,26 @@ pub fn set_threads(threads: usize) -> usize {
     }
     rayon::current_num_threads()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_is_read_from_the_config_and_loads_f32_weights_to_quantise() {
+        #[derive(Deserialize)]
+        struct Infer {
+            dtype: DtypeArg,
+        }
+        let infer: Infer = toml::from_str(r#"dtype = "int8""#).expect("int8 parses");
+        assert_eq!(infer.dtype, DtypeArg::Int8);
+        assert_eq!(infer.dtype.dtype(), DType::F32);
+        assert_eq!(infer.dtype.arithmetic(), Arithmetic::Int8(None));
+        assert_eq!(DtypeArg::Bf16.arithmetic(), Arithmetic::Float(DType::BF16));
+        assert_eq!(
+            DtypeArg::from_str("int8", true).ok(),
+            Some(DtypeArg::Int8),
+            "--dtype int8"
+        );
+    }
+}

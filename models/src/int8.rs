@@ -333,37 +333,52 @@ fn run_task(
             let columns = (weight.outputs - at).min(NR * BLOCK);
             let first = tile * MR;
             let tile_rows = (rows - first).min(MR);
+            let tile = Tile {
+                at,
+                columns,
+                sums: &weight.sums[at..][..columns],
+                scales: &weight.scales[at..][..columns],
+                row_scales: &scales[first..][..tile_rows],
+                zeros: &zeros[first..][..tile_rows],
+                epilogue,
+            };
             store_tile(
                 &mut out[first * weight.outputs..(first + tile_rows) * weight.outputs],
                 weight.outputs,
-                at,
-                columns,
                 &acc,
-                &weight.sums[at..][..columns],
-                &weight.scales[at..][..columns],
-                &scales[first..][..tile_rows],
-                &zeros[first..][..tile_rows],
-                epilogue,
+                &tile,
             );
         }
     }
 }
 
+/// Where a micro-tile's sums go and how they are dequantised.
+struct Tile<'a> {
+    /// First output column.
+    at: usize,
+    /// Output columns (at most NR blocks).
+    columns: usize,
+    /// The weight's column sums and scales for those columns.
+    sums: &'a [i32],
+    scales: &'a [f32],
+    /// The rows' activation scales and zero points.
+    row_scales: &'a [f32],
+    zeros: &'a [i32],
+    epilogue: Epilogue<'a>,
+}
+
 simd_fn! {
-    /// Dequantises a micro-tile's rows into `out` (those rows, `n` wide),
-    /// columns `at..at + columns`.
-    fn store_tile(
-        out: &mut [f32],
-        n: usize,
-        at: usize,
-        columns: usize,
-        acc: &[[i32; BLOCK * NR]; MR],
-        sums: &[i32],
-        scales: &[f32],
-        row_scales: &[f32],
-        zeros: &[i32],
-        epilogue: Epilogue<'_>,
-    ) {
+    /// Dequantises a micro-tile's rows into `out` (those rows, `n` wide).
+    fn store_tile(out: &mut [f32], n: usize, acc: &[[i32; BLOCK * NR]; MR], tile: &Tile<'_>) {
+        let Tile {
+            at,
+            columns,
+            sums,
+            scales,
+            row_scales,
+            zeros,
+            epilogue,
+        } = *tile;
         for (r, (row, acc)) in out.chunks_exact_mut(n).zip(acc).enumerate() {
             let (scale, zero) = (row_scales[r], zeros[r]);
             let row = &mut row[at..][..columns];
@@ -599,10 +614,10 @@ mod tests {
             for c in 0..n {
                 let (block, lane) = (c / BLOCK, c % BLOCK);
                 let mut total = 0i64;
-                for j in 0..k {
+                for (j, &u) in bytes[..k].iter().enumerate() {
                     let q =
                         weight.packed[((block * weight.groups + j / 4) * BLOCK + lane) * 4 + j % 4];
-                    total += i64::from(bytes[j]) * i64::from(q);
+                    total += i64::from(u) * i64::from(q);
                 }
                 let total = (total - i64::from(zero) * i64::from(weight.sums[c])) as i32;
                 out[r * n + c] = total as f32 * (scale * weight.scales[c]);
