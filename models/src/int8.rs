@@ -515,7 +515,10 @@ mod x86 {
         groups: usize,
         acc: &mut [[i32; BLOCK * NR]; MR],
     ) {
-        debug_assert!(a.len() >= MR * width && w.len() >= NR * groups * BLOCK * 4);
+        assert!(
+            width >= 4 * groups && a.len() >= MR * width && w.len() >= NR * groups * BLOCK * 4,
+            "a tile's operands"
+        );
         let mut sums = [[_mm512_setzero_si512(); NR]; MR];
         let a = a.as_ptr();
         let w = w.as_ptr();
@@ -559,7 +562,10 @@ mod x86 {
         groups: usize,
         acc: &mut [[i32; BLOCK * NR]; MR],
     ) {
-        debug_assert!(a.len() >= MR * width && w.len() >= NR * groups * BLOCK * 4);
+        assert!(
+            width >= 4 * groups && a.len() >= MR * width && w.len() >= NR * groups * BLOCK * 4,
+            "a tile's operands"
+        );
         let ones = _mm256_set1_epi16(1);
         let a = a.as_ptr();
         let stride = groups * BLOCK * 4;
